@@ -1,0 +1,91 @@
+//! Domain ↔ proto conversion, in one place.
+
+use std::{collections::HashMap, time::SystemTime};
+
+use crabbox_api::v1;
+
+use crate::{
+    config::SourceKind,
+    daemon::Phase,
+    diagnostics,
+    supervisor::{TaskKind, TaskRecord, TaskState},
+};
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub fn task_kind(k: TaskKind) -> v1::TaskKind {
+    match k {
+        TaskKind::ApiServer => v1::TaskKind::ApiServer,
+        TaskKind::ControlChannel => v1::TaskKind::ControlChannel,
+        TaskKind::LeaseKeeper => v1::TaskKind::LeaseKeeper,
+        TaskKind::EgressHost => v1::TaskKind::EgressHost,
+        TaskKind::EgressRemoteClient => v1::TaskKind::EgressRemoteClient,
+        TaskKind::SshMux => v1::TaskKind::SshMux,
+        TaskKind::AttachFeed => v1::TaskKind::AttachFeed,
+        TaskKind::Run => v1::TaskKind::Run,
+    }
+}
+
+/// The domain kind of a proto kind; `None` for "unspecified" (no filter).
+pub fn task_kind_filter(k: v1::TaskKind) -> Option<TaskKind> {
+    TaskKind::ALL.into_iter().find(|d| task_kind(*d) == k)
+}
+
+pub fn task_state(s: TaskState) -> v1::TaskState {
+    match s {
+        TaskState::Starting => v1::TaskState::Starting,
+        TaskState::Running => v1::TaskState::Running,
+        TaskState::Backoff => v1::TaskState::Backoff,
+        TaskState::Stopping => v1::TaskState::Stopping,
+        TaskState::Stopped => v1::TaskState::Stopped,
+        TaskState::Failed => v1::TaskState::Failed,
+    }
+}
+
+pub fn task(r: &TaskRecord) -> v1::Task {
+    v1::Task {
+        id: r.id.to_string(),
+        kind: task_kind(r.id.kind) as i32,
+        key: r.id.key.clone(),
+        state: task_state(r.state) as i32,
+        restarts: r.restarts,
+        last_error: r.last_error.clone().unwrap_or_default(),
+        since_unix_ms: unix_ms(r.since),
+        next_attempt_unix_ms: r.next_attempt.map(unix_ms).unwrap_or(0),
+        labels: r.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>(),
+    }
+}
+
+pub fn phase(p: Phase) -> v1::Phase {
+    match p {
+        Phase::Starting => v1::Phase::Starting,
+        Phase::Running => v1::Phase::Running,
+        Phase::Draining => v1::Phase::Draining,
+    }
+}
+
+pub fn config_file_kind(k: SourceKind) -> v1::ConfigFileKind {
+    match k {
+        SourceKind::DaemonToml => v1::ConfigFileKind::DaemonToml,
+        SourceKind::CrabboxYaml => v1::ConfigFileKind::CrabboxYaml,
+    }
+}
+
+pub fn check(c: &diagnostics::Check) -> v1::Check {
+    let status = match c.status {
+        diagnostics::Status::Ok => v1::CheckStatus::Ok,
+        diagnostics::Status::Warn => v1::CheckStatus::Warn,
+        diagnostics::Status::Fail => v1::CheckStatus::Fail,
+        diagnostics::Status::Skipped => v1::CheckStatus::Skipped,
+    };
+    v1::Check {
+        name: c.name.clone(),
+        status: status as i32,
+        detail: c.detail.clone(),
+    }
+}

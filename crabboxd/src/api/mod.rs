@@ -1,0 +1,53 @@
+//! The local API: tonic services on the Unix socket. This module is the only
+//! one that knows the proto types (`crabbox_api::v1`); it converts to and
+//! from domain types in `convert`, maps domain errors to `tonic::Status` in
+//! one place, checks the peer uid of every connection, and stamps every
+//! reply with the daemon's version.
+
+mod convert;
+mod peer;
+mod service;
+
+use crabbox_api::{v1::daemon_server::DaemonServer, version};
+use tokio_util::sync::CancellationToken;
+use tonic::{body::Body, transport::Server};
+
+use crate::daemon::DaemonState;
+
+/// Serves the API on `listener` until `stop` is cancelled, then ends open
+/// watch streams, finishes in-flight calls and returns.
+pub async fn serve(
+    state: DaemonState,
+    listener: tokio::net::UnixListener,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let api_stop = stop.clone();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crabbox_api::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // grpcurl and older tools still ask the v1alpha reflection service.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crabbox_api::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let incoming = peer::same_user_connections(listener);
+    Server::builder()
+        .layer(tower::util::MapResponseLayer::new(stamp_version))
+        .add_service(DaemonServer::new(service::DaemonService::new(state, api_stop)))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+/// Adds the daemon's version and protocol to every reply's initial
+/// metadata, so a client can detect a skew from any call.
+fn stamp_version(mut resp: http::Response<Body>) -> http::Response<Body> {
+    let headers = resp.headers_mut();
+    headers.insert(
+        version::DAEMON_VERSION_KEY,
+        http::HeaderValue::from_static(version::VERSION),
+    );
+    headers.insert(version::PROTOCOL_KEY, http::HeaderValue::from(version::PROTOCOL));
+    resp
+}

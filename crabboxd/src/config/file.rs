@@ -1,0 +1,86 @@
+//! The daemon's own TOML file, `<config dir>/crabbox/crabboxd.toml`: its
+//! schema, parsed strictly (an unknown key is an error naming the key and the
+//! file).
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use super::Secret;
+
+/// The whole file. Every section and key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonToml {
+    /// `[coordinator]`
+    #[serde(default)]
+    pub coordinator: CoordinatorToml,
+    /// `[daemon]`
+    #[serde(default)]
+    pub daemon: DaemonSection,
+    /// `[egress]`
+    #[serde(default)]
+    pub egress: EgressToml,
+}
+
+/// `[coordinator]`: which coordinator to use and how to authenticate.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorToml {
+    /// The base URL, e.g. `https://crabbox.example.com`.
+    pub url: Option<String>,
+    /// A bearer token. Prefer `token_command` so the file holds no secret.
+    pub token: Option<Secret>,
+    /// An argv whose stdout (one line) is the token.
+    pub token_command: Option<Vec<String>>,
+    /// Sent as `X-Crabbox-Owner`.
+    pub owner: Option<String>,
+    /// Sent as `X-Crabbox-Org`.
+    pub org: Option<String>,
+}
+
+/// `[daemon]`: where the daemon keeps its socket and state, and how it logs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSection {
+    /// The API socket path.
+    pub socket: Option<PathBuf>,
+    /// The directory for persisted state.
+    pub state_dir: Option<PathBuf>,
+    /// The log filter (`EnvFilter` syntax).
+    pub log: Option<String>,
+    /// How long shutdown waits for tasks to drain, e.g. `"10s"`.
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_grace: Option<Duration>,
+}
+
+/// `[egress]`: egress settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressToml {
+    /// Named allowlist profiles: `name = ["*.example.com", "api.example.org"]`.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, Vec<String>>,
+}
+
+/// The commented example file, kept next to the schema so both change
+/// together; a test parses it.
+pub const EXAMPLE: &str = r#"# crabboxd configuration. Every key is optional; unknown keys are errors.
+# Layering: defaults < this file < the crabbox CLI's config.yaml
+#           < environment (CRABBOX_*) < command-line flags.
+# Keep this file mode 0600 if it holds a token.
+
+[coordinator]
+# url = "https://crabbox.example.com"
+# token_command = ["op", "read", "op://vault/crabbox/token"]
+# owner = "me@example.com"
+# org = "example"
+
+[daemon]
+# socket = "/run/user/1000/crabbox/crabboxd.sock"
+# log = "info"
+# shutdown_grace = "10s"
+
+[egress.profiles]
+# docs = ["docs.example.com", "*.cdn.example.com"]
+"#;

@@ -1,0 +1,124 @@
+//! `DaemonState`: what every part of the daemon shares — identity, the
+//! configuration snapshot, the supervisor, the lifecycle phase — and the
+//! one way to ask for shutdown. It is vocabulary, not a feature: no wire
+//! formats live here.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{config::Config, coordinator, supervisor::Supervisor};
+
+/// The daemon's lifecycle phase, as reported by `GetStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Configuration loaded; tasks starting.
+    Starting,
+    /// Serving.
+    Running,
+    /// Shutting down: tasks are draining.
+    Draining,
+}
+
+/// State shared by the API and the tasks. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct DaemonState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    socket_path: PathBuf,
+    started_at: SystemTime,
+    supervisor: Supervisor,
+    coordinator: Option<coordinator::Client>,
+    phase: Mutex<Phase>,
+    shutdown: CancellationToken,
+    shutdown_reason: Mutex<Option<String>>,
+}
+
+impl DaemonState {
+    /// Builds the shared state.
+    pub fn new(config: Config, socket_path: PathBuf, supervisor: Supervisor) -> anyhow::Result<Self> {
+        let coordinator = config
+            .coordinator
+            .as_ref()
+            .map(coordinator::Client::new)
+            .transpose()?;
+        Ok(DaemonState {
+            inner: Arc::new(Inner {
+                config,
+                socket_path,
+                started_at: SystemTime::now(),
+                supervisor,
+                coordinator,
+                phase: Mutex::new(Phase::Starting),
+                shutdown: CancellationToken::new(),
+                shutdown_reason: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The configuration the daemon started with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The API socket path.
+    pub fn socket_path(&self) -> &std::path::Path {
+        &self.inner.socket_path
+    }
+
+    /// When the daemon started.
+    pub fn started_at(&self) -> SystemTime {
+        self.inner.started_at
+    }
+
+    /// The supervisor.
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.inner.supervisor
+    }
+
+    /// The coordinator client, when a coordinator is configured.
+    pub fn coordinator(&self) -> Option<&coordinator::Client> {
+        self.inner.coordinator.as_ref()
+    }
+
+    /// The lifecycle phase.
+    pub fn phase(&self) -> Phase {
+        *self.inner.phase.lock().unwrap()
+    }
+
+    /// Moves to another phase.
+    pub fn set_phase(&self, phase: Phase) {
+        *self.inner.phase.lock().unwrap() = phase;
+    }
+
+    /// Asks the daemon to shut down (the `Shutdown` RPC). The first reason
+    /// given is kept for the log.
+    pub fn request_shutdown(&self, reason: &str) {
+        self.inner
+            .shutdown_reason
+            .lock()
+            .unwrap()
+            .get_or_insert_with(|| reason.to_owned());
+        self.inner.shutdown.cancel();
+    }
+
+    /// Completes when shutdown was requested through [`Self::request_shutdown`].
+    /// Cancel-safe.
+    pub async fn shutdown_requested(&self) -> String {
+        self.inner.shutdown.cancelled().await;
+        self.inner
+            .shutdown_reason
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,138 @@
+//! The `crabboxd` binary: parses flags, initialises logging, loads
+//! configuration, binds the socket (or takes it from systemd), and calls
+//! [`crabboxd::run`]. Exit codes: 0 after a clean shutdown, 1 on a runtime
+//! error (including "already running"), 64 on a usage or configuration error.
+
+#![forbid(unsafe_code)]
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+use crabboxd::{
+    config::{Config, Overrides},
+    platform::socket::{ApiListener, BindError},
+};
+
+/// The per-user Crabbox workstation daemon.
+///
+/// Serves the crabboxd gRPC API on a private Unix socket and supervises
+/// egress bridges, heartbeats, SSH multiplexers and attach streams. Usually
+/// started by systemd (`systemctl --user start crabboxd`), launchd, or
+/// `crabboxctl daemon start`; run it directly to keep it in the foreground.
+#[derive(Debug, Parser)]
+#[command(name = "crabboxd", version, about, long_about)]
+struct Flags {
+    /// The API socket path [default: $XDG_RUNTIME_DIR/crabbox/crabboxd.sock].
+    #[arg(long, env = "CRABBOX_SOCKET")]
+    socket: Option<PathBuf>,
+    /// The daemon TOML file [default: <config dir>/crabbox/crabboxd.toml].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The coordinator base URL (overrides CRABBOX_COORDINATOR and the files).
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// The log filter, e.g. `info` or `info,crabboxd::supervisor=debug`
+    /// (overrides CRABBOX_LOG).
+    #[arg(long)]
+    log: Option<String>,
+    /// Where persisted state lives [default: <state dir>/crabbox].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Print an example crabboxd.toml and exit.
+    #[arg(long)]
+    print_example_config: bool,
+}
+
+/// Exit code for usage and configuration errors (BSD `EX_USAGE`).
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    if flags.print_example_config {
+        print!("{}", crabboxd::config::EXAMPLE_TOML);
+        return ExitCode::SUCCESS;
+    }
+    // Everything the daemon creates is private to the user, whatever the
+    // umask it inherited.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+
+    let overrides = Overrides {
+        config_file: flags.config,
+        socket: flags.socket,
+        coordinator: flags.coordinator,
+        log: flags.log,
+        state_dir: flags.state_dir,
+    };
+    let config = match Config::load(&overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("crabboxd: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    if let Err(e) = crabboxd::telemetry::init(&config.log_filter) {
+        eprintln!("crabboxd: cannot initialise logging: {e:#}");
+        return ExitCode::from(EX_USAGE);
+    }
+
+    let listener = match bind(&config) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("crabboxd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("crabboxd")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("crabboxd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crabboxd::run(config, listener, signals())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "crabboxd failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Takes the socket from systemd when socket-activated, else binds the
+/// configured or default path.
+fn bind(config: &Config) -> Result<ApiListener, BindError> {
+    if let Some(l) = ApiListener::from_systemd()? {
+        return Ok(l);
+    }
+    let path = config
+        .socket
+        .clone()
+        .or_else(crabbox_api::paths::default_socket_path)
+        .ok_or_else(|| BindError::Dir {
+            path: PathBuf::from("~"),
+            source: std::io::Error::other("cannot determine a runtime directory; pass --socket"),
+        })?;
+    ApiListener::bind(&path)
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+async fn signals() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            tracing::error!("cannot install signal handlers; only the Shutdown RPC will stop the daemon");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

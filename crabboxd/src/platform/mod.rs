@@ -1,0 +1,8 @@
+//! OS glue, kept synchronous and free of domain types: private files and
+//! directories, the API socket (bind, stale-socket removal, systemd socket
+//! activation, the single-daemon lock, peer credentials) and service-manager
+//! notifications.
+
+pub mod fs;
+pub mod notify;
+pub mod socket;

@@ -95,7 +95,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(crabboxd::run(config, listener, signals())) {
+    let result = runtime.block_on(async {
+        // Handlers are installed before `run` reports READY, so a SIGTERM
+        // that follows READY at once still drains instead of killing.
+        let shutdown = signals()?;
+        crabboxd::run(config, listener, shutdown).await
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "crabboxd failed");
@@ -121,18 +127,16 @@ fn bind(config: &Config) -> Result<ApiListener, BindError> {
     ApiListener::bind(&path)
 }
 
-/// Completes on the first SIGTERM or SIGINT.
-async fn signals() {
+/// Installs SIGTERM and SIGINT handlers and returns a future that
+/// completes on the first of them.
+fn signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(t), Ok(i)) => (t, i),
-        _ => {
-            tracing::error!("cannot install signal handlers; only the Shutdown RPC will stop the daemon");
-            return std::future::pending().await;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
+    })
 }

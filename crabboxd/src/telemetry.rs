@@ -49,6 +49,8 @@ pub fn init(filter: &str) -> anyhow::Result<()> {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_target(true)
+            // Colour only for a person at a terminal, never into log files.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
     });
     tracing_subscriber::registry()
         .with(filter_layer)

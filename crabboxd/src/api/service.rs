@@ -49,6 +49,7 @@ impl v1::daemon_server::Daemon for DaemonService {
         &self,
         _req: Request<v1::GetStatusRequest>,
     ) -> Result<Response<v1::GetStatusResponse>, Status> {
+        tracing::debug!(rpc = "GetStatus", "api call");
         let config = self.state.config();
         let counts = self
             .state
@@ -98,6 +99,7 @@ impl v1::daemon_server::Daemon for DaemonService {
         &self,
         req: Request<v1::ListTasksRequest>,
     ) -> Result<Response<v1::ListTasksResponse>, Status> {
+        tracing::debug!(rpc = "ListTasks", "api call");
         let kind = convert::task_kind_filter(req.get_ref().kind());
         let tasks = self
             .state

@@ -44,7 +44,11 @@ struct Inner {
 
 impl DaemonState {
     /// Builds the shared state.
-    pub fn new(config: Config, socket_path: PathBuf, supervisor: Supervisor) -> anyhow::Result<Self> {
+    pub fn new(
+        config: Config,
+        socket_path: PathBuf,
+        supervisor: Supervisor,
+    ) -> anyhow::Result<Self> {
         let coordinator = config
             .coordinator
             .as_ref()

@@ -64,13 +64,25 @@ pub async fn run(state: &DaemonState) -> Vec<Check> {
 
     let state_dir = &config.state_dir;
     checks.push(match platform::fs::mode_of(state_dir) {
-        Ok(0o700) => check("state directory", Status::Ok, format!("{} mode 0700", state_dir.display())),
+        Ok(0o700) => check(
+            "state directory",
+            Status::Ok,
+            format!("{} mode 0700", state_dir.display()),
+        ),
         Ok(mode) => check(
             "state directory",
             Status::Fail,
-            format!("{} mode {mode:04o}, want 0700: run `chmod 700 {}`", state_dir.display(), state_dir.display()),
+            format!(
+                "{} mode {mode:04o}, want 0700: run `chmod 700 {}`",
+                state_dir.display(),
+                state_dir.display()
+            ),
         ),
-        Err(e) => check("state directory", Status::Fail, format!("{}: {e}", state_dir.display())),
+        Err(e) => check(
+            "state directory",
+            Status::Fail,
+            format!("{}: {e}", state_dir.display()),
+        ),
     });
 
     match (&config.coordinator, state.coordinator()) {
@@ -95,7 +107,12 @@ pub async fn run(state: &DaemonState) -> Vec<Check> {
                 Ok(h) if h.ok => check(
                     "coordinator reachable",
                     Status::Ok,
-                    format!("{} answered /v1/health in {} ms ({})", client.base(), t0.elapsed().as_millis(), h.service),
+                    format!(
+                        "{} answered /v1/health in {} ms ({})",
+                        client.base(),
+                        t0.elapsed().as_millis(),
+                        h.service
+                    ),
                 ),
                 Ok(_) => check(
                     "coordinator reachable",

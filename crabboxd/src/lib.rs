@@ -54,84 +54,120 @@ const API_DRAIN: Duration = Duration::from_secs(2);
 
 /// Runs the daemon until `shutdown` completes or a `Shutdown` RPC arrives,
 /// then drains every task within the configured grace period, stops the API
-/// and removes the socket (by dropping `listener`).
-///
-/// Shutdown has three parts: *decide* (one `select!` over the caller's
-/// signal future, the RPC and the API server failing), *tell* (the root
-/// cancellation token) and *wait* (the supervisor's tracker, bounded by the
-/// grace period).
+/// and removes the socket. Shorthand for [`Daemon::new`] then [`Daemon::run`].
 pub async fn run(
     config: Config,
-    mut listener: ApiListener,
+    listener: ApiListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    platform::fs::ensure_private_dir(&config.state_dir).map_err(|e| {
-        anyhow::anyhow!("cannot prepare the state directory {}: {e}", config.state_dir.display())
-    })?;
-    let grace = config.shutdown_grace;
-    let registry = TaskRegistry::new();
-    let supervisor = Supervisor::new(CancellationToken::new(), registry.clone());
-    let state = DaemonState::new(config, listener.path().to_owned(), supervisor.clone())?;
+    Daemon::new(config, listener)?.run(shutdown).await
+}
 
-    let uds = tokio::net::UnixListener::from_std(listener.take()?)?;
-    let api_stop = CancellationToken::new();
-    let api_id = TaskId::new(TaskKind::ApiServer, "");
-    registry.upsert(&api_id, |r| {
-        r.state = TaskState::Running;
-        r.labels = BTreeMap::from([("socket".to_owned(), listener.path().display().to_string())]);
-    });
-    // The API server is not a supervised task: it must outlive the drain
-    // (so `crabboxctl` can watch it) and the daemon cannot run without it,
-    // so a failure ends the daemon instead of restarting.
-    let server = api::serve(state.clone(), uds, api_stop.clone());
-    tokio::pin!(server);
+/// A daemon that is set up (state directory, supervisor, shared state) but
+/// not yet serving. Embedders and tests use [`Daemon::state`] to reach the
+/// supervisor before calling [`Daemon::run`].
+#[derive(Debug)]
+pub struct Daemon {
+    state: DaemonState,
+    listener: ApiListener,
+}
 
-    state.set_phase(Phase::Running);
-    notify::ready();
-    notify::status("serving");
-    tracing::info!(
-        socket = %listener.path().display(),
-        version = crabbox_api::VERSION,
-        pid = std::process::id(),
-        "crabboxd ready"
-    );
+impl Daemon {
+    /// Prepares the state directory (0700) and the shared state.
+    pub fn new(config: Config, listener: ApiListener) -> anyhow::Result<Self> {
+        platform::fs::ensure_private_dir(&config.state_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot prepare the state directory {}: {e}",
+                config.state_dir.display()
+            )
+        })?;
+        let supervisor = Supervisor::new(CancellationToken::new(), TaskRegistry::new());
+        let state = DaemonState::new(config, listener.path().to_owned(), supervisor)?;
+        Ok(Daemon { state, listener })
+    }
 
-    let reason = tokio::select! {
-        _ = shutdown => "signal".to_owned(),
-        reason = state.shutdown_requested() => reason,
-        res = &mut server => {
-            registry.upsert(&api_id, |r| r.state = TaskState::Failed);
-            return Err(match res {
-                Ok(()) => anyhow::anyhow!("the API server stopped unexpectedly"),
-                Err(e) => e.context("the API server failed"),
-            });
-        }
-    };
+    /// The shared state (configuration, supervisor, phase).
+    pub fn state(&self) -> &DaemonState {
+        &self.state
+    }
 
-    tracing::info!(%reason, grace = ?grace, "shutting down");
-    state.set_phase(Phase::Draining);
-    notify::stopping();
-    // Keep serving the API while tasks drain, so clients can watch it.
-    let drain = supervisor.shutdown(grace);
-    tokio::pin!(drain);
-    let mut server_done = false;
-    let drained = loop {
-        tokio::select! {
-            drained = &mut drain => break drained,
-            res = &mut server, if !server_done => {
-                server_done = true;
-                if let Err(e) = res {
-                    tracing::warn!(error = %e, "API server failed during shutdown");
+    /// Serves until `shutdown` completes or a `Shutdown` RPC arrives, then
+    /// drains every task within the grace period, stops the API and removes
+    /// the socket (by dropping the listener).
+    ///
+    /// Shutdown has three parts: *decide* (one `select!` over the caller's
+    /// signal future, the RPC and the API server failing), *tell* (the root
+    /// cancellation token) and *wait* (the supervisor's tracker, bounded by
+    /// the grace period).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Daemon {
+            state,
+            mut listener,
+        } = self;
+        let grace = state.config().shutdown_grace;
+        let supervisor = state.supervisor().clone();
+        let registry = supervisor.registry().clone();
+        let uds = tokio::net::UnixListener::from_std(listener.take()?)?;
+        let api_stop = CancellationToken::new();
+        let api_id = TaskId::new(TaskKind::ApiServer, "");
+        registry.upsert(&api_id, |r| {
+            r.state = TaskState::Running;
+            r.labels =
+                BTreeMap::from([("socket".to_owned(), listener.path().display().to_string())]);
+        });
+        // The API server is not a supervised task: it must outlive the drain
+        // (so `crabboxctl` can watch it) and the daemon cannot run without it,
+        // so a failure ends the daemon instead of restarting.
+        let server = api::serve(state.clone(), uds, api_stop.clone());
+        tokio::pin!(server);
+
+        state.set_phase(Phase::Running);
+        notify::ready();
+        notify::status("serving");
+        tracing::info!(
+            socket = %listener.path().display(),
+            version = crabbox_api::VERSION,
+            pid = std::process::id(),
+            "crabboxd ready"
+        );
+
+        let reason = tokio::select! {
+            _ = shutdown => "signal".to_owned(),
+            reason = state.shutdown_requested() => reason,
+            res = &mut server => {
+                registry.upsert(&api_id, |r| r.state = TaskState::Failed);
+                return Err(match res {
+                    Ok(()) => anyhow::anyhow!("the API server stopped unexpectedly"),
+                    Err(e) => e.context("the API server failed"),
+                });
+            }
+        };
+
+        tracing::info!(%reason, grace = ?grace, "shutting down");
+        state.set_phase(Phase::Draining);
+        notify::stopping();
+        // Keep serving the API while tasks drain, so clients can watch it.
+        let drain = supervisor.shutdown(grace);
+        tokio::pin!(drain);
+        let mut server_done = false;
+        let drained = loop {
+            tokio::select! {
+                drained = &mut drain => break drained,
+                res = &mut server, if !server_done => {
+                    server_done = true;
+                    if let Err(e) = res {
+                        tracing::warn!(error = %e, "API server failed during shutdown");
+                    }
                 }
             }
+        };
+        registry.upsert(&api_id, |r| r.state = TaskState::Stopping);
+        api_stop.cancel();
+        if !server_done && tokio::time::timeout(API_DRAIN, &mut server).await.is_err() {
+            tracing::warn!("API calls still in flight after {API_DRAIN:?}; closing them");
         }
-    };
-    registry.upsert(&api_id, |r| r.state = TaskState::Stopping);
-    api_stop.cancel();
-    if !server_done && tokio::time::timeout(API_DRAIN, &mut server).await.is_err() {
-        tracing::warn!("API calls still in flight after {API_DRAIN:?}; closing them");
+        drop(listener);
+        tracing::info!(drained, "crabboxd stopped");
+        Ok(())
     }
-    drop(listener);
-    tracing::info!(drained, "crabboxd stopped");
-    Ok(())
 }

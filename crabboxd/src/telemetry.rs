@@ -4,7 +4,9 @@
 
 use std::sync::{Mutex, OnceLock};
 
-use tracing_subscriber::{EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt,
+};
 
 /// The live filter and the handle that swaps it.
 struct LogControl {

@@ -173,7 +173,10 @@ impl Interceptor for VersionInterceptor {
             version::CLIENT_VERSION_KEY,
             MetadataValue::from_static(version::VERSION),
         );
-        md.insert(version::PROTOCOL_KEY, MetadataValue::from(version::PROTOCOL));
+        md.insert(
+            version::PROTOCOL_KEY,
+            MetadataValue::from(version::PROTOCOL),
+        );
         Ok(req)
     }
 }

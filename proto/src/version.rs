@@ -92,7 +92,10 @@ mod tests {
     #[test]
     fn skew_classification() {
         assert_eq!(Skew::of(VERSION, PROTOCOL), Skew::None);
-        assert!(matches!(Skew::of("0.0.0-old", PROTOCOL), Skew::Minor { .. }));
+        assert!(matches!(
+            Skew::of("0.0.0-old", PROTOCOL),
+            Skew::Minor { .. }
+        ));
         let s = Skew::of("9.9.9", PROTOCOL + 1);
         assert!(s.is_breaking());
         assert!(s.to_string().contains("crabboxctl daemon restart"));

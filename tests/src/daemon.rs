@@ -236,7 +236,10 @@ impl TestDaemon {
     pub async fn wait_exit(&mut self) -> ExitStatus {
         match tokio::time::timeout(READY_TIMEOUT, self.child.wait()).await {
             Ok(status) => status.expect("wait"),
-            Err(_) => panic!("crabboxd did not exit in {READY_TIMEOUT:?}:\n{}", self.stderr()),
+            Err(_) => panic!(
+                "crabboxd did not exit in {READY_TIMEOUT:?}:\n{}",
+                self.stderr()
+            ),
         }
     }
 

@@ -18,8 +18,13 @@ async fn python_grpcio_client_discovers_and_calls_the_api() {
         .args(["-c", "import grpc, grpc_reflection"])
         .output();
     if !probe.is_ok_and(|o| o.status.success()) {
-        assert!(may_skip(), "python3 with grpcio and grpcio-reflection is required in CI");
-        eprintln!("SKIP: python3 with grpcio + grpcio-reflection not installed (pip install grpcio grpcio-reflection)");
+        assert!(
+            may_skip(),
+            "python3 with grpcio and grpcio-reflection is required in CI"
+        );
+        eprintln!(
+            "SKIP: python3 with grpcio + grpcio-reflection not installed (pip install grpcio grpcio-reflection)"
+        );
         return;
     }
     let d = TestDaemon::start().await;
@@ -50,7 +55,10 @@ async fn python_grpcio_client_discovers_and_calls_the_api() {
     assert_eq!(v["status"]["protocol"], crabbox_api::PROTOCOL);
     assert_eq!(v["status"]["phase"], "PHASE_RUNNING");
     assert_eq!(v["tasks"]["tasks"][0]["kind"], "TASK_KIND_API_SERVER");
-    assert_eq!(v["metadata"]["x-crabbox-daemon-version"], crabbox_api::VERSION);
+    assert_eq!(
+        v["metadata"]["x-crabbox-daemon-version"],
+        crabbox_api::VERSION
+    );
 }
 
 /// Speaks just enough HTTP/2 to see whether the server answers: the client
@@ -84,7 +92,10 @@ async fn another_user_is_refused_with_a_log_line() {
     }
     let python = Path::new("/usr/bin/python3");
     if !python.exists() || !Path::new("/usr/bin/setpriv").exists() {
-        assert!(may_skip(), "/usr/bin/python3 and setpriv are required in CI");
+        assert!(
+            may_skip(),
+            "/usr/bin/python3 and setpriv are required in CI"
+        );
         eprintln!("SKIP: /usr/bin/python3 or setpriv missing");
         return;
     }
@@ -101,12 +112,23 @@ async fn another_user_is_refused_with_a_log_line() {
     }
 
     // Our own uid gets an HTTP/2 answer.
-    let same = Command::new(python).args(["-c", H2_PROBE]).arg(&d.socket).output().unwrap();
+    let same = Command::new(python)
+        .args(["-c", H2_PROBE])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&same.stdout).trim(), "answered");
 
     // nobody (65534) is cut off without an answer.
     let other = Command::new("/usr/bin/setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", H2_PROBE])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            H2_PROBE,
+        ])
         .arg(&d.socket)
         .output()
         .unwrap();
@@ -120,7 +142,10 @@ async fn another_user_is_refused_with_a_log_line() {
     );
     // The daemon says so in its log, naming the uid.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !d.stderr().contains("refused API connection from another user") {
+    while !d
+        .stderr()
+        .contains("refused API connection from another user")
+    {
         assert!(tokio::time::Instant::now() < deadline, "{}", d.stderr());
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }

@@ -15,7 +15,9 @@ fn mode(p: &std::path::Path) -> u32 {
 #[tokio::test]
 async fn status_reports_identity_and_config() {
     let d = TestDaemon::builder()
-        .yaml("broker:\n  url: http://127.0.0.1:9/\n  token: yaml-secret-token\nprovider: hetzner\n")
+        .yaml(
+            "broker:\n  url: http://127.0.0.1:9/\n  token: yaml-secret-token\nprovider: hetzner\n",
+        )
         .start()
         .await;
     let mut c = d.client().await;
@@ -85,7 +87,9 @@ async fn a_second_daemon_refuses_to_start() {
     let status = second.wait_exit().await;
     assert_eq!(status.code(), Some(1), "{}", second.stderr());
     assert!(
-        second.stderr().contains("another crabboxd is already running"),
+        second
+            .stderr()
+            .contains("another crabboxd is already running"),
         "{}",
         second.stderr()
     );
@@ -179,7 +183,7 @@ async fn watch_tasks_starts_with_a_snapshot() {
     let mut c = d.client().await;
     let mut stream = c
         .rpc()
-        .watch_tasks(v1::WatchTasksRequest {})
+        .watch_tasks(v1::WatchTasksRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -215,9 +219,17 @@ async fn diagnostics_report_file_modes_and_coordinator() {
         .unwrap()
         .into_inner()
         .checks;
-    let by_name = |n: &str| checks.iter().find(|c| c.name == n).unwrap_or_else(|| panic!("{n}: {checks:?}"));
+    let by_name = |n: &str| {
+        checks
+            .iter()
+            .find(|c| c.name == n)
+            .unwrap_or_else(|| panic!("{n}: {checks:?}"))
+    };
     assert_eq!(by_name("crabboxd.toml").status(), v1::CheckStatus::Ok);
-    assert_eq!(by_name("crabbox config.yaml").status(), v1::CheckStatus::Skipped);
+    assert_eq!(
+        by_name("crabbox config.yaml").status(),
+        v1::CheckStatus::Skipped
+    );
     assert_eq!(by_name("state directory").status(), v1::CheckStatus::Ok);
     assert_eq!(by_name("coordinator token").status(), v1::CheckStatus::Fail);
     // Port 9 (discard) has no listener on loopback: unreachable.
@@ -232,7 +244,11 @@ async fn loose_config_file_mode_is_flagged() {
     let cfg = home.path().join("config/crabbox");
     std::fs::create_dir_all(&cfg).unwrap();
     std::fs::write(cfg.join("config.yaml"), "broker:\n  token: t\n").unwrap();
-    std::fs::set_permissions(cfg.join("config.yaml"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        cfg.join("config.yaml"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     let d = TestDaemon::builder().home(home.path()).start().await;
     let checks = d
         .client()
@@ -243,7 +259,10 @@ async fn loose_config_file_mode_is_flagged() {
         .unwrap()
         .into_inner()
         .checks;
-    let yaml = checks.iter().find(|c| c.name == "crabbox config.yaml").unwrap();
+    let yaml = checks
+        .iter()
+        .find(|c| c.name == "crabbox config.yaml")
+        .unwrap();
     assert_eq!(yaml.status(), v1::CheckStatus::Fail);
     assert!(yaml.detail.contains("chmod 600"), "{}", yaml.detail);
 }
@@ -256,7 +275,10 @@ async fn bad_config_exits_64_naming_key_and_file() {
     let status = d.wait_exit().await;
     assert_eq!(status.code(), Some(64));
     let err = d.stderr();
-    assert!(err.contains("sokcet") && err.contains("crabboxd.toml"), "{err}");
+    assert!(
+        err.contains("sokcet") && err.contains("crabboxd.toml"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -57,7 +57,11 @@ pub fn task(r: &TaskRecord) -> v1::Task {
         last_error: r.last_error.clone().unwrap_or_default(),
         since_unix_ms: unix_ms(r.since),
         next_attempt_unix_ms: r.next_attempt.map(unix_ms).unwrap_or(0),
-        labels: r.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>(),
+        labels: r
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<HashMap<_, _>>(),
     }
 }
 

@@ -32,7 +32,9 @@ pub async fn serve(
     let incoming = peer::same_user_connections(listener);
     Server::builder()
         .layer(tower::util::MapResponseLayer::new(stamp_version))
-        .add_service(DaemonServer::new(service::DaemonService::new(state, api_stop)))
+        .add_service(DaemonServer::new(service::DaemonService::new(
+            state, api_stop,
+        )))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
@@ -48,6 +50,9 @@ fn stamp_version(mut resp: http::Response<Body>) -> http::Response<Body> {
         version::DAEMON_VERSION_KEY,
         http::HeaderValue::from_static(version::VERSION),
     );
-    headers.insert(version::PROTOCOL_KEY, http::HeaderValue::from(version::PROTOCOL));
+    headers.insert(
+        version::PROTOCOL_KEY,
+        http::HeaderValue::from(version::PROTOCOL),
+    );
     resp
 }

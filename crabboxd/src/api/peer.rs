@@ -28,7 +28,9 @@ pub fn same_user_connections(
                             "refused API connection from another user"
                         );
                     }
-                    Err(e) => tracing::warn!(error = %e, "refused API connection: cannot read peer credentials"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "refused API connection: cannot read peer credentials")
+                    }
                 },
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed on the API socket");

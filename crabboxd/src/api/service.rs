@@ -116,12 +116,18 @@ impl v1::daemon_server::Daemon for DaemonService {
 
     async fn watch_tasks(
         &self,
-        _req: Request<v1::WatchTasksRequest>,
+        req: Request<v1::WatchTasksRequest>,
     ) -> Result<Response<Self::WatchTasksStream>, Status> {
+        let kind = convert::task_kind_filter(req.get_ref().kind());
+        let wanted = move |id: &crate::supervisor::TaskId| kind.is_none_or(|k| id.kind == k);
         let (snapshot, rx) = self.state.supervisor().registry().watch();
         let first = v1::WatchTasksEvent {
             event: Some(v1::watch_tasks_event::Event::Snapshot(v1::TaskSnapshot {
-                tasks: snapshot.iter().map(convert::task).collect(),
+                tasks: snapshot
+                    .iter()
+                    .filter(|r| wanted(&r.id))
+                    .map(convert::task)
+                    .collect(),
             })),
         };
         let stop = self.api_stop.clone();
@@ -129,9 +135,16 @@ impl v1::daemon_server::Daemon for DaemonService {
             let stop = stop.clone();
             async move {
                 let mut rx = rx?;
-                let event = tokio::select! {
-                    ev = rx.recv() => ev,
-                    _ = stop.cancelled() => return None,
+                let event = loop {
+                    let ev = tokio::select! {
+                        ev = rx.recv() => ev,
+                        _ = stop.cancelled() => return None,
+                    };
+                    match &ev {
+                        Ok(RegistryEvent::Upsert(r)) if !wanted(&r.id) => continue,
+                        Ok(RegistryEvent::Removed(id)) if !wanted(id) => continue,
+                        _ => break ev,
+                    }
                 };
                 let item = match event {
                     Ok(RegistryEvent::Upsert(r)) => Ok(v1::WatchTasksEvent {

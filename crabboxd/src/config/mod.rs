@@ -407,7 +407,9 @@ impl Merge {
                 return Err(ConfigError::Invalid {
                     key: format!("egress profile {name:?}"),
                     origin: "configuration".into(),
-                    message: format!("pattern {bad:?} would allow every host; list hosts or *.domain patterns"),
+                    message: format!(
+                        "pattern {bad:?} would allow every host; list hosts or *.domain patterns"
+                    ),
                 });
             }
         }
@@ -422,9 +424,7 @@ impl Merge {
         Ok(Config {
             coordinator,
             socket: self.socket,
-            state_dir: self
-                .state_dir
-                .unwrap_or_else(|| dirs.state.join("crabbox")),
+            state_dir: self.state_dir.unwrap_or_else(|| dirs.state.join("crabbox")),
             log_filter,
             shutdown_grace: self.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             egress_profiles: self.profiles,
@@ -438,7 +438,8 @@ impl Merge {
 /// can never be logged.
 pub fn parse_coordinator_url(raw: &str) -> Result<url::Url, String> {
     let trimmed = raw.trim().trim_end_matches('/');
-    let url = url::Url::parse(trimmed).map_err(|e| format!("{e} (want e.g. https://crabbox.example.com)"))?;
+    let url = url::Url::parse(trimmed)
+        .map_err(|e| format!("{e} (want e.g. https://crabbox.example.com)"))?;
     if url.scheme() != "https" && url.scheme() != "http" {
         return Err(format!("scheme {:?} is not http or https", url.scheme()));
     }

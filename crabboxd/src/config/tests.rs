@@ -67,7 +67,9 @@ fn layering_order_toml_then_yaml_then_env_then_flags() {
     let c = f.load(&MapEnv::default(), &Overrides::default()).unwrap();
     assert_eq!(url_of(&c), "https://yaml.example/");
     let coord = c.coordinator.as_ref().unwrap();
-    assert!(matches!(&coord.token, Some(TokenSource::Literal { token, .. }) if token.expose() == "yaml-token"));
+    assert!(
+        matches!(&coord.token, Some(TokenSource::Literal { token, .. }) if token.expose() == "yaml-token")
+    );
     assert_eq!(coord.owner.as_deref(), Some("t@example"));
 
     // Environment beats YAML.
@@ -80,7 +82,9 @@ fn layering_order_toml_then_yaml_then_env_then_flags() {
     let c = f.load(&env, &Overrides::default()).unwrap();
     assert_eq!(url_of(&c), "http://env.example:8080/");
     let coord = c.coordinator.as_ref().unwrap();
-    assert!(matches!(&coord.token, Some(TokenSource::Literal { token, origin }) if token.expose() == "env-token" && origin == "CRABBOX_COORDINATOR_TOKEN"));
+    assert!(
+        matches!(&coord.token, Some(TokenSource::Literal { token, origin }) if token.expose() == "env-token" && origin == "CRABBOX_COORDINATOR_TOKEN")
+    );
     assert_eq!(coord.owner.as_deref(), Some("e@example"));
     assert_eq!(c.log_filter, "debug");
 
@@ -101,7 +105,9 @@ fn layering_order_toml_then_yaml_then_env_then_flags() {
 fn unknown_toml_key_names_key_and_file() {
     let f = Fixture::new();
     let p = f.toml("[coordinator]\nurl = \"https://a.example\"\ntokn = \"oops\"\n");
-    let err = f.load(&MapEnv::default(), &Overrides::default()).unwrap_err();
+    let err = f
+        .load(&MapEnv::default(), &Overrides::default())
+        .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("tokn"), "{msg}");
     assert!(msg.contains(&p.display().to_string()), "{msg}");
@@ -132,9 +138,16 @@ fn reference_yaml_with_foreign_keys_is_accepted() {
     assert_eq!(url_of(&c), "https://crabbox.example.com/");
     assert_eq!(
         c.egress_profiles.get("docs").unwrap(),
-        &vec!["docs.example.com".to_owned(), "*.cdn.example.com".to_owned()]
+        &vec![
+            "docs.example.com".to_owned(),
+            "*.cdn.example.com".to_owned()
+        ]
     );
-    assert!(c.files.iter().any(|s| s.kind == SourceKind::CrabboxYaml && s.mode.is_some()));
+    assert!(
+        c.files
+            .iter()
+            .any(|s| s.kind == SourceKind::CrabboxYaml && s.mode.is_some())
+    );
 }
 
 #[test]
@@ -158,7 +171,10 @@ fn token_command_is_a_json_argv() {
     let env = MapEnv::from_pairs([
         ("CRABBOX_COORDINATOR", "https://a.example"),
         ("CRABBOX_COORDINATOR_TOKEN", "literal"),
-        ("CRABBOX_COORDINATOR_TOKEN_COMMAND", r#"["pass","show","crabbox"]"#),
+        (
+            "CRABBOX_COORDINATOR_TOKEN_COMMAND",
+            r#"["pass","show","crabbox"]"#,
+        ),
     ]);
     let c = f.load(&env, &Overrides::default()).unwrap();
     assert!(matches!(
@@ -183,7 +199,10 @@ fn bad_values_are_refused_with_their_origin() {
     ] {
         let env = MapEnv::from_pairs([("CRABBOX_COORDINATOR", url)]);
         let msg = f.load(&env, &Overrides::default()).unwrap_err().to_string();
-        assert!(msg.contains(want) && msg.contains("CRABBOX_COORDINATOR"), "{msg}");
+        assert!(
+            msg.contains(want) && msg.contains("CRABBOX_COORDINATOR"),
+            "{msg}"
+        );
         assert!(!msg.contains("pw@"), "{msg}");
     }
     let env = MapEnv::from_pairs([("CRABBOX_LOG", "info,=[")]);

@@ -133,11 +133,13 @@ impl Client {
                 source,
             })?;
         let resp = check_status(resp, "GET", PATH).await?;
-        resp.json().await.map_err(|source| CoordinatorError::Decode {
-            method: "GET",
-            path: PATH.into(),
-            source,
-        })
+        resp.json()
+            .await
+            .map_err(|source| CoordinatorError::Decode {
+                method: "GET",
+                path: PATH.into(),
+                source,
+            })
     }
 
     fn url(&self, path: &str) -> String {

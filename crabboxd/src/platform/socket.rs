@@ -138,10 +138,12 @@ impl ApiListener {
                 source: io::Error::other("the activated socket has no path"),
             })?;
         let lock = take_lock(&path)?;
-        listener.set_nonblocking(true).map_err(|source| BindError::Bind {
-            path: path.clone(),
-            source,
-        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| BindError::Bind {
+                path: path.clone(),
+                source,
+            })?;
         Ok(Some(ApiListener {
             listener: Some(listener),
             path,
@@ -213,7 +215,10 @@ mod tests {
         let sock = t.path().join("run/crabboxd.sock");
         let l = ApiListener::bind(&sock).unwrap();
         assert_eq!(super::super::fs::mode_of(&sock).unwrap() & 0o777, 0o600);
-        assert_eq!(super::super::fs::mode_of(sock.parent().unwrap()).unwrap(), 0o700);
+        assert_eq!(
+            super::super::fs::mode_of(sock.parent().unwrap()).unwrap(),
+            0o700
+        );
         let err = ApiListener::bind(&sock).unwrap_err();
         assert!(matches!(err, BindError::AlreadyRunning { .. }), "{err}");
         assert!(err.to_string().contains("already running"));

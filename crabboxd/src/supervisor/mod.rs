@@ -421,7 +421,9 @@ impl Driver {
             let attempt = self.sup.inner.tracker.spawn(factory(ctx));
             let outcome = match attempt.await {
                 Ok(r) => r,
-                Err(e) if e.is_panic() => Err(TaskError::retryable(anyhow::anyhow!("task panicked"))),
+                Err(e) if e.is_panic() => {
+                    Err(TaskError::retryable(anyhow::anyhow!("task panicked")))
+                }
                 Err(e) => Err(TaskError::retryable(anyhow::anyhow!("task aborted: {e}"))),
             };
             let cancelled = self.cancel.is_cancelled();
@@ -440,7 +442,9 @@ impl Driver {
                     _ => TaskState::Stopped,
                 };
                 match &error {
-                    Some(e) if state == TaskState::Failed => tracing::warn!(error = %e, "task failed"),
+                    Some(e) if state == TaskState::Failed => {
+                        tracing::warn!(error = %e, "task failed")
+                    }
                     _ => tracing::info!("task stopped"),
                 }
                 registry.upsert(&self.id, |r| {
@@ -476,7 +480,10 @@ impl Driver {
         // Free the id for a successor, unless a replacement already took it.
         {
             let mut live = self.sup.inner.live.lock().unwrap();
-            if live.get(&self.id).is_some_and(|l| l.generation == self.generation) {
+            if live
+                .get(&self.id)
+                .is_some_and(|l| l.generation == self.generation)
+            {
                 live.remove(&self.id);
             }
         }

@@ -34,10 +34,15 @@ async fn fatal_error_stops_without_restart() {
     let calls = Arc::new(AtomicU32::new(0));
     let c = Arc::clone(&calls);
     let h = s
-        .start(id("a"), BTreeMap::new(), RestartPolicy::OnFailure(EXACT), move |_ctx| {
-            c.fetch_add(1, Ordering::SeqCst);
-            async { Err(TaskError::fatal(anyhow::anyhow!("lease ended"))) }
-        })
+        .start(
+            id("a"),
+            BTreeMap::new(),
+            RestartPolicy::OnFailure(EXACT),
+            move |_ctx| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Err(TaskError::fatal(anyhow::anyhow!("lease ended"))) }
+            },
+        )
         .await
         .unwrap();
     h.finished().await;
@@ -56,10 +61,15 @@ async fn retryable_errors_back_off_exponentially_to_the_cap() {
     let st = Arc::clone(&starts);
     let t0 = Instant::now();
     let _h = s
-        .start(id("b"), BTreeMap::new(), RestartPolicy::OnFailure(EXACT), move |_ctx| {
-            st.lock().unwrap().push(Instant::now());
-            async { Err(TaskError::retryable(anyhow::anyhow!("connection refused"))) }
-        })
+        .start(
+            id("b"),
+            BTreeMap::new(),
+            RestartPolicy::OnFailure(EXACT),
+            move |_ctx| {
+                st.lock().unwrap().push(Instant::now());
+                async { Err(TaskError::retryable(anyhow::anyhow!("connection refused"))) }
+            },
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(40)).await;
@@ -88,19 +98,24 @@ async fn backoff_resets_after_a_healthy_period() {
     let starts = Arc::new(Mutex::new(Vec::<Instant>::new()));
     let (c, st) = (Arc::clone(&calls), Arc::clone(&starts));
     let _h = s
-        .start(id("c"), BTreeMap::new(), RestartPolicy::OnFailure(EXACT), move |ctx| {
-            let n = c.fetch_add(1, Ordering::SeqCst);
-            st.lock().unwrap().push(Instant::now());
-            async move {
-                // Attempts 0..3 fail at once; attempt 3 runs healthy for
-                // longer than reset_after, then fails.
-                if n == 3 {
-                    ctx.running();
-                    tokio::time::sleep(Duration::from_secs(61)).await;
+        .start(
+            id("c"),
+            BTreeMap::new(),
+            RestartPolicy::OnFailure(EXACT),
+            move |ctx| {
+                let n = c.fetch_add(1, Ordering::SeqCst);
+                st.lock().unwrap().push(Instant::now());
+                async move {
+                    // Attempts 0..3 fail at once; attempt 3 runs healthy for
+                    // longer than reset_after, then fails.
+                    if n == 3 {
+                        ctx.running();
+                        tokio::time::sleep(Duration::from_secs(61)).await;
+                    }
+                    Err(TaskError::retryable(anyhow::anyhow!("blip")))
                 }
-                Err(TaskError::retryable(anyhow::anyhow!("blip")))
-            }
-        })
+            },
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(80)).await;
@@ -116,23 +131,36 @@ async fn clean_exit_stops_on_failure_policy_but_restarts_always_policy() {
     let calls = Arc::new(AtomicU32::new(0));
     let c = Arc::clone(&calls);
     let h = s
-        .start(id("d"), BTreeMap::new(), RestartPolicy::OnFailure(EXACT), move |_| {
-            c.fetch_add(1, Ordering::SeqCst);
-            async { Ok(()) }
-        })
+        .start(
+            id("d"),
+            BTreeMap::new(),
+            RestartPolicy::OnFailure(EXACT),
+            move |_| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Ok(()) }
+            },
+        )
         .await
         .unwrap();
     h.finished().await;
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    assert_eq!(s.registry().get(&id("d")).unwrap().state, TaskState::Stopped);
+    assert_eq!(
+        s.registry().get(&id("d")).unwrap().state,
+        TaskState::Stopped
+    );
 
     let calls = Arc::new(AtomicU32::new(0));
     let c = Arc::clone(&calls);
     let _h = s
-        .start(id("e"), BTreeMap::new(), RestartPolicy::Always(EXACT), move |_| {
-            c.fetch_add(1, Ordering::SeqCst);
-            async { Ok(()) }
-        })
+        .start(
+            id("e"),
+            BTreeMap::new(),
+            RestartPolicy::Always(EXACT),
+            move |_| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Ok(()) }
+            },
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -168,23 +196,34 @@ async fn dropping_the_handle_cancels_the_task() {
     let saw_cancel = Arc::new(AtomicBool::new(false));
     let sc = Arc::clone(&saw_cancel);
     let h = s
-        .start(id("drop"), BTreeMap::new(), RestartPolicy::OnFailure(EXACT), move |ctx| {
-            let sc = Arc::clone(&sc);
-            async move {
-                ctx.running();
-                ctx.cancelled().await;
-                sc.store(true, Ordering::SeqCst);
-                Ok(())
-            }
-        })
+        .start(
+            id("drop"),
+            BTreeMap::new(),
+            RestartPolicy::OnFailure(EXACT),
+            move |ctx| {
+                let sc = Arc::clone(&sc);
+                async move {
+                    ctx.running();
+                    ctx.cancelled().await;
+                    sc.store(true, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+        )
         .await
         .unwrap();
     settle().await;
-    assert_eq!(s.registry().get(&id("drop")).unwrap().state, TaskState::Running);
+    assert_eq!(
+        s.registry().get(&id("drop")).unwrap().state,
+        TaskState::Running
+    );
     drop(h);
     settle().await;
     assert!(saw_cancel.load(Ordering::SeqCst));
-    assert_eq!(s.registry().get(&id("drop")).unwrap().state, TaskState::Stopped);
+    assert_eq!(
+        s.registry().get(&id("drop")).unwrap().state,
+        TaskState::Stopped
+    );
     assert!(!s.is_live(&id("drop")));
 }
 
@@ -192,15 +231,24 @@ async fn dropping_the_handle_cancels_the_task() {
 async fn cancel_during_backoff_stops_at_once() {
     let s = sup();
     let h = s
-        .start(id("bo"), BTreeMap::new(), RestartPolicy::OnFailure(Backoff::NETWORK), |_| async {
-            Err(TaskError::retryable(anyhow::anyhow!("down")))
-        })
+        .start(
+            id("bo"),
+            BTreeMap::new(),
+            RestartPolicy::OnFailure(Backoff::NETWORK),
+            |_| async { Err(TaskError::retryable(anyhow::anyhow!("down"))) },
+        )
         .await
         .unwrap();
     settle().await;
-    assert_eq!(s.registry().get(&id("bo")).unwrap().state, TaskState::Backoff);
+    assert_eq!(
+        s.registry().get(&id("bo")).unwrap().state,
+        TaskState::Backoff
+    );
     h.stop().await;
-    assert_eq!(s.registry().get(&id("bo")).unwrap().state, TaskState::Stopped);
+    assert_eq!(
+        s.registry().get(&id("bo")).unwrap().state,
+        TaskState::Stopped
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -209,15 +257,20 @@ async fn panics_are_caught_and_follow_policy() {
     let calls = Arc::new(AtomicU32::new(0));
     let c = Arc::clone(&calls);
     let _h = s
-        .start(id("p"), BTreeMap::new(), RestartPolicy::OnFailure(EXACT), move |_| {
-            let n = c.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if n == 0 {
-                    panic!("bug");
+        .start(
+            id("p"),
+            BTreeMap::new(),
+            RestartPolicy::OnFailure(EXACT),
+            move |_| {
+                let n = c.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        panic!("bug");
+                    }
+                    Ok(())
                 }
-                Ok(())
-            }
-        })
+            },
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -237,20 +290,25 @@ async fn concurrent_replacements_never_overlap_and_leave_one_task() {
         let (s, running, overlap) = (s.clone(), Arc::clone(&running), Arc::clone(&overlap));
         joins.push(tokio::spawn(async move {
             let h = s
-                .replace(id("lease"), BTreeMap::from([("n".into(), i.to_string())]), RestartPolicy::Never, move |ctx| {
-                    let (running, overlap) = (Arc::clone(&running), Arc::clone(&overlap));
-                    async move {
-                        if running.fetch_add(1, Ordering::SeqCst) != 0 {
-                            overlap.store(true, Ordering::SeqCst);
+                .replace(
+                    id("lease"),
+                    BTreeMap::from([("n".into(), i.to_string())]),
+                    RestartPolicy::Never,
+                    move |ctx| {
+                        let (running, overlap) = (Arc::clone(&running), Arc::clone(&overlap));
+                        async move {
+                            if running.fetch_add(1, Ordering::SeqCst) != 0 {
+                                overlap.store(true, Ordering::SeqCst);
+                            }
+                            ctx.running();
+                            ctx.cancelled().await;
+                            // Draining takes time; the successor must wait for it.
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            running.fetch_sub(1, Ordering::SeqCst);
+                            Ok(())
                         }
-                        ctx.running();
-                        ctx.cancelled().await;
-                        // Draining takes time; the successor must wait for it.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        running.fetch_sub(1, Ordering::SeqCst);
-                        Ok(())
-                    }
-                })
+                    },
+                )
                 .await;
             // Keep every handle alive so only replacement (not drop) ends a task.
             std::mem::forget(h);
@@ -260,7 +318,10 @@ async fn concurrent_replacements_never_overlap_and_leave_one_task() {
         j.await.unwrap();
     }
     settle().await;
-    assert!(!overlap.load(Ordering::SeqCst), "two generations ran at once");
+    assert!(
+        !overlap.load(Ordering::SeqCst),
+        "two generations ran at once"
+    );
     assert_eq!(running.load(Ordering::SeqCst), 1);
     assert!(s.is_live(&id("lease")));
     assert_eq!(s.registry().list(Some(TaskKind::EgressHost)).len(), 1);
@@ -270,20 +331,30 @@ async fn concurrent_replacements_never_overlap_and_leave_one_task() {
 async fn shutdown_drains_within_grace_and_reports_stragglers() {
     let s = sup();
     let _good = s
-        .start(id("good"), BTreeMap::new(), RestartPolicy::Never, |ctx| async move {
-            ctx.cancelled().await;
-            Ok(())
-        })
+        .start(
+            id("good"),
+            BTreeMap::new(),
+            RestartPolicy::Never,
+            |ctx| async move {
+                ctx.cancelled().await;
+                Ok(())
+            },
+        )
         .await
         .unwrap();
     assert!(s.clone().shutdown(Duration::from_secs(5)).await);
 
     let s = sup();
     let _stubborn = s
-        .start(id("stubborn"), BTreeMap::new(), RestartPolicy::Never, |_ctx| async move {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            Ok(())
-        })
+        .start(
+            id("stubborn"),
+            BTreeMap::new(),
+            RestartPolicy::Never,
+            |_ctx| async move {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(())
+            },
+        )
         .await
         .unwrap();
     let t0 = Instant::now();
@@ -295,19 +366,29 @@ async fn shutdown_drains_within_grace_and_reports_stragglers() {
 async fn watch_gives_a_snapshot_then_changes() {
     let s = sup();
     let _a = s
-        .start(id("w1"), BTreeMap::new(), RestartPolicy::Never, |ctx| async move {
-            ctx.cancelled().await;
-            Ok(())
-        })
+        .start(
+            id("w1"),
+            BTreeMap::new(),
+            RestartPolicy::Never,
+            |ctx| async move {
+                ctx.cancelled().await;
+                Ok(())
+            },
+        )
         .await
         .unwrap();
     let (snapshot, mut rx) = s.registry().watch();
     assert_eq!(snapshot.len(), 1);
     let b = s
-        .start(id("w2"), BTreeMap::from([("lease".into(), "L".into())]), RestartPolicy::Never, |ctx| async move {
-            ctx.cancelled().await;
-            Ok(())
-        })
+        .start(
+            id("w2"),
+            BTreeMap::from([("lease".into(), "L".into())]),
+            RestartPolicy::Never,
+            |ctx| async move {
+                ctx.cancelled().await;
+                Ok(())
+            },
+        )
         .await
         .unwrap();
     match rx.recv().await.unwrap() {

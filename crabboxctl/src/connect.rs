@@ -1,0 +1,252 @@
+//! Reaching the daemon: connecting with a bound wait, and turning connection
+//! failures and gRPC error codes into sentences that say what to do.
+
+use std::{future::Future, path::Path, time::Duration};
+
+use crabbox_api::{
+    Client, ConnectError,
+    client::skew_of,
+    version::{self, Skew},
+};
+use tonic::Code as GrpcCode;
+
+use crate::{
+    dirs::{self, shell_quote},
+    exit::{Code, Failure},
+    service::Platform,
+};
+
+/// How long one connection or unary call may take before crabboxctl gives up.
+/// The daemon answers local calls in milliseconds; a daemon that accepts but
+/// never answers is wedged, and a bounded wait lets scripts notice.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Connects to the daemon at `socket`, or fails with exit code 3 and hints
+/// that say where it looked and how to start it.
+pub async fn connect(socket: &Path) -> anyhow::Result<Client> {
+    match tokio::time::timeout(CALL_TIMEOUT, Client::connect(socket)).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(err)) => Err(unreachable(&err).into()),
+        Err(_) => Err(wedged(socket).into()),
+    }
+}
+
+/// Runs one call under [`CALL_TIMEOUT`], mapping its status with [`rpc_failed`].
+pub async fn call<T>(
+    socket: &Path,
+    rpc: &str,
+    fut: impl Future<Output = Result<T, tonic::Status>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(status)) => Err(rpc_failed(socket, rpc, &status).into()),
+        Err(_) => Err(wedged(socket).into()),
+    }
+}
+
+/// The failure for a daemon that accepted but did not answer in time.
+pub fn wedged(socket: &Path) -> Failure {
+    Failure {
+        code: Code::Unreachable,
+        message: format!(
+            "crabboxd at {} did not answer within {}s",
+            socket.display(),
+            CALL_TIMEOUT.as_secs()
+        ),
+        hints: vec![
+            "see its log with `crabboxctl daemon logs`".into(),
+            "restart it with `crabboxctl daemon restart`".into(),
+        ],
+    }
+}
+
+/// The failure for a daemon that cannot be reached: the connect error's
+/// sentence (which names the path) and how to start the daemon.
+pub fn unreachable(err: &ConnectError) -> Failure {
+    let socket = err.path();
+    let hints = match err {
+        ConnectError::PermissionDenied { .. } => vec![format!(
+            "point --socket or CRABBOX_SOCKET at your own daemon's socket, or check who owns {}",
+            socket.display()
+        )],
+        ConnectError::Refused { .. } => {
+            let mut h = vec!["crabboxd removes the stale socket when it starts".to_owned()];
+            h.extend(start_hints(socket));
+            h
+        }
+        _ => start_hints(socket),
+    };
+    Failure {
+        code: Code::Unreachable,
+        message: err.to_string(),
+        hints,
+    }
+}
+
+/// How to start a daemon that will serve `socket`: the service manager when
+/// its unit is installed and the socket is the one it binds, else the
+/// background or foreground commands.
+pub fn start_hints(socket: &Path) -> Vec<String> {
+    if dirs::is_manager_socket(socket)
+        && let Some(platform) = Platform::native()
+        && platform.installed_unit().is_some()
+    {
+        return vec![
+            format!(
+                "start it with `{}` (the {} is installed)",
+                platform.start_command(),
+                platform.unit_noun()
+            ),
+            format!("see why it stopped with `{}`", platform.status_command()),
+        ];
+    }
+    if !dirs::is_manager_socket(socket) {
+        let flag = format!(" --socket {}", shell_quote(socket));
+        return vec![format!(
+            "start one there with `crabboxctl{flag} daemon start`, or run `crabboxd{flag}` in the foreground"
+        )];
+    }
+    vec![
+        "start it with `crabboxctl daemon start`, or run `crabboxd` in the foreground".to_owned(),
+        "or install it as a user service: `crabboxctl daemon install`".to_owned(),
+    ]
+}
+
+/// Turns a gRPC error from `rpc` into a sentence and an exit code.
+pub fn rpc_failed(socket: &Path, rpc: &str, status: &tonic::Status) -> Failure {
+    match status.code() {
+        GrpcCode::Unimplemented => {
+            let daemon = skew_of(status.metadata())
+                .and_then(|s| match s {
+                    Skew::Minor { daemon } | Skew::Protocol { daemon, .. } => Some(daemon),
+                    Skew::None => None,
+                })
+                .map(|v| format!(" ({v})"))
+                .unwrap_or_default();
+            Failure::error(format!(
+                "crabboxd{daemon} is older than crabboxctl ({}) and does not know {rpc}",
+                version::VERSION
+            ))
+            .hint("run `crabboxctl daemon restart` so the running daemon matches the installed CLI")
+        }
+        GrpcCode::Unavailable => Failure {
+            code: Code::Unreachable,
+            message: format!(
+                "crabboxd at {} went away during {rpc}: {}",
+                socket.display(),
+                status.message()
+            ),
+            hints: start_hints(socket),
+        },
+        GrpcCode::PermissionDenied | GrpcCode::Unauthenticated => Failure::error(format!(
+            "crabboxd at {} refused {rpc}: {}",
+            socket.display(),
+            status.message()
+        ))
+        .hint("only the user who runs crabboxd may use its socket"),
+        _ => {
+            let f = Failure::error(format!(
+                "{rpc} failed: {} ({})",
+                status.message(),
+                code_name(status.code())
+            ));
+            // A daemon of another protocol fails in ways its message cannot
+            // explain; the skew sentence can.
+            match skew_of(status.metadata()) {
+                Some(skew) if skew.is_breaking() => f.hint(skew.to_string()),
+                _ => f,
+            }
+        }
+    }
+}
+
+fn code_name(code: GrpcCode) -> String {
+    format!("{code:?}")
+        .chars()
+        .flat_map(|c| {
+            let lower = c.to_ascii_lowercase();
+            let sep = c.is_ascii_uppercase().then_some('-');
+            sep.into_iter().chain(std::iter::once(lower))
+        })
+        .skip(1)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn unreachable_names_the_path_and_how_to_start() {
+        let path = PathBuf::from("/tmp/t e/d.sock");
+        let f = unreachable(&ConnectError::NotRunning { path });
+        assert_eq!(f.code, Code::Unreachable);
+        assert!(f.message.contains("/tmp/t e/d.sock"), "{}", f.message);
+        assert!(
+            f.hints[0].contains("crabboxctl --socket '/tmp/t e/d.sock' daemon start"),
+            "{:?}",
+            f.hints
+        );
+        assert!(f.hints[0].contains("crabboxd --socket"), "{:?}", f.hints);
+    }
+
+    #[test]
+    fn refused_mentions_the_stale_socket() {
+        let f = unreachable(&ConnectError::Refused {
+            path: "/x/d.sock".into(),
+        });
+        assert!(f.hints[0].contains("stale socket"));
+        assert_eq!(f.code, Code::Unreachable);
+    }
+
+    #[test]
+    fn unimplemented_says_the_daemon_is_older() {
+        let mut status = tonic::Status::unimplemented("no such method");
+        status
+            .metadata_mut()
+            .insert(version::DAEMON_VERSION_KEY, "0.0.1".parse().unwrap());
+        status
+            .metadata_mut()
+            .insert(version::PROTOCOL_KEY, "1".parse().unwrap());
+        let f = rpc_failed(Path::new("/x.sock"), "RunDiagnostics", &status);
+        assert_eq!(f.code, Code::Error);
+        assert_eq!(
+            f.message,
+            format!(
+                "crabboxd (0.0.1) is older than crabboxctl ({}) and does not know RunDiagnostics",
+                version::VERSION
+            )
+        );
+        assert!(f.hints[0].contains("crabboxctl daemon restart"));
+    }
+
+    #[test]
+    fn other_codes_keep_the_daemon_message() {
+        let f = rpc_failed(
+            Path::new("/x.sock"),
+            "SetLogLevel",
+            &tonic::Status::invalid_argument("bad filter `x=`"),
+        );
+        assert_eq!(
+            f.message,
+            "SetLogLevel failed: bad filter `x=` (invalid-argument)"
+        );
+        let f = rpc_failed(
+            Path::new("/x.sock"),
+            "GetStatus",
+            &tonic::Status::unavailable("gone"),
+        );
+        assert_eq!(f.code, Code::Unreachable);
+        let mut status = tonic::Status::internal("cannot decode");
+        let md = status.metadata_mut();
+        md.insert(version::DAEMON_VERSION_KEY, "9.0.0".parse().unwrap());
+        md.insert(version::PROTOCOL_KEY, "2".parse().unwrap());
+        let f = rpc_failed(Path::new("/x.sock"), "ListTasks", &status);
+        assert!(
+            f.hints[0].contains("speaks local API protocol 2"),
+            "{:?}",
+            f.hints
+        );
+    }
+}

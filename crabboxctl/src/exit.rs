@@ -1,0 +1,139 @@
+//! Exit codes and the one error type that carries a code and hints; `main`
+//! turns every failure into a message, hints and one of these codes.
+
+use std::fmt;
+
+/// The process exit codes of crabboxctl, documented in `--help` and
+/// docs/operations.md. Scripts may rely on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    /// The command did what was asked.
+    Ok = 0,
+    /// Any other failure (the daemon answered with an error, a file could not
+    /// be written, a service manager command failed).
+    Error = 1,
+    /// Bad usage: unknown flags or arguments (clap exits with 2 itself).
+    Usage = 2,
+    /// crabboxd could not be reached on its socket.
+    Unreachable = 3,
+    /// `crabboxctl doctor` found at least one failed check.
+    DoctorFailed = 4,
+}
+
+impl From<Code> for std::process::ExitCode {
+    fn from(code: Code) -> Self {
+        std::process::ExitCode::from(code as u8)
+    }
+}
+
+/// The EXIT STATUS section of `crabboxctl --help` and the man page.
+pub const EXIT_CODES_HELP: &str = "\
+Exit status:
+  0   success
+  1   error (the daemon refused the request, a file or service manager command failed)
+  2   usage error (unknown flag or argument)
+  3   crabboxd could not be reached on its socket (also `daemon status` when it is not running)
+  4   `crabboxctl doctor` found at least one failed check
+  (64 is crabboxd's own exit code for a bad configuration; crabboxctl never uses it)
+
+--json output is for scripts, but its format is not yet stable and may change
+in any release until it is promised in the changelog.";
+
+/// A failure with its exit code and what the user can do about it.
+///
+/// Commands return it inside `anyhow::Error`; `main` finds it by downcasting
+/// so the context chain above it is still printed.
+#[derive(Debug)]
+pub struct Failure {
+    /// The exit code.
+    pub code: Code,
+    /// One sentence saying what went wrong.
+    pub message: String,
+    /// Commands or steps that fix it, one per line.
+    pub hints: Vec<String>,
+}
+
+impl Failure {
+    /// A failure with exit code 1 and no hints.
+    pub fn error(message: impl Into<String>) -> Self {
+        Failure {
+            code: Code::Error,
+            message: message.into(),
+            hints: Vec::new(),
+        }
+    }
+
+    /// Adds a hint line.
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hints.push(hint.into());
+        self
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Renders an error for stderr and picks its exit code: the message chain on
+/// one line, then the hints of the first [`Failure`] in the chain.
+pub fn report(err: &anyhow::Error) -> (String, Code) {
+    let failure = err.chain().find_map(|e| e.downcast_ref::<Failure>());
+    let mut out = format!("error: {err:#}");
+    let code = match failure {
+        Some(f) => {
+            for hint in &f.hints {
+                out.push_str("\nhint: ");
+                out.push_str(hint);
+            }
+            f.code
+        }
+        None => Code::Error,
+    };
+    (out, code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_errors_exit_1() {
+        let (text, code) = report(&anyhow::anyhow!("boom"));
+        assert_eq!(code, Code::Error);
+        assert_eq!(text, "error: boom");
+    }
+
+    #[test]
+    fn failures_keep_their_code_and_hints_under_context() {
+        let err = anyhow::Error::new(Failure {
+            code: Code::Unreachable,
+            message: "cannot reach crabboxd at /x.sock".into(),
+            hints: vec!["run `crabboxd`".into()],
+        })
+        .context("status");
+        let (text, code) = report(&err);
+        assert_eq!(code, Code::Unreachable);
+        assert_eq!(
+            text,
+            "error: status: cannot reach crabboxd at /x.sock\nhint: run `crabboxd`"
+        );
+    }
+
+    #[test]
+    fn codes_are_the_documented_numbers() {
+        for (code, n) in [
+            (Code::Ok, 0),
+            (Code::Error, 1),
+            (Code::Usage, 2),
+            (Code::Unreachable, 3),
+            (Code::DoctorFailed, 4),
+        ] {
+            assert_eq!(code as u8, n);
+            assert!(EXIT_CODES_HELP.contains(&format!("  {n}   ")));
+        }
+    }
+}

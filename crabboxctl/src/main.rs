@@ -82,6 +82,10 @@ enum Command {
     Doctor(commands::doctor::Args),
     /// Change the daemon's log filter until it exits.
     LogLevel(commands::log_level::Args),
+    /// Keep leases alive through the daemon, release them, or list them.
+    Lease(commands::lease::Args),
+    /// Send one heartbeat for a lease now.
+    Heartbeat(commands::heartbeat::Args),
     /// Print a shell completion script.
     Completions(commands::completions::Args),
     /// Write man pages (used by packaging).
@@ -133,6 +137,8 @@ async fn run(cli: Cli) -> anyhow::Result<Code> {
         Command::Daemon(args) => commands::daemon::run(&ctx(socket)?, args).await,
         Command::Doctor(args) => commands::doctor::run(&ctx(socket)?, &args).await,
         Command::LogLevel(args) => commands::log_level::run(&ctx(socket)?, &args).await,
+        Command::Lease(args) => commands::lease::run(&ctx(socket)?, &args).await,
+        Command::Heartbeat(args) => commands::heartbeat::run(&ctx(socket)?, &args).await,
     }
 }
 

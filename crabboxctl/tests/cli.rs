@@ -174,6 +174,43 @@ impl Daemon for Fake {
             current: filter,
         }))
     }
+
+    // The lease RPCs answer UNIMPLEMENTED, as an older daemon would, so the
+    // CLI's "daemon is older" sentence is tested against a real gRPC status.
+    async fn keep_lease(
+        &self,
+        _: Request<v1::KeepLeaseRequest>,
+    ) -> Result<Response<v1::KeepLeaseResponse>, Status> {
+        Err(Status::unimplemented("KeepLease"))
+    }
+
+    async fn release_lease(
+        &self,
+        _: Request<v1::ReleaseLeaseRequest>,
+    ) -> Result<Response<v1::ReleaseLeaseResponse>, Status> {
+        Err(Status::unimplemented("ReleaseLease"))
+    }
+
+    async fn stop_keeping_lease(
+        &self,
+        _: Request<v1::StopKeepingLeaseRequest>,
+    ) -> Result<Response<v1::StopKeepingLeaseResponse>, Status> {
+        Err(Status::unimplemented("StopKeepingLease"))
+    }
+
+    async fn list_leases(
+        &self,
+        _: Request<v1::ListLeasesRequest>,
+    ) -> Result<Response<v1::ListLeasesResponse>, Status> {
+        Err(Status::unimplemented("ListLeases"))
+    }
+
+    async fn heartbeat(
+        &self,
+        _: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        Err(Status::unimplemented("Heartbeat"))
+    }
 }
 
 /// A fake daemon serving on `<tempdir>/run/crabboxd.sock` (dir 0700, socket

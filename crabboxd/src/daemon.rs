@@ -11,7 +11,7 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, coordinator, supervisor::Supervisor};
+use crate::{config::Config, coordinator, lease::LeaseManager, supervisor::Supervisor};
 
 /// The daemon's lifecycle phase, as reported by `GetStatus`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,7 @@ struct Inner {
     started_at: SystemTime,
     supervisor: Supervisor,
     coordinator: Option<coordinator::Client>,
+    leases: LeaseManager,
     phase: Mutex<Phase>,
     shutdown: CancellationToken,
     shutdown_reason: Mutex<Option<String>>,
@@ -54,6 +55,11 @@ impl DaemonState {
             .as_ref()
             .map(coordinator::Client::new)
             .transpose()?;
+        let leases = LeaseManager::new(
+            coordinator.clone(),
+            supervisor.clone(),
+            config.state_dir.clone(),
+        );
         Ok(DaemonState {
             inner: Arc::new(Inner {
                 config,
@@ -61,6 +67,7 @@ impl DaemonState {
                 started_at: SystemTime::now(),
                 supervisor,
                 coordinator,
+                leases,
                 phase: Mutex::new(Phase::Starting),
                 shutdown: CancellationToken::new(),
                 shutdown_reason: Mutex::new(None),
@@ -91,6 +98,11 @@ impl DaemonState {
     /// The coordinator client, when a coordinator is configured.
     pub fn coordinator(&self) -> Option<&coordinator::Client> {
         self.inner.coordinator.as_ref()
+    }
+
+    /// The kept leases.
+    pub fn leases(&self) -> &LeaseManager {
+        &self.inner.leases
     }
 
     /// The lifecycle phase.

@@ -21,6 +21,7 @@
 //! * [`api`] — the gRPC service; the only module that knows proto types.
 //! * [`coordinator`] — the coordinator HTTP client; the only module that
 //!   knows the coordinator's wire shapes.
+//! * [`lease`] — kept leases: the `LeaseKeeper` task and its manager.
 //! * [`diagnostics`] — the checks behind `crabboxctl doctor`.
 //! * [`platform`] — OS glue: private files, the socket and its lock, systemd
 //!   notifications.
@@ -34,6 +35,7 @@ pub mod config;
 pub mod coordinator;
 pub mod daemon;
 pub mod diagnostics;
+pub mod lease;
 pub mod platform;
 pub mod supervisor;
 pub mod telemetry;
@@ -121,6 +123,8 @@ impl Daemon {
         let server = api::serve(state.clone(), uds, api_stop.clone());
         tokio::pin!(server);
 
+        // Desired state from before a restart comes back first.
+        state.leases().restore().await;
         state.set_phase(Phase::Running);
         notify::ready();
         notify::status("serving");

@@ -4,6 +4,8 @@
 pub mod completions;
 pub mod daemon;
 pub mod doctor;
+pub mod heartbeat;
+pub mod lease;
 pub mod log_level;
 pub mod man;
 pub mod status;

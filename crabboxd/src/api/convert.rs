@@ -93,3 +93,29 @@ pub fn check(c: &diagnostics::Check) -> v1::Check {
         detail: c.detail.clone(),
     }
 }
+
+pub fn lease(l: &crate::coordinator::Lease) -> v1::Lease {
+    v1::Lease {
+        id: l.id.clone(),
+        slug: l.slug.clone().unwrap_or_default(),
+        provider: l.provider.clone(),
+        state: l.state.clone(),
+        owner: l.owner.clone(),
+        org: l.org.clone(),
+        idle_timeout_seconds: l.idle_timeout_seconds.unwrap_or(0),
+        last_touched_at: l.last_touched_at.clone().unwrap_or_default(),
+        expires_at: l.expires_at.clone().unwrap_or_default(),
+    }
+}
+
+pub fn kept_lease(s: &crate::lease::LeaseStatus, task_rec: Option<&TaskRecord>) -> v1::KeptLease {
+    v1::KeptLease {
+        id: s.id.clone(),
+        lease: s.lease.as_ref().map(lease),
+        task: task_rec.map(task),
+        last_heartbeat_unix_ms: s.last_heartbeat.map(unix_ms).unwrap_or(0),
+        interval_ms: s.interval.map(|d| d.as_millis() as u64).unwrap_or(0),
+        idle_timeout_override_seconds: s.idle_override.map(|d| d.as_secs()).unwrap_or(0),
+        ended: s.ended.clone().unwrap_or_default(),
+    }
+}

@@ -11,8 +11,10 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use crate::{
+    coordinator::CoordinatorError,
     daemon::DaemonState,
     diagnostics,
+    lease::LeaseError,
     supervisor::RegistryEvent,
     telemetry::{self, LogError},
 };
@@ -39,6 +41,39 @@ fn status_of_log_error(e: LogError) -> Status {
         LogError::Invalid { .. } => Status::invalid_argument(e.to_string()),
         LogError::NotInitialised => Status::failed_precondition(e.to_string()),
     }
+}
+
+/// Maps a lease operation's error to a status. Coordinator answers keep
+/// their meaning: 404 → NOT_FOUND, 403 → PERMISSION_DENIED, 409 (lease
+/// ended, expired, conflicts) → FAILED_PRECONDITION, network and 5xx →
+/// UNAVAILABLE (retry later).
+fn status_of_lease_error(e: LeaseError) -> Status {
+    let msg = e.to_string();
+    match e {
+        LeaseError::NoCoordinator => Status::failed_precondition(msg),
+        LeaseError::NotKept(_) => Status::not_found(msg),
+        LeaseError::Persist { .. } => Status::internal(msg),
+        LeaseError::Coordinator(c) => match &c {
+            CoordinatorError::Status { status: 404, .. } => Status::not_found(msg),
+            CoordinatorError::Status { status: 401, .. } => Status::unauthenticated(msg),
+            CoordinatorError::Status { status: 403, .. } => Status::permission_denied(msg),
+            CoordinatorError::Status { status: 400, .. } => Status::invalid_argument(msg),
+            _ if c.is_retryable() => Status::unavailable(msg),
+            _ => Status::failed_precondition(msg),
+        },
+    }
+}
+
+fn lease_id(raw: &str) -> Result<&str, Status> {
+    let id = raw.trim();
+    if id.is_empty() {
+        return Err(Status::invalid_argument("a lease id is required"));
+    }
+    Ok(id)
+}
+
+fn idle(seconds: u64) -> Option<std::time::Duration> {
+    (seconds > 0).then(|| std::time::Duration::from_secs(seconds))
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchTasksEvent, Status>> + Send>>;
@@ -195,6 +230,90 @@ impl v1::daemon_server::Daemon for DaemonService {
         self.state.request_shutdown(&reason);
         Ok(Response::new(v1::ShutdownResponse {
             grace_ms: self.state.config().shutdown_grace.as_millis() as u64,
+        }))
+    }
+
+    async fn keep_lease(
+        &self,
+        req: Request<v1::KeepLeaseRequest>,
+    ) -> Result<Response<v1::KeepLeaseResponse>, Status> {
+        let req = req.into_inner();
+        let id = lease_id(&req.lease_id)?;
+        let status = self
+            .state
+            .leases()
+            .keep(id, idle(req.idle_timeout_seconds))
+            .await
+            .map_err(status_of_lease_error)?;
+        let rec = self
+            .state
+            .supervisor()
+            .registry()
+            .get(&crate::supervisor::TaskId::new(
+                crate::supervisor::TaskKind::LeaseKeeper,
+                status.id.as_str(),
+            ));
+        Ok(Response::new(v1::KeepLeaseResponse {
+            lease: Some(convert::kept_lease(&status, rec.as_ref())),
+        }))
+    }
+
+    async fn release_lease(
+        &self,
+        req: Request<v1::ReleaseLeaseRequest>,
+    ) -> Result<Response<v1::ReleaseLeaseResponse>, Status> {
+        let req = req.into_inner();
+        let lease = self
+            .state
+            .leases()
+            .release(lease_id(&req.lease_id)?, req.delete)
+            .await
+            .map_err(status_of_lease_error)?;
+        Ok(Response::new(v1::ReleaseLeaseResponse {
+            lease: Some(convert::lease(&lease)),
+        }))
+    }
+
+    async fn stop_keeping_lease(
+        &self,
+        req: Request<v1::StopKeepingLeaseRequest>,
+    ) -> Result<Response<v1::StopKeepingLeaseResponse>, Status> {
+        self.state
+            .leases()
+            .stop(lease_id(&req.get_ref().lease_id)?)
+            .await
+            .map_err(status_of_lease_error)?;
+        Ok(Response::new(v1::StopKeepingLeaseResponse {}))
+    }
+
+    async fn list_leases(
+        &self,
+        _req: Request<v1::ListLeasesRequest>,
+    ) -> Result<Response<v1::ListLeasesResponse>, Status> {
+        let leases = self
+            .state
+            .leases()
+            .list()
+            .await
+            .iter()
+            .map(|(s, rec)| convert::kept_lease(s, rec.as_ref()))
+            .collect();
+        Ok(Response::new(v1::ListLeasesResponse { leases }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        let lease = self
+            .state
+            .leases()
+            .heartbeat_once(lease_id(&req.lease_id)?, idle(req.idle_timeout_seconds))
+            .await
+            .map_err(status_of_lease_error)?;
+        Ok(Response::new(v1::HeartbeatResponse {
+            lease: Some(convert::lease(&lease)),
         }))
     }
 

@@ -1,0 +1,150 @@
+//! Shared server state, the route table, and the authentication layer in front of it.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, Method, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post, put};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use crate::auth::{self, Principal};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::control::Hub;
+use crate::egress::Egress;
+use crate::error::{ApiError, ApiResult};
+use crate::store::Store;
+use crate::{control, egress, leases, runs};
+
+/// State shared by every route and background task.
+pub(crate) struct AppState {
+    pub cfg: Config,
+    pub store: Store,
+    pub clock: Clock,
+    /// Live control sockets and their run subscriptions.
+    pub hub: Hub,
+    /// Egress tickets, live bridges and pairing.
+    pub egress: Egress,
+    /// Wakes the expiry sweeper when a deadline may have moved earlier.
+    pub sweeper_wake: Notify,
+}
+
+pub(crate) type Shared = Arc<AppState>;
+
+impl AppState {
+    pub(crate) fn new(cfg: Config, store: Store) -> Shared {
+        let clock = cfg.clock.clone();
+        Arc::new(Self {
+            cfg,
+            store,
+            clock,
+            hub: Hub::default(),
+            egress: Egress::default(),
+            sweeper_wake: Notify::new(),
+        })
+    }
+
+    /// Authenticate against the configured tokens at the current clock.
+    pub(crate) fn authenticate(&self, headers: &HeaderMap) -> Option<Principal> {
+        auth::authenticate(&self.cfg, headers, self.clock.now_ms())
+    }
+}
+
+/// The whole route table.
+pub(crate) fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/leases", get(leases::list))
+        .route("/v1/leases/{id}", get(leases::get_one))
+        .route("/v1/leases/{id}/registration", put(leases::register))
+        .route("/v1/leases/{id}/heartbeat", post(leases::heartbeat))
+        .route("/v1/leases/{id}/release", post(leases::release))
+        .route("/v1/leases/{id}/egress/ticket", any(egress::ticket))
+        .route("/v1/leases/{id}/egress/status", any(egress::status))
+        .route("/v1/leases/{id}/egress/{role}", get(egress::upgrade))
+        .route("/v1/runs", post(runs::create))
+        .route("/v1/runs/{id}", get(runs::get_one))
+        .route(
+            "/v1/runs/{id}/events",
+            get(runs::list_events).post(runs::post_event),
+        )
+        // A finish carries the run log (capped at 8 MiB after decoding; JSON
+        // escaping can double it), so it gets a larger body limit than the 2 MB default.
+        .route(
+            "/v1/runs/{id}/finish",
+            post(runs::finish).layer(DefaultBodyLimit::max(32 * 1024 * 1024)),
+        )
+        .route("/v1/runs/{id}/logs", get(runs::logs))
+        .route("/v1/control", get(control::upgrade))
+        .fallback(not_found)
+        .method_not_allowed_fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(json!({"ok": true, "service": "crabbox-coordinator"}))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found()
+}
+
+/// Whether a request is an egress bridge upgrade, which bypasses caller
+/// authentication: its one-use ticket is its only credential (§1.3).
+fn is_bridge_upgrade(req: &Request) -> bool {
+    if req.method() != Method::GET {
+        return false;
+    }
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        return false;
+    }
+    let segs: Vec<&str> = req.uri().path().split('/').collect();
+    matches!(segs.as_slice(), ["", "v1", "leases", id, "egress", "host" | "client"] if !id.is_empty())
+}
+
+/// Authenticate every route except health and bridge upgrades; failures are
+/// `401 {"error":"unauthorized"}` whatever the path, as at the reference edge.
+async fn authenticate(State(state): State<Shared>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path == "/v1/health" || is_bridge_upgrade(&req) {
+        return next.run(req).await;
+    }
+    match state.authenticate(req.headers()) {
+        Some(p) => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        None => ApiError::unauthorized().into_response(),
+    }
+}
+
+/// The JSON body of a request, honoured only with a JSON content type (as
+/// the reference's `optionalJson`); a JSON type with a bad body is a 500.
+pub(crate) fn optional_json(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("application/json"));
+    if !is_json || body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Object(Default::default()));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(ApiError::bad_request(
+            "invalid_request",
+            "request body must be a JSON object",
+        )),
+        Err(_) => Err(ApiError::internal("invalid JSON body")),
+    }
+}

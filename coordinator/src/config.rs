@@ -1,0 +1,142 @@
+//! Coordinator configuration: tokens (as masked secrets), identity defaults, storage path.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::clock::Clock;
+
+/// A secret string whose `Debug` and `Display` print a mask, so a token can
+/// never reach a log line or a panic message by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call sites are the only places it is revealed.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(****)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("****")
+    }
+}
+
+/// Everything [`crate::serve`] needs. Build it with [`Config::new`] or
+/// [`Config::from_env`] and adjust the public fields.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `CRABBOX_ADMIN_TOKEN`: full access to every lease and run.
+    pub admin_token: Option<Secret>,
+    /// `CRABBOX_SHARED_TOKEN`: the shared operator token; its identity is pinned
+    /// to [`Config::shared_owner`] / [`Config::default_org`].
+    pub shared_token: Option<Secret>,
+    /// `CRABBOX_SHARED_OWNER`: owner of shared-token callers (`unknown` if unset).
+    pub shared_owner: Option<String>,
+    /// `CRABBOX_DEFAULT_ORG`: org of shared-token callers and of admin callers
+    /// that send no `X-Crabbox-Org`.
+    pub default_org: Option<String>,
+    /// `CRABBOX_SESSION_SECRET`: HMAC key of signed `cbxu_` user tokens. Must
+    /// differ from the shared token, else user tokens are all rejected.
+    pub session_secret: Option<Secret>,
+    /// `CRABBOX_ALLOW_QUERY_BRIDGE_TICKETS`: accept `?ticket=` on bridge upgrades.
+    /// Off by default because a query string ends up in access logs.
+    pub allow_query_bridge_tickets: bool,
+    /// SQLite database file; its parent directory is created 0700.
+    pub db_path: PathBuf,
+    /// The clock used for every expiry decision.
+    pub clock: Clock,
+}
+
+impl Config {
+    /// A config with no tokens and the given database path.
+    pub fn new(db_path: impl Into<PathBuf>) -> Self {
+        Self {
+            admin_token: None,
+            shared_token: None,
+            shared_owner: None,
+            default_org: None,
+            session_secret: None,
+            allow_query_bridge_tickets: false,
+            db_path: db_path.into(),
+            clock: Clock::system(),
+        }
+    }
+
+    /// Read the reference coordinator's environment names on top of [`Config::new`].
+    /// Empty values count as unset.
+    pub fn from_env(db_path: impl Into<PathBuf>) -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let mut cfg = Self::new(db_path);
+        cfg.admin_token = var("CRABBOX_ADMIN_TOKEN").map(Secret::new);
+        cfg.shared_token = var("CRABBOX_SHARED_TOKEN").map(Secret::new);
+        cfg.shared_owner = std::env::var("CRABBOX_SHARED_OWNER").ok();
+        cfg.default_org = var("CRABBOX_DEFAULT_ORG");
+        cfg.session_secret = var("CRABBOX_SESSION_SECRET").map(Secret::new);
+        cfg.allow_query_bridge_tickets =
+            var("CRABBOX_ALLOW_QUERY_BRIDGE_TICKETS").is_some_and(|v| {
+                matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+            });
+        cfg
+    }
+
+    /// Refuse configurations that would leave the coordinator open or broken.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.admin_token.is_none()
+            && self.shared_token.is_none()
+            && self.session_secret.is_none()
+        {
+            anyhow::bail!(
+                "no token configured: set CRABBOX_ADMIN_TOKEN, CRABBOX_SHARED_TOKEN or CRABBOX_SESSION_SECRET"
+            );
+        }
+        if let (Some(secret), Some(shared)) = (&self.session_secret, &self.shared_token)
+            && secret == shared
+        {
+            anyhow::bail!("CRABBOX_SESSION_SECRET must differ from CRABBOX_SHARED_TOKEN");
+        }
+        Ok(())
+    }
+
+    /// The owner pinned to shared-token callers.
+    ///
+    /// Like the reference, a whitespace-only `CRABBOX_SHARED_OWNER` trims to the
+    /// empty string rather than falling back to `unknown`.
+    pub(crate) fn pinned_shared_owner(&self) -> String {
+        match &self.shared_owner {
+            Some(o) => o.trim().to_owned(),
+            None => "unknown".to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_is_masked() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s} {s:?}"), "**** Secret(****)");
+        let mut c = Config::new("/tmp/x");
+        c.admin_token = Some(s);
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn refuses_no_token() {
+        assert!(Config::new("/tmp/x").validate().is_err());
+    }
+}

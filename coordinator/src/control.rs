@@ -1,0 +1,336 @@
+//! The control WebSocket `/v1/control` (§2): hello, subscribe_run, ack, heartbeat,
+//! ping, and live pushes of run events to subscribed sockets.
+//!
+//! Unlike the reference, a push never skips ahead of a backlog page: a socket
+//! is pushed event `n` only when its cursor is exactly `n - 1`, and page reads
+//! and appends for a run are serialised by that run's lock. A subscriber that
+//! is still paging gets the rest from its next page, so it sees every event
+//! exactly once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Extension;
+use axum::extract::State;
+use axum::extract::ws::{
+    Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::app::Shared;
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::model::RunEvent;
+use crate::store;
+use crate::ws::{SocketHandle, closed, drain, spawn_writer};
+
+/// Control frames are small, but a 500-event page of 16 KiB messages is
+/// ~16 MiB; allow it (the reference CLI's 32 KiB limit is a known flaw).
+const MAX_MESSAGE: usize = 32 * 1024 * 1024;
+/// Outbound frames queued per socket before the socket counts as stuck.
+const QUEUE: usize = 1024;
+/// Default and maximum `subscribe_run` page sizes.
+const PAGE_DEFAULT: i64 = 100;
+const PAGE_MAX: i64 = 500;
+
+/// Registry of live control sockets and their run cursors.
+#[derive(Default)]
+pub(crate) struct Hub {
+    inner: Mutex<HubInner>,
+    run_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct HubInner {
+    clients: HashMap<u64, SocketHandle>,
+    /// run id → (socket id → highest seq delivered to that socket).
+    subs: HashMap<String, HashMap<u64, i64>>,
+}
+
+impl Hub {
+    /// The lock that serialises appends and page reads of one run.
+    pub(crate) fn run_lock(&self, run_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.run_locks.lock().unwrap();
+        // Forget locks nobody holds once the map grows, so finished runs do
+        // not accumulate; a fresh lock is equivalent to an idle one.
+        if locks.len() > 4096 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(run_id.to_owned()).or_default().clone()
+    }
+
+    /// Push one freshly appended event to every socket whose cursor is right before it.
+    /// Called with the run lock held.
+    pub(crate) fn push_event(&self, ev: &RunEvent) {
+        let mut inner = self.inner.lock().unwrap();
+        let HubInner { clients, subs } = &mut *inner;
+        let Some(run_subs) = subs.get_mut(&ev.run_id) else {
+            return;
+        };
+        let mut frame: Option<Message> = None;
+        for (id, cursor) in run_subs.iter_mut() {
+            if *cursor != ev.seq - 1 {
+                continue;
+            }
+            let Some(client) = clients.get(id) else {
+                continue;
+            };
+            let msg = frame
+                .get_or_insert_with(|| {
+                    let v = json!({"type": "run_events", "runID": ev.run_id, "events": [ev], "nextSeq": ev.seq});
+                    Message::Text(v.to_string().into())
+                })
+                .clone();
+            if client.tx.try_send(msg).is_ok() {
+                *cursor = ev.seq;
+            } else {
+                // A socket that stopped reading gets an explicit close, never a silent gap.
+                client.close(1011, "control send failed");
+            }
+        }
+    }
+
+    fn set_cursor(&self, client: u64, run_id: &str, cursor: i64, only_forward: bool) {
+        let mut inner = self.inner.lock().unwrap();
+        let slot = inner
+            .subs
+            .entry(run_id.to_owned())
+            .or_default()
+            .entry(client)
+            .or_insert(cursor);
+        *slot = if only_forward {
+            (*slot).max(cursor)
+        } else {
+            cursor
+        };
+    }
+
+    fn is_subscribed(&self, client: u64, run_id: &str) -> bool {
+        self.inner
+            .lock()
+            .unwrap()
+            .subs
+            .get(run_id)
+            .is_some_and(|m| m.contains_key(&client))
+    }
+
+    fn remove(&self, client: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.clients.remove(&client);
+        inner.subs.retain(|_, m| {
+            m.remove(&client);
+            !m.is_empty()
+        });
+    }
+
+    /// Close every control socket (shutdown).
+    pub(crate) fn close_all(&self, code: u16, reason: &str) {
+        for c in self.inner.lock().unwrap().clients.values() {
+            c.close(code, reason);
+        }
+    }
+
+    /// Number of open control sockets.
+    pub(crate) fn len(&self) -> usize {
+        self.inner.lock().unwrap().clients.len()
+    }
+}
+
+/// `GET /v1/control`: authenticated upgrade; a plain GET is `426 websocket_required`.
+pub(crate) async fn upgrade(
+    State(st): State<Shared>,
+    Extension(p): Extension<Principal>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match ws {
+        Ok(ws) => ws
+            .max_message_size(MAX_MESSAGE)
+            .max_frame_size(MAX_MESSAGE)
+            .on_upgrade(move |socket| serve_socket(st, p, socket)),
+        Err(_) => {
+            ApiError::bare(StatusCode::UPGRADE_REQUIRED, "websocket_required").into_response()
+        }
+    }
+}
+
+fn send(handle: &SocketHandle, v: Value) {
+    if handle
+        .tx
+        .try_send(Message::Text(v.to_string().into()))
+        .is_err()
+    {
+        handle.close(1011, "control send failed");
+    }
+}
+
+fn error_frame(code: &str, message: &str) -> Value {
+    json!({"type": "error", "code": code, "message": message})
+}
+
+async fn serve_socket(st: Shared, p: Principal, socket: WebSocket) {
+    let id = st.hub.next_id.fetch_add(1, Ordering::Relaxed);
+    let (handle, mut stream, writer) = spawn_writer(socket, QUEUE);
+    // `hello` goes out first, before any read, as the reference does.
+    send(
+        &handle,
+        json!({"type": "hello", "protocol": 1, "clientID": crate::ids::uuid_v4()}),
+    );
+    st.hub
+        .inner
+        .lock()
+        .unwrap()
+        .clients
+        .insert(id, handle.clone());
+    let mut close_rx = handle.watch();
+    // The writer pings every interval; a socket that sends nothing, not even
+    // a pong, for a whole interval is dropped (half-open TCP, vanished laptop).
+    let mut liveness = tokio::time::interval_at(
+        tokio::time::Instant::now() + crate::ws::PING_EVERY,
+        crate::ws::PING_EVERY,
+    );
+    liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut alive = true;
+    loop {
+        tokio::select! {
+            _ = liveness.tick() => {
+                if !alive {
+                    break;
+                }
+                alive = false;
+            }
+            msg = stream.next() => {
+                alive = true;
+                match msg {
+                    Some(Ok(Message::Text(text))) => on_text(&st, &p, id, &handle, text.as_str()).await,
+                    Some(Ok(Message::Binary(_))) => {
+                        send(&handle, error_frame("invalid_message", "expected JSON text"))
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                }
+            }
+            _ = closed(&mut close_rx) => {
+                drain(&mut stream).await;
+                break;
+            }
+        }
+    }
+    st.hub.remove(id);
+    handle.stop();
+    let _ = writer.await;
+}
+
+fn num(v: &Value, key: &str) -> Option<i64> {
+    v.get(key)
+        .and_then(Value::as_f64)
+        .filter(|f| f.is_finite() && *f >= 0.0)
+        .map(|f| f.trunc() as i64)
+}
+
+async fn on_text(st: &Shared, p: &Principal, id: u64, handle: &SocketHandle, text: &str) {
+    let Ok(v) = serde_json::from_str::<Value>(text) else {
+        return send(handle, error_frame("invalid_json", "invalid JSON"));
+    };
+    match v.get("type").and_then(Value::as_str) {
+        Some("ping") => send(handle, json!({"type": "pong"})),
+        Some("subscribe_run") => subscribe(st, p, id, handle, &v).await,
+        Some("ack") => ack(st, p, id, &v).await,
+        Some("heartbeat") => heartbeat(st, p, handle, v).await,
+        _ => send(
+            handle,
+            error_frame("unknown_type", "unknown control message"),
+        ),
+    }
+}
+
+async fn readable(st: &Shared, p: &Principal, run_id: &str) -> bool {
+    let (p, run_id) = (p.clone(), run_id.to_owned());
+    st.store
+        .call(move |c| Ok(store::get_run(c, &run_id)?.is_some_and(|r| r.readable_by(&p))))
+        .await
+        .unwrap_or(false)
+}
+
+async fn subscribe(st: &Shared, p: &Principal, id: u64, handle: &SocketHandle, v: &Value) {
+    let run_id = v
+        .get("runID")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if run_id.is_empty() || !readable(st, p, &run_id).await {
+        return send(handle, error_frame("not_found", "run not found"));
+    }
+    let after = num(v, "after").unwrap_or(0);
+    let limit = num(v, "limit").unwrap_or(PAGE_DEFAULT).min(PAGE_MAX);
+    // Hold the run lock across the page read, the cursor update and the
+    // enqueue, so no append can slip between them (see the module docs).
+    let lock = st.hub.run_lock(&run_id);
+    let _guard = lock.lock().await;
+    let rid = run_id.clone();
+    let page = match st
+        .store
+        .call(move |c| store::events_after(c, &rid, after, limit))
+        .await
+    {
+        Ok(page) => page,
+        Err(_) => {
+            return send(
+                handle,
+                error_frame("internal_error", "run events unavailable"),
+            );
+        }
+    };
+    let cursor = page.last().map_or(after, |e| e.seq);
+    st.hub.set_cursor(id, &run_id, cursor, false);
+    send(
+        handle,
+        json!({"type": "run_events", "runID": run_id, "events": page, "nextSeq": cursor}),
+    );
+}
+
+async fn ack(st: &Shared, p: &Principal, id: u64, v: &Value) {
+    let (Some(run_id), Some(seq)) = (v.get("runID").and_then(Value::as_str), num(v, "seq")) else {
+        return;
+    };
+    if !st.hub.is_subscribed(id, run_id) {
+        // An ack can start a subscription (as in the reference), but only for a readable run.
+        if !readable(st, p, run_id).await {
+            return;
+        }
+        let lock = st.hub.run_lock(run_id);
+        let _guard = lock.lock().await;
+        st.hub.set_cursor(id, run_id, seq, false);
+        return;
+    }
+    // Acks only move forward: moving back would stop pushes until the next page.
+    st.hub.set_cursor(id, run_id, seq, true);
+}
+
+async fn heartbeat(st: &Shared, p: &Principal, handle: &SocketHandle, v: Value) {
+    let lease_id = v
+        .get("leaseID")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if lease_id.is_empty() {
+        return send(
+            handle,
+            json!({"type": "heartbeat", "leaseID": lease_id, "ok": false, "error": "not_found"}),
+        );
+    }
+    match crate::leases::touch(st, p.clone(), lease_id.clone(), v).await {
+        Ok(lease) => send(
+            handle,
+            json!({"type": "heartbeat", "leaseID": lease_id, "ok": true, "expiresAt": lease.expires_at}),
+        ),
+        Err(e) => send(
+            handle,
+            json!({"type": "heartbeat", "leaseID": lease_id, "ok": false, "error": e.code}),
+        ),
+    }
+}

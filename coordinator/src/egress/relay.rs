@@ -1,0 +1,151 @@
+//! The bridge relay: registers a host or client socket in its pair and
+//! forwards its frames, unchanged, to the other end.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::{FutureExt, SinkExt, StreamExt};
+
+use super::{Key, MAX_FRAME, Peer, Role};
+use crate::app::Shared;
+use crate::ws::{DirectHandle, PING_EVERY, SharedSink, closed, drain};
+
+/// Frames coalesced into one flush when a burst is already buffered.
+const BATCH: usize = 64;
+
+fn frame_len(m: &Message) -> usize {
+    match m {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) => b.len(),
+        _ => 0,
+    }
+}
+
+/// Register a bridge socket and relay its frames to the other end.
+pub(super) async fn relay(
+    st: Shared,
+    key: Key,
+    role: Role,
+    socket: WebSocket,
+    op: tokio::sync::OwnedMutexGuard<()>,
+) {
+    let (handle, mut stream) = DirectHandle::new(socket);
+    let id = st.egress.next_id.fetch_add(1, Ordering::Relaxed);
+    let epoch = {
+        let mut inner = st.egress.inner.lock().unwrap();
+        let pair = inner.pairs.entry(key.clone()).or_default();
+        let me = Peer {
+            id,
+            handle: handle.clone(),
+        };
+        if let Some(old) = pair.slot(role).replace(me) {
+            old.handle.close(
+                1012,
+                &format!("replaced by a newer egress {}", role.as_str()),
+            );
+        }
+        pair.epoch.fetch_add(1, Ordering::Release);
+        pair.epoch.clone()
+    };
+    drop(op);
+    let mut close_rx = handle.watch();
+    // The other end's sink, refreshed only when the pair's epoch moves.
+    let mut cached: (u64, Option<SharedSink>) = (u64::MAX, None);
+    let other = match role {
+        Role::Host => Role::Client,
+        Role::Client => Role::Host,
+    };
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut pending: Option<Option<Result<Message, axum::Error>>> = None;
+    let mut too_big = false;
+    let mut alive = true;
+    loop {
+        let item = match pending.take() {
+            Some(item) => item,
+            None => tokio::select! {
+                item = stream.next() => item,
+                _ = closed(&mut close_rx) => {
+                    drain(&mut stream).await;
+                    break;
+                }
+                _ = ping.tick() => {
+                    // Like the reference's Node runtime, a peer that sent
+                    // nothing (not even a pong) for a whole ping interval is
+                    // dead: drop it so status stops reporting it connected.
+                    if !alive {
+                        break;
+                    }
+                    alive = false;
+                    let _ = handle.sink.lock().await.send(Message::Ping(Default::default())).await;
+                    continue;
+                }
+            },
+        };
+        alive = true;
+        match item {
+            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                if frame_len(&m) > MAX_FRAME {
+                    too_big = true;
+                    break;
+                }
+                let now_epoch = epoch.load(Ordering::Acquire);
+                if cached.0 != now_epoch {
+                    let mut inner = st.egress.inner.lock().unwrap();
+                    let peer = inner
+                        .pairs
+                        .get_mut(&key)
+                        .and_then(|p| p.slot(other).as_ref().map(|p| p.handle.sink.clone()));
+                    cached = (now_epoch, peer);
+                }
+                // With no peer the frame is dropped, as in the reference.
+                let Some(sink) = &cached.1 else { continue };
+                // The frame is forwarded as the same value (text stays text,
+                // binary stays binary, no re-encoding, no copy). Frames that
+                // are already buffered are fed too and flushed once, so a
+                // burst costs one write syscall. Awaiting the peer's sink is
+                // the backpressure: a slow peer slows its sender, nothing queues.
+                let mut sink = sink.lock().await;
+                let _ = sink.feed(m).await;
+                for _ in 0..BATCH {
+                    match stream.next().now_or_never() {
+                        Some(Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))))
+                            if frame_len(&m) <= MAX_FRAME =>
+                        {
+                            let _ = sink.feed(m).await;
+                        }
+                        Some(other) => {
+                            pending = Some(other);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                let _ = sink.flush().await;
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+            Some(Ok(_)) => {}
+        }
+    }
+    // If this socket is still registered, its departure ends the pair: the
+    // other end is told which side left. A replaced socket's late exit does
+    // nothing because the registry already points at its successor.
+    {
+        let mut inner = st.egress.inner.lock().unwrap();
+        if let Some(pair) = inner.pairs.get_mut(&key)
+            && pair.slot(role).as_ref().is_some_and(|p| p.id == id)
+        {
+            *pair.slot(role) = None;
+            if let Some(peer) = pair.slot(other).take() {
+                peer.handle
+                    .close(1011, &format!("egress {} disconnected", role.as_str()));
+            }
+            pair.epoch.fetch_add(1, Ordering::Release);
+            inner.pairs.remove(&key);
+        }
+    }
+    if too_big {
+        handle.close(1009, "message too big");
+        drain(&mut stream).await;
+    }
+}

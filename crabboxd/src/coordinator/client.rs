@@ -1,0 +1,319 @@
+//! `Client`: HTTP requests to one coordinator — headers per the reference
+//! CLI (bearer token, owner/org, JSON content type), same-origin redirects,
+//! and one error type that says whether retrying helps.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use super::{
+    token::TokenProvider,
+    types::{Lease, LeaseEnvelope},
+};
+use crate::config::CoordinatorConfig;
+
+/// A client of one coordinator.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: url::Url,
+    token: TokenProvider,
+    owner: Option<String>,
+    org: Option<String>,
+}
+
+/// The answer of `GET /v1/health`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Health {
+    /// Always `true` from a healthy coordinator.
+    pub ok: bool,
+    /// `crabbox-coordinator` for the reference and for ours.
+    #[serde(default)]
+    pub service: String,
+}
+
+/// A failed coordinator call.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The request did not complete (DNS, connect, TLS, timeout).
+    #[error("coordinator {method} {path}: {source}")]
+    Network {
+        /// The method.
+        method: &'static str,
+        /// The path (never a query, which could hold a secret).
+        path: String,
+        /// The cause.
+        source: reqwest::Error,
+    },
+    /// The coordinator answered with a non-2xx status.
+    #[error("coordinator {method} {path}: http {status}: {code}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+    Status {
+        /// The method.
+        method: &'static str,
+        /// The path.
+        path: String,
+        /// The HTTP status.
+        status: u16,
+        /// The `error` field of the body (or `http_<status>`).
+        code: String,
+        /// The `message` field of the body, if any.
+        message: Option<String>,
+    },
+    /// The token command failed; no request was sent.
+    #[error("coordinator token: {0}")]
+    Token(String),
+    /// The body was not the expected JSON.
+    #[error("coordinator {method} {path}: unexpected response: {source}")]
+    Decode {
+        /// The method.
+        method: &'static str,
+        /// The path.
+        path: String,
+        /// The cause.
+        source: reqwest::Error,
+    },
+}
+
+impl CoordinatorError {
+    /// Whether retrying may help: network failures, 408, 429 and 5xx.
+    /// Everything else (403 forbidden, 404 gone, 409 conflicts, 410) is fatal.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            CoordinatorError::Network { .. } => true,
+            CoordinatorError::Status { status, .. } => {
+                *status == 408 || *status == 429 || *status >= 500
+            }
+            CoordinatorError::Decode { .. } | CoordinatorError::Token(_) => false,
+        }
+    }
+
+    /// Why the lease this call was about has ended for good, when the
+    /// coordinator said so: `lease_ended`, `lease_expired`, or not found.
+    pub fn lease_end(&self) -> Option<LeaseEnd> {
+        match self {
+            CoordinatorError::Status { status: 404, .. } => Some(LeaseEnd::NotFound),
+            CoordinatorError::Status { code, .. } if code == "lease_ended" => Some(LeaseEnd::Ended),
+            CoordinatorError::Status { code, .. } if code == "lease_expired" => {
+                Some(LeaseEnd::Expired)
+            }
+            _ => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: Option<String>,
+    message: Option<String>,
+}
+
+impl Client {
+    /// Builds a client for `config`. Redirects are followed only within the
+    /// coordinator's origin, as the reference CLI does, so a token is never
+    /// sent to another host.
+    pub fn new(config: &CoordinatorConfig) -> anyhow::Result<Self> {
+        install_crypto_provider();
+        let origin = config.url.origin();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_keepalive(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= 10 {
+                    attempt.error("too many redirects")
+                } else if attempt.url().origin() == origin {
+                    attempt.follow()
+                } else {
+                    attempt.error("cross-origin redirect refused")
+                }
+            }))
+            .user_agent(concat!("crabboxd/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Client {
+            http,
+            base: config.url.clone(),
+            token: TokenProvider::new(config.token.clone()),
+            owner: config.owner.clone(),
+            org: config.org.clone(),
+        })
+    }
+
+    /// The base URL (it never holds credentials; config refuses them).
+    pub fn base(&self) -> &url::Url {
+        &self.base
+    }
+
+    /// `GET /v1/health` (unauthenticated), with a short timeout.
+    pub async fn health(&self) -> Result<Health, CoordinatorError> {
+        const PATH: &str = "/v1/health";
+        let url = self.url(PATH);
+        let resp = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|source| CoordinatorError::Network {
+                method: "GET",
+                path: PATH.into(),
+                source,
+            })?;
+        let resp = check_status(resp, "GET", PATH).await?;
+        resp.json()
+            .await
+            .map_err(|source| CoordinatorError::Decode {
+                method: "GET",
+                path: PATH.into(),
+                source,
+            })
+    }
+
+    /// `GET /v1/leases/{id}`.
+    pub async fn lease(&self, id: &str) -> Result<Lease, CoordinatorError> {
+        let path = format!("/v1/leases/{}", encode(id));
+        let env: LeaseEnvelope = self.send("GET", &path, None::<&()>).await?;
+        Ok(env.lease)
+    }
+
+    /// `POST /v1/leases/{id}/heartbeat`. `idle_timeout` is sent only as an
+    /// explicit override, as the reference CLI does; a plain touch omits it.
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        idle_timeout: Option<Duration>,
+    ) -> Result<Lease, CoordinatorError> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Body {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            idle_timeout_seconds: Option<u64>,
+        }
+        let path = format!("/v1/leases/{}/heartbeat", encode(id));
+        let body = Body {
+            idle_timeout_seconds: idle_timeout.map(|d| d.as_secs().max(1)),
+        };
+        let env: LeaseEnvelope = self.send("POST", &path, Some(&body)).await?;
+        Ok(env.lease)
+    }
+
+    /// `POST /v1/leases/{id}/release` with `{"delete": …}`.
+    pub async fn release(&self, id: &str, delete: bool) -> Result<Lease, CoordinatorError> {
+        #[derive(Serialize)]
+        struct Body {
+            delete: bool,
+        }
+        let path = format!("/v1/leases/{}/release", encode(id));
+        let env: LeaseEnvelope = self.send("POST", &path, Some(&Body { delete })).await?;
+        Ok(env.lease)
+    }
+
+    /// Sends one authenticated request and decodes the JSON answer. A body,
+    /// when present, always goes with `Content-Type: application/json`: the
+    /// reference coordinator ignores bodies without it.
+    async fn send<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: &'static str,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, CoordinatorError> {
+        let mut req = match method {
+            "GET" => self.http.get(self.url(path)),
+            "PUT" => self.http.put(self.url(path)),
+            _ => self.http.post(self.url(path)),
+        }
+        .timeout(Duration::from_secs(30));
+        if let Some(token) = self.token.token().await.map_err(CoordinatorError::Token)? {
+            req = req.bearer_auth(token.expose());
+        }
+        if let Some(owner) = &self.owner {
+            req = req.header("X-Crabbox-Owner", owner);
+        }
+        if let Some(org) = &self.org {
+            req = req.header("X-Crabbox-Org", org);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| CoordinatorError::Network {
+                method,
+                path: path.to_owned(),
+                source,
+            })?;
+        let resp = check_status(resp, method, path).await?;
+        resp.json()
+            .await
+            .map_err(|source| CoordinatorError::Decode {
+                method,
+                path: path.to_owned(),
+                source,
+            })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base.as_str().trim_end_matches('/'), path)
+    }
+}
+
+async fn check_status(
+    resp: reqwest::Response,
+    method: &'static str,
+    path: &str,
+) -> Result<reqwest::Response, CoordinatorError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body: Option<ErrorBody> = resp.json().await.ok();
+    let (code, message) = match body {
+        Some(ErrorBody { error, message }) => (
+            error.unwrap_or_else(|| format!("http_{}", status.as_u16())),
+            message,
+        ),
+        None => (format!("http_{}", status.as_u16()), None),
+    };
+    Err(CoordinatorError::Status {
+        method,
+        path: path.to_owned(),
+        status: status.as_u16(),
+        code,
+        message,
+    })
+}
+
+/// Percent-encodes one path segment (a lease id or slug).
+fn encode(segment: &str) -> String {
+    url::form_urlencoded::byte_serialize(segment.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
+/// How a lease ended, as learned from the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// Released (`409 lease_ended`, or a bridge closed `1008 lease ended`).
+    Ended,
+    /// Expired (`409 lease_expired`, or `1008 lease expired`).
+    Expired,
+    /// The coordinator does not know it (404).
+    NotFound,
+}
+
+impl std::fmt::Display for LeaseEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LeaseEnd::Ended => "lease ended",
+            LeaseEnd::Expired => "lease expired",
+            LeaseEnd::NotFound => "lease not found",
+        })
+    }
+}
+
+/// The workspace builds rustls with the ring provider only; make it the
+/// process default once so every TLS client (reqwest, WebSockets) finds it.
+pub fn install_crypto_provider() {
+    // An error means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

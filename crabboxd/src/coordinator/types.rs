@@ -1,0 +1,62 @@
+//! The coordinator's JSON records, reduced to the fields the daemon uses.
+//! Unknown fields are ignored: the reference record has dozens more.
+
+use serde::Deserialize;
+
+/// `{"lease": …}`, the envelope of every lease route.
+#[derive(Debug, Deserialize)]
+pub struct LeaseEnvelope {
+    /// The lease.
+    pub lease: Lease,
+}
+
+/// A lease record (protocol doc §1.5), the fields the daemon uses.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Lease {
+    /// `cbx_…` or a registered id.
+    pub id: String,
+    /// The human slug, if any.
+    pub slug: Option<String>,
+    /// `aws`, `hetzner`, `ssh`, …
+    pub provider: String,
+    /// `provisioning`, `active`, `released`, `expired` or `failed`.
+    pub state: String,
+    /// The owner's email.
+    pub owner: String,
+    /// The org label.
+    pub org: String,
+    /// The idle timeout in seconds.
+    pub idle_timeout_seconds: Option<u64>,
+    /// The TTL in seconds.
+    pub ttl_seconds: Option<u64>,
+    /// ISO-8601.
+    pub last_touched_at: Option<String>,
+    /// ISO-8601.
+    pub expires_at: Option<String>,
+}
+
+impl Lease {
+    /// Whether the lease is live (`active` or `provisioning`).
+    pub fn is_live(&self) -> bool {
+        self.state == "active" || self.state == "provisioning"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_a_reference_record_ignoring_unknown_fields() {
+        let json = r#"{"lease":{"id":"cbx_0123456789ab","slug":"blue-crab","provider":"aws",
+            "lifecycle":"managed","target":"linux","serverID":12,"sshPort":"2222","owner":"a@b.c",
+            "org":"acme","state":"active","idleTimeoutSeconds":1800,"ttlSeconds":5400,
+            "lastTouchedAt":"2026-11-22T00:00:00.000Z","expiresAt":"2026-11-22T00:30:00.000Z",
+            "telemetry":{"load1":0.4}}}"#;
+        let env: LeaseEnvelope = serde_json::from_str(json).unwrap();
+        assert_eq!(env.lease.id, "cbx_0123456789ab");
+        assert_eq!(env.lease.idle_timeout_seconds, Some(1800));
+        assert!(env.lease.is_live());
+    }
+}

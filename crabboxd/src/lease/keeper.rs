@@ -1,0 +1,127 @@
+//! The `LeaseKeeper` task: heartbeats one lease every idle/3 (clamped to
+//! 5–60 s) and ends, as fatal, when the coordinator says the lease is over.
+//!
+//! Heartbeats go over HTTP (`POST /v1/leases/{id}/heartbeat`); the shared
+//! control socket path comes with the `ControlChannel` task.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use super::{LeaseManager, LeaseStatus};
+use crate::{
+    coordinator::{self, Lease},
+    supervisor::{TaskCtx, TaskError},
+};
+
+/// The shortest heartbeat interval.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// The longest heartbeat interval.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The reference CLI's cadence: a third of the idle timeout, clamped to
+/// 5–60 s, or 60 s when the idle timeout is unknown. Three beats per idle
+/// period means two can be lost before the lease idles out.
+pub fn heartbeat_interval(idle_override: Option<Duration>, lease: &Lease) -> Duration {
+    let idle = idle_override.or(lease.idle_timeout_seconds.map(Duration::from_secs));
+    match idle {
+        Some(idle) if !idle.is_zero() => (idle / 3).clamp(MIN_INTERVAL, MAX_INTERVAL),
+        _ => MAX_INTERVAL,
+    }
+}
+
+/// One keeper's inputs; cloned into each attempt.
+#[derive(Clone)]
+pub struct Keeper {
+    pub client: coordinator::Client,
+    pub id: String,
+    pub idle: Option<Duration>,
+    pub status: Arc<Mutex<LeaseStatus>>,
+    pub manager: LeaseManager,
+}
+
+impl Keeper {
+    /// One attempt: heartbeat at once, then on every tick, until cancelled
+    /// (clean end), the lease ends (fatal) or a heartbeat fails (retryable:
+    /// the supervisor backs off and the next attempt beats at once).
+    pub async fn run(self, ctx: TaskCtx) -> Result<(), TaskError> {
+        loop {
+            let beat = tokio::select! {
+                beat = self.client.heartbeat(&self.id, self.idle) => beat,
+                _ = ctx.cancelled() => return Ok(()),
+            };
+            let lease = match beat {
+                Ok(lease) => lease,
+                Err(e) => {
+                    if let Some(end) = e.lease_end() {
+                        tracing::info!(reason = %end, "lease is over; keeper stops");
+                        self.status.lock().unwrap().ended = Some(end.to_string());
+                        self.manager.lease_over(&self.id).await;
+                        return Err(TaskError::fatal(anyhow::anyhow!("{end}")));
+                    }
+                    tracing::warn!(error = %e, "heartbeat failed");
+                    return Err(if e.is_retryable() {
+                        TaskError::retryable(e)
+                    } else {
+                        TaskError::fatal(e)
+                    });
+                }
+            };
+            let interval = heartbeat_interval(self.idle, &lease);
+            {
+                let mut s = self.status.lock().unwrap();
+                s.last_heartbeat = Some(SystemTime::now());
+                s.interval = Some(interval);
+                s.lease = Some(lease);
+            }
+            ctx.running();
+            tracing::debug!(interval = ?interval, "heartbeat ok");
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = ctx.cancelled() => return Ok(()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(idle: Option<u64>) -> Lease {
+        Lease {
+            idle_timeout_seconds: idle,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn interval_is_a_third_of_idle_clamped() {
+        assert_eq!(
+            heartbeat_interval(None, &lease(Some(1800))),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            heartbeat_interval(None, &lease(Some(90))),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            heartbeat_interval(None, &lease(Some(6))),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            heartbeat_interval(None, &lease(None)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            heartbeat_interval(None, &lease(Some(0))),
+            Duration::from_secs(60)
+        );
+        // An explicit override wins over the lease's own value.
+        assert_eq!(
+            heartbeat_interval(Some(Duration::from_secs(30)), &lease(Some(1800))),
+            Duration::from_secs(10)
+        );
+    }
+}

@@ -1,0 +1,265 @@
+//! Kept leases: the `LeaseKeeper` task per lease (heartbeats and lease-end
+//! detection) and the `LeaseManager` that starts, stops, lists and persists
+//! them, so a daemon restart keeps the same leases alive.
+
+mod keeper;
+mod store;
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+pub use keeper::heartbeat_interval;
+
+use crate::{
+    coordinator::{self, CoordinatorError, Lease},
+    supervisor::{Backoff, RestartPolicy, Supervisor, TaskHandle, TaskId, TaskKind, TaskRecord},
+};
+
+/// What the daemon knows about one kept lease.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseStatus {
+    /// The lease id.
+    pub id: String,
+    /// The last record the coordinator returned.
+    pub lease: Option<Lease>,
+    /// The idle-timeout override given to `keep`, if any.
+    pub idle_override: Option<Duration>,
+    /// When the last heartbeat succeeded.
+    pub last_heartbeat: Option<SystemTime>,
+    /// The heartbeat interval in use.
+    pub interval: Option<Duration>,
+    /// Why the lease stopped being kept (ended, expired, not found).
+    pub ended: Option<String>,
+}
+
+/// Why a lease operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// No coordinator is configured.
+    #[error(
+        "no coordinator configured: set CRABBOX_COORDINATOR (or broker.url in config.yaml) and restart crabboxd"
+    )]
+    NoCoordinator,
+    /// The lease is not kept by this daemon.
+    #[error("lease {0} is not kept by this daemon (see `crabboxctl lease list`)")]
+    NotKept(String),
+    /// The coordinator refused or failed.
+    #[error(transparent)]
+    Coordinator(#[from] CoordinatorError),
+    /// The desired state could not be saved.
+    #[error("cannot save kept leases to {path}: {source}")]
+    Persist {
+        /// The state file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+struct Kept {
+    status: Arc<Mutex<LeaseStatus>>,
+    _handle: TaskHandle,
+}
+
+/// Starts, stops and lists lease keepers. Cheap to clone.
+#[derive(Clone)]
+pub struct LeaseManager {
+    coordinator: Option<coordinator::Client>,
+    supervisor: Supervisor,
+    store: store::Store,
+    kept: Arc<tokio::sync::Mutex<BTreeMap<String, Kept>>>,
+}
+
+impl std::fmt::Debug for LeaseManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseManager").finish_non_exhaustive()
+    }
+}
+
+/// The restart policy of lease keepers: a failed heartbeat is retried with
+/// network backoff; lease end is fatal.
+const POLICY: RestartPolicy = RestartPolicy::OnFailure(Backoff::NETWORK);
+
+impl LeaseManager {
+    /// A manager that persists its desired state under `state_dir`.
+    pub fn new(
+        coordinator: Option<coordinator::Client>,
+        supervisor: Supervisor,
+        state_dir: PathBuf,
+    ) -> Self {
+        LeaseManager {
+            coordinator,
+            supervisor,
+            store: store::Store::new(state_dir.join("leases.json")),
+            kept: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
+        }
+    }
+
+    fn client(&self) -> Result<&coordinator::Client, LeaseError> {
+        self.coordinator.as_ref().ok_or(LeaseError::NoCoordinator)
+    }
+
+    /// Sends one heartbeat now, without keeping the lease.
+    pub async fn heartbeat_once(
+        &self,
+        id: &str,
+        idle: Option<Duration>,
+    ) -> Result<Lease, LeaseError> {
+        Ok(self.client()?.heartbeat(id, idle).await?)
+    }
+
+    /// Starts keeping a lease: one heartbeat now (so a wrong id, a missing
+    /// right or an ended lease is reported to the caller, not to a log),
+    /// then a supervised keeper. Keeping a kept lease replaces its keeper,
+    /// e.g. to change the idle timeout.
+    pub async fn keep(&self, id: &str, idle: Option<Duration>) -> Result<LeaseStatus, LeaseError> {
+        let client = self.client()?.clone();
+        let lease = client.heartbeat(id, idle).await?;
+        let status = self
+            .start_keeper(client, &lease.id.clone(), idle, Some(lease))
+            .await;
+        self.persist().await?;
+        Ok(status)
+    }
+
+    /// Restores the leases kept before a daemon restart. Each keeper finds
+    /// out on its first heartbeat whether its lease still lives.
+    pub async fn restore(&self) {
+        let Ok(client) = self.client().cloned() else {
+            return;
+        };
+        let saved = match self.store.load() {
+            Ok(saved) => saved,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read kept leases; starting with none");
+                return;
+            }
+        };
+        for lease in saved {
+            tracing::info!(lease = %lease.id, "restoring kept lease");
+            let idle = lease.idle_timeout_seconds.map(Duration::from_secs);
+            self.start_keeper(client.clone(), &lease.id, idle, None)
+                .await;
+        }
+    }
+
+    async fn start_keeper(
+        &self,
+        client: coordinator::Client,
+        id: &str,
+        idle: Option<Duration>,
+        lease: Option<Lease>,
+    ) -> LeaseStatus {
+        let status = Arc::new(Mutex::new(LeaseStatus {
+            id: id.to_owned(),
+            interval: lease.as_ref().map(|l| heartbeat_interval(idle, l)),
+            last_heartbeat: lease.as_ref().map(|_| SystemTime::now()),
+            lease,
+            idle_override: idle,
+            ended: None,
+        }));
+        let keeper = keeper::Keeper {
+            client,
+            id: id.to_owned(),
+            idle,
+            status: Arc::clone(&status),
+            manager: self.clone(),
+        };
+        let handle = self
+            .supervisor
+            .replace(
+                TaskId::new(TaskKind::LeaseKeeper, id),
+                BTreeMap::from([("lease".to_owned(), id.to_owned())]),
+                POLICY,
+                move |ctx| keeper.clone().run(ctx),
+            )
+            .await;
+        let snapshot = status.lock().unwrap().clone();
+        self.kept.lock().await.insert(
+            id.to_owned(),
+            Kept {
+                status,
+                _handle: handle,
+            },
+        );
+        snapshot
+    }
+
+    /// Releases a lease at the coordinator and stops keeping it.
+    pub async fn release(&self, id: &str, delete: bool) -> Result<Lease, LeaseError> {
+        let lease = self.client()?.release(id, delete).await?;
+        self.forget(id, "released through the daemon").await?;
+        Ok(lease)
+    }
+
+    /// Stops keeping a lease without releasing it.
+    pub async fn stop(&self, id: &str) -> Result<(), LeaseError> {
+        if !self.kept.lock().await.contains_key(id) {
+            return Err(LeaseError::NotKept(id.to_owned()));
+        }
+        self.forget(id, "no longer kept").await
+    }
+
+    /// Stops a keeper and drops it from the persisted set.
+    async fn forget(&self, id: &str, why: &str) -> Result<(), LeaseError> {
+        let removed = self.kept.lock().await.remove(id);
+        if let Some(kept) = removed {
+            kept.status.lock().unwrap().ended = Some(why.to_owned());
+            // Dropping the handle cancels the task; wait for it to end so a
+            // caller that releases and then lists sees it gone.
+            self.supervisor
+                .stop(&TaskId::new(TaskKind::LeaseKeeper, id))
+                .await;
+        }
+        self.persist().await
+    }
+
+    /// Called by a keeper when the coordinator says its lease is over: the
+    /// lease is dropped from the persisted set, so a restart does not try
+    /// to keep it again. (The keeper's own task ends as fatal.)
+    async fn lease_over(&self, id: &str) {
+        if let Err(e) = self.persist_without(id).await {
+            tracing::warn!(lease = %id, error = %e, "cannot update kept leases");
+        }
+    }
+
+    /// Every kept lease, with its task row.
+    pub async fn list(&self) -> Vec<(LeaseStatus, Option<TaskRecord>)> {
+        let kept = self.kept.lock().await;
+        kept.iter()
+            .map(|(id, k)| {
+                let rec = self
+                    .supervisor
+                    .registry()
+                    .get(&TaskId::new(TaskKind::LeaseKeeper, id.as_str()));
+                (k.status.lock().unwrap().clone(), rec)
+            })
+            .collect()
+    }
+
+    async fn persist(&self) -> Result<(), LeaseError> {
+        self.persist_without("").await
+    }
+
+    async fn persist_without(&self, skip: &str) -> Result<(), LeaseError> {
+        let kept = self.kept.lock().await;
+        let saved: Vec<store::SavedLease> = kept
+            .iter()
+            .filter(|(id, k)| id.as_str() != skip && k.status.lock().unwrap().ended.is_none())
+            .map(|(id, k)| store::SavedLease {
+                id: id.clone(),
+                idle_timeout_seconds: k.status.lock().unwrap().idle_override.map(|d| d.as_secs()),
+            })
+            .collect();
+        self.store
+            .save(&saved)
+            .map_err(|source| LeaseError::Persist {
+                path: self.store.path().to_owned(),
+                source,
+            })
+    }
+}

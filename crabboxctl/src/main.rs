@@ -86,6 +86,8 @@ enum Command {
     Lease(commands::lease::Args),
     /// Send one heartbeat for a lease now.
     Heartbeat(commands::heartbeat::Args),
+    /// Run mediated egress for a lease: host bridges and helper tickets.
+    Egress(commands::egress::Args),
     /// Print a shell completion script.
     Completions(commands::completions::Args),
     /// Write man pages (used by packaging).
@@ -139,6 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<Code> {
         Command::LogLevel(args) => commands::log_level::run(&ctx(socket)?, &args).await,
         Command::Lease(args) => commands::lease::run(&ctx(socket)?, &args).await,
         Command::Heartbeat(args) => commands::heartbeat::run(&ctx(socket)?, &args).await,
+        Command::Egress(args) => commands::egress::run(&ctx(socket)?, &args).await,
     }
 }
 

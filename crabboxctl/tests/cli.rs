@@ -211,6 +211,41 @@ impl Daemon for Fake {
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         Err(Status::unimplemented("Heartbeat"))
     }
+
+    async fn start_egress_host(
+        &self,
+        _: Request<v1::StartEgressHostRequest>,
+    ) -> Result<Response<v1::StartEgressHostResponse>, Status> {
+        Err(Status::unimplemented("StartEgressHost"))
+    }
+
+    async fn get_egress_status(
+        &self,
+        _: Request<v1::GetEgressStatusRequest>,
+    ) -> Result<Response<v1::GetEgressStatusResponse>, Status> {
+        Err(Status::unimplemented("GetEgressStatus"))
+    }
+
+    async fn stop_egress_host(
+        &self,
+        _: Request<v1::StopEgressHostRequest>,
+    ) -> Result<Response<v1::StopEgressHostResponse>, Status> {
+        Err(Status::unimplemented("StopEgressHost"))
+    }
+
+    async fn list_egress_hosts(
+        &self,
+        _: Request<v1::ListEgressHostsRequest>,
+    ) -> Result<Response<v1::ListEgressHostsResponse>, Status> {
+        Err(Status::unimplemented("ListEgressHosts"))
+    }
+
+    async fn mint_egress_ticket(
+        &self,
+        _: Request<v1::MintEgressTicketRequest>,
+    ) -> Result<Response<v1::MintEgressTicketResponse>, Status> {
+        Err(Status::unimplemented("MintEgressTicket"))
+    }
 }
 
 /// A fake daemon serving on `<tempdir>/run/crabboxd.sock` (dir 0700, socket

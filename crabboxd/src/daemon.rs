@@ -9,9 +9,60 @@ use std::{
     time::SystemTime,
 };
 
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, coordinator, lease::LeaseManager, supervisor::Supervisor};
+use crate::{
+    config::Config, coordinator, egress::EgressManager, lease::LeaseManager, supervisor::Supervisor,
+};
+
+/// "Lease end is one event": whoever learns that a lease is over (a
+/// heartbeat answer, a bridge close `1008 lease ended`, a release through
+/// the daemon) announces it here, and every task of that lease ends.
+#[derive(Debug, Clone)]
+pub struct LeaseEnds {
+    tx: broadcast::Sender<(String, String)>,
+}
+
+impl Default for LeaseEnds {
+    fn default() -> Self {
+        LeaseEnds {
+            tx: broadcast::channel(256).0,
+        }
+    }
+}
+
+impl LeaseEnds {
+    /// Announces that `lease` is over, and why.
+    pub fn announce(&self, lease: &str, reason: &str) {
+        tracing::info!(lease, reason, "lease is over; ending its tasks");
+        // An error only means no task is listening.
+        let _ = self.tx.send((lease.to_owned(), reason.to_owned()));
+    }
+
+    /// Completes with the reason when `lease` is announced as over.
+    /// Subscribe (call this) before the work whose end you want to see;
+    /// the returned future is cancel-safe to poll in a `select!` loop only
+    /// when pinned and reused.
+    pub fn wait_for(
+        &self,
+        lease: &str,
+    ) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut rx = self.tx.subscribe();
+        let lease = lease.to_owned();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok((id, reason)) if id == lease => return reason,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return std::future::pending().await;
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// The daemon's lifecycle phase, as reported by `GetStatus`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +89,7 @@ struct Inner {
     supervisor: Supervisor,
     coordinator: Option<coordinator::Client>,
     leases: LeaseManager,
+    egress: EgressManager,
     phase: Mutex<Phase>,
     shutdown: CancellationToken,
     shutdown_reason: Mutex<Option<String>>,
@@ -55,10 +107,19 @@ impl DaemonState {
             .as_ref()
             .map(coordinator::Client::new)
             .transpose()?;
+        let ends = LeaseEnds::default();
         let leases = LeaseManager::new(
             coordinator.clone(),
             supervisor.clone(),
             config.state_dir.clone(),
+            ends.clone(),
+        );
+        let egress = EgressManager::new(
+            coordinator.clone(),
+            supervisor.clone(),
+            config.state_dir.clone(),
+            config.egress_profiles.clone(),
+            ends,
         );
         Ok(DaemonState {
             inner: Arc::new(Inner {
@@ -68,6 +129,7 @@ impl DaemonState {
                 supervisor,
                 coordinator,
                 leases,
+                egress,
                 phase: Mutex::new(Phase::Starting),
                 shutdown: CancellationToken::new(),
                 shutdown_reason: Mutex::new(None),
@@ -103,6 +165,11 @@ impl DaemonState {
     /// The kept leases.
     pub fn leases(&self) -> &LeaseManager {
         &self.inner.leases
+    }
+
+    /// The egress host bridges.
+    pub fn egress(&self) -> &EgressManager {
+        &self.inner.egress
     }
 
     /// The lifecycle phase.

@@ -22,6 +22,8 @@
 //! * [`coordinator`] — the coordinator HTTP client; the only module that
 //!   knows the coordinator's wire shapes.
 //! * [`lease`] — kept leases: the `LeaseKeeper` task and its manager.
+//! * [`egress`] — egress host bridges: the `EgressHost` task and its manager.
+//! * [`statefile`] — persisted desired state, restored on start.
 //! * [`diagnostics`] — the checks behind `crabboxctl doctor`.
 //! * [`platform`] — OS glue: private files, the socket and its lock, systemd
 //!   notifications.
@@ -35,8 +37,10 @@ pub mod config;
 pub mod coordinator;
 pub mod daemon;
 pub mod diagnostics;
+pub mod egress;
 pub mod lease;
 pub mod platform;
+pub mod statefile;
 pub mod supervisor;
 pub mod telemetry;
 
@@ -125,6 +129,7 @@ impl Daemon {
 
         // Desired state from before a restart comes back first.
         state.leases().restore().await;
+        state.egress().restore().await;
         state.set_phase(Phase::Running);
         notify::ready();
         notify::status("serving");

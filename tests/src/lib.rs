@@ -11,5 +11,6 @@
 
 pub mod bins;
 pub mod daemon;
+pub mod egress;
 
 pub use daemon::{TestDaemon, TestDaemonBuilder};

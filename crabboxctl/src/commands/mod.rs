@@ -4,6 +4,7 @@
 pub mod completions;
 pub mod daemon;
 pub mod doctor;
+pub mod egress;
 pub mod heartbeat;
 pub mod lease;
 pub mod log_level;

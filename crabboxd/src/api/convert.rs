@@ -119,3 +119,44 @@ pub fn kept_lease(s: &crate::lease::LeaseStatus, task_rec: Option<&TaskRecord>) 
         ended: s.ended.clone().unwrap_or_default(),
     }
 }
+
+pub fn egress_host(i: &crate::egress::EgressInfo) -> v1::EgressHost {
+    let s = &i.stats;
+    v1::EgressHost {
+        lease_id: i.spec.lease.clone(),
+        session_id: i.spec.session.clone().unwrap_or_default(),
+        profiles: i.spec.profiles.clone(),
+        allow: i.spec.allow.clone(),
+        allow_private: i.spec.allow_private,
+        summary: i.summary.clone(),
+        counters: Some(v1::EgressCounters {
+            connected: s.connected,
+            protocol_version: u32::from(s.protocol_version),
+            active_streams: s.active_streams,
+            total_streams: s.total_streams,
+            rejected_streams: s.rejected_streams,
+            bytes_in: s.bytes_in,
+            bytes_out: s.bytes_out,
+            recent_hosts: s
+                .recent_hosts
+                .iter()
+                .map(|h| v1::HostCount {
+                    host: h.host.clone(),
+                    count: h.count,
+                })
+                .collect(),
+        }),
+        task: i.task.as_ref().map(task),
+    }
+}
+
+pub fn coordinator_egress(s: &crate::coordinator::EgressStatus) -> v1::CoordinatorEgressStatus {
+    v1::CoordinatorEgressStatus {
+        active: s.active,
+        session_id: s.session_id.clone(),
+        profile: s.profile.clone(),
+        allow: s.allow.clone(),
+        host_connected: s.host_connected,
+        client_connected: s.client_connected,
+    }
+}

@@ -14,6 +14,7 @@ use crate::{
     coordinator::CoordinatorError,
     daemon::DaemonState,
     diagnostics,
+    egress::{EgressError, EgressSpec},
     lease::LeaseError,
     supervisor::RegistryEvent,
     telemetry::{self, LogError},
@@ -61,6 +62,18 @@ fn status_of_lease_error(e: LeaseError) -> Status {
             _ if c.is_retryable() => Status::unavailable(msg),
             _ => Status::failed_precondition(msg),
         },
+    }
+}
+
+/// Maps an egress operation's error to a status, like lease errors.
+fn status_of_egress_error(e: EgressError) -> Status {
+    let msg = e.to_string();
+    match e {
+        EgressError::NoCoordinator => Status::failed_precondition(msg),
+        EgressError::Policy(_) => Status::invalid_argument(msg),
+        EgressError::NotRunning(_) => Status::not_found(msg),
+        EgressError::Persist(_) => Status::internal(msg),
+        EgressError::Coordinator(c) => status_of_lease_error(LeaseError::Coordinator(c)),
     }
 }
 
@@ -314,6 +327,108 @@ impl v1::daemon_server::Daemon for DaemonService {
             .map_err(status_of_lease_error)?;
         Ok(Response::new(v1::HeartbeatResponse {
             lease: Some(convert::lease(&lease)),
+        }))
+    }
+
+    async fn start_egress_host(
+        &self,
+        req: Request<v1::StartEgressHostRequest>,
+    ) -> Result<Response<v1::StartEgressHostResponse>, Status> {
+        let req = req.into_inner();
+        let spec = EgressSpec {
+            lease: lease_id(&req.lease_id)?.to_owned(),
+            profiles: req.profiles,
+            allow: req.allow,
+            allow_private: req.allow_private,
+            session: Some(req.session_id).filter(|s| !s.trim().is_empty()),
+        };
+        let info = self
+            .state
+            .egress()
+            .start(spec)
+            .await
+            .map_err(status_of_egress_error)?;
+        Ok(Response::new(v1::StartEgressHostResponse {
+            host: Some(convert::egress_host(&info)),
+        }))
+    }
+
+    async fn get_egress_status(
+        &self,
+        req: Request<v1::GetEgressStatusRequest>,
+    ) -> Result<Response<v1::GetEgressStatusResponse>, Status> {
+        let report = self
+            .state
+            .egress()
+            .status(lease_id(&req.get_ref().lease_id)?)
+            .await
+            .map_err(status_of_egress_error)?;
+        let (coordinator, coordinator_error) = match &report.coordinator {
+            Ok(s) => (Some(convert::coordinator_egress(s)), String::new()),
+            Err(e) => (None, e.clone()),
+        };
+        Ok(Response::new(v1::GetEgressStatusResponse {
+            local: report.local.as_ref().map(convert::egress_host),
+            coordinator,
+            coordinator_error,
+        }))
+    }
+
+    async fn stop_egress_host(
+        &self,
+        req: Request<v1::StopEgressHostRequest>,
+    ) -> Result<Response<v1::StopEgressHostResponse>, Status> {
+        self.state
+            .egress()
+            .stop(lease_id(&req.get_ref().lease_id)?)
+            .await
+            .map_err(status_of_egress_error)?;
+        Ok(Response::new(v1::StopEgressHostResponse {}))
+    }
+
+    async fn list_egress_hosts(
+        &self,
+        _req: Request<v1::ListEgressHostsRequest>,
+    ) -> Result<Response<v1::ListEgressHostsResponse>, Status> {
+        let hosts = self
+            .state
+            .egress()
+            .list()
+            .await
+            .iter()
+            .map(convert::egress_host)
+            .collect();
+        Ok(Response::new(v1::ListEgressHostsResponse { hosts }))
+    }
+
+    async fn mint_egress_ticket(
+        &self,
+        req: Request<v1::MintEgressTicketRequest>,
+    ) -> Result<Response<v1::MintEgressTicketResponse>, Status> {
+        let req = req.into_inner();
+        let role = match req.role.as_str() {
+            "client" | "" => crate::coordinator::Role::Client,
+            "host" => crate::coordinator::Role::Host,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "role must be client or host, not {other:?}"
+                )));
+            }
+        };
+        let session = Some(req.session_id).filter(|s| !s.trim().is_empty());
+        let ticket = self
+            .state
+            .egress()
+            .ticket(lease_id(&req.lease_id)?, role, session)
+            .await
+            .map_err(status_of_egress_error)?;
+        // The one place a ticket leaves the daemon: to its own user, who
+        // asked for it over the private socket.
+        Ok(Response::new(v1::MintEgressTicketResponse {
+            ticket: ticket.ticket.expose().to_owned(),
+            session_id: ticket.session_id,
+            lease_id: ticket.lease_id,
+            expires_at: ticket.expires_at,
         }))
     }
 

@@ -59,6 +59,14 @@ pub enum CoordinatorError {
         /// The `message` field of the body, if any.
         message: Option<String>,
     },
+    /// A bridge WebSocket could not be opened (network, TLS, protocol).
+    #[error("coordinator bridge {path}: {message}")]
+    Bridge {
+        /// The path.
+        path: String,
+        /// What failed.
+        message: String,
+    },
     /// The token command failed; no request was sent.
     #[error("coordinator token: {0}")]
     Token(String),
@@ -79,7 +87,7 @@ impl CoordinatorError {
     /// Everything else (403 forbidden, 404 gone, 409 conflicts, 410) is fatal.
     pub fn is_retryable(&self) -> bool {
         match self {
-            CoordinatorError::Network { .. } => true,
+            CoordinatorError::Network { .. } | CoordinatorError::Bridge { .. } => true,
             CoordinatorError::Status { status, .. } => {
                 *status == 408 || *status == 429 || *status >= 500
             }
@@ -210,7 +218,7 @@ impl Client {
     /// Sends one authenticated request and decodes the JSON answer. A body,
     /// when present, always goes with `Content-Type: application/json`: the
     /// reference coordinator ignores bodies without it.
-    async fn send<B: Serialize + ?Sized, T: DeserializeOwned>(
+    pub(super) async fn send<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         method: &'static str,
         path: &str,
@@ -222,7 +230,7 @@ impl Client {
             _ => self.http.post(self.url(path)),
         }
         .timeout(Duration::from_secs(30));
-        if let Some(token) = self.token.token().await.map_err(CoordinatorError::Token)? {
+        if let Some(token) = self.bearer().await? {
             req = req.bearer_auth(token.expose());
         }
         if let Some(owner) = &self.owner {
@@ -250,6 +258,11 @@ impl Client {
                 path: path.to_owned(),
                 source,
             })
+    }
+
+    /// The coordinator token for this request, if one is configured.
+    pub(super) async fn bearer(&self) -> Result<Option<crate::config::Secret>, CoordinatorError> {
+        self.token.token().await.map_err(CoordinatorError::Token)
     }
 
     fn url(&self, path: &str) -> String {
@@ -284,7 +297,7 @@ async fn check_status(
 }
 
 /// Percent-encodes one path segment (a lease id or slug).
-fn encode(segment: &str) -> String {
+pub(super) fn encode(segment: &str) -> String {
     url::form_urlencoded::byte_serialize(segment.as_bytes())
         .collect::<String>()
         .replace('+', "%20")

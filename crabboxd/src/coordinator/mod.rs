@@ -3,8 +3,10 @@
 //! classified once, as fatal or retryable, for the supervisor.
 
 mod client;
+mod egress;
 mod token;
 mod types;
 
 pub use client::{Client, CoordinatorError, Health, LeaseEnd, install_crypto_provider};
+pub use egress::{Bridge, EgressStatus, Role, Ticket, TicketRequest};
 pub use types::Lease;

@@ -12,6 +12,7 @@ use std::{
 use super::{LeaseManager, LeaseStatus};
 use crate::{
     coordinator::{self, Lease},
+    daemon::LeaseEnds,
     supervisor::{TaskCtx, TaskError},
 };
 
@@ -39,6 +40,7 @@ pub struct Keeper {
     pub idle: Option<Duration>,
     pub status: Arc<Mutex<LeaseStatus>>,
     pub manager: LeaseManager,
+    pub ends: LeaseEnds,
 }
 
 impl Keeper {
@@ -46,19 +48,20 @@ impl Keeper {
     /// (clean end), the lease ends (fatal) or a heartbeat fails (retryable:
     /// the supervisor backs off and the next attempt beats at once).
     pub async fn run(self, ctx: TaskCtx) -> Result<(), TaskError> {
+        let ended = self.ends.wait_for(&self.id);
+        tokio::pin!(ended);
         loop {
             let beat = tokio::select! {
                 beat = self.client.heartbeat(&self.id, self.idle) => beat,
                 _ = ctx.cancelled() => return Ok(()),
+                reason = &mut ended => return self.over(reason).await,
             };
             let lease = match beat {
                 Ok(lease) => lease,
                 Err(e) => {
                     if let Some(end) = e.lease_end() {
-                        tracing::info!(reason = %end, "lease is over; keeper stops");
-                        self.status.lock().unwrap().ended = Some(end.to_string());
-                        self.manager.lease_over(&self.id).await;
-                        return Err(TaskError::fatal(anyhow::anyhow!("{end}")));
+                        self.ends.announce(&self.id, &end.to_string());
+                        return self.over(end.to_string()).await;
                     }
                     tracing::warn!(error = %e, "heartbeat failed");
                     return Err(if e.is_retryable() {
@@ -80,8 +83,17 @@ impl Keeper {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = ctx.cancelled() => return Ok(()),
+                reason = &mut ended => return self.over(reason).await,
             }
         }
+    }
+
+    /// The lease is over: record why, drop it from the persisted set, and
+    /// end as fatal (never retried).
+    async fn over(&self, reason: String) -> Result<(), TaskError> {
+        self.status.lock().unwrap().ended = Some(reason.clone());
+        self.manager.lease_over(&self.id).await;
+        Err(TaskError::fatal(anyhow::anyhow!("{reason}")))
     }
 }
 

@@ -16,6 +16,7 @@ pub use keeper::heartbeat_interval;
 
 use crate::{
     coordinator::{self, CoordinatorError, Lease},
+    daemon::LeaseEnds,
     supervisor::{Backoff, RestartPolicy, Supervisor, TaskHandle, TaskId, TaskKind, TaskRecord},
 };
 
@@ -71,6 +72,7 @@ pub struct LeaseManager {
     coordinator: Option<coordinator::Client>,
     supervisor: Supervisor,
     store: store::Store,
+    ends: LeaseEnds,
     kept: Arc<tokio::sync::Mutex<BTreeMap<String, Kept>>>,
 }
 
@@ -90,11 +92,13 @@ impl LeaseManager {
         coordinator: Option<coordinator::Client>,
         supervisor: Supervisor,
         state_dir: PathBuf,
+        ends: LeaseEnds,
     ) -> Self {
         LeaseManager {
             coordinator,
             supervisor,
             store: store::Store::new(state_dir.join("leases.json")),
+            ends,
             kept: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
         }
     }
@@ -168,6 +172,7 @@ impl LeaseManager {
             idle,
             status: Arc::clone(&status),
             manager: self.clone(),
+            ends: self.ends.clone(),
         };
         let handle = self
             .supervisor
@@ -189,10 +194,17 @@ impl LeaseManager {
         snapshot
     }
 
-    /// Releases a lease at the coordinator and stops keeping it.
+    /// Releases a lease at the coordinator, stops keeping it, and ends every
+    /// other task of the lease.
     pub async fn release(&self, id: &str, delete: bool) -> Result<Lease, LeaseError> {
         let lease = self.client()?.release(id, delete).await?;
         self.forget(id, "released through the daemon").await?;
+        self.ends.announce(id, "lease released through the daemon");
+        if lease.id != id {
+            // Released by slug: the tasks are keyed by id.
+            self.ends
+                .announce(&lease.id, "lease released through the daemon");
+        }
         Ok(lease)
     }
 

@@ -1,0 +1,342 @@
+//! `crabboxctl egress host|status|stop|list|ticket`: the daemon's egress
+//! host bridges and tickets for the lease-side helper.
+
+use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _, path::PathBuf};
+
+use crabbox_api::v1::{
+    EgressHost, GetEgressStatusRequest, ListEgressHostsRequest, MintEgressTicketRequest,
+    StartEgressHostRequest, StopEgressHostRequest,
+};
+use serde::Serialize;
+
+use crate::{Ctx, connect, exit::Code, output};
+
+/// Run mediated egress for a lease: the browser in the lease exits from here.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Start (or replace) the host bridge of a lease; needs --profile or --allow.
+    Host {
+        /// The lease id.
+        #[arg(long)]
+        id: String,
+        /// Allowlist profile: `discord`, `slack`, or one from configuration. Repeatable.
+        #[arg(long = "profile")]
+        profiles: Vec<String>,
+        /// Allowed hosts: `example.com`, `*.example.com`, IP literals; comma-separated or repeated.
+        #[arg(long, value_delimiter = ',')]
+        allow: Vec<String>,
+        /// Allow private addresses listed literally in --allow (tests and local demos only).
+        #[arg(long)]
+        allow_private: bool,
+        /// Join this session instead of starting a new one.
+        #[arg(long)]
+        session: Option<String>,
+        /// Print JSON (unstable format).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the coordinator's egress status merged with local counters.
+    Status {
+        /// The lease id.
+        #[arg(long)]
+        id: String,
+        /// Print JSON (unstable format).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the local host bridge of a lease.
+    Stop {
+        /// The lease id.
+        #[arg(long)]
+        id: String,
+    },
+    /// List the local host bridges.
+    List {
+        /// Print JSON (unstable format).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mint a one-use, 120 s ticket for the lease-side helper.
+    Ticket {
+        /// The lease id.
+        #[arg(long)]
+        id: String,
+        /// `client` (the lease-side helper) or `host`.
+        #[arg(long, default_value = "client")]
+        role: String,
+        /// The session; default: the local host bridge's session.
+        #[arg(long)]
+        session: Option<String>,
+        /// Write the ticket to this file (created 0600) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Serialize)]
+struct HostJson {
+    lease_id: String,
+    session_id: String,
+    summary: String,
+    state: String,
+    restarts: u32,
+    last_error: String,
+    connected: bool,
+    protocol_version: u32,
+    active_streams: u64,
+    total_streams: u64,
+    rejected_streams: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    recent_hosts: Vec<(String, u64)>,
+}
+
+fn host_json(h: &EgressHost) -> HostJson {
+    let c = h.counters.clone().unwrap_or_default();
+    HostJson {
+        lease_id: h.lease_id.clone(),
+        session_id: h.session_id.clone(),
+        summary: h.summary.clone(),
+        state: h
+            .task
+            .as_ref()
+            .map(|t| output::state_name(t.state))
+            .unwrap_or_default(),
+        restarts: h.task.as_ref().map_or(0, |t| t.restarts),
+        last_error: h
+            .task
+            .as_ref()
+            .map(|t| t.last_error.clone())
+            .unwrap_or_default(),
+        connected: c.connected,
+        protocol_version: c.protocol_version,
+        active_streams: c.active_streams,
+        total_streams: c.total_streams,
+        rejected_streams: c.rejected_streams,
+        bytes_in: c.bytes_in,
+        bytes_out: c.bytes_out,
+        recent_hosts: c
+            .recent_hosts
+            .iter()
+            .map(|h| (h.host.clone(), h.count))
+            .collect(),
+    }
+}
+
+fn host_lines(h: &EgressHost) -> String {
+    let j = host_json(h);
+    let mut s = format!(
+        "egress host: lease={} session={} {}\n  state {} (restarts {}), bridge {}, protocol v{}\n  streams {} active / {} total / {} refused, bytes in {} out {}",
+        j.lease_id,
+        j.session_id,
+        j.summary,
+        j.state,
+        j.restarts,
+        if j.connected { "up" } else { "down" },
+        j.protocol_version,
+        j.active_streams,
+        j.total_streams,
+        j.rejected_streams,
+        j.bytes_in,
+        j.bytes_out
+    );
+    if !j.recent_hosts.is_empty() {
+        let hosts: Vec<String> = j
+            .recent_hosts
+            .iter()
+            .map(|(h, n)| format!("{h}×{n}"))
+            .collect();
+        s.push_str(&format!("\n  recent hosts {}", hosts.join(" ")));
+    }
+    if !j.last_error.is_empty() {
+        s.push_str(&format!("\n  last error {}", j.last_error));
+    }
+    s
+}
+
+/// Runs `crabboxctl egress …`.
+pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
+    let mut client = connect::connect(&ctx.socket).await?;
+    match &args.command {
+        Command::Host {
+            id,
+            profiles,
+            allow,
+            allow_private,
+            session,
+            json,
+        } => {
+            let req = StartEgressHostRequest {
+                lease_id: id.clone(),
+                profiles: profiles.clone(),
+                allow: allow.clone(),
+                allow_private: *allow_private,
+                session_id: session.clone().unwrap_or_default(),
+            };
+            let host = connect::call(
+                &ctx.socket,
+                "StartEgressHost",
+                client.rpc().start_egress_host(req),
+            )
+            .await?
+            .into_inner()
+            .host
+            .unwrap_or_default();
+            if *json {
+                output::print_json(&host_json(&host))?;
+            } else {
+                outln!(
+                    "egress host: lease={} session={} {}\nlistening: none public; outbound WebSocket only",
+                    host.lease_id,
+                    host.session_id,
+                    host.summary
+                )?;
+                if *allow_private {
+                    outln!(
+                        "warning: private addresses listed in --allow may be dialled (--allow-private)"
+                    )?;
+                }
+            }
+        }
+        Command::Status { id, json } => {
+            let req = GetEgressStatusRequest {
+                lease_id: id.clone(),
+            };
+            let st = connect::call(
+                &ctx.socket,
+                "GetEgressStatus",
+                client.rpc().get_egress_status(req),
+            )
+            .await?
+            .into_inner();
+            if *json {
+                #[derive(Serialize)]
+                struct StatusJson {
+                    lease_id: String,
+                    local: Option<HostJson>,
+                    coordinator: Option<serde_json::Value>,
+                    coordinator_error: String,
+                }
+                let coordinator = st.coordinator.as_ref().map(|c| {
+                    serde_json::json!({
+                        "active": c.active, "sessionID": c.session_id, "profile": c.profile,
+                        "allow": c.allow, "hostConnected": c.host_connected, "clientConnected": c.client_connected,
+                    })
+                });
+                output::print_json(&StatusJson {
+                    lease_id: id.clone(),
+                    local: st.local.as_ref().map(host_json),
+                    coordinator,
+                    coordinator_error: st.coordinator_error,
+                })?;
+            } else {
+                match &st.coordinator {
+                    // The reference's two renderings (protocol doc §3.6).
+                    Some(c) => match (c.host_connected, c.client_connected) {
+                        (Some(h), Some(cl)) => outln!(
+                            "egress: lease={id} session={} profile={} host={h} client={cl} allow={}",
+                            if c.session_id.is_empty() {
+                                "-"
+                            } else {
+                                &c.session_id
+                            },
+                            if c.profile.is_empty() {
+                                "-"
+                            } else {
+                                &c.profile
+                            },
+                            c.allow.join(",")
+                        )?,
+                        _ => outln!("egress: lease={id} active={}", c.active)?,
+                    },
+                    None => outln!(
+                        "egress: lease={id} coordinator status unavailable: {}",
+                        st.coordinator_error
+                    )?,
+                }
+                match &st.local {
+                    Some(h) => outln!("{}", host_lines(h))?,
+                    None => outln!("no local egress host for this lease")?,
+                }
+            }
+        }
+        Command::Stop { id } => {
+            let req = StopEgressHostRequest {
+                lease_id: id.clone(),
+            };
+            connect::call(
+                &ctx.socket,
+                "StopEgressHost",
+                client.rpc().stop_egress_host(req),
+            )
+            .await?;
+            outln!("egress host for {id} stopped")?;
+        }
+        Command::List { json } => {
+            let hosts = connect::call(
+                &ctx.socket,
+                "ListEgressHosts",
+                client.rpc().list_egress_hosts(ListEgressHostsRequest {}),
+            )
+            .await?
+            .into_inner()
+            .hosts;
+            if *json {
+                output::print_json(&hosts.iter().map(host_json).collect::<Vec<_>>())?;
+            } else if hosts.is_empty() {
+                outln!("no egress hosts")?;
+            } else {
+                for h in &hosts {
+                    outln!("{}", host_lines(h))?;
+                }
+            }
+        }
+        Command::Ticket {
+            id,
+            role,
+            session,
+            out,
+        } => {
+            let req = MintEgressTicketRequest {
+                lease_id: id.clone(),
+                role: role.clone(),
+                session_id: session.clone().unwrap_or_default(),
+            };
+            let t = connect::call(
+                &ctx.socket,
+                "MintEgressTicket",
+                client.rpc().mint_egress_ticket(req),
+            )
+            .await?
+            .into_inner();
+            match out {
+                Some(path) => {
+                    // Created 0600 from the start: the ticket is never
+                    // readable by anyone else, even briefly.
+                    let _ = std::fs::remove_file(path);
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(path)?;
+                    writeln!(f, "{}", t.ticket)?;
+                    eprintln!(
+                        "wrote a {} ticket for session {} to {} (one use, expires {})",
+                        role,
+                        t.session_id,
+                        path.display(),
+                        t.expires_at
+                    );
+                }
+                None => outln!("{}", t.ticket)?,
+            }
+        }
+    }
+    Ok(Code::Ok)
+}

@@ -1,0 +1,219 @@
+//! The egress routes of the coordinator (protocol doc §3.2–§3.6): tickets,
+//! status, and dialling a bridge WebSocket with the ticket in a header —
+//! never in the URL.
+
+use serde::{Deserialize, Serialize};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{self, client::IntoClientRequest, http::HeaderValue, protocol::WebSocketConfig},
+};
+
+use super::client::{Client, CoordinatorError, encode};
+use crate::config::Secret;
+
+/// A bridge WebSocket to the coordinator.
+pub type Bridge = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Which end of a bridge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The operator end (this daemon).
+    Host,
+    /// The lease end (`crabbox-egress-client`).
+    Client,
+}
+
+impl Role {
+    /// `host` or `client`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Host => "host",
+            Role::Client => "client",
+        }
+    }
+}
+
+/// What a ticket request asks for.
+#[derive(Debug, Clone, Default)]
+pub struct TicketRequest<'a> {
+    /// The session to (re)join; `None` lets the coordinator mint one.
+    pub session: Option<&'a str>,
+    /// The profile name(s), for the coordinator's status display.
+    pub profile: Option<&'a str>,
+    /// The allowlist, for the coordinator's status display.
+    pub allow: &'a [String],
+}
+
+/// A one-use, 120 s bridge ticket.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    /// The ticket (`egress_` + 32 hex). A secret: it authorises one upgrade.
+    pub ticket: Secret,
+    /// The session it belongs to.
+    pub session_id: String,
+    /// The lease id.
+    pub lease_id: String,
+    /// When it expires, ISO-8601.
+    pub expires_at: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TicketReply {
+    ticket: Secret,
+    #[serde(rename = "leaseID")]
+    lease_id: String,
+    #[serde(rename = "sessionID")]
+    session_id: String,
+    #[serde(default)]
+    expires_at: String,
+}
+
+/// `GET …/egress/status`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressStatus {
+    /// The lease id.
+    #[serde(rename = "leaseID")]
+    pub lease_id: String,
+    /// Whether an egress session is active.
+    pub active: bool,
+    /// The active session (empty without manage access).
+    #[serde(rename = "sessionID")]
+    pub session_id: String,
+    /// Its profile.
+    pub profile: String,
+    /// Its allowlist.
+    pub allow: Vec<String>,
+    /// Whether a host socket is connected (absent without manage access).
+    pub host_connected: Option<bool>,
+    /// Whether a client socket is connected.
+    pub client_connected: Option<bool>,
+}
+
+/// The largest bridge message accepted; the coordinators cap frames at
+/// 12 MiB, so anything bigger would never arrive anyway.
+const MAX_MESSAGE: usize = 16 << 20;
+
+impl Client {
+    /// `POST /v1/leases/{id}/egress/ticket`. Minting for a new session id
+    /// activates it and replaces the current session (§3.3); minting for the
+    /// current session is a harmless reconnect.
+    pub async fn egress_ticket(
+        &self,
+        lease: &str,
+        role: Role,
+        req: TicketRequest<'_>,
+    ) -> Result<Ticket, CoordinatorError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            role: &'a str,
+            #[serde(rename = "sessionID", skip_serializing_if = "Option::is_none")]
+            session_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            profile: Option<&'a str>,
+            #[serde(skip_serializing_if = "<[String]>::is_empty")]
+            allow: &'a [String],
+        }
+        let path = format!("/v1/leases/{}/egress/ticket", encode(lease));
+        let body = Body {
+            role: role.as_str(),
+            session_id: req.session,
+            profile: req.profile.filter(|p| !p.is_empty()),
+            allow: req.allow,
+        };
+        let reply: TicketReply = self.send("POST", &path, Some(&body)).await?;
+        Ok(Ticket {
+            ticket: reply.ticket,
+            session_id: reply.session_id,
+            lease_id: reply.lease_id,
+            expires_at: reply.expires_at,
+        })
+    }
+
+    /// `GET /v1/leases/{id}/egress/status`.
+    pub async fn egress_status(&self, lease: &str) -> Result<EgressStatus, CoordinatorError> {
+        let path = format!("/v1/leases/{}/egress/status", encode(lease));
+        self.send("GET", &path, None::<&()>).await
+    }
+
+    /// Opens a bridge WebSocket for `role`, authorised by `ticket` in the
+    /// `X-Crabbox-Bridge-Ticket` header (with the coordinator token as
+    /// bearer, as the reference CLI sends it). On a 401/403 handshake it
+    /// retries once with the ticket as the bearer, for older coordinators.
+    pub async fn connect_bridge(
+        &self,
+        lease: &str,
+        role: Role,
+        ticket: &Secret,
+    ) -> Result<Bridge, CoordinatorError> {
+        let path = format!("/v1/leases/{}/egress/{}", encode(lease), role.as_str());
+        let mut url = self.base().clone();
+        let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
+        url.set_scheme(scheme)
+            .expect("ws and wss are valid schemes");
+        let url = format!("{}{}", url.as_str().trim_end_matches('/'), path);
+        let bearer = self.bearer().await?;
+        match dial(&url, &path, ticket, bearer.as_ref().map(|b| ("header", b))).await {
+            Err(CoordinatorError::Status {
+                status: 401 | 403, ..
+            }) => dial(&url, &path, ticket, Some(("bearer", ticket))).await,
+            other => other,
+        }
+    }
+}
+
+async fn dial(
+    url: &str,
+    path: &str,
+    ticket: &Secret,
+    auth: Option<(&str, &Secret)>,
+) -> Result<Bridge, CoordinatorError> {
+    let status_err = |status: u16| CoordinatorError::Status {
+        method: "GET",
+        path: path.to_owned(),
+        status,
+        code: format!("http_{status}"),
+        message: Some("bridge upgrade refused".into()),
+    };
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| CoordinatorError::Token(format!("bad bridge URL: {e}")))?;
+    let headers = req.headers_mut();
+    let value = |s: &Secret| {
+        HeaderValue::from_str(s.expose())
+            .map_err(|_| CoordinatorError::Token("token is not a valid header value".into()))
+    };
+    match auth {
+        Some(("bearer", t)) => {
+            headers.insert(
+                "authorization",
+                value(&Secret::new(format!("Bearer {}", t.expose())))?,
+            );
+        }
+        Some((_, coordinator_token)) => {
+            headers.insert(
+                "authorization",
+                value(&Secret::new(format!(
+                    "Bearer {}",
+                    coordinator_token.expose()
+                )))?,
+            );
+            headers.insert("x-crabbox-bridge-ticket", value(ticket)?);
+        }
+        None => {
+            headers.insert("x-crabbox-bridge-ticket", value(ticket)?);
+        }
+    }
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE));
+    match tokio_tungstenite::connect_async_with_config(req, Some(config), true).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(resp)) => Err(status_err(resp.status().as_u16())),
+        Err(e) => Err(CoordinatorError::Bridge {
+            path: path.to_owned(),
+            message: e.to_string(),
+        }),
+    }
+}

@@ -1,0 +1,372 @@
+//! Egress host bridges: the `EgressHost` task per lease (the operator end of
+//! mediated egress) and the `EgressManager` that starts, replaces, stops,
+//! lists and restores them and mints tickets for the lease side.
+//!
+//! The data plane (policy, dialling, the bridge protocol) is the
+//! `crabbox-egress` crate; this module only supervises it.
+
+mod host;
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use crabbox_egress::{Policy, PolicyError, SessionStats, StatsSnapshot};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    coordinator::{self, CoordinatorError, EgressStatus, Role, Ticket, TicketRequest},
+    daemon::LeaseEnds,
+    statefile::StateFile,
+    supervisor::{Backoff, RestartPolicy, Supervisor, TaskHandle, TaskId, TaskKind, TaskRecord},
+};
+
+/// What a host bridge allows, as asked for (and as persisted).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressSpec {
+    /// The lease id.
+    pub lease: String,
+    /// Profile names (built-in `discord`, `slack`, or from configuration).
+    #[serde(default)]
+    pub profiles: Vec<String>,
+    /// Explicit allowlist patterns.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Allow private addresses listed literally (tests and local demos).
+    #[serde(default)]
+    pub allow_private: bool,
+    /// The session to join; when starting, `None` asks for a new one.
+    #[serde(default)]
+    pub session: Option<String>,
+}
+
+/// A running (or ended) host bridge.
+#[derive(Debug, Clone)]
+pub struct EgressInfo {
+    /// What it allows; `session` is the session in use.
+    pub spec: EgressSpec,
+    /// `profile=… allow=…`, as the reference prints it.
+    pub summary: String,
+    /// Local counters.
+    pub stats: StatsSnapshot,
+    /// The task's row.
+    pub task: Option<TaskRecord>,
+}
+
+/// The coordinator's view of a lease's egress plus ours.
+#[derive(Debug, Clone)]
+pub struct EgressReport {
+    /// The local host bridge, if this daemon runs one.
+    pub local: Option<EgressInfo>,
+    /// The coordinator's status, or why it could not be fetched.
+    pub coordinator: Result<EgressStatus, String>,
+}
+
+/// Why an egress operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    /// No coordinator is configured.
+    #[error(
+        "no coordinator configured: set CRABBOX_COORDINATOR (or broker.url in config.yaml) and restart crabboxd"
+    )]
+    NoCoordinator,
+    /// The allowlist is invalid or empty.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// No host bridge runs for the lease.
+    #[error("no egress host runs for lease {0} (see `crabboxctl egress list`)")]
+    NotRunning(String),
+    /// The coordinator refused or failed.
+    #[error(transparent)]
+    Coordinator(#[from] CoordinatorError),
+    /// The desired state could not be saved.
+    #[error("cannot save egress state: {0}")]
+    Persist(std::io::Error),
+}
+
+struct Entry {
+    spec: EgressSpec,
+    policy: Arc<Policy>,
+    stats: Arc<SessionStats>,
+    /// Set by the task when its lease or session is over: the entry stays
+    /// for status but is never persisted again. An atomic the task owns, so
+    /// ending never waits for the manager's lock (a transition holding that
+    /// lock may be waiting for this very task to end).
+    ended: Arc<AtomicBool>,
+    _handle: TaskHandle,
+}
+
+/// Starts, replaces, stops and lists host bridges. Cheap to clone.
+#[derive(Clone)]
+pub struct EgressManager {
+    coordinator: Option<coordinator::Client>,
+    supervisor: Supervisor,
+    store: StateFile<EgressSpec>,
+    profiles: BTreeMap<String, Vec<String>>,
+    ends: LeaseEnds,
+    // An async mutex held across "mint, then replace": two starts for one
+    // lease can never interleave so that the task left running belongs to
+    // the session that was replaced.
+    hosts: Arc<tokio::sync::Mutex<BTreeMap<String, Entry>>>,
+}
+
+impl std::fmt::Debug for EgressManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EgressManager").finish_non_exhaustive()
+    }
+}
+
+/// Host bridges reconnect with network backoff; replaced sessions, lease
+/// end and refusals are fatal.
+const POLICY: RestartPolicy = RestartPolicy::OnFailure(Backoff::NETWORK);
+
+impl EgressManager {
+    /// A manager persisting to `<state_dir>/egress.json`, with the named
+    /// profiles from configuration.
+    pub fn new(
+        coordinator: Option<coordinator::Client>,
+        supervisor: Supervisor,
+        state_dir: PathBuf,
+        profiles: BTreeMap<String, Vec<String>>,
+        ends: LeaseEnds,
+    ) -> Self {
+        EgressManager {
+            coordinator,
+            supervisor,
+            store: StateFile::new(state_dir.join("egress.json")),
+            profiles,
+            ends,
+            hosts: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
+        }
+    }
+
+    fn client(&self) -> Result<&coordinator::Client, EgressError> {
+        self.coordinator.as_ref().ok_or(EgressError::NoCoordinator)
+    }
+
+    /// Builds the policy for a spec: configured profiles are defined first,
+    /// so a configured profile may shadow a built-in one.
+    pub fn policy(&self, spec: &EgressSpec) -> Result<Policy, PolicyError> {
+        let mut b = Policy::builder();
+        for (name, patterns) in &self.profiles {
+            b = b.define_profile(name, patterns);
+        }
+        for p in &spec.profiles {
+            b = b.profile(p);
+        }
+        b.allow(&spec.allow)
+            .allow_private(spec.allow_private)
+            .build()
+    }
+
+    /// Starts a host bridge for a lease, replacing any it has, as one
+    /// transition: the new session is minted first; only when that works is
+    /// the old task ended (its session is dead at the coordinator, so it can
+    /// never reconnect) and the new one started. A failed mint leaves the
+    /// old bridge working.
+    pub async fn start(&self, mut spec: EgressSpec) -> Result<EgressInfo, EgressError> {
+        let policy = Arc::new(self.policy(&spec)?);
+        let client = self.client()?.clone();
+        let mut hosts = self.hosts.lock().await;
+        let allow: Vec<String> = policy.patterns().iter().map(ToString::to_string).collect();
+        let profile = policy.profiles().join(",");
+        let ticket = client
+            .egress_ticket(
+                &spec.lease,
+                Role::Host,
+                TicketRequest {
+                    session: spec.session.as_deref(),
+                    profile: Some(&profile),
+                    allow: &allow,
+                },
+            )
+            .await?;
+        spec.session = Some(ticket.session_id.clone());
+        let (entry, info) = self.spawn(client, spec, policy, Some(ticket)).await;
+        hosts.insert(entry.spec.lease.clone(), entry);
+        self.persist(&hosts)?;
+        Ok(info)
+    }
+
+    /// Restores the bridges that ran before a daemon restart, reconnecting
+    /// the same sessions instead of replacing them.
+    pub async fn restore(&self) {
+        let Ok(client) = self.client().cloned() else {
+            return;
+        };
+        let saved = match self.store.load() {
+            Ok(saved) => saved,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read egress state; starting with none");
+                return;
+            }
+        };
+        let mut hosts = self.hosts.lock().await;
+        for spec in saved {
+            let policy = match self.policy(&spec) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    tracing::warn!(lease = %spec.lease, error = %e, "not restoring egress");
+                    continue;
+                }
+            };
+            tracing::info!(lease = %spec.lease, session = ?spec.session, "restoring egress host");
+            let (entry, _) = self.spawn(client.clone(), spec, policy, None).await;
+            hosts.insert(entry.spec.lease.clone(), entry);
+        }
+    }
+
+    async fn spawn(
+        &self,
+        client: coordinator::Client,
+        spec: EgressSpec,
+        policy: Arc<Policy>,
+        first_ticket: Option<Ticket>,
+    ) -> (Entry, EgressInfo) {
+        let stats = Arc::new(SessionStats::new());
+        let ended = Arc::new(AtomicBool::new(false));
+        let session = spec.session.clone().unwrap_or_default();
+        let host = host::Host {
+            client,
+            lease: spec.lease.clone(),
+            session: session.clone(),
+            policy: Arc::clone(&policy),
+            stats: Arc::clone(&stats),
+            first_ticket: Arc::new(Mutex::new(first_ticket)),
+            ends: self.ends.clone(),
+            ended: Arc::clone(&ended),
+            manager: self.clone(),
+        };
+        let id = TaskId::new(TaskKind::EgressHost, spec.lease.as_str());
+        let handle = self
+            .supervisor
+            .replace(
+                id.clone(),
+                BTreeMap::from([
+                    ("lease".to_owned(), spec.lease.clone()),
+                    ("session".to_owned(), session),
+                ]),
+                POLICY,
+                move |ctx| host.clone().run(ctx),
+            )
+            .await;
+        let info = EgressInfo {
+            summary: policy.summary(),
+            stats: stats.snapshot(),
+            task: self.supervisor.registry().get(&id),
+            spec: spec.clone(),
+        };
+        (
+            Entry {
+                spec,
+                policy,
+                stats,
+                ended,
+                _handle: handle,
+            },
+            info,
+        )
+    }
+
+    /// Stops the host bridge of a lease (the coordinator session stays
+    /// until the lease ends or another is started).
+    pub async fn stop(&self, lease: &str) -> Result<(), EgressError> {
+        let mut hosts = self.hosts.lock().await;
+        if hosts.remove(lease).is_none() {
+            return Err(EgressError::NotRunning(lease.to_owned()));
+        }
+        self.supervisor
+            .stop(&TaskId::new(TaskKind::EgressHost, lease))
+            .await;
+        self.persist(&hosts)
+    }
+
+    /// Called by a host task whose lease or session is over (after it set
+    /// its `ended` flag): drop it from the persisted set so a restart does
+    /// not bring it back. If a transition holds the lock, that transition
+    /// persists when it finishes, and it skips ended entries.
+    fn over(&self) {
+        if let Ok(hosts) = self.hosts.try_lock()
+            && let Err(e) = self.persist(&hosts)
+        {
+            tracing::warn!(error = %e, "cannot update egress state");
+        }
+    }
+
+    /// The local host bridge of a lease, if any.
+    pub async fn info(&self, lease: &str) -> Option<EgressInfo> {
+        let hosts = self.hosts.lock().await;
+        hosts.get(lease).map(|e| self.info_of(e))
+    }
+
+    fn info_of(&self, e: &Entry) -> EgressInfo {
+        EgressInfo {
+            spec: e.spec.clone(),
+            summary: e.policy.summary(),
+            stats: e.stats.snapshot(),
+            task: self
+                .supervisor
+                .registry()
+                .get(&TaskId::new(TaskKind::EgressHost, e.spec.lease.as_str())),
+        }
+    }
+
+    /// Every local host bridge.
+    pub async fn list(&self) -> Vec<EgressInfo> {
+        let hosts = self.hosts.lock().await;
+        hosts.values().map(|e| self.info_of(e)).collect()
+    }
+
+    /// The coordinator's status merged with the local bridge's counters.
+    pub async fn status(&self, lease: &str) -> Result<EgressReport, EgressError> {
+        let client = self.client()?;
+        let coordinator = client.egress_status(lease).await.map_err(|e| e.to_string());
+        Ok(EgressReport {
+            local: self.info(lease).await,
+            coordinator,
+        })
+    }
+
+    /// Mints a ticket for `role` in the lease's current session (the
+    /// session of the local host bridge unless one is given), for starting
+    /// the lease-side helper by hand.
+    pub async fn ticket(
+        &self,
+        lease: &str,
+        role: Role,
+        session: Option<String>,
+    ) -> Result<Ticket, EgressError> {
+        let session = match session {
+            Some(s) => Some(s),
+            None => self.info(lease).await.and_then(|i| i.spec.session),
+        };
+        let Some(session) = session else {
+            return Err(EgressError::NotRunning(lease.to_owned()));
+        };
+        Ok(self
+            .client()?
+            .egress_ticket(
+                lease,
+                role,
+                TicketRequest {
+                    session: Some(&session),
+                    ..Default::default()
+                },
+            )
+            .await?)
+    }
+
+    fn persist(&self, hosts: &BTreeMap<String, Entry>) -> Result<(), EgressError> {
+        let saved: Vec<EgressSpec> = hosts
+            .values()
+            .filter(|e| !e.ended.load(Ordering::SeqCst))
+            .map(|e| e.spec.clone())
+            .collect();
+        self.store.save(&saved).map_err(EgressError::Persist)
+    }
+}

@@ -1,0 +1,402 @@
+//! `crabbox-egress-client`: the lease-side helper. A loopback HTTP proxy whose listener outlives its bridge; fresh tickets arrive over a 0600 Unix control socket so the pair heals.
+//!
+//! The ticket comes from `CRABBOX_EGRESS_TICKET` or `--ticket-file` (0600,
+//! `-` = stdin), never from argv, a URL or a log line.
+
+use std::fmt;
+use std::io::Read as _;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use crabbox_egress::memory::ws_config;
+use crabbox_egress::{BridgeConfig, ClientConfig, ProxyServer, proxy};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tracing::{error, info, warn};
+
+/// Exit code for a terminal bridge condition (session replaced, lease gone), as in the reference.
+const EXIT_FATAL: u8 = 4;
+/// Exit code for usage and configuration errors.
+const EXIT_USAGE: u8 = 2;
+/// A ticket is valid for 120 s; retrying the same one after that is pointless.
+const TICKET_RETRY_WINDOW: Duration = Duration::from_secs(110);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "crabbox-egress-client",
+    version,
+    about = "Lease-side loopback HTTP proxy for crabbox mediated egress"
+)]
+struct Args {
+    /// Coordinator base URL (https://… or http://…).
+    #[arg(long)]
+    coordinator: String,
+    /// Lease id (or slug).
+    #[arg(long)]
+    id: String,
+    /// Egress session id (bound into the ticket; used here for logs and the control socket).
+    #[arg(long)]
+    session: String,
+    /// Loopback address for the proxy.
+    #[arg(long, default_value = "127.0.0.1:3128")]
+    listen: String,
+    /// File holding the ticket (must be 0600); `-` reads it from stdin. Otherwise `CRABBOX_EGRESS_TICKET` is used.
+    #[arg(long)]
+    ticket_file: Option<PathBuf>,
+    /// Unix control socket for fresh tickets (default: $XDG_RUNTIME_DIR or /tmp, named after the listen port).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Concurrent proxied connections before answering 503.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Speak only bridge protocol v1 (never offer v2).
+    #[arg(long)]
+    v1_only: bool,
+    /// v1 only: bytes (KiB) one stream may queue towards a slow browser before it alone is closed.
+    #[arg(long, default_value_t = 256)]
+    v1_queue_kib: usize,
+}
+
+/// A bridge ticket; its Debug/Display never show the value.
+#[derive(Clone)]
+struct Ticket(String);
+
+impl fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Ticket(MASKED)")
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CRABBOX_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let listen = match proxy::validate_listen(&args.listen) {
+        Ok(addr) => addr,
+        Err(e) => {
+            eprintln!("crabbox-egress-client: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let base = match bridge_url(&args.coordinator, &args.id) {
+        Ok(url) => url,
+        Err(e) => {
+            eprintln!("crabbox-egress-client: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let ticket = match initial_ticket(args.ticket_file.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("crabbox-egress-client: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("crabbox-egress-client: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match run(args, listen, base, ticket).await {
+            Ok(code) => code,
+            Err(e) => {
+                error!("{e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn bridge_url(coordinator: &str, lease: &str) -> anyhow::Result<url::Url> {
+    let mut url =
+        url::Url::parse(coordinator.trim_end_matches('/')).context("--coordinator is not a URL")?;
+    let scheme = match url.scheme() {
+        "https" | "wss" => "wss",
+        "http" | "ws" => "ws",
+        other => anyhow::bail!("--coordinator must be an http(s) URL, not {other}:"),
+    };
+    url.set_scheme(scheme)
+        .map_err(|_| anyhow::anyhow!("cannot use scheme {scheme}"))?;
+    url.set_query(None);
+    url.set_fragment(None);
+    {
+        let mut segs = url
+            .path_segments_mut()
+            .map_err(|_| anyhow::anyhow!("--coordinator cannot be a base URL"))?;
+        segs.pop_if_empty();
+        // push() percent-escapes the lease id like Go's PathEscape.
+        segs.push("v1")
+            .push("leases")
+            .push(lease)
+            .push("egress")
+            .push("client");
+    }
+    Ok(url)
+}
+
+fn initial_ticket(file: Option<&Path>) -> anyhow::Result<Option<Ticket>> {
+    if let Some(path) = file {
+        let raw = if path == Path::new("-") {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the ticket from stdin")?;
+            s
+        } else {
+            let meta = std::fs::metadata(path)
+                .with_context(|| format!("reading ticket file {}", path.display()))?;
+            if meta.mode() & 0o077 != 0 {
+                anyhow::bail!(
+                    "ticket file {} must not be readable by others (chmod 600)",
+                    path.display()
+                );
+            }
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading ticket file {}", path.display()))?
+        };
+        let t = raw.trim();
+        if t.is_empty() {
+            anyhow::bail!("ticket file is empty");
+        }
+        return Ok(Some(Ticket(t.to_owned())));
+    }
+    Ok(std::env::var("CRABBOX_EGRESS_TICKET")
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .map(Ticket))
+}
+
+fn default_control(listen_port: u16) -> PathBuf {
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    dir.join(format!("crabbox-egress-client-{listen_port}.sock"))
+}
+
+enum Connect {
+    Up(
+        Box<
+            tokio_tungstenite::WebSocketStream<
+                tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+            >,
+        >,
+    ),
+    /// 404/409/410: the lease is gone or the session was replaced.
+    Fatal(StatusCode),
+    /// 401/403: the ticket was refused (used, expired); a fresh one is needed.
+    Refused(StatusCode),
+    /// Network trouble or 5xx: the same ticket may still work.
+    Retry(String),
+}
+
+async fn connect(url: &url::Url, ticket: &Ticket) -> Connect {
+    // First the dedicated header; on 401/403 once more with a bearer for older coordinators.
+    for bearer in [false, true] {
+        let mut req = match url.as_str().into_client_request() {
+            Ok(r) => r,
+            Err(e) => return Connect::Retry(e.to_string()),
+        };
+        let Ok(mut value) = HeaderValue::from_str(&if bearer {
+            format!("Bearer {}", ticket.0)
+        } else {
+            ticket.0.clone()
+        }) else {
+            return Connect::Refused(StatusCode::BAD_REQUEST);
+        };
+        value.set_sensitive(true);
+        req.headers_mut().insert(
+            if bearer {
+                "authorization"
+            } else {
+                "x-crabbox-bridge-ticket"
+            },
+            value,
+        );
+        match tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true).await {
+            Ok((ws, _)) => return Connect::Up(Box::new(ws)),
+            Err(WsError::Http(resp)) => {
+                let status = resp.status();
+                match status.as_u16() {
+                    401 | 403 if !bearer => continue,
+                    401 | 403 => return Connect::Refused(status),
+                    404 | 409 | 410 => return Connect::Fatal(status),
+                    _ => return Connect::Retry(format!("HTTP {status}")),
+                }
+            }
+            Err(e) => return Connect::Retry(e.to_string()),
+        }
+    }
+    Connect::Refused(StatusCode::UNAUTHORIZED)
+}
+
+async fn run(
+    args: Args,
+    listen: std::net::SocketAddr,
+    url: url::Url,
+    mut ticket: Option<Ticket>,
+) -> anyhow::Result<ExitCode> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let local = listener.local_addr()?;
+    let mut bridge = BridgeConfig::client();
+    bridge.enable_v2 = !args.v1_only;
+    bridge.v1_queue_cap = args.v1_queue_kib.max(1) * 1024;
+    let cfg = ClientConfig {
+        bridge,
+        max_connections: args.max_connections,
+        ..ClientConfig::default()
+    };
+    let proxy = std::sync::Arc::new(ProxyServer::start(listener, cfg)?);
+    let control = args
+        .control
+        .clone()
+        .unwrap_or_else(|| default_control(local.port()));
+    let (ticket_tx, mut ticket_rx) = mpsc::channel::<Ticket>(4);
+    let control_listener = bind_control(&control)?;
+    tokio::spawn(control_loop(control_listener, ticket_tx, proxy.clone()));
+    info!(lease = %args.id, session = %args.session, listen = %local, control = %control.display(), "egress client: listening");
+
+    let mut backoff = Duration::from_millis(500);
+    let mut received = Instant::now();
+    loop {
+        // Prefer the newest ticket the daemon pushed meanwhile.
+        while let Ok(t) = ticket_rx.try_recv() {
+            ticket = Some(t);
+            received = Instant::now();
+        }
+        let current = match ticket.take() {
+            Some(t) => t,
+            None => {
+                info!(control = %control.display(), "egress client: waiting for a fresh ticket");
+                match ticket_rx.recv().await {
+                    Some(t) => {
+                        received = Instant::now();
+                        t
+                    }
+                    None => return Ok(ExitCode::FAILURE),
+                }
+            }
+        };
+        match connect(&url, &current).await {
+            Connect::Up(ws) => {
+                info!(lease = %args.id, session = %args.session, listen = %local, "egress client: connected");
+                backoff = Duration::from_millis(500);
+                match proxy.attach(*ws).await {
+                    Err(e) if e.is_fatal() => {
+                        error!(error = %e, "egress client: bridge ended for good");
+                        return Ok(ExitCode::from(EXIT_FATAL));
+                    }
+                    Err(e) => warn!(error = %e, "egress client: bridge ended; the proxy stays up"),
+                    Ok(()) => warn!("egress client: bridge ended; the proxy stays up"),
+                }
+            }
+            Connect::Fatal(status) => {
+                error!(%status, "egress client: lease unavailable or session replaced");
+                return Ok(ExitCode::from(EXIT_FATAL));
+            }
+            Connect::Refused(status) => {
+                warn!(%status, "egress client: ticket refused; need a fresh one")
+            }
+            Connect::Retry(reason) => {
+                warn!(%reason, "egress client: cannot reach the coordinator");
+                if received.elapsed() < TICKET_RETRY_WINDOW {
+                    ticket = Some(current);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        Some(t) = ticket_rx.recv() => { ticket = Some(t); received = Instant::now(); }
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+}
+
+fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        // Only replace a stale socket: a live one belongs to another helper.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "control socket {} is in use by another helper",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// One line per connection: `ticket <value>` → `ok`, `status` → a JSON snapshot.
+async fn control_loop(
+    listener: UnixListener,
+    tickets: mpsc::Sender<Ticket>,
+    proxy: std::sync::Arc<ProxyServer>,
+) {
+    let my_uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        // Only our own user may hand us tickets or read counters.
+        if let (Ok(cred), Some(uid)) = (stream.peer_cred(), my_uid)
+            && cred.uid() != uid
+        {
+            continue;
+        }
+        let tickets = tickets.clone();
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = BufReader::new(r).take(8192);
+            use tokio::io::AsyncReadExt as _;
+            let read =
+                tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
+            if !matches!(read, Ok(Ok(n)) if n > 0) {
+                return;
+            }
+            let line = line.trim();
+            let reply = if let Some(t) = line.strip_prefix("ticket ") {
+                let t = t.trim();
+                if t.is_empty() {
+                    "error empty ticket\n".to_owned()
+                } else if tickets.send(Ticket(t.to_owned())).await.is_ok() {
+                    info!("egress client: fresh ticket received");
+                    "ok\n".to_owned()
+                } else {
+                    "error shutting down\n".to_owned()
+                }
+            } else if line == "status" {
+                let mut snap = serde_json::to_value(proxy.stats().snapshot()).unwrap_or_default();
+                snap["bridged"] = proxy.is_bridged().into();
+                format!("{snap}\n")
+            } else {
+                "error unknown command\n".to_owned()
+            };
+            let _ = w.write_all(reply.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,317 @@
+//! One bridge WebSocket: its configuration, the shared state of both versions, and [`Bridge::open`] for the client end; the read loop lives in `reader`.
+//!
+//! v1 and v2 coexist on one socket: text messages are always v1/control JSON,
+//! binary messages are always yamux. Binary is sent only after the peer's
+//! `hello` proved it is ours, so a reference peer never sees binary, and v1
+//! streams opened before the negotiation finished simply carry on.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Sink, Stream, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::BridgeError;
+use crate::frame_v1::TextFrame;
+use crate::frame_v2::{OpenCode, OpenReply, OpenRequest};
+use crate::mux::{MuxHandle, MuxStream};
+use crate::stats::SessionStats;
+use crate::stream_v1::{V1Registry, V1Stream};
+use crate::ws_io::{self, WRITE_QUEUE};
+
+mod reader;
+use reader::Reader;
+
+/// Largest v2 binary message accepted (the sender's limit is 64 KiB).
+const MAX_BINARY_IN: usize = 1 << 20;
+
+/// Which end of the bridge this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Operator side: accepts opens, dials destinations.
+    Host,
+    /// Lease side: the HTTP proxy that opens streams.
+    Client,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Host => "host",
+            Role::Client => "client",
+        }
+    }
+
+    fn peer(self) -> Role {
+        match self {
+            Role::Host => Role::Client,
+            Role::Client => Role::Host,
+        }
+    }
+}
+
+/// Tunables of one bridge end. [`BridgeConfig::client`] and
+/// [`BridgeConfig::host`] give the defaults of each role.
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    /// Offer and accept protocol v2 (off = behave exactly like a reference v1 agent).
+    pub enable_v2: bool,
+    /// WebSocket ping interval towards the coordinator.
+    pub keepalive_interval: Duration,
+    /// The bridge is declared dead when nothing at all arrived for this long.
+    pub keepalive_timeout: Duration,
+    /// How often a v2 end sends its `stats` frame.
+    pub stats_interval: Duration,
+    /// Client: how long to wait for `open_ok`/`error` (reference: 20 s).
+    pub open_timeout: Duration,
+    /// Client: open wait while no frame from the peer was ever seen (the peer may be absent).
+    pub unpaired_open_timeout: Duration,
+    /// Bytes a v1 stream may queue towards a slow local socket before it alone is closed.
+    pub v1_queue_cap: usize,
+    /// Concurrent streams on this bridge (yamux limit and v1 open limit).
+    pub max_streams: usize,
+}
+
+impl BridgeConfig {
+    /// Lease-side defaults: 256 KiB v1 queues as in the reference, 20 s opens.
+    pub fn client() -> Self {
+        BridgeConfig {
+            enable_v2: true,
+            keepalive_interval: Duration::from_secs(15),
+            keepalive_timeout: Duration::from_secs(45),
+            stats_interval: Duration::from_secs(10),
+            open_timeout: Duration::from_secs(20),
+            unpaired_open_timeout: Duration::from_secs(5),
+            v1_queue_cap: 256 * 1024,
+            max_streams: 1024,
+        }
+    }
+
+    /// Host-side defaults: a larger v1 queue, because a reference client has
+    /// no flow control and uploads to a slow destination would otherwise be cut.
+    pub fn host() -> Self {
+        BridgeConfig {
+            v1_queue_cap: 4 * 1024 * 1024,
+            ..BridgeConfig::client()
+        }
+    }
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        BridgeConfig::client()
+    }
+}
+
+/// An open request that reached the host end.
+pub(crate) enum Incoming {
+    /// v1: already registered, so data and `close` arriving during the dial are kept.
+    V1 {
+        stream: V1Stream,
+        host: String,
+        port: String,
+    },
+    /// v2: the open request is still to be read from the stream.
+    V2(MuxStream),
+}
+
+/// A stream the client end opened.
+pub(crate) enum Opened {
+    V1(V1Stream),
+    V2(MuxStream),
+}
+
+/// Why [`Bridge::open`] failed.
+#[derive(Debug)]
+pub(crate) enum OpenFailure {
+    /// The host refused; v2 gives a code, v1 only the host's text.
+    Rejected {
+        code: Option<OpenCode>,
+        message: String,
+    },
+    TimedOut,
+    BridgeDown,
+}
+
+/// Cheap handle to a running bridge.
+#[derive(Clone)]
+pub(crate) struct Bridge {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    role: Role,
+    cfg: BridgeConfig,
+    v1: Arc<V1Registry>,
+    // A std mutex: set once by the read loop, read by openers; never held across await.
+    mux: Mutex<Option<MuxHandle>>,
+    stats: Arc<SessionStats>,
+    out: mpsc::Sender<Message>,
+    id_prefix: u32,
+    next_id: AtomicU64,
+    peer_seen: AtomicBool,
+    /// Cancelled when the bridge ends, so tunnels of a dead bridge end too
+    /// (a v2 stream would otherwise wait on an idle browser forever).
+    ended: CancellationToken,
+}
+
+impl Bridge {
+    /// Protocol version currently used for new streams.
+    pub(crate) fn version(&self) -> u8 {
+        if self.inner.mux.lock().unwrap().is_some() {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Resolves when the bridge has ended.
+    pub(crate) fn ended(&self) -> CancellationToken {
+        self.inner.ended.clone()
+    }
+
+    pub(crate) fn stats(&self) -> &Arc<SessionStats> {
+        &self.inner.stats
+    }
+
+    pub(crate) fn v1(&self) -> &Arc<V1Registry> {
+        &self.inner.v1
+    }
+
+    /// Opens a stream to `host:port` (client end). Cancel-safe: dropping the
+    /// future abandons the open and the host is sent `close`.
+    pub(crate) async fn open(&self, host: &str, port: u16) -> Result<Opened, OpenFailure> {
+        let mux = self.inner.mux.lock().unwrap().clone();
+        match mux {
+            Some(mux) => self.open_v2(mux, host, port).await,
+            None => self.open_v1(host, port).await,
+        }
+    }
+
+    async fn open_v2(&self, mux: MuxHandle, host: &str, port: u16) -> Result<Opened, OpenFailure> {
+        let mut stream = mux.open().await.map_err(|_| OpenFailure::BridgeDown)?;
+        let req = OpenRequest {
+            host: host.to_owned(),
+            port,
+        };
+        let exchange = async {
+            stream.write_all(&req.encode()).await?;
+            stream.flush().await?;
+            // Read exactly the reply: bytes after it are the destination's and
+            // must stay queued until the proxy has answered the browser.
+            let mut head = [0u8; 2];
+            stream.read_exact(&mut head).await?;
+            let mut msg = vec![0u8; head[1] as usize];
+            stream.read_exact(&mut msg).await?;
+            let mut whole = head.to_vec();
+            whole.extend_from_slice(&msg);
+            Ok::<_, std::io::Error>(whole)
+        };
+        let whole = match tokio::time::timeout(self.inner.cfg.open_timeout, exchange).await {
+            Err(_) => return Err(OpenFailure::TimedOut),
+            Ok(Err(_)) => return Err(OpenFailure::BridgeDown),
+            Ok(Ok(whole)) => whole,
+        };
+        match OpenReply::decode(&whole) {
+            Ok(Some((reply, _))) if reply.code == OpenCode::Ok => Ok(Opened::V2(stream)),
+            Ok(Some((reply, _))) => Err(OpenFailure::Rejected {
+                code: Some(reply.code),
+                message: reply.message,
+            }),
+            _ => Err(OpenFailure::Rejected {
+                code: None,
+                message: "malformed open reply".into(),
+            }),
+        }
+    }
+
+    async fn open_v1(&self, host: &str, port: u16) -> Result<Opened, OpenFailure> {
+        let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        // Unique per bridge (random prefix) and per stream (counter); never clock-derived.
+        let id = format!("s{:08x}-{n}", self.inner.id_prefix);
+        let (stream, result) = self.inner.v1.register_pending(&id);
+        let frame = TextFrame::Open {
+            id,
+            host: host.to_owned(),
+            port: port.to_string(),
+        };
+        if !self.inner.v1.send(frame).await {
+            return Err(OpenFailure::BridgeDown);
+        }
+        let wait = if self.inner.peer_seen.load(Ordering::Relaxed) {
+            self.inner.cfg.open_timeout
+        } else {
+            self.inner.cfg.unpaired_open_timeout
+        };
+        // On any failure `stream` is dropped here, which deregisters the id and
+        // sends `close`, so a late `open_ok` cannot leak the host's connection.
+        match tokio::time::timeout(wait, result).await {
+            Ok(Ok(Ok(()))) => Ok(Opened::V1(stream)),
+            Ok(Ok(Err(message))) => Err(OpenFailure::Rejected {
+                code: None,
+                message,
+            }),
+            Ok(Err(_)) => Err(OpenFailure::BridgeDown),
+            Err(_) => Err(OpenFailure::TimedOut),
+        }
+    }
+}
+
+/// Creates a bridge end over `ws`. The returned future runs it until the
+/// socket ends; the [`Bridge`] handle is usable as soon as it is polled.
+/// `incoming` receives open requests (host end only).
+pub(crate) fn start<W>(
+    ws: W,
+    role: Role,
+    cfg: BridgeConfig,
+    stats: Arc<SessionStats>,
+    incoming: Option<mpsc::UnboundedSender<Incoming>>,
+) -> (Bridge, impl Future<Output = Result<(), BridgeError>> + Send)
+where
+    W: Stream<Item = Result<Message, WsError>>
+        + Sink<Message, Error = WsError>
+        + Send
+        + Unpin
+        + 'static,
+{
+    let (out, out_rx) = mpsc::channel(WRITE_QUEUE);
+    let inner = Arc::new(Inner {
+        role,
+        v1: V1Registry::new(out.clone(), cfg.v1_queue_cap),
+        cfg,
+        mux: Mutex::new(None),
+        stats,
+        out,
+        id_prefix: rand::random(),
+        next_id: AtomicU64::new(1),
+        peer_seen: AtomicBool::new(false),
+        ended: CancellationToken::new(),
+    });
+    let bridge = Bridge {
+        inner: inner.clone(),
+    };
+    let fut = async move {
+        let (sink, stream) = ws.split();
+        let writer = tokio::spawn(ws_io::write_loop(sink, out_rx));
+        let writer = tokio_util::task::AbortOnDropHandle::new(writer);
+        let mut reader = Reader {
+            inner: inner.clone(),
+            incoming,
+            mux_in: None,
+            mux_task: None,
+        };
+        inner.stats.set_connected(true, 1);
+        let res = reader.run(stream, writer).await;
+        inner.stats.set_connected(false, 0);
+        inner.v1.clear();
+        *inner.mux.lock().unwrap() = None;
+        inner.ended.cancel();
+        res
+    };
+    (bridge, fut)
+}

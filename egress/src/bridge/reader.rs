@@ -1,0 +1,226 @@
+//! The bridge read loop: dispatches text frames (v1 and control JSON), feeds binary messages to yamux, negotiates v2 on `hello`, and sends keepalive pings and `stats` frames.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::{debug, info, warn};
+
+use super::{Incoming, Inner, MAX_BINARY_IN, Role};
+use crate::error::BridgeError;
+use crate::frame_v1::{self, DecodeError, TextFrame};
+use crate::frame_v2::{Hello, StatsFrame};
+use crate::mux::{self, MuxStream};
+use crate::stats::PeerStats;
+use crate::stream_v1::DataOutcome;
+use crate::ws_io::MuxIo;
+
+/// State of the read loop of one bridge.
+pub(super) struct Reader {
+    pub(super) inner: Arc<Inner>,
+    pub(super) incoming: Option<mpsc::UnboundedSender<Incoming>>,
+    pub(super) mux_in: Option<mpsc::Sender<Bytes>>,
+    pub(super) mux_task: Option<tokio_util::task::AbortOnDropHandle<Result<(), String>>>,
+}
+
+impl Reader {
+    pub(super) async fn run<St>(
+        &mut self,
+        mut stream: St,
+        mut writer: tokio_util::task::AbortOnDropHandle<Result<(), WsError>>,
+    ) -> Result<(), BridgeError>
+    where
+        St: Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        let cfg = self.inner.cfg.clone();
+        if cfg.enable_v2 {
+            self.send_hello(false).await;
+        }
+        let mut ping = tokio::time::interval(cfg.keepalive_interval);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut stats_tick = tokio::time::interval(cfg.stats_interval);
+        stats_tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut last_rx = Instant::now();
+        loop {
+            let mux_done = async {
+                match &mut self.mux_task {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                msg = stream.next() => {
+                    last_rx = Instant::now();
+                    match msg {
+                        None => return Err(BridgeError::ConnectionLost),
+                        Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => return Err(BridgeError::ConnectionLost),
+                        Some(Err(e)) => return Err(BridgeError::Transport(e.to_string())),
+                        Some(Ok(Message::Close(frame))) => {
+                            let (code, reason) = frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+                            return Err(BridgeError::Closed { code, reason });
+                        }
+                        Some(Ok(Message::Text(text))) => {
+                            self.inner.peer_seen.store(true, Ordering::Relaxed);
+                            self.on_text(text.as_str()).await;
+                        }
+                        Some(Ok(Message::Binary(bytes))) => {
+                            self.inner.peer_seen.store(true, Ordering::Relaxed);
+                            if bytes.len() > MAX_BINARY_IN {
+                                // Our writer never exceeds 64 KiB; a bigger message is not from a well-behaved peer.
+                                return Err(BridgeError::Mux(format!("binary message of {} bytes exceeds the v2 limit", bytes.len())));
+                            }
+                            match &self.mux_in {
+                                // Waiting here is bounded: the yamux driver drains this
+                                // channel continuously and buffers per stream within windows.
+                                Some(tx) => { let _ = tx.send(bytes).await; }
+                                None => debug!(len = bytes.len(), "binary frame before v2 negotiation; dropped"),
+                            }
+                        }
+                        Some(Ok(_)) => {} // Ping/Pong are answered by tungstenite itself.
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_rx.elapsed() > cfg.keepalive_timeout {
+                        return Err(BridgeError::KeepaliveTimeout(cfg.keepalive_timeout));
+                    }
+                    let _ = self.inner.out.try_send(Message::Ping(Bytes::new()));
+                }
+                _ = stats_tick.tick(), if self.mux_in.is_some() => {
+                    let s = self.inner.stats.snapshot();
+                    let frame = TextFrame::Stats(StatsFrame { active: s.active_streams, bytes_in: s.bytes_in, bytes_out: s.bytes_out });
+                    let _ = self.inner.out.try_send(Message::text(frame_v1::encode(&frame)));
+                }
+                res = &mut writer => {
+                    return Err(match res {
+                        Ok(Ok(())) => BridgeError::ConnectionLost,
+                        Ok(Err(e)) => BridgeError::Transport(e.to_string()),
+                        Err(e) => BridgeError::Transport(e.to_string()),
+                    });
+                }
+                res = mux_done => {
+                    self.mux_task = None;
+                    return Err(BridgeError::Mux(match res {
+                        Ok(Ok(())) => "peer closed the multiplexer".into(),
+                        Ok(Err(e)) => e,
+                        Err(e) => e.to_string(),
+                    }));
+                }
+            }
+        }
+    }
+
+    async fn send_hello(&self, reply: bool) {
+        let hello = Hello {
+            version: 2,
+            role: self.inner.role.as_str().into(),
+            reply,
+        };
+        let _ = self
+            .inner
+            .out
+            .send(Message::text(frame_v1::encode(&TextFrame::Hello(hello))))
+            .await;
+    }
+
+    async fn on_text(&mut self, text: &str) {
+        let frame = match frame_v1::decode(text) {
+            Ok(frame) => frame,
+            // The reference tears the bridge down on a non-JSON message; we drop
+            // it instead, so one bad frame cannot cost every other stream.
+            Err(DecodeError::Json(e)) => {
+                return warn!(error = %e, "ignoring a malformed bridge text frame");
+            }
+            Err(DecodeError::BadBody { .. }) => {
+                return debug!("dropping a data frame with an invalid base64 body");
+            }
+        };
+        let v1 = &self.inner.v1;
+        match frame {
+            TextFrame::Open { id, host, port } => self.on_open(id, host, port),
+            TextFrame::OpenOk { id } if self.inner.role == Role::Client => {
+                if !v1.on_open_ok(&id) {
+                    // Abandoned (timed out / cancelled) open: release the host's connection.
+                    v1.send_control(TextFrame::Close { id });
+                }
+            }
+            TextFrame::Error { id, error } => v1.on_error(&id, error),
+            TextFrame::Data { id, body } => {
+                if let DataOutcome::Overflowed = v1.on_data(&id, body) {
+                    warn!("a stream exceeded its v1 queue limit; closing that stream only");
+                    v1.send_control(TextFrame::Close { id });
+                }
+            }
+            TextFrame::Close { id } => v1.on_close(&id),
+            TextFrame::Hello(hello) => self.on_hello(hello).await,
+            TextFrame::Stats(s) => self.inner.stats.set_peer(PeerStats {
+                active: s.active,
+                bytes_in: s.bytes_in,
+                bytes_out: s.bytes_out,
+            }),
+            TextFrame::OpenOk { .. } | TextFrame::Unknown(_) => {}
+        }
+    }
+
+    fn on_open(&self, id: String, host: String, port: String) {
+        let Some(incoming) = &self.incoming else {
+            return;
+        };
+        let v1 = &self.inner.v1;
+        if id.is_empty() || v1.contains(&id) {
+            return;
+        }
+        if v1.len() >= self.inner.cfg.max_streams {
+            self.inner.stats.rejected();
+            v1.send_control(TextFrame::Error {
+                id,
+                error: "too many streams".into(),
+            });
+            return;
+        }
+        let stream = v1.register(&id);
+        let _ = incoming.send(Incoming::V1 { stream, host, port });
+    }
+
+    async fn on_hello(&mut self, hello: Hello) {
+        if !self.inner.cfg.enable_v2
+            || hello.version < 2
+            || hello.role != self.inner.role.peer().as_str()
+        {
+            return;
+        }
+        if self.mux_in.is_some() {
+            return;
+        }
+        if !hello.reply {
+            // Our own hello may have been dropped while the peer was absent;
+            // answer before any binary so the peer switches too.
+            self.send_hello(true).await;
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let io = MuxIo::new(rx, self.inner.out.clone());
+        let mode = match self.inner.role {
+            Role::Client => yamux::Mode::Client,
+            Role::Host => yamux::Mode::Server,
+        };
+        let accept = self.incoming.clone().map(|incoming| {
+            Box::new(move |s: MuxStream| {
+                let _ = incoming.send(Incoming::V2(s));
+            }) as mux::InboundFn
+        });
+        let (handle, driver) = mux::start(io, mode, self.inner.cfg.max_streams, accept);
+        self.mux_task = Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            driver,
+        )));
+        self.mux_in = Some(tx);
+        *self.inner.mux.lock().unwrap() = Some(handle);
+        self.inner.stats.set_protocol_version(2);
+        info!(
+            role = self.inner.role.as_str(),
+            "bridge protocol v2 negotiated"
+        );
+    }
+}

@@ -1,0 +1,221 @@
+//! [`run_host`]: serves one bridge WebSocket on the operator side: every open gets its own task (allowlist, dial, answer, relay), so a slow destination stalls only its own stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Sink, Stream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::info;
+
+use super::dial::{self, DialError, Resolver, system_resolver};
+use super::policy::{Policy, normalize_host};
+use crate::bridge::{self, Bridge, BridgeConfig, Incoming, Role};
+use crate::error::BridgeError;
+use crate::frame_v1::TextFrame;
+use crate::frame_v2::{OpenCode, OpenReply, OpenRequest};
+use crate::mux::MuxStream;
+use crate::relay::{RelayOpts, relay};
+use crate::stats::SessionStats;
+use crate::stream_v1::V1Stream;
+
+/// Operator-side settings.
+#[derive(Clone)]
+pub struct HostConfig {
+    /// Bridge tunables.
+    pub bridge: BridgeConfig,
+    /// Budget for resolution plus every connect attempt of one open (reference: 15 s).
+    pub dial_budget: Duration,
+    /// A stream with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// v2: how long a new stream may take to send its open request.
+    pub open_read_timeout: Duration,
+    /// Counters shared with the daemon.
+    pub stats: Arc<SessionStats>,
+    /// DNS resolver (replaceable in tests).
+    pub resolver: Resolver,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            bridge: BridgeConfig::host(),
+            dial_budget: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(600),
+            open_read_timeout: Duration::from_secs(10),
+            stats: Arc::new(SessionStats::new()),
+            resolver: system_resolver(),
+        }
+    }
+}
+
+impl std::fmt::Debug for HostConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostConfig")
+            .field("bridge", &self.bridge)
+            .field("dial_budget", &self.dial_budget)
+            .field("idle_timeout", &self.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves the host end of one bridge until the WebSocket ends.
+///
+/// Returns the reason it ended; classify it with [`BridgeError::class`]
+/// (fatal: session replaced or lease ended; otherwise retry with a fresh
+/// ticket for the same session). Cancel-safe: dropping the future closes the
+/// socket and every stream of this bridge.
+pub async fn run_host<W>(ws: W, policy: Arc<Policy>, config: HostConfig) -> Result<(), BridgeError>
+where
+    W: Stream<Item = Result<Message, WsError>>
+        + Sink<Message, Error = WsError>
+        + Send
+        + Unpin
+        + 'static,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (bridge, run) = bridge::start(
+        ws,
+        Role::Host,
+        config.bridge.clone(),
+        config.stats.clone(),
+        Some(tx),
+    );
+    let config = Arc::new(config);
+    // Dropping the set (when this function returns or is cancelled) aborts every stream task.
+    let mut streams = JoinSet::new();
+    tokio::pin!(run);
+    loop {
+        tokio::select! {
+            res = &mut run => return res,
+            Some(incoming) = rx.recv() => {
+                let (bridge, policy, config) = (bridge.clone(), policy.clone(), config.clone());
+                streams.spawn(async move {
+                    match incoming {
+                        Incoming::V1 { stream, host, port } => serve_v1(bridge, policy, config, stream, host, port).await,
+                        Incoming::V2(stream) => serve_v2(policy, config, stream).await,
+                    }
+                });
+            }
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_v1(
+    bridge: Bridge,
+    policy: Arc<Policy>,
+    cfg: Arc<HostConfig>,
+    stream: V1Stream,
+    host: String,
+    port: String,
+) {
+    let host = normalize_host(&host);
+    let id = stream.id().to_owned();
+    let stats = &cfg.stats;
+    match dial::dial(&policy, &host, &port, &cfg.resolver, cfg.dial_budget).await {
+        Err(e) => {
+            stats.rejected();
+            info!(%host, reason = %e, "open refused");
+            // Deregister first so dropping the stream does not also send `close`.
+            if bridge.v1().remove(&id) {
+                bridge
+                    .v1()
+                    .send(TextFrame::Error {
+                        id,
+                        error: e.to_string(),
+                    })
+                    .await;
+            }
+        }
+        Ok((tcp, _)) => {
+            // The client may have sent `close` while we were dialling.
+            if !bridge.v1().contains(&id) || !bridge.v1().send(TextFrame::OpenOk { id }).await {
+                return;
+            }
+            let _active = stats.stream_opened(&host);
+            let opts = RelayOpts {
+                half_close: false,
+                idle_timeout: cfg.idle_timeout,
+            };
+            let (up, down) = relay(tcp, stream, opts, stats).await;
+            info!(%host, bytes_out = up, bytes_in = down, "stream closed");
+        }
+    }
+}
+
+async fn read_open(stream: &mut MuxStream) -> std::io::Result<Result<OpenRequest, String>> {
+    let mut head = [0u8; 4];
+    stream.read_exact(&mut head).await?;
+    let mut whole = head.to_vec();
+    whole.resize(4 + head[3] as usize, 0);
+    stream.read_exact(&mut whole[4..]).await?;
+    Ok(match OpenRequest::decode(&whole) {
+        Ok(Some((req, _))) => Ok(req),
+        Ok(None) => Err("truncated open request".into()),
+        Err(e) => Err(e.to_string()),
+    })
+}
+
+async fn serve_v2(policy: Arc<Policy>, cfg: Arc<HostConfig>, mut stream: MuxStream) {
+    let stats = &cfg.stats;
+    let req = match tokio::time::timeout(cfg.open_read_timeout, read_open(&mut stream)).await {
+        Ok(Ok(Ok(req))) => req,
+        Ok(Ok(Err(e))) => {
+            let reply = OpenReply {
+                code: OpenCode::BadRequest,
+                message: e,
+            };
+            let _ = stream.write_all(&reply.encode()).await;
+            return;
+        }
+        _ => return,
+    };
+    let host = normalize_host(&req.host);
+    match dial::dial(
+        &policy,
+        &host,
+        &req.port.to_string(),
+        &cfg.resolver,
+        cfg.dial_budget,
+    )
+    .await
+    {
+        Err(e) => {
+            stats.rejected();
+            info!(%host, reason = %e, "open refused");
+            let reply = OpenReply {
+                code: e.code(),
+                message: reply_message(&e),
+            };
+            let _ = stream.write_all(&reply.encode()).await;
+            let _ = stream.shutdown().await;
+        }
+        Ok((tcp, _)) => {
+            let ok = OpenReply {
+                code: OpenCode::Ok,
+                message: String::new(),
+            };
+            if stream.write_all(&ok.encode()).await.is_err() || stream.flush().await.is_err() {
+                return;
+            }
+            let _active = stats.stream_opened(&host);
+            let opts = RelayOpts {
+                half_close: true,
+                idle_timeout: cfg.idle_timeout,
+            };
+            let (up, down) = relay(tcp, stream, opts, stats).await;
+            info!(%host, bytes_out = up, bytes_in = down, "stream closed");
+        }
+    }
+}
+
+/// The detail shown to the browser: short, and never an address of the operator's network.
+fn reply_message(e: &DialError) -> String {
+    match e {
+        DialError::Connect(_) | DialError::Resolve(_) => e.code().phrase().to_owned(),
+        other => other.to_string(),
+    }
+}

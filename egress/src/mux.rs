@@ -1,0 +1,124 @@
+//! v2 multiplexer: a yamux session over [`MuxIo`] and the driver future that alone polls it, serving open requests from any task and handing out inbound streams.
+//!
+//! yamux 0.13 has no cloneable control handle: every outbound open and every
+//! byte of I/O goes through `Connection::poll_*`, so one driver future owns
+//! the connection and other tasks talk to it over channels.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+use yamux::{Config, Connection, Mode};
+
+use crate::ws_io::MuxIo;
+
+/// A yamux stream with tokio's I/O traits.
+pub(crate) type MuxStream = Compat<yamux::Stream>;
+
+/// Called with each inbound stream (host side).
+pub(crate) type InboundFn = Box<dyn Fn(MuxStream) + Send + Sync>;
+
+type OpenReq = oneshot::Sender<Result<yamux::Stream, String>>;
+
+/// Cloneable way to open outbound streams on a running session.
+#[derive(Clone)]
+pub(crate) struct MuxHandle {
+    open_tx: mpsc::Sender<OpenReq>,
+}
+
+impl MuxHandle {
+    pub(crate) async fn open(&self) -> Result<MuxStream, String> {
+        let (tx, rx) = oneshot::channel();
+        self.open_tx
+            .send(tx)
+            .await
+            .map_err(|_| "bridge multiplexer stopped".to_owned())?;
+        let stream = rx
+            .await
+            .map_err(|_| "bridge multiplexer stopped".to_owned())??;
+        Ok(stream.compat())
+    }
+}
+
+/// yamux settings for a bridge allowing `max_streams` concurrent streams.
+pub(crate) fn config(max_streams: usize) -> Config {
+    let mut cfg = Config::default();
+    // Each stream may buffer up to its 256 KiB window (auto-tuned upwards on
+    // a slow path); the connection cap must allow every stream its base window.
+    let window = (max_streams * 256 * 1024).max(1 << 30);
+    cfg.set_max_connection_receive_window(Some(window));
+    cfg.set_max_num_streams(max_streams);
+    cfg
+}
+
+/// Starts a session; the returned driver must be polled for anything to happen.
+pub(crate) fn start(
+    io: MuxIo,
+    mode: Mode,
+    max_streams: usize,
+    inbound: Option<InboundFn>,
+) -> (MuxHandle, MuxDriver) {
+    let (open_tx, open_rx) = mpsc::channel(16);
+    let driver = MuxDriver {
+        conn: Connection::new(io, config(max_streams), mode),
+        open_rx,
+        open_closed: false,
+        pending: None,
+        inbound,
+    };
+    (MuxHandle { open_tx }, driver)
+}
+
+/// Drives the yamux connection; resolves when the session ends.
+pub(crate) struct MuxDriver {
+    conn: Connection<MuxIo>,
+    open_rx: mpsc::Receiver<OpenReq>,
+    open_closed: bool,
+    pending: Option<OpenReq>,
+    inbound: Option<InboundFn>,
+}
+
+impl Future for MuxDriver {
+    type Output = Result<(), String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        loop {
+            let mut progressed = false;
+            if this.pending.is_none() && !this.open_closed {
+                match this.open_rx.poll_recv(cx) {
+                    Poll::Ready(Some(req)) => this.pending = Some(req),
+                    Poll::Ready(None) => this.open_closed = true,
+                    Poll::Pending => {}
+                }
+            }
+            if this.pending.is_some() {
+                match this.conn.poll_new_outbound(cx) {
+                    Poll::Ready(res) => {
+                        let req = this.pending.take().unwrap();
+                        let _ = req.send(res.map_err(|e| e.to_string()));
+                        progressed = true;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            match this.conn.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(stream))) => {
+                    // The client end never accepts inbound streams; dropping closes them.
+                    if let Some(accept) = &this.inbound {
+                        accept(stream.compat());
+                    }
+                    progressed = true;
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.to_string())),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => {}
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+    }
+}

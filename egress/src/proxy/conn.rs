@@ -1,0 +1,363 @@
+//! One browser connection: read the request head under a deadline and size cap, open a bridge stream, answer exactly, then tunnel (`CONNECT`) or forward one request and close.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{debug, info};
+
+use super::request::{self, Action, BodyFraming, ChunkedScanner, RequestHead};
+use super::{BAD_GATEWAY, BAD_REQUEST, CONNECT_OK, HEAD_TOO_LARGE, REQUEST_TIMEOUT, text_response};
+use crate::bridge::{Bridge, OpenFailure, Opened};
+use crate::client::ClientConfig;
+use crate::relay::{RelayOpts, relay};
+use crate::stats::SessionStats;
+
+enum HeadError {
+    TooLarge,
+    Malformed,
+    Closed,
+}
+
+/// Serves one accepted connection to completion.
+pub(crate) async fn serve_connection(
+    mut sock: TcpStream,
+    slot: watch::Receiver<Option<Bridge>>,
+    cfg: Arc<ClientConfig>,
+) {
+    let _ = sock.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(4096);
+    let head = tokio::time::timeout(
+        cfg.head_timeout,
+        read_head(&mut sock, &mut buf, cfg.max_head_bytes),
+    )
+    .await;
+    let (head, head_len) = match head {
+        Err(_) => return answer(&mut sock, REQUEST_TIMEOUT).await,
+        Ok(Err(HeadError::TooLarge)) => return answer(&mut sock, HEAD_TOO_LARGE).await,
+        Ok(Err(HeadError::Malformed)) => return answer(&mut sock, BAD_REQUEST).await,
+        Ok(Err(HeadError::Closed)) => return,
+        Ok(Ok(parsed)) => parsed,
+    };
+    buf.advance(head_len);
+    let action = match head.action() {
+        Ok(action) => action,
+        Err(e) => {
+            debug!(error = %e, "refusing request");
+            return answer(&mut sock, BAD_REQUEST).await;
+        }
+    };
+    let framing = match &action {
+        Action::Tunnel(_) => BodyFraming::None,
+        Action::Forward { .. } => match head.body_framing() {
+            Ok(f) => f,
+            Err(_) => return answer(&mut sock, BAD_REQUEST).await,
+        },
+    };
+    let dest = match &action {
+        Action::Tunnel(d) | Action::Forward { dest: d, .. } => d.clone(),
+    };
+    let bridge = slot.borrow().clone();
+    let Some(bridge) = bridge else {
+        // Fast and explicit, rather than a browser waiting 20 s for a dead bridge.
+        let body = text_response(
+            "503 Service Unavailable",
+            "egress bridge is not connected; it is reconnecting, retry shortly",
+        );
+        return answer(&mut sock, &body).await;
+    };
+    let stats = bridge.stats().clone();
+    let opened = match bridge.open(&dest.host, dest.port).await {
+        Ok(opened) => opened,
+        Err(failure) => {
+            stats.rejected();
+            info!(host = %dest.host, port = dest.port, reason = %failure_phrase(&failure), "open failed");
+            return answer(&mut sock, &bad_gateway(bridge.version(), &failure)).await;
+        }
+    };
+    let _active = stats.stream_opened(&dest.host);
+    let opts = RelayOpts {
+        half_close: matches!(opened, Opened::V2(_)),
+        idle_timeout: cfg.idle_timeout,
+    };
+    let ended = bridge.ended();
+    let work = async {
+        match opened {
+            Opened::V1(s) => proceed(sock, s, &head, action, framing, buf, opts, &stats).await,
+            Opened::V2(s) => proceed(sock, s, &head, action, framing, buf, opts, &stats).await,
+        }
+    };
+    let (up, down) = tokio::select! {
+        res = work => res,
+        () = ended.cancelled() => (0, 0),
+    };
+    info!(host = %dest.host, port = dest.port, bytes_out = up, bytes_in = down, "stream closed");
+}
+
+fn failure_phrase(failure: &OpenFailure) -> String {
+    match failure {
+        OpenFailure::Rejected {
+            code: Some(code), ..
+        } => code.phrase().to_owned(),
+        OpenFailure::Rejected { code: None, .. } => "rejected by host".to_owned(),
+        OpenFailure::TimedOut => "timed out".to_owned(),
+        OpenFailure::BridgeDown => "bridge down".to_owned(),
+    }
+}
+
+/// v1 answers the reference's exact bytes; v2 adds a short reason body.
+fn bad_gateway(version: u8, failure: &OpenFailure) -> Vec<u8> {
+    if version < 2 {
+        return BAD_GATEWAY.to_vec();
+    }
+    let reason = match failure {
+        OpenFailure::Rejected {
+            code: Some(code),
+            message,
+        } if !message.is_empty() => format!("{code}: {message}"),
+        other => failure_phrase(other),
+    };
+    text_response("502 Bad Gateway", &format!("crabbox egress: {reason}"))
+}
+
+async fn answer(sock: &mut TcpStream, bytes: &[u8]) {
+    let _ = sock.write_all(bytes).await;
+    let _ = sock.shutdown().await;
+}
+
+async fn read_head(
+    sock: &mut TcpStream,
+    buf: &mut BytesMut,
+    cap: usize,
+) -> Result<(RequestHead, usize), HeadError> {
+    loop {
+        match request::parse_head(buf) {
+            Ok(Some(parsed)) => return Ok(parsed),
+            Ok(None) if buf.len() >= cap => return Err(HeadError::TooLarge),
+            Ok(None) => {}
+            Err(_) => return Err(HeadError::Malformed),
+        }
+        let want = (cap - buf.len()).min(8192);
+        buf.reserve(want);
+        let n = sock
+            .read_buf(&mut (&mut *buf).limit(cap))
+            .await
+            .map_err(|_| HeadError::Closed)?;
+        if n == 0 {
+            return Err(if buf.is_empty() {
+                HeadError::Closed
+            } else {
+                HeadError::Malformed
+            });
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn proceed<S>(
+    mut sock: TcpStream,
+    mut stream: S,
+    head: &RequestHead,
+    action: Action,
+    framing: BodyFraming,
+    leftover: BytesMut,
+    opts: RelayOpts,
+    stats: &SessionStats,
+) -> (u64, u64)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match action {
+        Action::Tunnel(_) => {
+            // Nothing from the destination has been read yet (it waits in the
+            // stream's queue), so the 200 line always comes first. If writing it
+            // fails, `stream` is dropped and the host is told to close.
+            if sock.write_all(CONNECT_OK).await.is_err() {
+                return (0, 0);
+            }
+            if !leftover.is_empty() {
+                if stream.write_all(&leftover).await.is_err() {
+                    return (0, 0);
+                }
+                stats.add_out(leftover.len());
+            }
+            relay(sock, stream, opts, stats).await
+        }
+        Action::Forward {
+            path, host_header, ..
+        } => {
+            let rewritten = head.rewrite_origin_form(&path, &host_header);
+            forward_one(sock, stream, rewritten, framing, leftover, stats).await
+        }
+    }
+}
+
+/// Sends one request (head + exactly its body) and relays the response until
+/// the destination closes (we asked for `Connection: close`), then closes.
+async fn forward_one<S>(
+    mut sock: TcpStream,
+    stream: S,
+    head: Vec<u8>,
+    framing: BodyFraming,
+    leftover: BytesMut,
+    stats: &SessionStats,
+) -> (u64, u64)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut sr, mut sw) = tokio::io::split(stream);
+    let (mut lr, mut lw) = sock.split();
+    let upload = async {
+        let mut sent = head.len() as u64;
+        sw.write_all(&head).await?;
+        sent += forward_body(&mut lr, &mut sw, framing, leftover).await?;
+        sw.flush().await?;
+        stats.add_out(sent as usize);
+        Ok::<u64, std::io::Error>(sent)
+    };
+    let download = async {
+        let n = copy_response(&mut sr, &mut lw, stats).await;
+        let _ = lw.shutdown().await;
+        n
+    };
+    tokio::pin!(upload, download);
+    let mut up = 0;
+    let down = loop {
+        tokio::select! {
+            res = &mut upload, if up == 0 => match res {
+                Ok(n) => up = n.max(1),
+                Err(_) => break 0,
+            },
+            n = &mut download => break n,
+        }
+    };
+    (up, down)
+}
+
+async fn forward_body<R, W>(
+    lr: &mut R,
+    sw: &mut W,
+    framing: BodyFraming,
+    mut pending: BytesMut,
+) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut sent = 0u64;
+    match framing {
+        BodyFraming::None => Ok(0),
+        BodyFraming::Length(mut left) => {
+            while left > 0 {
+                if pending.is_empty() {
+                    let n = lr.read(&mut buf).await?;
+                    if n == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                }
+                let take = (left as usize).min(pending.len());
+                sw.write_all(&pending[..take]).await?;
+                pending.advance(take);
+                left -= take as u64;
+                sent += take as u64;
+            }
+            Ok(sent)
+        }
+        BodyFraming::Chunked => {
+            let mut scanner = ChunkedScanner::new();
+            loop {
+                if pending.is_empty() {
+                    let n = lr.read(&mut buf).await?;
+                    if n == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                }
+                let end = scanner.feed(&pending).map_err(std::io::Error::other)?;
+                let take = end.unwrap_or(pending.len());
+                sw.write_all(&pending[..take]).await?;
+                sent += take as u64;
+                pending.advance(take);
+                if end.is_some() {
+                    return Ok(sent);
+                }
+            }
+        }
+    }
+}
+
+/// Copies the response, rewriting its head to say `Connection: close`
+/// (the browser must not send a second request down this connection).
+async fn copy_response<R, W>(sr: &mut R, lw: &mut W, stats: &SessionStats) -> u64
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    const HEAD_CAP: usize = 64 * 1024;
+    let mut buf = BytesMut::with_capacity(8192);
+    let mut total = 0u64;
+    // Gather the response head.
+    loop {
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() >= HEAD_CAP {
+            break;
+        }
+        match sr.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    stats.add_in(buf.len());
+    total += buf.len() as u64;
+    let out = rewrite_response_head(&buf).unwrap_or_else(|| buf.to_vec());
+    if lw.write_all(&out).await.is_err() {
+        return total;
+    }
+    let mut chunk = vec![0u8; 32 * 1024];
+    loop {
+        let n = match sr.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if lw.write_all(&chunk[..n]).await.is_err() {
+            break;
+        }
+        stats.add_in(n);
+        total += n as u64;
+    }
+    total
+}
+
+fn rewrite_response_head(buf: &[u8]) -> Option<Vec<u8>> {
+    let mut headers = [httparse::EMPTY_HEADER; request::MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(len) = resp.parse(buf).ok()? else {
+        return None;
+    };
+    let mut out = Vec::with_capacity(buf.len() + 24);
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.{} {} {}\r\n",
+            resp.version?,
+            resp.code?,
+            resp.reason.unwrap_or("")
+        )
+        .as_bytes(),
+    );
+    for h in resp.headers.iter() {
+        let n = h.name.to_ascii_lowercase();
+        if matches!(n.as_str(), "connection" | "keep-alive" | "proxy-connection") {
+            continue;
+        }
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    out.extend_from_slice(&buf[len..]);
+    Some(out)
+}

@@ -1,0 +1,140 @@
+//! Copies bytes both ways between a local socket and a bridge stream, counting them, with an idle timeout and either v2 half-close or v1 whole-close semantics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::stats::SessionStats;
+
+const CHUNK: usize = 32 * 1024;
+
+/// How a relay behaves at the end of one direction.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RelayOpts {
+    /// v2: EOF in one direction shuts down that direction only. v1: EOF ends both.
+    pub half_close: bool,
+    /// Both directions silent this long ends the stream.
+    pub idle_timeout: Duration,
+}
+
+/// Relays until both directions end (or one, without half-close), the idle
+/// timeout passes, or an I/O error occurs. `local` is the TCP socket;
+/// `bridge` is the stream to the peer (its reads count as bytes in).
+pub(crate) async fn relay<L, B>(
+    local: L,
+    bridge: B,
+    opts: RelayOpts,
+    stats: &SessionStats,
+) -> (u64, u64)
+where
+    L: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut lr, mut lw) = tokio::io::split(local);
+    let (mut br, mut bw) = tokio::io::split(bridge);
+    let start = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let touch =
+        |last: &AtomicU64| last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+
+    let up = async {
+        let mut buf = vec![0u8; CHUNK];
+        let mut total = 0u64;
+        loop {
+            let n = match lr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if bw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+            total += n as u64;
+            stats.add_out(n);
+            touch(&last);
+        }
+        let _ = bw.shutdown().await;
+        total
+    };
+    let down = async {
+        let mut buf = vec![0u8; CHUNK];
+        let mut total = 0u64;
+        loop {
+            let n = match br.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if lw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+            total += n as u64;
+            stats.add_in(n);
+            touch(&last);
+        }
+        let _ = lw.shutdown().await;
+        total
+    };
+    let idle = async {
+        loop {
+            let seen = Duration::from_millis(last.load(Ordering::Relaxed));
+            let deadline = start + seen + opts.idle_timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+
+    tokio::pin!(up, down, idle);
+    let (mut up_total, mut down_total) = (None, None);
+    loop {
+        tokio::select! {
+            n = &mut up, if up_total.is_none() => {
+                up_total = Some(n);
+                if !opts.half_close || down_total.is_some() { break; }
+            }
+            n = &mut down, if down_total.is_none() => {
+                down_total = Some(n);
+                if !opts.half_close || up_total.is_some() { break; }
+            }
+            () = &mut idle => break,
+        }
+    }
+    (up_total.unwrap_or(0), down_total.unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_streams_time_out_and_traffic_resets_the_clock() {
+        let (local, mut browser) = tokio::io::duplex(1024);
+        let (bridge, _peer) = tokio::io::duplex(1024);
+        let stats = SessionStats::new();
+        let opts = RelayOpts {
+            half_close: true,
+            idle_timeout: Duration::from_secs(600),
+        };
+        let start = Instant::now();
+        let relay = tokio::spawn(async move {
+            let stats = stats;
+            relay(local, bridge, opts, &stats).await
+        });
+        tokio::time::sleep(Duration::from_secs(500)).await;
+        browser.write_all(b"keepalive").await.unwrap();
+        let (up, down) = relay.await.unwrap();
+        assert_eq!(
+            (up, down),
+            (0, 0),
+            "totals of unfinished directions are not reported"
+        );
+        let idle_for = start.elapsed();
+        assert!(
+            idle_for >= Duration::from_secs(1100) && idle_for < Duration::from_secs(1200),
+            "{idle_for:?}"
+        );
+    }
+}

@@ -1,0 +1,304 @@
+//! v1 streams: the per-bridge registry of stream ids and [`V1Stream`], an `AsyncRead + AsyncWrite` over `data`/`close` frames with a bounded per-stream inbound queue.
+//!
+//! The shared read loop only ever *appends* to a stream's queue; a per-stream
+//! task drains it into the local socket. A stalled socket therefore stalls
+//! only its own queue, and a queue over its cap closes only that stream.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::PollSender;
+
+use crate::frame_v1::{self, TextFrame, V1_CHUNK};
+
+/// Result of a pending open as seen by the client: `Err` carries the host's error text.
+pub(crate) type OpenResult = Result<(), String>;
+
+/// All v1 streams of one bridge, by id.
+pub(crate) struct V1Registry {
+    // A std mutex: every critical section is a map operation, never an await.
+    entries: Mutex<HashMap<String, Entry>>,
+    out: mpsc::Sender<Message>,
+    queue_cap: usize,
+}
+
+struct Entry {
+    tx: mpsc::UnboundedSender<Bytes>,
+    shared: Arc<Shared>,
+    pending: Option<oneshot::Sender<OpenResult>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    queued: AtomicUsize,
+    overflowed: AtomicBool,
+    peer_closed: AtomicBool,
+}
+
+/// What the read loop should do after handing a `data` frame to the registry.
+pub(crate) enum DataOutcome {
+    Queued,
+    UnknownId,
+    /// The stream went over its queue cap and was removed; tell the peer.
+    Overflowed,
+}
+
+impl V1Registry {
+    pub(crate) fn new(out: mpsc::Sender<Message>, queue_cap: usize) -> Arc<Self> {
+        Arc::new(V1Registry {
+            entries: Mutex::new(HashMap::new()),
+            out,
+            queue_cap,
+        })
+    }
+
+    /// Registers an open stream (host side after a successful dial).
+    pub(crate) fn register(self: &Arc<Self>, id: &str) -> V1Stream {
+        self.insert(id, None)
+    }
+
+    /// Registers a stream awaiting `open_ok`/`error` (client side).
+    pub(crate) fn register_pending(
+        self: &Arc<Self>,
+        id: &str,
+    ) -> (V1Stream, oneshot::Receiver<OpenResult>) {
+        let (tx, rx) = oneshot::channel();
+        (self.insert(id, Some(tx)), rx)
+    }
+
+    fn insert(
+        self: &Arc<Self>,
+        id: &str,
+        pending: Option<oneshot::Sender<OpenResult>>,
+    ) -> V1Stream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared::default());
+        let entry = Entry {
+            tx,
+            shared: shared.clone(),
+            pending,
+        };
+        self.entries.lock().unwrap().insert(id.to_owned(), entry);
+        V1Stream {
+            id: id.into(),
+            rx,
+            rbuf: Bytes::new(),
+            shared,
+            reg: self.clone(),
+            tx: PollSender::new(self.out.clone()),
+            closed: false,
+        }
+    }
+
+    pub(crate) fn contains(&self, id: &str) -> bool {
+        self.entries.lock().unwrap().contains_key(id)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.lock().unwrap().len()
+    }
+
+    /// Appends bytes to a stream's queue. Never blocks.
+    pub(crate) fn on_data(&self, id: &str, body: Bytes) -> DataOutcome {
+        let mut entries = self.entries.lock().unwrap();
+        let Some(entry) = entries.get(id) else {
+            return DataOutcome::UnknownId;
+        };
+        let queued = entry.shared.queued.load(Ordering::Acquire);
+        if queued + body.len() > self.queue_cap {
+            let entry = entries.remove(id).unwrap();
+            entry.shared.overflowed.store(true, Ordering::Release);
+            entry.shared.peer_closed.store(true, Ordering::Release);
+            return DataOutcome::Overflowed;
+        }
+        entry.shared.queued.fetch_add(body.len(), Ordering::AcqRel);
+        // The receiver may be gone (stream dropped); the entry is then removed by its Drop.
+        let _ = entry.tx.send(body);
+        DataOutcome::Queued
+    }
+
+    /// The peer closed `id`: the reader sees EOF after the queued bytes, writes fail.
+    pub(crate) fn on_close(&self, id: &str) {
+        if let Some(entry) = self.entries.lock().unwrap().remove(id) {
+            entry.shared.peer_closed.store(true, Ordering::Release);
+            if let Some(pending) = entry.pending {
+                let _ = pending.send(Err("closed by host".into()));
+            }
+        }
+    }
+
+    /// Returns false when nobody waits for this id any more (abandoned open): the caller must send `close`.
+    pub(crate) fn on_open_ok(&self, id: &str) -> bool {
+        let mut entries = self.entries.lock().unwrap();
+        match entries.get_mut(id) {
+            Some(entry) => {
+                if let Some(pending) = entry.pending.take()
+                    && pending.send(Ok(())).is_err()
+                {
+                    entries.remove(id);
+                    return false;
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn on_error(&self, id: &str, error: String) {
+        if let Some(entry) = self.entries.lock().unwrap().remove(id) {
+            entry.shared.peer_closed.store(true, Ordering::Release);
+            if let Some(pending) = entry.pending {
+                let _ = pending.send(Err(error));
+            }
+        }
+    }
+
+    /// Removes `id`; true if it was registered (so a `close` is owed to the peer).
+    pub(crate) fn remove(&self, id: &str) -> bool {
+        self.entries.lock().unwrap().remove(id).is_some()
+    }
+
+    /// Ends every stream (bridge gone): readers see EOF, writers fail.
+    pub(crate) fn clear(&self) {
+        let entries = std::mem::take(&mut *self.entries.lock().unwrap());
+        for (_, entry) in entries {
+            entry.shared.peer_closed.store(true, Ordering::Release);
+            if let Some(pending) = entry.pending {
+                let _ = pending.send(Err("bridge closed".into()));
+            }
+        }
+    }
+
+    /// Sends a control frame without ever waiting in the caller (the shared
+    /// read loop must not block on the write queue): falls back to a task.
+    pub(crate) fn send_control(&self, frame: TextFrame) {
+        let msg = Message::text(frame_v1::encode(&frame));
+        if let Err(mpsc::error::TrySendError::Full(msg)) = self.out.try_send(msg) {
+            let out = self.out.clone();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = out.send(msg).await;
+                });
+            }
+        }
+    }
+
+    /// Sends a frame, waiting for queue space (never call from the read loop).
+    pub(crate) async fn send(&self, frame: TextFrame) -> bool {
+        self.out
+            .send(Message::text(frame_v1::encode(&frame)))
+            .await
+            .is_ok()
+    }
+}
+
+/// One v1 stream as a byte pipe. Dropping it (or shutting it down) sends
+/// `close` unless the peer closed first.
+pub(crate) struct V1Stream {
+    id: Arc<str>,
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    rbuf: Bytes,
+    shared: Arc<Shared>,
+    reg: Arc<V1Registry>,
+    tx: PollSender<Message>,
+    closed: bool,
+}
+
+impl V1Stream {
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl AsyncRead for V1Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.rbuf.is_empty() {
+                let n = self.rbuf.len().min(buf.remaining());
+                buf.put_slice(&self.rbuf[..n]);
+                self.rbuf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(self.rx.poll_recv(cx)) {
+                Some(chunk) => {
+                    self.shared.queued.fetch_sub(chunk.len(), Ordering::AcqRel);
+                    self.rbuf = chunk;
+                }
+                None if self.shared.overflowed.load(Ordering::Acquire) => {
+                    return Poll::Ready(Err(io::Error::other("stream queue overflow")));
+                }
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for V1Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.closed || self.shared.peer_closed.load(Ordering::Acquire) {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        ready!(self.tx.poll_reserve(cx)).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        let n = buf.len().min(V1_CHUNK);
+        let frame = TextFrame::Data {
+            id: self.id.to_string(),
+            body: Bytes::copy_from_slice(&buf[..n]),
+        };
+        let msg = Message::text(frame_v1::encode(&frame));
+        self.tx
+            .send_item(msg)
+            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// v1 has no half-close: shutting down the write side closes the whole stream.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.closed {
+            return Poll::Ready(Ok(()));
+        }
+        if self.reg.contains(&self.id) {
+            ready!(self.tx.poll_reserve(cx))
+                .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+            if self.reg.remove(&self.id) {
+                let msg = Message::text(frame_v1::encode(&TextFrame::Close {
+                    id: self.id.to_string(),
+                }));
+                let _ = self.tx.send_item(msg);
+            } else {
+                self.tx.abort_send();
+            }
+        }
+        self.closed = true;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for V1Stream {
+    fn drop(&mut self) {
+        if !self.closed && self.reg.remove(&self.id) {
+            self.reg.send_control(TextFrame::Close {
+                id: self.id.to_string(),
+            });
+        }
+    }
+}

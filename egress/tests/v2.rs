@@ -1,0 +1,243 @@
+//! v2 between our two ends through the in-memory relay: negotiation in both join orders, flow control on both sides, reasoned 502s, half-close, stats frames, healing and fatal close classification.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crabbox_egress::memory::MemoryRelay;
+use crabbox_egress::{BridgeConfig, ClientConfig, ErrorClass, FatalReason, Role, SessionStats};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn assert_v2(p: &Pair) {
+    wait_until(|| p.proxy.stats().protocol_version() == 2 && p.host_stats.protocol_version() == 2)
+        .await;
+}
+
+#[tokio::test]
+async fn negotiates_v2_when_the_host_joins_first() {
+    let p = pair(true, true, false).await;
+    assert_v2(&p).await;
+    let origin = echo_origin().await;
+    let (mut s, head) = connect_via(p.proxy_addr, origin).await;
+    assert_eq!(head.as_bytes(), crabbox_egress::proxy::CONNECT_OK);
+    echo_roundtrip(&mut s, b"over yamux").await;
+}
+
+#[tokio::test]
+async fn negotiates_v2_when_the_client_joins_first() {
+    // The client's hello is dropped by the relay (no peer yet); the host's hello must still settle it.
+    let p = pair(true, true, true).await;
+    assert_v2(&p).await;
+    let origin = echo_origin().await;
+    let (mut s, _) = connect_via(p.proxy_addr, origin).await;
+    echo_roundtrip(&mut s, b"over yamux").await;
+}
+
+#[tokio::test]
+async fn stays_on_v1_when_either_end_declines() {
+    for (host_v2, client_v2) in [(false, true), (true, false)] {
+        let p = pair(host_v2, client_v2, false).await;
+        let origin = echo_origin().await;
+        let (mut s, _) = connect_via(p.proxy_addr, origin).await;
+        echo_roundtrip(&mut s, b"json frames").await;
+        assert_eq!(p.proxy.stats().protocol_version(), 1);
+        assert_eq!(p.host_stats.protocol_version(), 1);
+    }
+}
+
+#[tokio::test]
+async fn rejected_open_gets_a_502_with_a_reason() {
+    let p = pair(true, true, false).await;
+    assert_v2(&p).await;
+    let origin = echo_origin().await;
+    let not_listed = format!("127.0.0.2:{}", origin.port());
+    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+    s.write_all(format!("CONNECT {not_listed} HTTP/1.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let resp = String::from_utf8(read_to_end(&mut s).await).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{resp}");
+    assert!(resp.contains("not allowed"), "{resp}");
+    // A listed literal whose port is closed: connect failed.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+    s.write_all(format!("CONNECT {closed} HTTP/1.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let resp = String::from_utf8(read_to_end(&mut s).await).unwrap();
+    assert!(resp.contains("connect failed"), "{resp}");
+}
+
+#[tokio::test]
+async fn banner_follows_the_200_on_v2() {
+    let p = pair(true, true, false).await;
+    assert_v2(&p).await;
+    let origin = banner_origin(b"SSH-2.0-origin\r\n").await;
+    let (mut s, head) = connect_via(p.proxy_addr, origin).await;
+    assert_eq!(head.as_bytes(), crabbox_egress::proxy::CONNECT_OK);
+    let mut banner = [0u8; 16];
+    s.read_exact(&mut banner).await.unwrap();
+    assert_eq!(&banner, b"SSH-2.0-origin\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_browser_does_not_block_other_streams() {
+    let p = pair(true, true, false).await;
+    assert_v2(&p).await;
+    let hose = firehose_origin().await;
+    let echo = echo_origin().await;
+    // Never read: the origin keeps writing, yamux windows must stop only this stream.
+    let (_stalled, _) = connect_via(p.proxy_addr, hose).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut s, _) = connect_via(p.proxy_addr, echo).await;
+    for _ in 0..20 {
+        tokio::time::timeout(Duration::from_secs(5), echo_roundtrip(&mut s, b"ping"))
+            .await
+            .expect("blocked");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_destination_does_not_block_other_streams() {
+    let p = pair(true, true, false).await;
+    assert_v2(&p).await;
+    let stalled = stalled_origin().await;
+    let echo = echo_origin().await;
+    let (uploader, _) = connect_via(p.proxy_addr, stalled).await;
+    // Upload into a destination that never reads, from a separate task that will block.
+    let up = tokio::spawn(async move {
+        let mut uploader = uploader;
+        let chunk = vec![0u8; 64 * 1024];
+        while uploader.write_all(&chunk).await.is_ok() {}
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut s, _) = connect_via(p.proxy_addr, echo).await;
+    for _ in 0..20 {
+        tokio::time::timeout(Duration::from_secs(5), echo_roundtrip(&mut s, b"ping"))
+            .await
+            .expect("blocked");
+    }
+    up.abort();
+}
+
+#[tokio::test]
+async fn half_close_keeps_the_other_direction() {
+    let p = pair(true, true, false).await;
+    assert_v2(&p).await;
+    let origin = echo_origin().await;
+    let (mut s, _) = connect_via(p.proxy_addr, origin).await;
+    s.write_all(b"last words").await.unwrap();
+    s.shutdown().await.unwrap();
+    // The origin sees EOF only after our bytes, echoes them, then closes.
+    assert_eq!(read_to_end(&mut s).await, b"last words");
+}
+
+#[tokio::test]
+async fn stats_frames_reach_the_peer() {
+    let p = pair(true, true, false).await;
+    assert_v2(&p).await;
+    let origin = echo_origin().await;
+    let (mut s, _) = connect_via(p.proxy_addr, origin).await;
+    echo_roundtrip(&mut s, b"12345").await;
+    wait_until(|| {
+        p.proxy
+            .stats()
+            .snapshot()
+            .peer
+            .is_some_and(|peer| peer.active == 1 && peer.bytes_out >= 5)
+    })
+    .await;
+    wait_until(|| {
+        p.host_stats
+            .snapshot()
+            .peer
+            .is_some_and(|peer| peer.active == 1)
+    })
+    .await;
+    let snap = p.proxy.stats().snapshot();
+    assert_eq!(snap.recent_hosts[0].host, "127.0.0.1");
+    assert_eq!(snap.active_streams, 1);
+}
+
+#[tokio::test]
+async fn proxy_heals_across_bridge_reconnects() {
+    let relay = MemoryRelay::new();
+    let cfg = ClientConfig {
+        bridge: fast_bridge(BridgeConfig::client(), true),
+        ..ClientConfig::default()
+    };
+    let (proxy, addr) = start_proxy(cfg).await;
+    let origin = echo_origin().await;
+    // No bridge yet: a fast 503 with a reason, not a long hang.
+    let started = tokio::time::Instant::now();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("CONNECT {origin} HTTP/1.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let resp = String::from_utf8(read_to_end(&mut s).await).unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 503") && resp.contains("not connected"),
+        "{resp}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    for round in 0..2 {
+        let host = spawn_host(
+            &relay,
+            true,
+            loopback_policy(),
+            Arc::new(SessionStats::new()),
+        )
+        .await;
+        let client = attach(&proxy, relay.connect(Role::Client).await);
+        wait_until(|| proxy.is_bridged() && proxy.stats().protocol_version() == 2).await;
+        let (mut s, _) = connect_via(addr, origin).await;
+        echo_roundtrip(&mut s, format!("round {round}").as_bytes()).await;
+        // The coordinator drops the pair (e.g. a host restart).
+        relay.close_all(1011, "egress host disconnected");
+        let err = client.await.unwrap().unwrap_err();
+        assert_eq!(err.class(), ErrorClass::Retryable);
+        assert!(host.await.unwrap().is_err());
+        wait_until(|| !proxy.is_bridged()).await;
+        // The tunnel of the dead bridge ends with it.
+        assert!(read_to_end(&mut s).await.len() < 64);
+    }
+}
+
+#[tokio::test]
+async fn lease_end_and_replacement_are_fatal() {
+    let p = pair(true, true, false).await;
+    p.relay.close_all(1008, "lease ended");
+    let err = p.host_task.await.unwrap().unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Fatal(FatalReason::LeaseEnded));
+    let err = p.client_task.await.unwrap().unwrap_err();
+    assert!(err.is_fatal());
+
+    let relay = MemoryRelay::new();
+    let first = spawn_host(
+        &relay,
+        true,
+        loopback_policy(),
+        Arc::new(SessionStats::new()),
+    )
+    .await;
+    wait_until(|| relay.is_connected(Role::Host)).await;
+    let _second = spawn_host(
+        &relay,
+        true,
+        loopback_policy(),
+        Arc::new(SessionStats::new()),
+    )
+    .await;
+    let err = first.await.unwrap().unwrap_err();
+    assert_eq!(
+        err.class(),
+        ErrorClass::Fatal(FatalReason::Replaced),
+        "{err}"
+    );
+}

@@ -1,0 +1,372 @@
+//! Mediated egress end to end on real parts: our coordinator in-process on
+//! port 0, the real daemon running the host bridge, the real
+//! `crabbox-egress-client` helper with a minted ticket, and curl through it
+//! to a loopback origin (reached through the policy's explicit
+//! `--allow-private` opt-in).
+
+use std::time::Duration;
+
+use crabbox_coordinator::testing::TestCoordinator;
+use crabbox_tests::{
+    TestDaemon,
+    egress::{EgressHelper, Origin, curl_via},
+};
+
+const LEASE: &str = "cbx_00000000e001";
+
+struct World {
+    coord: TestCoordinator,
+    daemon: TestDaemon,
+}
+
+async fn world() -> World {
+    let coord = TestCoordinator::start().await;
+    coord
+        .register_lease(&coord.shared_token, LEASE, "egress-crab")
+        .await
+        .unwrap();
+    let daemon = daemon_for(&coord, None).await;
+    World { coord, daemon }
+}
+
+async fn daemon_for(coord: &TestCoordinator, home: Option<&std::path::Path>) -> TestDaemon {
+    let mut b = TestDaemon::builder()
+        .env("CRABBOX_COORDINATOR", &coord.base_url)
+        .env("CRABBOX_COORDINATOR_TOKEN", &coord.shared_token);
+    if let Some(h) = home {
+        b = b.home(h);
+    }
+    b.start().await
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+async fn start_host(d: &TestDaemon, origin: &Origin) -> String {
+    let allow = origin.addr.ip().to_string();
+    let v = json(
+        &d.ctl(&[
+            "egress",
+            "host",
+            "--id",
+            LEASE,
+            "--allow",
+            &allow,
+            "--allow-private",
+            "--json",
+        ])
+        .await,
+    );
+    v["session_id"].as_str().unwrap().to_owned()
+}
+
+async fn status(d: &TestDaemon) -> serde_json::Value {
+    json(&d.ctl(&["egress", "status", "--id", LEASE, "--json"]).await)
+}
+
+async fn wait_status(
+    d: &TestDaemon,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = status(d).await;
+        if pred(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {v}\n{}",
+            d.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn helper(w: &World, session: &str) -> EgressHelper {
+    let ticket = w.daemon.home().join(format!("ticket-{}", rand_suffix()));
+    let out = w
+        .daemon
+        .ctl(&[
+            "egress",
+            "ticket",
+            "--id",
+            LEASE,
+            "--role",
+            "client",
+            "--out",
+            ticket.to_str().unwrap(),
+        ])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    EgressHelper::start(&w.coord.base_url, LEASE, session, &ticket, w.daemon.home()).await
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+async fn fetch_until_ok(proxy: &str, url: &str) -> String {
+    // The helper answers a fast 502/503 until its bridge is paired; retry
+    // (bounded) rather than guess when pairing finished.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, body, err) = curl_via(proxy, url).await;
+        if ok && !body.is_empty() {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "curl never succeeded: {err} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_helper_and_daemon_reaches_the_origin() {
+    let w = world().await;
+    let origin = Origin::start().await;
+    let session = start_host(&w.daemon, &origin).await;
+    assert!(session.starts_with("egress_"), "{session}");
+    wait_status(&w.daemon, "the host bridge", |v| {
+        v["coordinator"]["hostConnected"] == true
+    })
+    .await;
+
+    let h = helper(&w, &session).await;
+    let body = fetch_until_ok(&h.proxy_url(), &origin.url("index.html")).await;
+    assert_eq!(body, origin.body, "bytes identical");
+    assert!(!origin.peers.lock().unwrap().is_empty());
+
+    let v = wait_status(&w.daemon, "counters", |v| {
+        v["local"]["bytes_out"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+    assert_eq!(v["coordinator"]["clientConnected"], true);
+    assert_eq!(v["coordinator"]["sessionID"], session);
+    assert_eq!(v["local"]["session_id"], session);
+    let hosts = v["local"]["recent_hosts"].as_array().unwrap();
+    assert!(hosts.iter().any(|h| h[0] == "127.0.0.1"), "{v}");
+    assert_eq!(v["local"]["protocol_version"], 2, "both ends are ours: v2");
+
+    // A destination not on the allowlist is refused by the daemon's policy.
+    let (ok, _, err) = curl_via(&h.proxy_url(), "http://localhost:9/").await;
+    assert!(!ok);
+    assert!(err.contains("502"), "{err}");
+
+    // The ticket is passed by a 0600 file: it never shows in the helper's
+    // process list entry.
+    let cmdline =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", h.pid())).unwrap())
+            .into_owned();
+    let ticket_like = cmdline
+        .split('\0')
+        .any(|a| a.len() == 39 && a.starts_with("egress_"));
+    assert!(!ticket_like, "{cmdline}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_proxy_is_refused() {
+    let w = world().await;
+    let out = w.daemon.ctl(&["egress", "host", "--id", LEASE]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("open proxy"), "{err}");
+    let out = w
+        .daemon
+        .ctl(&["egress", "host", "--id", LEASE, "--allow", "*"])
+        .await;
+    assert!(!out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_release_ends_the_host_bridge() {
+    let w = world().await;
+    let origin = Origin::start().await;
+    start_host(&w.daemon, &origin).await;
+    wait_status(&w.daemon, "the host bridge", |v| {
+        v["coordinator"]["hostConnected"] == true
+    })
+    .await;
+    let (status, v) = w
+        .coord
+        .request(
+            "POST",
+            &format!("/v1/leases/{LEASE}/release"),
+            &w.coord.shared_token,
+            &serde_json::json!({"delete": false}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    let t0 = tokio::time::Instant::now();
+    let deadline = t0 + Duration::from_secs(10);
+    loop {
+        let v = json(&w.daemon.ctl(&["egress", "list", "--json"]).await);
+        if v[0]["state"] == "failed" {
+            assert!(
+                v[0]["last_error"].as_str().unwrap().contains("lease"),
+                "{v}"
+            );
+            assert_eq!(v[0]["restarts"], 0, "lease end is fatal, never retried");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{v}\n{}",
+            w.daemon.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_restores_the_same_session() {
+    let w = world().await;
+    let origin = Origin::start().await;
+    let session = start_host(&w.daemon, &origin).await;
+    wait_status(&w.daemon, "the host bridge", |v| {
+        v["coordinator"]["hostConnected"] == true
+    })
+    .await;
+    let home = w.daemon.home().to_path_buf();
+    w.daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    let mut old = w.daemon;
+    old.wait_exit().await;
+
+    let d = daemon_for(&w.coord, Some(&home)).await;
+    let v = wait_status(&d, "the restored bridge", |v| {
+        v["coordinator"]["hostConnected"] == true && v["local"]["connected"] == true
+    })
+    .await;
+    assert_eq!(v["local"]["session_id"], session, "restored, not replaced");
+    assert_eq!(v["coordinator"]["sessionID"], session);
+    drop(old);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_starts_leave_exactly_one_session() {
+    let w = world().await;
+    let origin = Origin::start().await;
+    let allow = origin.addr.ip().to_string();
+    let args = [
+        "egress",
+        "host",
+        "--id",
+        LEASE,
+        "--allow",
+        &allow,
+        "--allow-private",
+        "--json",
+    ];
+    // 50 CLI processes at once, all polled together.
+    let outs = futures::future::join_all((0..50).map(|_| w.daemon.ctl(&args))).await;
+    let failures: Vec<String> = outs
+        .iter()
+        .filter(|o| !o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "every start succeeds (each replaces the previous): {failures:?}"
+    );
+
+    let v = wait_status(&w.daemon, "the final bridge", |v| {
+        v["coordinator"]["hostConnected"] == true && v["local"]["connected"] == true
+    })
+    .await;
+    let session = v["local"]["session_id"].clone();
+    assert_eq!(
+        v["coordinator"]["sessionID"], session,
+        "the coordinator's active session is ours"
+    );
+    let tasks = json(
+        &w.daemon
+            .ctl(&["tasks", "--json", "--kind", "egress-host"])
+            .await,
+    );
+    let tasks = tasks
+        .as_array()
+        .or_else(|| tasks["tasks"].as_array())
+        .unwrap()
+        .clone();
+    assert_eq!(tasks.len(), 1);
+    // No zombie reconnects afterwards: the session and restarts stay put.
+    let before = tasks[0]["restarts"].clone();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let v = status(&w.daemon).await;
+    assert_eq!(v["coordinator"]["sessionID"], session);
+    assert_eq!(v["local"]["restarts"], before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_restart_reconnects_the_same_session_and_the_helper_heals() {
+    let w = world().await;
+    let origin = Origin::start().await;
+    let session = start_host(&w.daemon, &origin).await;
+    wait_status(&w.daemon, "the host bridge", |v| {
+        v["coordinator"]["hostConnected"] == true
+    })
+    .await;
+    let h = helper(&w, &session).await;
+    assert_eq!(
+        fetch_until_ok(&h.proxy_url(), &origin.url("before")).await,
+        origin.body
+    );
+
+    let World { coord, daemon } = w;
+    let addr = coord.addr;
+    let coord = coord.restart().await;
+    assert_eq!(coord.addr, addr, "restarted on the same port");
+
+    // The daemon's host task reconnects by itself, with the same session.
+    let v = wait_status(&daemon, "the host to reconnect", |v| {
+        v["coordinator"]["hostConnected"] == true && v["local"]["connected"] == true
+    })
+    .await;
+    assert_eq!(v["local"]["session_id"], session);
+    assert_eq!(v["coordinator"]["sessionID"], session);
+    assert!(v["local"]["restarts"].as_u64().unwrap() >= 1, "{v}");
+
+    // While the helper has no bridge, the browser gets a fast error, not a hang.
+    let t0 = tokio::time::Instant::now();
+    let (ok, _, _) = curl_via(&h.proxy_url(), &origin.url("during")).await;
+    if !ok {
+        assert!(
+            t0.elapsed() < Duration::from_secs(8),
+            "took {:?}",
+            t0.elapsed()
+        );
+    }
+
+    // The helper keeps its listener; a fresh ticket heals the pair.
+    let out = daemon.ctl(&["egress", "ticket", "--id", LEASE]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ticket = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(h.give_ticket(&ticket).await, "ok");
+    assert_eq!(
+        fetch_until_ok(&h.proxy_url(), &origin.url("after")).await,
+        origin.body
+    );
+    drop(coord);
+}

@@ -86,6 +86,10 @@ mkdir -p "$stage/share/bash-completion/completions" \
 "$gen" completions zsh > "$stage/share/zsh/site-functions/_crabboxctl"
 "$gen" completions fish > "$stage/share/fish/vendor_completions.d/crabboxctl.fish"
 "$gen" man --out-dir "$stage/share/man/man1"
+# crabboxd documents itself the same way, when it runs on this host.
+if [ "$target" = "$host" ] && [ -x "$out_dir/crabboxd" ]; then
+  "$out_dir/crabboxd" --print-man-page > "$stage/share/man/man1/crabboxd.1"
+fi
 
 # Templates: `crabboxctl daemon install` renders them itself; packagers
 # substitute {{crabboxd}} (and {{log_file}} in the plist).

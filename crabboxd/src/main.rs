@@ -41,6 +41,9 @@ struct Flags {
     /// Print an example crabboxd.toml and exit.
     #[arg(long)]
     print_example_config: bool,
+    /// Print the crabboxd(1) man page (roff) and exit; used by packaging.
+    #[arg(long, hide = true)]
+    print_man_page: bool,
 }
 
 /// Exit code for usage and configuration errors (BSD `EX_USAGE`).
@@ -51,6 +54,17 @@ fn main() -> ExitCode {
     if flags.print_example_config {
         print!("{}", crabboxd::config::EXAMPLE_TOML);
         return ExitCode::SUCCESS;
+    }
+    if flags.print_man_page {
+        use clap::CommandFactory as _;
+        let man = clap_mangen::Man::new(Flags::command());
+        return match man.render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("crabboxd: cannot write the man page: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     // Everything the daemon creates is private to the user, whatever the
     // umask it inherited.

@@ -291,3 +291,24 @@ async fn version_flag_prints_the_version() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(crabbox_api::VERSION));
 }
+
+#[tokio::test]
+async fn man_page_and_example_config_print() {
+    let man = tokio::process::Command::new(bin("crabboxd"))
+        .arg("--print-man-page")
+        .output()
+        .await
+        .unwrap();
+    assert!(man.status.success());
+    let text = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        text.contains(".TH crabboxd") && text.contains("socket"),
+        "{text}"
+    );
+    let example = tokio::process::Command::new(bin("crabboxd"))
+        .arg("--print-example-config")
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&example.stdout).contains("[coordinator]"));
+}

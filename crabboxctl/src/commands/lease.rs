@@ -97,6 +97,7 @@ struct KeptJson {
     last_heartbeat_unix_ms: i64,
     interval_ms: u64,
     ended: String,
+    via: String,
 }
 
 fn kept_json(k: &KeptLease) -> KeptJson {
@@ -117,6 +118,7 @@ fn kept_json(k: &KeptLease) -> KeptJson {
         last_heartbeat_unix_ms: k.last_heartbeat_unix_ms,
         interval_ms: k.interval_ms,
         ended: k.ended.clone(),
+        via: k.last_heartbeat_via.clone(),
     }
 }
 

@@ -117,6 +117,7 @@ pub fn kept_lease(s: &crate::lease::LeaseStatus, task_rec: Option<&TaskRecord>) 
         interval_ms: s.interval.map(|d| d.as_millis() as u64).unwrap_or(0),
         idle_timeout_override_seconds: s.idle_override.map(|d| d.as_secs()).unwrap_or(0),
         ended: s.ended.clone().unwrap_or_default(),
+        last_heartbeat_via: s.via.unwrap_or_default().to_owned(),
     }
 }
 

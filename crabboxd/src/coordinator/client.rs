@@ -233,11 +233,8 @@ impl Client {
         if let Some(token) = self.bearer().await? {
             req = req.bearer_auth(token.expose());
         }
-        if let Some(owner) = &self.owner {
-            req = req.header("X-Crabbox-Owner", owner);
-        }
-        if let Some(org) = &self.org {
-            req = req.header("X-Crabbox-Org", org);
+        for (name, value) in self.identity_headers() {
+            req = req.header(name, value);
         }
         if let Some(body) = body {
             req = req.json(body);
@@ -258,6 +255,16 @@ impl Client {
                 path: path.to_owned(),
                 source,
             })
+    }
+
+    /// `X-Crabbox-Owner` / `X-Crabbox-Org`, when configured.
+    pub(super) fn identity_headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("x-crabbox-owner", &self.owner),
+            ("x-crabbox-org", &self.org),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| v.as_deref().map(|v| (name, v)))
     }
 
     /// The coordinator token for this request, if one is configured.

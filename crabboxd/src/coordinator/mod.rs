@@ -3,6 +3,7 @@
 //! classified once, as fatal or retryable, for the supervisor.
 
 mod client;
+pub mod control;
 mod egress;
 mod token;
 mod types;

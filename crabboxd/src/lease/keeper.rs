@@ -11,6 +11,7 @@ use std::{
 
 use super::{LeaseManager, LeaseStatus};
 use crate::{
+    control::{ControlBeat, ControlChannel},
     coordinator::{self, Lease},
     daemon::LeaseEnds,
     supervisor::{TaskCtx, TaskError},
@@ -41,7 +42,12 @@ pub struct Keeper {
     pub status: Arc<Mutex<LeaseStatus>>,
     pub manager: LeaseManager,
     pub ends: LeaseEnds,
+    pub control: Option<ControlChannel>,
 }
+
+/// How long a heartbeat waits for its answer on the control socket before
+/// the same tick falls back to HTTP.
+pub const CONTROL_WAIT: Duration = Duration::from_secs(5);
 
 impl Keeper {
     /// One attempt: heartbeat at once, then on every tick, until cancelled
@@ -50,7 +56,68 @@ impl Keeper {
     pub async fn run(self, ctx: TaskCtx) -> Result<(), TaskError> {
         let ended = self.ends.wait_for(&self.id);
         tokio::pin!(ended);
+        // A lease heartbeated moments ago (by `keep`, or before a restart of
+        // this task) is not beaten again until its interval is up.
+        let pause = {
+            let s = self.status.lock().unwrap();
+            match (s.last_heartbeat, s.interval) {
+                (Some(last), Some(interval)) => (last + interval)
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default(),
+                _ => Duration::ZERO,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = ctx.cancelled() => return Ok(()),
+            reason = &mut ended => return self.over(reason).await,
+        }
         loop {
+            // The shared control socket first, once the lease is known; any
+            // failure (down, silent, refused) falls back to HTTP in the same
+            // tick.
+            let known = self.status.lock().unwrap().lease.clone();
+            if let (Some(control), Some(mut lease)) = (&self.control, known) {
+                let idle_secs = self.idle.map(|d| d.as_secs().max(1));
+                let beat = tokio::select! {
+                    beat = control.heartbeat(&self.id, idle_secs, CONTROL_WAIT) => beat,
+                    _ = ctx.cancelled() => return Ok(()),
+                    reason = &mut ended => return self.over(reason).await,
+                };
+                match beat {
+                    Ok(ControlBeat::Ok { expires_at }) => {
+                        lease.expires_at = expires_at.or(lease.expires_at);
+                        let interval = heartbeat_interval(self.idle, &lease);
+                        self.record(lease, "control", interval);
+                        ctx.running();
+                        tokio::select! {
+                            _ = tokio::time::sleep(interval) => continue,
+                            _ = ctx.cancelled() => return Ok(()),
+                            reason = &mut ended => return self.over(reason).await,
+                        }
+                    }
+                    Ok(ControlBeat::Refused { code })
+                        if matches!(
+                            code.as_str(),
+                            "lease_ended" | "lease_expired" | "not_found"
+                        ) =>
+                    {
+                        let reason = match code.as_str() {
+                            "lease_ended" => "lease ended",
+                            "lease_expired" => "lease expired",
+                            _ => "lease not found",
+                        };
+                        self.ends.announce(&self.id, reason);
+                        return self.over(reason.to_owned()).await;
+                    }
+                    Ok(ControlBeat::Refused { code }) => {
+                        tracing::debug!(%code, "control heartbeat refused; falling back to HTTP");
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "control heartbeat failed; falling back to HTTP")
+                    }
+                }
+            }
             let beat = tokio::select! {
                 beat = self.client.heartbeat(&self.id, self.idle) => beat,
                 _ = ctx.cancelled() => return Ok(()),
@@ -72,12 +139,7 @@ impl Keeper {
                 }
             };
             let interval = heartbeat_interval(self.idle, &lease);
-            {
-                let mut s = self.status.lock().unwrap();
-                s.last_heartbeat = Some(SystemTime::now());
-                s.interval = Some(interval);
-                s.lease = Some(lease);
-            }
+            self.record(lease, "http", interval);
             ctx.running();
             tracing::debug!(interval = ?interval, "heartbeat ok");
             tokio::select! {
@@ -86,6 +148,14 @@ impl Keeper {
                 reason = &mut ended => return self.over(reason).await,
             }
         }
+    }
+
+    fn record(&self, lease: Lease, via: &'static str, interval: Duration) {
+        let mut s = self.status.lock().unwrap();
+        s.last_heartbeat = Some(SystemTime::now());
+        s.interval = Some(interval);
+        s.lease = Some(lease);
+        s.via = Some(via);
     }
 
     /// The lease is over: record why, drop it from the persisted set, and

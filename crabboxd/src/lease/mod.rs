@@ -15,6 +15,7 @@ use std::{
 pub use keeper::heartbeat_interval;
 
 use crate::{
+    control::ControlChannel,
     coordinator::{self, CoordinatorError, Lease},
     daemon::LeaseEnds,
     supervisor::{Backoff, RestartPolicy, Supervisor, TaskHandle, TaskId, TaskKind, TaskRecord},
@@ -35,6 +36,9 @@ pub struct LeaseStatus {
     pub interval: Option<Duration>,
     /// Why the lease stopped being kept (ended, expired, not found).
     pub ended: Option<String>,
+    /// How the last heartbeat went: `control` (the shared socket) or
+    /// `http` (the fallback).
+    pub via: Option<&'static str>,
 }
 
 /// Why a lease operation failed.
@@ -70,6 +74,7 @@ struct Kept {
 #[derive(Clone)]
 pub struct LeaseManager {
     coordinator: Option<coordinator::Client>,
+    control: Option<ControlChannel>,
     supervisor: Supervisor,
     store: store::Store,
     ends: LeaseEnds,
@@ -94,8 +99,12 @@ impl LeaseManager {
         state_dir: PathBuf,
         ends: LeaseEnds,
     ) -> Self {
+        let control = coordinator
+            .clone()
+            .map(|c| ControlChannel::new(c, supervisor.clone()));
         LeaseManager {
             coordinator,
+            control,
             supervisor,
             store: store::Store::new(state_dir.join("leases.json")),
             ends,
@@ -162,10 +171,14 @@ impl LeaseManager {
             id: id.to_owned(),
             interval: lease.as_ref().map(|l| heartbeat_interval(idle, l)),
             last_heartbeat: lease.as_ref().map(|_| SystemTime::now()),
+            via: lease.as_ref().map(|_| "http"),
             lease,
             idle_override: idle,
             ended: None,
         }));
+        if let Some(control) = &self.control {
+            control.ensure_started().await;
+        }
         let keeper = keeper::Keeper {
             client,
             id: id.to_owned(),
@@ -173,6 +186,7 @@ impl LeaseManager {
             status: Arc::clone(&status),
             manager: self.clone(),
             ends: self.ends.clone(),
+            control: self.control.clone(),
         };
         let handle = self
             .supervisor

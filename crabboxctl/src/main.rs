@@ -88,6 +88,8 @@ enum Command {
     Heartbeat(commands::heartbeat::Args),
     /// Run mediated egress for a lease: host bridges and helper tickets.
     Egress(commands::egress::Args),
+    /// Follow a run's events and exit with its exit code.
+    Attach(commands::attach::Args),
     /// Print a shell completion script.
     Completions(commands::completions::Args),
     /// Write man pages (used by packaging).
@@ -142,6 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<Code> {
         Command::Lease(args) => commands::lease::run(&ctx(socket)?, &args).await,
         Command::Heartbeat(args) => commands::heartbeat::run(&ctx(socket)?, &args).await,
         Command::Egress(args) => commands::egress::run(&ctx(socket)?, &args).await,
+        Command::Attach(args) => commands::attach::run(&ctx(socket)?, &args).await,
     }
 }
 

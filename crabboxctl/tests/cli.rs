@@ -212,6 +212,15 @@ impl Daemon for Fake {
         Err(Status::unimplemented("Heartbeat"))
     }
 
+    type AttachStream = Pin<Box<dyn Stream<Item = Result<v1::AttachEvent, Status>> + Send>>;
+
+    async fn attach(
+        &self,
+        _: Request<v1::AttachRequest>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        Err(Status::unimplemented("Attach"))
+    }
+
     async fn start_egress_host(
         &self,
         _: Request<v1::StartEgressHostRequest>,

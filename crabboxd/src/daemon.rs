@@ -13,7 +13,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Config, coordinator, egress::EgressManager, lease::LeaseManager, supervisor::Supervisor,
+    attach::AttachManager, config::Config, control::ControlChannel, coordinator,
+    egress::EgressManager, lease::LeaseManager, supervisor::Supervisor,
 };
 
 /// "Lease end is one event": whoever learns that a lease is over (a
@@ -90,6 +91,7 @@ struct Inner {
     coordinator: Option<coordinator::Client>,
     leases: LeaseManager,
     egress: EgressManager,
+    attach: AttachManager,
     phase: Mutex<Phase>,
     shutdown: CancellationToken,
     shutdown_reason: Mutex<Option<String>>,
@@ -108,12 +110,18 @@ impl DaemonState {
             .map(coordinator::Client::new)
             .transpose()?;
         let ends = LeaseEnds::default();
+        // One control socket per coordinator, shared by leases and runs.
+        let control = coordinator
+            .clone()
+            .map(|c| ControlChannel::new(c, supervisor.clone()));
         let leases = LeaseManager::new(
             coordinator.clone(),
+            control.clone(),
             supervisor.clone(),
             config.state_dir.clone(),
             ends.clone(),
         );
+        let attach = AttachManager::new(coordinator.clone(), control, supervisor.clone());
         let egress = EgressManager::new(
             coordinator.clone(),
             supervisor.clone(),
@@ -130,6 +138,7 @@ impl DaemonState {
                 coordinator,
                 leases,
                 egress,
+                attach,
                 phase: Mutex::new(Phase::Starting),
                 shutdown: CancellationToken::new(),
                 shutdown_reason: Mutex::new(None),
@@ -165,6 +174,11 @@ impl DaemonState {
     /// The kept leases.
     pub fn leases(&self) -> &LeaseManager {
         &self.inner.leases
+    }
+
+    /// The run attach feeds.
+    pub fn attach(&self) -> &AttachManager {
+        &self.inner.attach
     }
 
     /// The egress host bridges.

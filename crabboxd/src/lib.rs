@@ -21,6 +21,7 @@
 //! * [`api`] — the gRPC service; the only module that knows proto types.
 //! * [`coordinator`] — the coordinator HTTP client; the only module that
 //!   knows the coordinator's wire shapes.
+//! * [`attach`] — run attach feeds shared by any number of subscribers.
 //! * [`control`] — the shared `/v1/control` socket (heartbeats, later run events).
 //! * [`lease`] — kept leases: the `LeaseKeeper` task and its manager.
 //! * [`egress`] — egress host bridges: the `EgressHost` task and its manager.
@@ -34,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod attach;
 pub mod config;
 pub mod control;
 pub mod coordinator;

@@ -1,6 +1,7 @@
 //! One module per subcommand; each connects, makes one call (or one
 //! stream), and renders the reply.
 
+pub mod attach;
 pub mod completions;
 pub mod daemon;
 pub mod doctor;

@@ -161,3 +161,23 @@ pub fn coordinator_egress(s: &crate::coordinator::EgressStatus) -> v1::Coordinat
         client_connected: s.client_connected,
     }
 }
+
+pub fn run_event(e: &crate::coordinator::RunEvent) -> v1::RunEvent {
+    v1::RunEvent {
+        seq: e.seq,
+        r#type: e.kind.clone(),
+        phase: e.phase.clone().unwrap_or_default(),
+        stream: e.stream.clone().unwrap_or_default(),
+        message: e.message.clone().unwrap_or_default(),
+        data: e.data.clone().unwrap_or_default(),
+        exit_code: e.exit_code,
+        created_at: e.created_at.clone(),
+    }
+}
+
+pub fn run_end(e: &crate::attach::RunEnd) -> v1::RunEnd {
+    v1::RunEnd {
+        state: e.state.clone(),
+        exit_code: e.exit_code,
+    }
+}

@@ -89,6 +89,8 @@ fn idle(seconds: u64) -> Option<std::time::Duration> {
     (seconds > 0).then(|| std::time::Duration::from_secs(seconds))
 }
 
+type AttachStream = Pin<Box<dyn Stream<Item = Result<v1::AttachEvent, Status>> + Send>>;
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchTasksEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -430,6 +432,79 @@ impl v1::daemon_server::Daemon for DaemonService {
             lease_id: ticket.lease_id,
             expires_at: ticket.expires_at,
         }))
+    }
+
+    type AttachStream = AttachStream;
+
+    async fn attach(
+        &self,
+        req: Request<v1::AttachRequest>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        use crate::attach::{AttachError, FeedItem};
+        let req = req.into_inner();
+        let run = req.run_id.trim().to_owned();
+        if run.is_empty() {
+            return Err(Status::invalid_argument("a run id is required"));
+        }
+        let sub = self
+            .state
+            .attach()
+            .subscribe(&run, req.after)
+            .await
+            .map_err(|e| match e {
+                AttachError::NoCoordinator => Status::failed_precondition(e.to_string()),
+                AttachError::TooOld(_) => Status::out_of_range(e.to_string()),
+            })?;
+        let ev = |e: &crate::coordinator::RunEvent| v1::AttachEvent {
+            event: Some(v1::attach_event::Event::RunEvent(convert::run_event(e))),
+        };
+        let end = |e: &crate::attach::RunEnd| v1::AttachEvent {
+            event: Some(v1::attach_event::Event::End(convert::run_end(e))),
+        };
+        let mut last = req.after;
+        let mut first: Vec<Result<v1::AttachEvent, Status>> = sub
+            .snapshot
+            .iter()
+            .map(|e| {
+                last = e.seq;
+                Ok(ev(e))
+            })
+            .collect();
+        if let Some(e) = &sub.end {
+            first.push(Ok(end(e)));
+            return Ok(Response::new(Box::pin(futures::stream::iter(first))));
+        }
+        let stop = self.api_stop.clone();
+        let live = futures::stream::unfold(Some((sub.rx, last)), move |st| {
+            let stop = stop.clone();
+            async move {
+                let (mut rx, last) = st?;
+                let item = tokio::select! {
+                    item = rx.recv() => item,
+                    _ = stop.cancelled() => return None,
+                };
+                match item {
+                    // The snapshot already covered it (sent before this
+                    // receiver was read).
+                    Ok(FeedItem::Event(e)) if e.seq <= last => Some((Ok(v1::AttachEvent { event: None }), Some((rx, last)))),
+                    Ok(FeedItem::Event(e)) => {
+                        let seq = e.seq;
+                        Some((Ok(ev(&e)), Some((rx, seq))))
+                    }
+                    Ok(FeedItem::End(e)) => Some((Ok(end(&e)), None)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Some((
+                        Err(Status::resource_exhausted(format!(
+                            "this client fell behind by {n} events; attach again with --after {last}"
+                        ))),
+                        None,
+                    )),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+                }
+            }
+        })
+        .filter(|item| futures::future::ready(!matches!(item, Ok(v1::AttachEvent { event: None }))));
+        let stream = futures::stream::iter(first).chain(live);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn set_log_level(

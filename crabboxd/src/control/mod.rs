@@ -16,8 +16,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
     coordinator::{
-        self, CoordinatorError,
-        control::{ServerFrame, heartbeat_frame},
+        self, CoordinatorError, RunEvent,
+        control::{ServerFrame, ack_frame, heartbeat_frame, subscribe_frame},
     },
     supervisor::{
         Backoff, RestartPolicy, Supervisor, TaskCtx, TaskError, TaskHandle, TaskId, TaskKind,
@@ -66,6 +66,7 @@ struct Inner {
     // an await.
     outgoing: Mutex<Option<mpsc::Sender<String>>>,
     waiters: Mutex<Waiters>,
+    runs: Mutex<HashMap<String, mpsc::Sender<Vec<RunEvent>>>>,
     handle: Mutex<Option<TaskHandle>>,
 }
 
@@ -74,6 +75,11 @@ impl std::fmt::Debug for ControlChannel {
         f.debug_struct("ControlChannel").finish_non_exhaustive()
     }
 }
+
+/// How many pages a run subscriber may have queued before it is dropped.
+const RUN_QUEUE: usize = 256;
+/// How long a frame may wait for room in the socket's send queue.
+const SEND_WAIT: Duration = Duration::from_secs(5);
 
 /// The control socket reconnects forever with network backoff while it is
 /// wanted; a clean close by the coordinator (a restart) reconnects too.
@@ -89,6 +95,7 @@ impl ControlChannel {
                 supervisor,
                 outgoing: Mutex::new(None),
                 waiters: Mutex::new(HashMap::new()),
+                runs: Mutex::new(HashMap::new()),
                 handle: Mutex::new(None),
             }),
         }
@@ -155,6 +162,56 @@ impl ControlChannel {
             .map_err(|_| ControlError::Timeout)?
     }
 
+    /// Subscribes to a run's events after `after`: the receiver gets the
+    /// first page and then pushes. It ends (`None`) when the socket drops or
+    /// the subscriber falls more than a queue behind; either way the caller
+    /// falls back to HTTP from its cursor, so nothing is lost.
+    pub async fn subscribe_run(
+        &self,
+        run: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<mpsc::Receiver<Vec<RunEvent>>, ControlError> {
+        let (tx, rx) = mpsc::channel(RUN_QUEUE);
+        self.inner.runs.lock().unwrap().insert(run.to_owned(), tx);
+        self.send(subscribe_frame(run, after, limit)).await?;
+        Ok(rx)
+    }
+
+    /// Asks for the next page of a subscribed run (after a full page).
+    pub async fn resubscribe_run(
+        &self,
+        run: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<(), ControlError> {
+        self.send(subscribe_frame(run, after, limit)).await
+    }
+
+    /// Acknowledges a run's events up to `seq`.
+    pub async fn ack_run(&self, run: &str, seq: u64) -> Result<(), ControlError> {
+        self.send(ack_frame(run, seq)).await
+    }
+
+    /// Forgets a run subscription.
+    pub fn unsubscribe_run(&self, run: &str) {
+        self.inner.runs.lock().unwrap().remove(run);
+    }
+
+    async fn send(&self, frame: String) -> Result<(), ControlError> {
+        let tx = self
+            .inner
+            .outgoing
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or(ControlError::NotConnected)?;
+        tokio::time::timeout(SEND_WAIT, tx.send(frame))
+            .await
+            .map_err(|_| ControlError::Timeout)?
+            .map_err(|_| ControlError::NotConnected)
+    }
+
     /// One connection: dial, then route frames until it drops.
     async fn run(self, ctx: TaskCtx) -> Result<(), TaskError> {
         let dial = tokio::select! {
@@ -197,6 +254,7 @@ impl ControlChannel {
         // makes them fall back to HTTP at once instead of timing out.
         *self.inner.outgoing.lock().unwrap() = None;
         self.inner.waiters.lock().unwrap().clear();
+        self.inner.runs.lock().unwrap().clear();
         result
     }
 
@@ -230,6 +288,16 @@ impl ControlChannel {
                 };
                 if let Some(w) = waiter {
                     let _ = w.send(beat);
+                }
+            }
+            Ok(ServerFrame::RunEvents { run_id, events }) => {
+                let mut runs = self.inner.runs.lock().unwrap();
+                if let Some(tx) = runs.get(&run_id) {
+                    // Never block the read loop on a slow feed: drop its
+                    // subscription instead, and it catches up over HTTP.
+                    if tx.try_send(events).is_err() {
+                        runs.remove(&run_id);
+                    }
                 }
             }
             Ok(ServerFrame::Error { code, message }) => {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::{
     token::TokenProvider,
-    types::{Lease, LeaseEnvelope},
+    types::{EventsEnvelope, Lease, LeaseEnvelope, Run, RunEnvelope, RunEvent},
 };
 use crate::config::CoordinatorConfig;
 
@@ -213,6 +213,26 @@ impl Client {
         let path = format!("/v1/leases/{}/release", encode(id));
         let env: LeaseEnvelope = self.send("POST", &path, Some(&Body { delete })).await?;
         Ok(env.lease)
+    }
+
+    /// `GET /v1/runs/{id}`.
+    pub async fn run(&self, id: &str) -> Result<Run, CoordinatorError> {
+        let path = format!("/v1/runs/{}", encode(id));
+        let env: RunEnvelope = self.send("GET", &path, None::<&()>).await?;
+        Ok(env.run)
+    }
+
+    /// `GET /v1/runs/{id}/events?after=&limit=`: events with `seq > after`,
+    /// ascending, at most `limit` (the coordinator caps it at 500).
+    pub async fn run_events(
+        &self,
+        id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<RunEvent>, CoordinatorError> {
+        let path = format!("/v1/runs/{}/events?after={after}&limit={limit}", encode(id));
+        let env: EventsEnvelope = self.send("GET", &path, None::<&()>).await?;
+        Ok(env.events)
     }
 
     /// Sends one authenticated request and decodes the JSON answer. A body,

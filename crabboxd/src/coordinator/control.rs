@@ -48,9 +48,9 @@ pub enum ServerFrame {
         /// The run.
         #[serde(rename = "runID", default)]
         run_id: String,
-        /// The events, as raw JSON.
+        /// The events.
         #[serde(default)]
-        events: Vec<serde_json::Value>,
+        events: Vec<super::RunEvent>,
     },
     /// The answer to a `ping`.
     Pong,
@@ -86,6 +86,18 @@ pub fn heartbeat_frame(lease: &str, idle_override_secs: Option<u64>) -> String {
         idle: idle_override_secs,
     })
     .expect("a heartbeat frame serialises")
+}
+
+/// A `subscribe_run` frame: a page of events after `after`, and live pushes
+/// from then on.
+pub fn subscribe_frame(run: &str, after: u64, limit: u32) -> String {
+    serde_json::json!({"type": "subscribe_run", "runID": run, "after": after, "limit": limit})
+        .to_string()
+}
+
+/// An `ack` frame: moves this socket's cursor for `run` to `seq`.
+pub fn ack_frame(run: &str, seq: u64) -> String {
+    serde_json::json!({"type": "ack", "runID": run, "seq": seq}).to_string()
 }
 
 impl Client {

@@ -10,4 +10,4 @@ mod types;
 
 pub use client::{Client, CoordinatorError, Health, LeaseEnd, install_crypto_provider};
 pub use egress::{Bridge, EgressStatus, Role, Ticket, TicketRequest};
-pub use types::Lease;
+pub use types::{Lease, Run, RunEvent};

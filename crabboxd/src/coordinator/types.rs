@@ -60,3 +60,60 @@ mod tests {
         assert!(env.lease.is_live());
     }
 }
+
+/// `{"run": …}`.
+#[derive(Debug, Deserialize)]
+pub struct RunEnvelope {
+    /// The run.
+    pub run: Run,
+}
+
+/// A run record (protocol doc §1.9), the fields the daemon uses.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Run {
+    /// `run_…`.
+    pub id: String,
+    /// `running`, `succeeded` or `failed`.
+    pub state: String,
+    /// The command's exit code, once finished.
+    pub exit_code: Option<i64>,
+}
+
+impl Run {
+    /// Whether the run is still going.
+    pub fn is_running(&self) -> bool {
+        self.state == "running"
+    }
+}
+
+/// `{"events": […]}`.
+#[derive(Debug, Deserialize)]
+pub struct EventsEnvelope {
+    /// The page.
+    #[serde(default)]
+    pub events: Vec<RunEvent>,
+}
+
+/// One run event (protocol doc §1.9), the fields `attach` shows.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RunEvent {
+    /// 1-based, contiguous.
+    pub seq: u64,
+    /// `stdout`, `stderr`, `command.finished`, …
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The phase, if any.
+    pub phase: Option<String>,
+    /// `stdout` or `stderr`, for output events.
+    pub stream: Option<String>,
+    /// A message (≤ 16 KiB).
+    pub message: Option<String>,
+    /// Output data (≤ 16 KiB).
+    pub data: Option<String>,
+    /// The exit code, on `command.finished`.
+    pub exit_code: Option<i64>,
+    /// ISO-8601.
+    pub created_at: String,
+}

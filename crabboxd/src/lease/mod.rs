@@ -95,13 +95,11 @@ impl LeaseManager {
     /// A manager that persists its desired state under `state_dir`.
     pub fn new(
         coordinator: Option<coordinator::Client>,
+        control: Option<ControlChannel>,
         supervisor: Supervisor,
         state_dir: PathBuf,
         ends: LeaseEnds,
     ) -> Self {
-        let control = coordinator
-            .clone()
-            .map(|c| ControlChannel::new(c, supervisor.clone()));
         LeaseManager {
             coordinator,
             control,

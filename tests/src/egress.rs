@@ -91,9 +91,31 @@ impl EgressHelper {
         ticket_file: &Path,
         dir: &Path,
     ) -> EgressHelper {
+        Self::start_with_prefix(&[], coordinator, lease, session, ticket_file, dir).await
+    }
+
+    /// Like [`EgressHelper::start`], but runs the helper under a command
+    /// prefix (e.g. `ip netns exec <ns>` to put it in a test namespace).
+    pub async fn start_with_prefix(
+        prefix: &[&str],
+        coordinator: &str,
+        lease: &str,
+        session: &str,
+        ticket_file: &Path,
+        dir: &Path,
+    ) -> EgressHelper {
         let log = dir.join(format!("egress-client-{session}.log"));
         let control = dir.join(format!("egress-client-{session}.sock"));
-        let mut child = tokio::process::Command::new(bin("crabbox-egress-client"))
+        let helper = bin("crabbox-egress-client");
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = tokio::process::Command::new(first);
+                c.args(rest).arg(&helper);
+                c
+            }
+            None => tokio::process::Command::new(&helper),
+        };
+        let mut child = cmd
             .args([
                 "--coordinator",
                 coordinator,

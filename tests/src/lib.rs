@@ -12,5 +12,6 @@
 pub mod bins;
 pub mod daemon;
 pub mod egress;
+pub mod netns;
 
 pub use daemon::{TestDaemon, TestDaemonBuilder};

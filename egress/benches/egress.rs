@@ -107,6 +107,14 @@ async fn run(opts: Opts) {
         measure(name, Via::Connect(proxy), origin, &opts).await;
         children.into_iter().for_each(kill);
     }
+    // A proxy set up outside this bench, measured in the same run: e.g. the
+    // whole daemon path started by `bench/e2e.sh` (`NAME=127.0.0.1:PORT`).
+    if let Ok(extra) = std::env::var("EGRESS_BENCH_EXTRA_PROXY")
+        && let Some((name, addr)) = extra.rsplit_once('=')
+        && let Ok(addr) = addr.parse::<SocketAddr>()
+    {
+        measure(name, Via::Connect(addr), origin, &opts).await;
+    }
 }
 
 fn kill(mut child: Child) {

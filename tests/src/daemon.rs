@@ -261,6 +261,45 @@ impl TestDaemon {
             .expect("run crabboxctl")
     }
 
+    /// Runs `crabboxctl <args>` (which must include `--json`), asserts it
+    /// succeeded, and parses its output.
+    pub async fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.ctl(args).await;
+        assert!(
+            out.status.success(),
+            "crabboxctl {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("crabboxctl printed JSON")
+    }
+
+    /// Repeats [`TestDaemon::ctl_json`] until `pred` holds, for at most
+    /// `timeout`; panics naming `what` with the last output and the daemon's
+    /// log. For state that changes over time (heartbeats, reconnects).
+    pub async fn ctl_json_until(
+        &self,
+        args: &[&str],
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let v = self.ctl_json(args).await;
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {v}\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The home directory.
     pub fn home(&self) -> &Path {
         &self.layout.home

@@ -213,6 +213,24 @@ async fn a_coordinator_restart_mid_attach_loses_nothing() {
         .start()
         .await;
     let client = attach_cmd(&d, &run, true);
+    // Once the shared control socket is up, the feed follows the run by
+    // push, not by polling.
+    d.ctl_json_until(
+        &["tasks", "--json", "--kind", "attach-feed"],
+        "the feed to follow the run over the control socket",
+        Duration::from_secs(30),
+        |v| {
+            let tasks = v
+                .as_array()
+                .or_else(|| v["tasks"].as_array())
+                .cloned()
+                .unwrap_or_default();
+            tasks
+                .first()
+                .is_some_and(|t| t["labels"]["via"] == "control")
+        },
+    )
+    .await;
     for n in 0..50 {
         append(&coord, &run, n).await;
     }

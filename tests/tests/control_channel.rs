@@ -24,37 +24,6 @@ use crabbox_tests::TestDaemon;
 
 const LEASE: &str = "cbx_00000000c001";
 
-fn json(out: &std::process::Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-async fn wait_list(
-    d: &TestDaemon,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let v = json(&d.ctl(&["lease", "list", "--json"]).await);
-        if pred(&v) {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {v}\n{}",
-            d.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_use_the_shared_control_socket() {
     let coord = TestCoordinator::start().await;
@@ -67,8 +36,8 @@ async fn heartbeats_use_the_shared_control_socket() {
         .env("CRABBOX_COORDINATOR_TOKEN", &coord.shared_token)
         .start()
         .await;
-    let kept = json(
-        &d.ctl(&[
+    let kept = d
+        .ctl_json(&[
             "lease",
             "keep",
             "--id",
@@ -77,21 +46,20 @@ async fn heartbeats_use_the_shared_control_socket() {
             "15s",
             "--json",
         ])
-        .await,
-    );
+        .await;
     assert_eq!(kept["via"], "http", "keep answers with one HTTP heartbeat");
-    let v = wait_list(
-        &d,
-        "a heartbeat over the control socket",
-        Duration::from_secs(20),
-        |v| v[0]["via"] == "control",
-    )
-    .await;
+    let v = d
+        .ctl_json_until(
+            &["lease", "list", "--json"],
+            "a heartbeat over the control socket",
+            Duration::from_secs(20),
+            |v| v[0]["via"] == "control",
+        )
+        .await;
     assert_eq!(v[0]["state"], "running");
-    let tasks = json(
-        &d.ctl(&["tasks", "--json", "--kind", "control-channel"])
-            .await,
-    );
+    let tasks = d
+        .ctl_json(&["tasks", "--json", "--kind", "control-channel"])
+        .await;
     let tasks = tasks
         .as_array()
         .or_else(|| tasks["tasks"].as_array())
@@ -164,18 +132,16 @@ async fn falls_back(fault: ControlFault) {
         .env("CRABBOX_COORDINATOR_TOKEN", "fake-token")
         .start()
         .await;
-    json(
-        &d.ctl(&[
-            "lease",
-            "keep",
-            "--id",
-            LEASE,
-            "--idle-timeout",
-            "15s",
-            "--json",
-        ])
-        .await,
-    );
+    d.ctl_json(&[
+        "lease",
+        "keep",
+        "--id",
+        LEASE,
+        "--idle-timeout",
+        "15s",
+        "--json",
+    ])
+    .await;
     assert_eq!(http_beats.load(Ordering::SeqCst), 1);
     // The next tick (5 s) tries the control socket, gets no answer within
     // its bounded wait, and still heartbeats over HTTP in the same tick.
@@ -195,7 +161,7 @@ async fn falls_back(fault: ControlFault) {
         "took {:?}",
         t0.elapsed()
     );
-    let v = json(&d.ctl(&["lease", "list", "--json"]).await);
+    let v = d.ctl_json(&["lease", "list", "--json"]).await;
     assert_eq!(v[0]["via"], "http");
     assert_eq!(v[0]["state"], "running", "{v}");
     assert_eq!(

@@ -39,20 +39,10 @@ async fn daemon_for(coord: &TestCoordinator, home: Option<&std::path::Path>) -> 
     b.start().await
 }
 
-fn json(out: &std::process::Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 async fn start_host(d: &TestDaemon, origin: &Origin) -> String {
     let allow = origin.addr.ip().to_string();
-    let v = json(
-        &d.ctl(&[
+    let v = d
+        .ctl_json(&[
             "egress",
             "host",
             "--id",
@@ -62,13 +52,13 @@ async fn start_host(d: &TestDaemon, origin: &Origin) -> String {
             "--allow-private",
             "--json",
         ])
-        .await,
-    );
+        .await;
     v["session_id"].as_str().unwrap().to_owned()
 }
 
 async fn status(d: &TestDaemon) -> serde_json::Value {
-    json(&d.ctl(&["egress", "status", "--id", LEASE, "--json"]).await)
+    d.ctl_json(&["egress", "status", "--id", LEASE, "--json"])
+        .await
 }
 
 async fn wait_status(
@@ -76,19 +66,13 @@ async fn wait_status(
     what: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = status(d).await;
-        if pred(&v) {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {v}\n{}",
-            d.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    d.ctl_json_until(
+        &["egress", "status", "--id", LEASE, "--json"],
+        what,
+        Duration::from_secs(30),
+        pred,
+    )
+    .await
 }
 
 async fn helper(w: &World, session: &str) -> EgressHelper {
@@ -218,7 +202,7 @@ async fn lease_release_ends_the_host_bridge() {
     let t0 = tokio::time::Instant::now();
     let deadline = t0 + Duration::from_secs(10);
     loop {
-        let v = json(&w.daemon.ctl(&["egress", "list", "--json"]).await);
+        let v = w.daemon.ctl_json(&["egress", "list", "--json"]).await;
         if v[0]["state"] == "failed" {
             assert!(
                 v[0]["last_error"].as_str().unwrap().contains("lease"),
@@ -296,11 +280,10 @@ async fn concurrent_starts_leave_exactly_one_session() {
         v["coordinator"]["sessionID"], session,
         "the coordinator's active session is ours"
     );
-    let tasks = json(
-        &w.daemon
-            .ctl(&["tasks", "--json", "--kind", "egress-host"])
-            .await,
-    );
+    let tasks = w
+        .daemon
+        .ctl_json(&["tasks", "--json", "--kind", "egress-host"])
+        .await;
     let tasks = tasks
         .as_array()
         .or_else(|| tasks["tasks"].as_array())

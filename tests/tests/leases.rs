@@ -22,16 +22,6 @@ async fn setup() -> (TestCoordinator, TestDaemon) {
     (coord, daemon)
 }
 
-fn json(out: &std::process::Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 async fn lease_at_coordinator(coord: &TestCoordinator) -> serde_json::Value {
     let (status, v) = coord
         .request(
@@ -44,27 +34,6 @@ async fn lease_at_coordinator(coord: &TestCoordinator) -> serde_json::Value {
         .unwrap();
     assert_eq!(status, 200, "{v}");
     v["lease"].clone()
-}
-
-/// Polls `crabboxctl lease list --json` until `pred` holds (bounded).
-async fn wait_list(
-    d: &TestDaemon,
-    what: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = json(&d.ctl(&["lease", "list", "--json"]).await);
-        if pred(&v) {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {v}\n{}",
-            d.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,8 +52,8 @@ async fn one_heartbeat_prints_the_reference_fields() {
         )),
         "{text}"
     );
-    let v = json(
-        &d.ctl(&[
+    let v = d
+        .ctl_json(&[
             "heartbeat",
             "--id",
             LEASE,
@@ -92,8 +61,7 @@ async fn one_heartbeat_prints_the_reference_fields() {
             "--idle-timeout",
             "20m",
         ])
-        .await,
-    );
+        .await;
     assert_eq!(v["id"], LEASE);
     assert_eq!(
         v["idleTimeout"], 1200,
@@ -117,8 +85,8 @@ async fn one_heartbeat_prints_the_reference_fields() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_lease_heartbeats_and_release_ends_it() {
     let (coord, d) = setup().await;
-    let kept = json(
-        &d.ctl(&[
+    let kept = d
+        .ctl_json(&[
             "lease",
             "keep",
             "--id",
@@ -127,13 +95,14 @@ async fn kept_lease_heartbeats_and_release_ends_it() {
             "15s",
             "--json",
         ])
-        .await,
-    );
+        .await;
     assert_eq!(kept["interval_ms"], 5000, "idle/3 clamped to 5 s");
     let first_touch = lease_at_coordinator(&coord).await["lastTouchedAt"].clone();
 
     // The keeper task is in the task table, keyed by the lease.
-    let tasks = json(&d.ctl(&["tasks", "--json", "--kind", "lease-keeper"]).await);
+    let tasks = d
+        .ctl_json(&["tasks", "--json", "--kind", "lease-keeper"])
+        .await;
     let tasks = tasks
         .as_array()
         .or_else(|| tasks["tasks"].as_array())
@@ -153,27 +122,27 @@ async fn kept_lease_heartbeats_and_release_ends_it() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    let released = json(&d.ctl(&["lease", "release", "--id", LEASE, "--json"]).await);
+    let released = d
+        .ctl_json(&["lease", "release", "--id", LEASE, "--json"])
+        .await;
     assert_eq!(released["state"], "released");
-    let list = json(&d.ctl(&["lease", "list", "--json"]).await);
+    let list = d.ctl_json(&["lease", "list", "--json"]).await;
     assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_released_elsewhere_ends_its_keeper_within_one_interval() {
     let (coord, d) = setup().await;
-    json(
-        &d.ctl(&[
-            "lease",
-            "keep",
-            "--id",
-            LEASE,
-            "--idle-timeout",
-            "15s",
-            "--json",
-        ])
-        .await,
-    );
+    d.ctl_json(&[
+        "lease",
+        "keep",
+        "--id",
+        LEASE,
+        "--idle-timeout",
+        "15s",
+        "--json",
+    ])
+    .await;
     // Someone else releases it at the coordinator.
     let (status, v) = coord
         .request(
@@ -186,10 +155,14 @@ async fn a_lease_released_elsewhere_ends_its_keeper_within_one_interval() {
         .unwrap();
     assert_eq!(status, 200, "{v}");
     let t0 = tokio::time::Instant::now();
-    let list = wait_list(&d, "the keeper to see the lease end", |v| {
-        v[0]["ended"] == "lease ended"
-    })
-    .await;
+    let list = d
+        .ctl_json_until(
+            &["lease", "list", "--json"],
+            "the keeper to see the lease end",
+            Duration::from_secs(30),
+            |v| v[0]["ended"] == "lease ended",
+        )
+        .await;
     // One interval (5 s) plus scheduling slack.
     assert!(
         t0.elapsed() < Duration::from_secs(8),
@@ -204,18 +177,16 @@ async fn a_lease_released_elsewhere_ends_its_keeper_within_one_interval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_leases_survive_a_daemon_kill() {
     let (coord, d) = setup().await;
-    json(
-        &d.ctl(&[
-            "lease",
-            "keep",
-            "--id",
-            LEASE,
-            "--idle-timeout",
-            "15s",
-            "--json",
-        ])
-        .await,
-    );
+    d.ctl_json(&[
+        "lease",
+        "keep",
+        "--id",
+        LEASE,
+        "--idle-timeout",
+        "15s",
+        "--json",
+    ])
+    .await;
     let home = d.home().to_path_buf();
     d.signal(nix::sys::signal::Signal::SIGKILL);
     let mut d = d;
@@ -226,10 +197,17 @@ async fn kept_leases_survive_a_daemon_kill() {
         .env("CRABBOX_COORDINATOR_TOKEN", &coord.shared_token)
         .start()
         .await;
-    let list = wait_list(&restarted, "the restored keeper to heartbeat", |v| {
-        v[0]["state"] == "running" && v[0]["last_heartbeat_unix_ms"].as_i64().unwrap_or(0) > 0
-    })
-    .await;
+    let list = restarted
+        .ctl_json_until(
+            &["lease", "list", "--json"],
+            "the restored keeper to heartbeat",
+            Duration::from_secs(30),
+            |v| {
+                v[0]["state"] == "running"
+                    && v[0]["last_heartbeat_unix_ms"].as_i64().unwrap_or(0) > 0
+            },
+        )
+        .await;
     assert_eq!(list[0]["id"], LEASE);
     assert_eq!(
         list[0]["interval_ms"], 5000,
@@ -253,28 +231,30 @@ async fn keeping_without_a_coordinator_says_what_to_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_lease_ends_its_keeper_within_one_interval() {
     let (coord, d) = setup().await;
-    json(
-        &d.ctl(&[
-            "lease",
-            "keep",
-            "--id",
-            LEASE,
-            "--idle-timeout",
-            "15s",
-            "--json",
-        ])
-        .await,
-    );
+    d.ctl_json(&[
+        "lease",
+        "keep",
+        "--id",
+        LEASE,
+        "--idle-timeout",
+        "15s",
+        "--json",
+    ])
+    .await;
     // Age the coordinator past the idle timeout: the lease expires there.
     coord.clock.advance(Duration::from_secs(120));
     let t0 = tokio::time::Instant::now();
     // The coordinator answers `lease_expired` while the lease is still
     // marked live, and `lease_ended` once its sweeper has expired it (as the
     // reference does); either ends the keeper.
-    let list = wait_list(&d, "the keeper to see the lease expire", |v| {
-        v[0]["ended"] == "lease expired" || v[0]["ended"] == "lease ended"
-    })
-    .await;
+    let list = d
+        .ctl_json_until(
+            &["lease", "list", "--json"],
+            "the keeper to see the lease expire",
+            Duration::from_secs(30),
+            |v| v[0]["ended"] == "lease expired" || v[0]["ended"] == "lease ended",
+        )
+        .await;
     assert!(
         t0.elapsed() < Duration::from_secs(8),
         "took {:?}",

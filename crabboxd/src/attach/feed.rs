@@ -1,7 +1,8 @@
 //! The `AttachFeed` task: fills one run's feed, in order and without gaps,
 //! from the control socket (subscribe, page through the backlog, ack) and
 //! from `GET /v1/runs/{id}/events?after=` whenever the socket is missing,
-//! fails, or pushes an event ahead of the cursor. Ends with the run.
+//! fails, or pushes an event ahead of the cursor; while on HTTP it polls
+//! and goes back to the socket once it is up. Ends with the run.
 
 use std::{sync::Arc, time::Duration};
 
@@ -36,15 +37,22 @@ impl Worker {
     /// run ends (clean end) or cannot be read (fatal).
     pub async fn run(self, ctx: TaskCtx) -> Result<(), TaskError> {
         ctx.running();
+        // Control when the socket is up; otherwise one HTTP round, then try
+        // the socket again (it may have connected meanwhile).
         let work = async {
-            if let Some(control) = &self.control {
-                match self.follow_control(control).await {
-                    Ok(Some(end)) => return Ok(end),
-                    Ok(None) => tracing::debug!("control feed unavailable; following over HTTP"),
-                    Err(e) => return Err(e),
+            loop {
+                if let Some(control) = &self.control
+                    && let Some(end) = self.follow_control(control, &ctx).await?
+                {
+                    return Ok(end);
                 }
+                ctx.set_label("via", "http");
+                self.pull(None).await?;
+                if let Some(end) = self.ended().await? {
+                    return Ok(end);
+                }
+                tokio::time::sleep(POLL).await;
             }
-            self.follow_http().await
         };
         let end = tokio::select! {
             end = work => end.map_err(|e| self.classify(e))?,
@@ -60,6 +68,7 @@ impl Worker {
     async fn follow_control(
         &self,
         control: &ControlChannel,
+        ctx: &TaskCtx,
     ) -> Result<Option<RunEnd>, CoordinatorError> {
         let Ok(mut rx) = control
             .subscribe_run(&self.run, self.feed.cursor(), PAGE)
@@ -67,6 +76,7 @@ impl Worker {
         else {
             return Ok(None);
         };
+        ctx.set_label("via", "control");
         let mut first = true;
         let result = loop {
             let wait = if first { FIRST_PAGE_WAIT } else { POLL };
@@ -106,27 +116,6 @@ impl Worker {
         result
     }
 
-    /// Polls `GET …/events?after=` from the cursor until the run ends.
-    async fn follow_http(&self) -> Result<RunEnd, CoordinatorError> {
-        loop {
-            let page = self
-                .client
-                .run_events(&self.run, self.feed.cursor(), HTTP_PAGE)
-                .await?;
-            let full = page.len() >= HTTP_PAGE as usize;
-            for event in page {
-                self.accept(event).await?;
-            }
-            if full {
-                continue;
-            }
-            if let Some(end) = self.ended().await? {
-                return Ok(end);
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
     /// Adds an event in order: duplicates are dropped; an event ahead of the
     /// cursor (a push that skipped a backlog) first pulls the gap over HTTP.
     async fn accept(&self, event: RunEvent) -> Result<(), CoordinatorError> {
@@ -144,18 +133,22 @@ impl Worker {
     }
 
     async fn fill_gap(&self, up_to: u64) -> Result<(), CoordinatorError> {
-        while self.feed.cursor() < up_to {
-            let page = self
-                .client
-                .run_events(&self.run, self.feed.cursor(), HTTP_PAGE)
-                .await?;
-            if page.is_empty() {
-                break;
-            }
+        self.pull(Some(up_to)).await
+    }
+
+    /// Pulls pages over HTTP from the cursor, appending events in order
+    /// (up to `up_to` when given), until a page brings nothing new.
+    async fn pull(&self, up_to: Option<u64>) -> Result<(), CoordinatorError> {
+        while up_to.is_none_or(|u| self.feed.cursor() < u) {
+            let before = self.feed.cursor();
+            let page = self.client.run_events(&self.run, before, HTTP_PAGE).await?;
             for e in page {
-                if e.seq == self.feed.cursor() + 1 && e.seq <= up_to {
+                if e.seq == self.feed.cursor() + 1 && up_to.is_none_or(|u| e.seq <= u) {
                     self.feed.push(e);
                 }
+            }
+            if self.feed.cursor() == before {
+                break;
             }
         }
         Ok(())
@@ -168,18 +161,7 @@ impl Worker {
         if run.is_running() {
             return Ok(None);
         }
-        loop {
-            let page = self
-                .client
-                .run_events(&self.run, self.feed.cursor(), HTTP_PAGE)
-                .await?;
-            if page.is_empty() {
-                break;
-            }
-            for e in page {
-                self.accept(e).await?;
-            }
-        }
+        self.pull(None).await?;
         Ok(Some(RunEnd {
             state: run.state,
             exit_code: run.exit_code,

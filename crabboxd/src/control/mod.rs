@@ -136,13 +136,7 @@ impl ControlChannel {
         idle_override_secs: Option<u64>,
         wait: Duration,
     ) -> Result<ControlBeat, ControlError> {
-        let tx = self
-            .inner
-            .outgoing
-            .lock()
-            .unwrap()
-            .clone()
-            .ok_or(ControlError::NotConnected)?;
+        let tx = self.sender()?;
         let (otx, orx) = oneshot::channel();
         {
             let mut waiters = self.inner.waiters.lock().unwrap();
@@ -198,14 +192,18 @@ impl ControlChannel {
         self.inner.runs.lock().unwrap().remove(run);
     }
 
-    async fn send(&self, frame: String) -> Result<(), ControlError> {
-        let tx = self
-            .inner
+    /// The current connection's send queue, if connected.
+    fn sender(&self) -> Result<mpsc::Sender<String>, ControlError> {
+        self.inner
             .outgoing
             .lock()
             .unwrap()
             .clone()
-            .ok_or(ControlError::NotConnected)?;
+            .ok_or(ControlError::NotConnected)
+    }
+
+    async fn send(&self, frame: String) -> Result<(), ControlError> {
+        let tx = self.sender()?;
         tokio::time::timeout(SEND_WAIT, tx.send(frame))
             .await
             .map_err(|_| ControlError::Timeout)?

@@ -41,6 +41,13 @@ impl TestDaemonBuilder {
         self
     }
 
+    /// Points the daemon at a coordinator with a token (both through the
+    /// environment, as a user would).
+    pub fn coordinator(self, url: &str, token: &str) -> Self {
+        self.env("CRABBOX_COORDINATOR", url)
+            .env("CRABBOX_COORDINATOR_TOKEN", token)
+    }
+
     /// Writes `crabboxd.toml` (mode 0600) before starting.
     pub fn toml(mut self, text: &str) -> Self {
         self.toml = Some(text.into());
@@ -298,6 +305,14 @@ impl TestDaemon {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// `crabboxctl tasks --json [--kind KIND]`: the task rows.
+    pub async fn tasks(&self, kind: Option<&str>) -> Vec<serde_json::Value> {
+        let mut args = vec!["tasks", "--json"];
+        args.extend(kind.map(|k| ["--kind", k]).into_iter().flatten());
+        let v = self.ctl_json(&args).await;
+        v["tasks"].as_array().expect("a task list").clone()
     }
 
     /// The home directory.

@@ -28,6 +28,35 @@ async fn append(coord: &TestCoordinator, run: &str, n: u64) {
     .await;
 }
 
+/// Our coordinator with a registered lease and a run on it.
+async fn coordinator_with_run(command: &str) -> (TestCoordinator, String) {
+    let coord = TestCoordinator::start().await;
+    coord
+        .register_lease(&coord.shared_token, LEASE, "attach-crab")
+        .await
+        .unwrap();
+    let v = post(
+        &coord,
+        "/v1/runs",
+        serde_json::json!({"leaseID": LEASE, "command": [command], "provider": "ssh", "class": "standard", "serverType": "registered"}),
+    )
+    .await;
+    let run = v["run"]["id"].as_str().unwrap().to_owned();
+    (coord, run)
+}
+
+/// The sequence numbers of `attach --json` output lines.
+fn seqs(stdout: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
 fn attach_cmd(d: &TestDaemon, run: &str, json: bool) -> tokio::process::Child {
     let mut cmd = tokio::process::Command::new(bin("crabboxctl"));
     cmd.arg("--socket").arg(&d.socket).arg("attach").arg(run);
@@ -44,27 +73,13 @@ fn attach_cmd(d: &TestDaemon, run: &str, json: bool) -> tokio::process::Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_page_a_backlog_while_events_arrive_and_exit_with_the_run() {
-    let coord = TestCoordinator::start().await;
-    coord
-        .register_lease(&coord.shared_token, LEASE, "attach-crab")
-        .await
-        .unwrap();
-    let run = post(
-        &coord,
-        "/v1/runs",
-        serde_json::json!({"leaseID": LEASE, "command": ["make", "test"], "provider": "ssh", "class": "standard", "serverType": "registered"}),
-    )
-    .await["run"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (coord, run) = coordinator_with_run("make").await;
     // A backlog bigger than two control pages (page = 100).
     for n in 0..250 {
         append(&coord, &run, n).await;
     }
     let d = TestDaemon::builder()
-        .env("CRABBOX_COORDINATOR", &coord.base_url)
-        .env("CRABBOX_COORDINATOR_TOKEN", &coord.shared_token)
+        .coordinator(&coord.base_url, &coord.shared_token)
         .start()
         .await;
 
@@ -117,14 +132,7 @@ async fn two_clients_page_a_backlog_while_events_arrive_and_exit_with_the_run() 
     );
 
     // The JSON client saw exactly 1..=N, no gaps, no duplicates.
-    let seqs: Vec<u64> = String::from_utf8_lossy(&json.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let seqs = seqs(&json.stdout);
     let n = seqs.len() as u64;
     assert_eq!(seqs, (1..=n).collect::<Vec<_>>());
     assert_eq!(
@@ -134,33 +142,14 @@ async fn two_clients_page_a_backlog_while_events_arrive_and_exit_with_the_run() 
     );
 
     // One feed served both clients.
-    let tasks = d.ctl(&["tasks", "--json", "--kind", "attach-feed"]).await;
-    let v: serde_json::Value = serde_json::from_slice(&tasks.stdout).unwrap();
-    let tasks = v
-        .as_array()
-        .or_else(|| v["tasks"].as_array())
-        .unwrap()
-        .clone();
+    let tasks = d.tasks(Some("attach-feed")).await;
     assert_eq!(tasks.len(), 1, "{tasks:?}");
     assert_eq!(tasks[0]["state"], "stopped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_after_a_cursor_and_to_a_finished_run() {
-    let coord = TestCoordinator::start().await;
-    coord
-        .register_lease(&coord.shared_token, LEASE, "attach-crab")
-        .await
-        .unwrap();
-    let run = post(
-        &coord,
-        "/v1/runs",
-        serde_json::json!({"leaseID": LEASE, "command": ["true"]}),
-    )
-    .await["run"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (coord, run) = coordinator_with_run("true").await;
     for n in 0..5 {
         append(&coord, &run, n).await;
     }
@@ -171,45 +160,23 @@ async fn attach_after_a_cursor_and_to_a_finished_run() {
     )
     .await;
     let d = TestDaemon::builder()
-        .env("CRABBOX_COORDINATOR", &coord.base_url)
-        .env("CRABBOX_COORDINATOR_TOKEN", &coord.shared_token)
+        .coordinator(&coord.base_url, &coord.shared_token)
         .start()
         .await;
     let out = attach_cmd(&d, &run, true).wait_with_output().await.unwrap();
     assert_eq!(out.status.code(), Some(0));
     let out = d.ctl(&["attach", &run, "--after", "3", "--json"]).await;
     assert_eq!(out.status.code(), Some(0));
-    let seqs: Vec<u64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let seqs = seqs(&out.stdout);
     // run.started is 1, the outputs 2..=6, command.finished 7.
     assert_eq!(seqs, vec![4, 5, 6, 7]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_restart_mid_attach_loses_nothing() {
-    let coord = TestCoordinator::start().await;
-    coord
-        .register_lease(&coord.shared_token, LEASE, "attach-crab")
-        .await
-        .unwrap();
-    let run = post(
-        &coord,
-        "/v1/runs",
-        serde_json::json!({"leaseID": LEASE, "command": ["sleep"]}),
-    )
-    .await["run"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (coord, run) = coordinator_with_run("sleep").await;
     let d = TestDaemon::builder()
-        .env("CRABBOX_COORDINATOR", &coord.base_url)
-        .env("CRABBOX_COORDINATOR_TOKEN", &coord.shared_token)
+        .coordinator(&coord.base_url, &coord.shared_token)
         .start()
         .await;
     let client = attach_cmd(&d, &run, true);
@@ -219,16 +186,7 @@ async fn a_coordinator_restart_mid_attach_loses_nothing() {
         &["tasks", "--json", "--kind", "attach-feed"],
         "the feed to follow the run over the control socket",
         Duration::from_secs(30),
-        |v| {
-            let tasks = v
-                .as_array()
-                .or_else(|| v["tasks"].as_array())
-                .cloned()
-                .unwrap_or_default();
-            tasks
-                .first()
-                .is_some_and(|t| t["labels"]["via"] == "control")
-        },
+        |v| v["tasks"][0]["labels"]["via"] == "control",
     )
     .await;
     for n in 0..50 {
@@ -256,14 +214,7 @@ async fn a_coordinator_restart_mid_attach_loses_nothing() {
         String::from_utf8_lossy(&out.stderr),
         d.stderr()
     );
-    let seqs: Vec<u64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let seqs = seqs(&out.stdout);
     assert_eq!(
         seqs,
         (1..=102).collect::<Vec<_>>(),

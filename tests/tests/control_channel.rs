@@ -32,8 +32,7 @@ async fn heartbeats_use_the_shared_control_socket() {
         .await
         .unwrap();
     let d = TestDaemon::builder()
-        .env("CRABBOX_COORDINATOR", &coord.base_url)
-        .env("CRABBOX_COORDINATOR_TOKEN", &coord.shared_token)
+        .coordinator(&coord.base_url, &coord.shared_token)
         .start()
         .await;
     let kept = d
@@ -57,14 +56,7 @@ async fn heartbeats_use_the_shared_control_socket() {
         )
         .await;
     assert_eq!(v[0]["state"], "running");
-    let tasks = d
-        .ctl_json(&["tasks", "--json", "--kind", "control-channel"])
-        .await;
-    let tasks = tasks
-        .as_array()
-        .or_else(|| tasks["tasks"].as_array())
-        .unwrap()
-        .clone();
+    let tasks = d.tasks(Some("control-channel")).await;
     assert_eq!(tasks.len(), 1, "one control socket per coordinator");
     assert_eq!(tasks[0]["key"], coord.base_url);
 }
@@ -128,8 +120,7 @@ async fn fake(fault: ControlFault) -> (String, Arc<AtomicUsize>) {
 async fn falls_back(fault: ControlFault) {
     let (url, http_beats) = fake(fault).await;
     let d = TestDaemon::builder()
-        .env("CRABBOX_COORDINATOR", &url)
-        .env("CRABBOX_COORDINATOR_TOKEN", "fake-token")
+        .coordinator(&url, "fake-token")
         .start()
         .await;
     d.ctl_json(&[

@@ -30,9 +30,7 @@ async fn world() -> World {
 }
 
 async fn daemon_for(coord: &TestCoordinator, home: Option<&std::path::Path>) -> TestDaemon {
-    let mut b = TestDaemon::builder()
-        .env("CRABBOX_COORDINATOR", &coord.base_url)
-        .env("CRABBOX_COORDINATOR_TOKEN", &coord.shared_token);
+    let mut b = TestDaemon::builder().coordinator(&coord.base_url, &coord.shared_token);
     if let Some(h) = home {
         b = b.home(h);
     }
@@ -280,15 +278,7 @@ async fn concurrent_starts_leave_exactly_one_session() {
         v["coordinator"]["sessionID"], session,
         "the coordinator's active session is ours"
     );
-    let tasks = w
-        .daemon
-        .ctl_json(&["tasks", "--json", "--kind", "egress-host"])
-        .await;
-    let tasks = tasks
-        .as_array()
-        .or_else(|| tasks["tasks"].as_array())
-        .unwrap()
-        .clone();
+    let tasks = w.daemon.tasks(Some("egress-host")).await;
     assert_eq!(tasks.len(), 1);
     // No zombie reconnects afterwards: the session and restarts stay put.
     let before = tasks[0]["restarts"].clone();

@@ -61,8 +61,7 @@ async fn a_fetch_from_the_lease_namespace_leaves_from_the_daemon() {
     tokio::spawn(forward(fwd, coord.addr));
 
     let d = TestDaemon::builder()
-        .env("CRABBOX_COORDINATOR", &coord.base_url)
-        .env("CRABBOX_COORDINATOR_TOKEN", &coord.shared_token)
+        .coordinator(&coord.base_url, &coord.shared_token)
         .start()
         .await;
     let origin = Origin::start().await;

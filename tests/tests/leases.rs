@@ -15,8 +15,7 @@ async fn setup() -> (TestCoordinator, TestDaemon) {
         .await
         .unwrap();
     let daemon = TestDaemon::builder()
-        .env("CRABBOX_COORDINATOR", &coord.base_url)
-        .env("CRABBOX_COORDINATOR_TOKEN", &coord.shared_token)
+        .coordinator(&coord.base_url, &coord.shared_token)
         .start()
         .await;
     (coord, daemon)
@@ -100,14 +99,7 @@ async fn kept_lease_heartbeats_and_release_ends_it() {
     let first_touch = lease_at_coordinator(&coord).await["lastTouchedAt"].clone();
 
     // The keeper task is in the task table, keyed by the lease.
-    let tasks = d
-        .ctl_json(&["tasks", "--json", "--kind", "lease-keeper"])
-        .await;
-    let tasks = tasks
-        .as_array()
-        .or_else(|| tasks["tasks"].as_array())
-        .unwrap()
-        .clone();
+    let tasks = d.tasks(Some("lease-keeper")).await;
     assert_eq!(tasks.len(), 1);
     assert_eq!(tasks[0]["id"], format!("lease-keeper/{LEASE}"));
     assert_eq!(tasks[0]["labels"]["lease"], LEASE);
@@ -193,8 +185,7 @@ async fn kept_leases_survive_a_daemon_kill() {
     d.wait_exit().await;
     let restarted = TestDaemon::builder()
         .home(&home)
-        .env("CRABBOX_COORDINATOR", &coord.base_url)
-        .env("CRABBOX_COORDINATOR_TOKEN", &coord.shared_token)
+        .coordinator(&coord.base_url, &coord.shared_token)
         .start()
         .await;
     let list = restarted

@@ -51,11 +51,30 @@ impl Origin {
                             Ok(n) => head.extend_from_slice(&buf[..n]),
                         }
                     }
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = s.write_all(resp.as_bytes()).await;
+                    // `/slow…` streams 40 KiB over about two seconds, for
+                    // interrupting a transfer in flight.
+                    if head.windows(5).any(|w| w == b"/slow") {
+                        let chunk = vec![b'x'; 1024];
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            40 * 1024
+                        );
+                        if s.write_all(head.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        for _ in 0..40 {
+                            if s.write_all(&chunk).await.is_err() {
+                                return;
+                            }
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    } else {
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = s.write_all(resp.as_bytes()).await;
+                    }
                     let _ = s.shutdown().await;
                 });
             }

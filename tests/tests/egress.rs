@@ -303,10 +303,21 @@ async fn coordinator_restart_reconnects_the_same_session_and_the_helper_heals() 
         origin.body
     );
 
+    // A slow download is in flight when the coordinator restarts.
+    let proxy = h.proxy_url();
+    let slow_url = origin.url("slow");
+    let in_flight = tokio::spawn(async move { curl_via(&proxy, &slow_url).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
     let World { coord, daemon } = w;
     let addr = coord.addr;
     let coord = coord.restart().await;
     assert_eq!(coord.addr, addr, "restarted on the same port");
+    let (ok, body, _) = in_flight.await.unwrap();
+    assert!(
+        !ok && body.len() < 40 * 1024,
+        "the transfer in flight was cut by the restart"
+    );
 
     // The daemon's host task reconnects by itself, with the same session.
     let v = wait_status(&daemon, "the host to reconnect", |v| {

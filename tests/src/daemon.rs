@@ -307,6 +307,22 @@ impl TestDaemon {
         }
     }
 
+    /// `crabboxctl lease keep --id <lease> --idle-timeout 15s --json`: a
+    /// 15 s idle timeout gives the shortest heartbeat interval (5 s), so
+    /// tests see several heartbeats quickly.
+    pub async fn keep_lease_fast(&self, lease: &str) -> serde_json::Value {
+        self.ctl_json(&[
+            "lease",
+            "keep",
+            "--id",
+            lease,
+            "--idle-timeout",
+            "15s",
+            "--json",
+        ])
+        .await
+    }
+
     /// `crabboxctl tasks --json [--kind KIND]`: the task rows.
     pub async fn tasks(&self, kind: Option<&str>) -> Vec<serde_json::Value> {
         let mut args = vec!["tasks", "--json"];

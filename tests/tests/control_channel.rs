@@ -35,17 +35,7 @@ async fn heartbeats_use_the_shared_control_socket() {
         .coordinator(&coord.base_url, &coord.shared_token)
         .start()
         .await;
-    let kept = d
-        .ctl_json(&[
-            "lease",
-            "keep",
-            "--id",
-            LEASE,
-            "--idle-timeout",
-            "15s",
-            "--json",
-        ])
-        .await;
+    let kept = d.keep_lease_fast(LEASE).await;
     assert_eq!(kept["via"], "http", "keep answers with one HTTP heartbeat");
     let v = d
         .ctl_json_until(
@@ -123,16 +113,7 @@ async fn falls_back(fault: ControlFault) {
         .coordinator(&url, "fake-token")
         .start()
         .await;
-    d.ctl_json(&[
-        "lease",
-        "keep",
-        "--id",
-        LEASE,
-        "--idle-timeout",
-        "15s",
-        "--json",
-    ])
-    .await;
+    d.keep_lease_fast(LEASE).await;
     assert_eq!(http_beats.load(Ordering::SeqCst), 1);
     // The next tick (5 s) tries the control socket, gets no answer within
     // its bounded wait, and still heartbeats over HTTP in the same tick.

@@ -84,17 +84,7 @@ async fn one_heartbeat_prints_the_reference_fields() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_lease_heartbeats_and_release_ends_it() {
     let (coord, d) = setup().await;
-    let kept = d
-        .ctl_json(&[
-            "lease",
-            "keep",
-            "--id",
-            LEASE,
-            "--idle-timeout",
-            "15s",
-            "--json",
-        ])
-        .await;
+    let kept = d.keep_lease_fast(LEASE).await;
     assert_eq!(kept["interval_ms"], 5000, "idle/3 clamped to 5 s");
     let first_touch = lease_at_coordinator(&coord).await["lastTouchedAt"].clone();
 
@@ -125,16 +115,7 @@ async fn kept_lease_heartbeats_and_release_ends_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_released_elsewhere_ends_its_keeper_within_one_interval() {
     let (coord, d) = setup().await;
-    d.ctl_json(&[
-        "lease",
-        "keep",
-        "--id",
-        LEASE,
-        "--idle-timeout",
-        "15s",
-        "--json",
-    ])
-    .await;
+    d.keep_lease_fast(LEASE).await;
     // Someone else releases it at the coordinator.
     let (status, v) = coord
         .request(
@@ -169,16 +150,7 @@ async fn a_lease_released_elsewhere_ends_its_keeper_within_one_interval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_leases_survive_a_daemon_kill() {
     let (coord, d) = setup().await;
-    d.ctl_json(&[
-        "lease",
-        "keep",
-        "--id",
-        LEASE,
-        "--idle-timeout",
-        "15s",
-        "--json",
-    ])
-    .await;
+    d.keep_lease_fast(LEASE).await;
     let home = d.home().to_path_buf();
     d.signal(nix::sys::signal::Signal::SIGKILL);
     let mut d = d;
@@ -222,16 +194,7 @@ async fn keeping_without_a_coordinator_says_what_to_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_lease_ends_its_keeper_within_one_interval() {
     let (coord, d) = setup().await;
-    d.ctl_json(&[
-        "lease",
-        "keep",
-        "--id",
-        LEASE,
-        "--idle-timeout",
-        "15s",
-        "--json",
-    ])
-    .await;
+    d.keep_lease_fast(LEASE).await;
     // Age the coordinator past the idle timeout: the lease expires there.
     coord.clock.advance(Duration::from_secs(120));
     let t0 = tokio::time::Instant::now();

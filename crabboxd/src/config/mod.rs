@@ -17,7 +17,7 @@ use std::{
 };
 
 pub use env::{Env, MapEnv, ProcessEnv};
-pub use file::EXAMPLE as EXAMPLE_TOML;
+pub use file::{EXAMPLE as EXAMPLE_TOML, TargetToml as StaticTarget};
 pub use secret::Secret;
 
 use file::DaemonToml;
@@ -41,6 +41,13 @@ pub struct Config {
     pub egress_profiles: BTreeMap<String, Vec<String>>,
     /// Every file that was considered, in layering order.
     pub files: Vec<SourceFile>,
+    /// The user config directory; per-lease SSH files live under
+    /// `<config dir>/crabbox/testboxes/<lease>/`.
+    pub config_dir: PathBuf,
+    /// The private key for leases without a per-lease key (`[ssh] key`).
+    pub ssh_key: Option<PathBuf>,
+    /// Static SSH targets (`[targets.<name>]`), usable wherever a lease id is.
+    pub ssh_targets: BTreeMap<String, StaticTarget>,
 }
 
 /// How to reach and authenticate to a coordinator.
@@ -205,6 +212,8 @@ struct Merge {
     log: Option<String>,
     shutdown_grace: Option<Duration>,
     profiles: BTreeMap<String, Vec<String>>,
+    ssh_key: Option<PathBuf>,
+    targets: BTreeMap<String, StaticTarget>,
 }
 
 impl Config {
@@ -319,6 +328,8 @@ impl Merge {
         self.log = t.daemon.log.or(self.log.take());
         self.shutdown_grace = t.daemon.shutdown_grace.or(self.shutdown_grace);
         self.profiles.extend(t.egress.profiles);
+        self.ssh_key = t.ssh.key.or(self.ssh_key.take());
+        self.targets.extend(t.targets);
     }
 
     fn apply_yaml(&mut self, y: CrabboxYaml, path: &Path) {
@@ -421,7 +432,19 @@ impl Merge {
                 message: e.to_string(),
             });
         }
+        for (name, t) in &self.targets {
+            if t.host.trim().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: format!("targets.{name}.host"),
+                    origin: "configuration".into(),
+                    message: "a static target needs a host".into(),
+                });
+            }
+        }
         Ok(Config {
+            config_dir: dirs.config.clone(),
+            ssh_key: self.ssh_key,
+            ssh_targets: self.targets,
             coordinator,
             socket: self.socket,
             state_dir: self.state_dir.unwrap_or_else(|| dirs.state.join("crabbox")),

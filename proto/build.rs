@@ -6,7 +6,10 @@ use std::{env, fs, path::PathBuf};
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["crabbox/daemon/v1/daemon.proto"];
+    let protos = [
+        "crabbox/daemon/v1/daemon.proto",
+        "crabbox/daemon/v1/ssh.proto",
+    ];
     for proto in &protos {
         println!("cargo:rerun-if-changed=proto/{proto}");
     }

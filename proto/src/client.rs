@@ -16,7 +16,7 @@ use tonic::{
 };
 
 use crate::{
-    v1::{self, daemon_client::DaemonClient},
+    v1::{self, daemon_client::DaemonClient, ssh_client::SshClient},
     version::{self, Skew},
 };
 
@@ -24,10 +24,14 @@ use crate::{
 /// metadata added to every request.
 pub type RawClient = DaemonClient<InterceptedService<Channel, VersionInterceptor>>;
 
+/// The generated client of the `Ssh` service, on the same channel.
+pub type RawSshClient = SshClient<InterceptedService<Channel, VersionInterceptor>>;
+
 /// A connected client of the local API.
 #[derive(Debug, Clone)]
 pub struct Client {
     rpc: RawClient,
+    ssh: RawSshClient,
     socket: PathBuf,
 }
 
@@ -123,13 +127,19 @@ impl Client {
             }))
             .await
             .map_err(|e| ConnectError::classify(socket.clone(), e))?;
-        let rpc = DaemonClient::with_interceptor(channel, VersionInterceptor);
-        Ok(Client { rpc, socket })
+        let rpc = DaemonClient::with_interceptor(channel.clone(), VersionInterceptor);
+        let ssh = SshClient::with_interceptor(channel, VersionInterceptor);
+        Ok(Client { rpc, ssh, socket })
     }
 
     /// The generated client, for any call of the `Daemon` service.
     pub fn rpc(&mut self) -> &mut RawClient {
         &mut self.rpc
+    }
+
+    /// The generated client of the `Ssh` service (exec, copy, targets).
+    pub fn ssh(&mut self) -> &mut RawSshClient {
+        &mut self.ssh
     }
 
     /// The socket path this client is connected to.

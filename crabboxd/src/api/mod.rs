@@ -7,8 +7,12 @@
 mod convert;
 mod peer;
 mod service;
+mod ssh;
 
-use crabbox_api::{v1::daemon_server::DaemonServer, version};
+use crabbox_api::{
+    v1::{daemon_server::DaemonServer, ssh_server::SshServer},
+    version,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{body::Body, transport::Server};
 
@@ -33,8 +37,10 @@ pub async fn serve(
     Server::builder()
         .layer(tower::util::MapResponseLayer::new(stamp_version))
         .add_service(DaemonServer::new(service::DaemonService::new(
-            state, api_stop,
+            state.clone(),
+            api_stop,
         )))
+        .add_service(SshServer::new(ssh::SshService::new(state)))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())

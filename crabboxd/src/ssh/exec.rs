@@ -3,8 +3,8 @@
 //! (signals as 128+n). A command runs at most once: nothing here retries
 //! after a channel opened.
 //!
-//! Every command runs in its own process group (`setsid -w`, or the session
-//! sshd already made for it), whose id the wrapper prints as the first line
+//! Every command runs in its own process group (the session sshd already
+//! made for it, else `setsid`), whose id the wrapper prints as the first line
 //! of stdout before it `exec`s the command. Cancelling kills that group over
 //! a second channel, since sshd does not pass signals on.
 
@@ -125,8 +125,15 @@ pub fn wrap(command: &Command, cwd: Option<&str>) -> String {
         }
     }
     let inner = format!("{} sh {}", sh_quote(&body), args.join(" "));
+    // sshd already makes every non-PTY session its own session and process
+    // group; then the command keeps that group (and its pid, so sshd reports
+    // its exit status or signal itself). Otherwise `setsid` makes one —
+    // without forking, since a shell that is not a group leader calls
+    // setsid() in place. `setsid -w` would fork and turn a signal into a
+    // message and a raw status, so it is never used.
     format!(
-        "if command -v setsid >/dev/null 2>&1; then exec setsid -w sh -c {inner}; else exec sh -c {inner}; fi"
+        "pg=; {{ read -r _ _ _ _ pg _ < /proc/$$/stat; }} 2>/dev/null || pg=$(ps -o pgid= -p $$ 2>/dev/null | tr -d ' '); \
+if [ \"$pg\" = \"$$\" ] || ! command -v setsid >/dev/null 2>&1; then exec sh -c {inner}; else exec setsid sh -c {inner}; fi"
     )
 }
 

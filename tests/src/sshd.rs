@@ -192,8 +192,7 @@ impl TestSshd {
                 self.child = Some(child);
                 return true;
             }
-            if child.try_wait().ok().flatten().is_some() || tokio::time::Instant::now() > deadline
-            {
+            if child.try_wait().ok().flatten().is_some() || tokio::time::Instant::now() > deadline {
                 let _ = child.kill().await;
                 return false;
             }
@@ -201,14 +200,18 @@ impl TestSshd {
         }
     }
 
-    /// Kills sshd and every connection it serves (its process group).
+    /// Kills sshd and every process it started: the connection handlers
+    /// (which sshd puts in sessions of their own) and the commands they run,
+    /// as when the box goes down.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             if let Some(pid) = child.id() {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                for p in descendants(pid as i32).into_iter().chain([pid as i32]) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
             }
             let _ = child.wait().await;
         }
@@ -239,15 +242,52 @@ impl TestSshd {
     }
 }
 
+/// Every process below `root`, from `/proc`.
+fn descendants(root: i32) -> Vec<i32> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        if let Some(ppid) = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<i32>().ok())
+        {
+            parents.push((pid, ppid));
+        }
+    }
+    let mut out = vec![];
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for &(child, parent) in &parents {
+            if parent == p && !out.contains(&child) {
+                out.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    out
+}
+
 impl Drop for TestSshd {
     fn drop(&mut self) {
         if let Some(child) = &self.child
             && let Some(pid) = child.id()
         {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            for p in descendants(pid as i32).into_iter().chain([pid as i32]) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
     }
 }

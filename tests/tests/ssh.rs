@@ -35,7 +35,15 @@ async fn exec_round_trip_keeps_streams_apart_and_passes_exit_codes() {
     let d = daemon_for(&sshd.target_toml("box")).await;
 
     let o = d
-        .ctl(&["exec", "--id", "box", "--", "sh", "-c", "echo out; echo err >&2; exit 7"])
+        .ctl(&[
+            "exec",
+            "--id",
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 7",
+        ])
         .await;
     assert_eq!(o.status.code(), Some(7), "{}\n{}", show(&o), d.stderr());
     assert_eq!(text(&o.stdout), "out\n");
@@ -43,7 +51,9 @@ async fn exec_round_trip_keeps_streams_apart_and_passes_exit_codes() {
 
     // Words reach the command unchanged.
     let o = d
-        .ctl(&["exec", "--id", "box", "--", "printf", "[%s]", "a b", "it's", "$HOME", "*"])
+        .ctl(&[
+            "exec", "--id", "box", "--", "printf", "[%s]", "a b", "it's", "$HOME", "*",
+        ])
         .await;
     assert_eq!(text(&o.stdout), "[a b][it's][$HOME][*]", "{}", show(&o));
 
@@ -60,7 +70,9 @@ async fn exec_round_trip_keeps_streams_apart_and_passes_exit_codes() {
         .await;
     assert_eq!(o.status.code(), Some(143), "{}", show(&o));
 
-    let o = d.ctl(&["exec", "--id", "box", "--cwd", "/tmp", "--", "pwd"]).await;
+    let o = d
+        .ctl(&["exec", "--id", "box", "--cwd", "/tmp", "--", "pwd"])
+        .await;
     assert_eq!(text(&o.stdout), "/tmp\n", "{}", show(&o));
 
     // One connection served all of them, and the task table says so.
@@ -70,4 +82,365 @@ async fn exec_round_trip_keeps_streams_apart_and_passes_exit_codes() {
     assert_eq!(labels["port"], sshd.addr.port().to_string(), "{tasks:?}");
     assert_eq!(labels["reconnects"], "0", "{tasks:?}");
     let _ = Duration::ZERO;
+}
+
+/// The per-lease known_hosts of `lease` under the daemon's config dir.
+fn known_hosts(d: &TestDaemon, lease: &str) -> std::path::PathBuf {
+    d.layout
+        .config
+        .join("crabbox/testboxes")
+        .join(lease)
+        .join("known_hosts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_keys_pinned_exactly_or_trusted_on_first_use() {
+    use std::os::unix::fs::PermissionsExt as _;
+    require_sshd!();
+    let sshd = TestSshd::start().await;
+    let other = crabbox_tests::sshd::keygen(&sshd.dir().join("unrelated"));
+    let toml = format!(
+        "{}host_key = \"{}\"\n{}host_key = \"{}\"\n{}",
+        sshd.target_toml("pinned"),
+        sshd.host_key,
+        sshd.target_toml("wrong"),
+        other,
+        sshd.target_toml("tofu"),
+    );
+    let home_dir = tempfile::tempdir().unwrap();
+    let home = home_dir.path().to_path_buf();
+    let d = TestDaemon::builder().home(&home).toml(&toml).start().await;
+
+    // The pinned key is accepted.
+    let o = d.ctl(&["exec", "--id", "pinned", "--", "true"]).await;
+    assert!(o.status.success(), "{}\n{}", show(&o), d.stderr());
+
+    // A wrong pin is refused with a sentence, never tried on another port.
+    let o = d
+        .ctl(&[
+            "exec",
+            "--id",
+            "wrong",
+            "--",
+            "touch",
+            "/nonexistent-should-not-run",
+        ])
+        .await;
+    assert_eq!(o.status.code(), Some(255), "{}", show(&o));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("does not match the key pinned for it") && err.contains("refusing to connect"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(other.split(' ').nth(1).unwrap()),
+        "no key material: {err}"
+    );
+
+    // Trust on first use writes the per-lease file, 0600, one entry.
+    let file = known_hosts(&d, "tofu");
+    assert!(!file.exists());
+    let o = d.ctl(&["exec", "--id", "tofu", "--", "true"]).await;
+    assert!(o.status.success(), "{}", show(&o));
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let entries = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(entries.lines().count(), 1, "{entries}");
+    assert!(
+        entries.contains(sshd.host_key.split(' ').nth(1).unwrap()),
+        "{entries}"
+    );
+
+    // The same lease name now answered by another sshd (another host key),
+    // for a daemon started again in the same home: refused, naming the file
+    // and how to reset it.
+    drop(d);
+    let impostor = TestSshd::start().await;
+    let toml = impostor.target_toml("tofu");
+    let d2 = TestDaemon::builder().home(&home).toml(&toml).start().await;
+    let o = d2
+        .ctl(&[
+            "exec",
+            "--id",
+            "tofu",
+            "--",
+            "touch",
+            "/nonexistent-should-not-run",
+        ])
+        .await;
+    assert_eq!(o.status.code(), Some(255), "{}", show(&o));
+    let err = text(&o.stderr);
+    assert!(err.contains("host key of tofu changed"), "{err}");
+    assert!(
+        err.contains(&file.display().to_string()),
+        "names the file: {err}"
+    );
+    assert!(err.contains("ssh-keygen -f"), "says how to reset: {err}");
+    // The recorded key was not replaced.
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), entries);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_lease_with_pinned_key_and_per_lease_key_file() {
+    use crabbox_coordinator::testing::TestCoordinator;
+    require_sshd!();
+    let sshd = TestSshd::start().await;
+    let coord = TestCoordinator::start().await;
+    let lease = "cbx_00000000bb01";
+    let body = serde_json::json!({
+        "provider": "ssh", "target": "linux", "host": "127.0.0.1", "sshUser": sshd.user,
+        "sshPort": sshd.addr.port().to_string(), "sshFallbackPorts": [],
+        "sshHostKey": sshd.host_key, "ttlSeconds": 3600, "idleTimeoutSeconds": 1800,
+    });
+    let (status, v) = coord
+        .request(
+            "PUT",
+            &format!("/v1/leases/{lease}/registration"),
+            &coord.shared_token,
+            &body,
+        )
+        .await
+        .unwrap();
+    assert!(status == 200 || status == 201, "{status} {v}");
+    let d = TestDaemon::builder()
+        .coordinator(&coord.base_url, &coord.shared_token)
+        .start()
+        .await;
+    // No key configured anywhere: without the per-lease key file there is
+    // nothing to authenticate with, and the error says where it looked.
+    let o = d.ctl(&["exec", "--id", lease, "--", "true"]).await;
+    assert_eq!(o.status.code(), Some(255), "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains("id_ed25519 does not exist"),
+        "{}",
+        show(&o)
+    );
+    // The per-lease key is used when present.
+    let dir = d.layout.config.join("crabbox/testboxes").join(lease);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(&sshd.client_key, dir.join("id_ed25519")).unwrap();
+    let o = d.ctl(&["exec", "--id", lease, "--", "echo", "hi"]).await;
+    assert_eq!(text(&o.stdout), "hi\n", "{}\n{}", show(&o), d.stderr());
+    // The pin was installed alone, and --print uses it.
+    let kh = std::fs::read_to_string(known_hosts(&d, lease)).unwrap();
+    assert_eq!(kh.lines().count(), 1, "{kh}");
+    let o = d.ctl(&["ssh", "--id", lease, "--print"]).await;
+    let line = text(&o.stdout);
+    assert!(line.starts_with("ssh -i "), "{line}");
+    assert!(line.contains("StrictHostKeyChecking=yes"), "{line}");
+    assert!(line.contains(&format!("-p {}", sshd.addr.port())), "{line}");
+    // The printed command line works with OpenSSH itself.
+    let printed: Vec<String> = line
+        .split_whitespace()
+        .map(|w| w.trim_matches('\'').to_owned())
+        .collect();
+    let out = tokio::process::Command::new(&printed[0])
+        .args(&printed[1..])
+        .args(["-o", "BatchMode=yes", "echo", "openssh"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(text(&out.stdout), "openssh\n", "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn falls_back_to_the_open_port_and_runs_a_255_command_once() {
+    use crabbox_tests::netns::TestNetns;
+    require_sshd!();
+    // The layout: a box where 2222 is closed and 22 is open, in a
+    // network namespace; loopback with a closed port when netns is missing.
+    let ns = TestNetns::available().then(|| TestNetns::create(21).expect("netns"));
+    let (sshd, host_port) = match &ns {
+        Some(ns) => {
+            let addr = std::net::SocketAddr::from((ns.ns_ip, 22));
+            (TestSshd::start_with(Some((ns, addr)), 10).await, 2222)
+        }
+        None => (TestSshd::start().await, crabbox_tests::sshd::free_port()),
+    };
+    let toml = format!(
+        "[targets.fb]\nhost = \"{}\"\nuser = \"{}\"\nport = {host_port}\nfallback_ports = [{}]\nkey = \"{}\"\n",
+        sshd.addr.ip(),
+        sshd.user,
+        sshd.addr.port(),
+        sshd.client_key.display()
+    );
+    let d = daemon_for(&toml).await;
+    let counter = sshd.dir().join("runs");
+    let script = format!("echo ran >> {}; exit 255", counter.display());
+    let o = d
+        .ctl(&["exec", "--id", "fb", "--", "sh", "-c", &script])
+        .await;
+    assert_eq!(o.status.code(), Some(255), "{}\n{}", show(&o), d.stderr());
+    // It says so: in the log and the task table.
+    let says = format!("using ssh port {} for {}", sshd.addr.port(), sshd.addr.ip());
+    assert!(d.stderr().contains(&says), "{}", d.stderr());
+    let tasks = d.tasks(Some("ssh-mux")).await;
+    assert_eq!(
+        tasks[0]["labels"]["port"],
+        sshd.addr.port().to_string(),
+        "{tasks:?}"
+    );
+    assert!(
+        tasks[0]["labels"]["note"].as_str().unwrap().contains(&says),
+        "{tasks:?}"
+    );
+    // Run exactly once, not again on another port.
+    let o = d.ctl(&["exec", "--id", "fb", "--", "true"]).await;
+    assert!(o.status.success());
+    assert_eq!(std::fs::read_to_string(&counter).unwrap(), "ran\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_restart_fails_the_command_in_flight_and_the_next_reconnects() {
+    require_sshd!();
+    let mut sshd = TestSshd::start().await;
+    let d = daemon_for(&sshd.target_toml("box")).await;
+    let o = d.ctl(&["exec", "--id", "box", "--", "true"]).await;
+    assert!(o.status.success(), "{}", show(&o));
+    let mut inflight = d
+        .ctl_command(&[
+            "exec",
+            "--id",
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sleep 60",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it runs, then take sshd away.
+    let mut stdout = inflight.stdout.take().unwrap();
+    let mut buf = [0u8; 8];
+    use tokio::io::AsyncReadExt as _;
+    let n = tokio::time::timeout(Duration::from_secs(20), stdout.read(&mut buf))
+        .await
+        .expect("the command started")
+        .unwrap();
+    assert_eq!(&buf[..n], b"started\n");
+    sshd.kill().await;
+    let mut child = inflight;
+    child.stdout = Some(stdout);
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("a command in flight ends, it does not hang")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(255), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("was lost while the command ran"),
+        "{}",
+        show(&out)
+    );
+    sshd.restart().await;
+    let o = d.ctl(&["exec", "--id", "box", "--", "echo", "again"]).await;
+    assert_eq!(text(&o.stdout), "again\n", "{}\n{}", show(&o), d.stderr());
+    let tasks = d.tasks(Some("ssh-mux")).await;
+    assert_eq!(tasks[0]["labels"]["reconnects"], "1", "{tasks:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_execs_against_max_sessions_10_all_succeed() {
+    require_sshd!();
+    let sshd = TestSshd::start_with(None, 10).await;
+    let d = daemon_for(&sshd.target_toml("box")).await;
+    let mut client = d.client().await;
+    let runs = (0..100).map(|i| {
+        let mut ssh = client.ssh().clone();
+        async move {
+            use crabbox_api::v1::{
+                ExecRequest, ExecStart, StdinEof, exec_request::Msg, exec_response::Event,
+            };
+            let reqs = vec![
+                ExecRequest {
+                    msg: Some(Msg::Start(ExecStart {
+                        lease_id: "box".into(),
+                        argv: vec![
+                            "sh".into(),
+                            "-c".into(),
+                            "sleep 0.1; echo $0".into(),
+                            i.to_string(),
+                        ],
+                        ..Default::default()
+                    })),
+                },
+                ExecRequest {
+                    msg: Some(Msg::StdinEof(StdinEof {})),
+                },
+            ];
+            let mut stream = ssh.exec(futures::stream::iter(reqs)).await?.into_inner();
+            let mut out = Vec::new();
+            let mut code = None;
+            while let Some(m) = stream.message().await? {
+                match m.event {
+                    Some(Event::Stdout(b)) => out.extend(b),
+                    Some(Event::Exit(e)) => code = Some(e.code),
+                    _ => {}
+                }
+            }
+            Ok::<_, tonic::Status>((i, String::from_utf8(out).unwrap(), code))
+        }
+    });
+    let results = futures::future::join_all(runs).await;
+    for r in results {
+        let (i, out, code) = r.unwrap_or_else(|e| panic!("{e}\n{}", d.stderr()));
+        assert_eq!(out, format!("{i}\n"));
+        assert_eq!(code, Some(0));
+    }
+    let _ = &mut client;
+}
+
+/// Whether a process whose whole command line matches `pattern` runs.
+fn pgrep(pattern: &str) -> bool {
+    std::process::Command::new("pgrep")
+        .args(["-f", pattern])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_ends_the_remote_process_group() {
+    require_sshd!();
+    let sshd = TestSshd::start().await;
+    let d = daemon_for(&sshd.target_toml("box")).await;
+    let marker = format!("1000.{}{}", std::process::id(), sshd.addr.port());
+    // A shell with a child, so a kill of only the direct child would leave
+    // the sleep behind.
+    let script = format!("sleep {marker}; echo never");
+    let mut child = d
+        .ctl_command(&["exec", "--id", "box", "--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let needle = format!("^sleep {marker}$");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !pgrep(&needle) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sleep never started\n{}",
+            d.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("crabboxctl ends after Ctrl-C")
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "{}", d.stderr());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while pgrep(&needle) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a sleep was left on the far side"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

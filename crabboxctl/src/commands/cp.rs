@@ -55,23 +55,19 @@ fn mib(b: u64) -> f64 {
 
 /// Runs `crabboxctl cp`.
 pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
-    let (lease, direction, local, remote) =
-        match (split_remote(&args.src), split_remote(&args.dst)) {
-            (None, Some((lease, path))) => {
-                (lease, CopyDirection::Upload, absolute(&args.src)?, path)
+    let (lease, direction, local, remote) = match (split_remote(&args.src), split_remote(&args.dst))
+    {
+        (None, Some((lease, path))) => (lease, CopyDirection::Upload, absolute(&args.src)?, path),
+        (Some((lease, path)), None) => (lease, CopyDirection::Download, absolute(&args.dst)?, path),
+        _ => {
+            return Err(Failure {
+                code: Code::Usage,
+                message: "exactly one of SRC and DST must be LEASE:path".into(),
+                hints: vec!["e.g. crabboxctl cp ./dist cbx_0123456789ab:/work/dist".into()],
             }
-            (Some((lease, path)), None) => {
-                (lease, CopyDirection::Download, absolute(&args.dst)?, path)
-            }
-            _ => {
-                return Err(Failure {
-                    code: Code::Usage,
-                    message: "exactly one of SRC and DST must be LEASE:path".into(),
-                    hints: vec!["e.g. crabboxctl cp ./dist cbx_0123456789ab:/work/dist".into()],
-                }
-                .into());
-            }
-        };
+            .into());
+        }
+    };
     let mut client = connect::connect(&ctx.socket).await?;
     let req = CopyRequest {
         lease_id: lease.to_owned(),
@@ -93,12 +89,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
                         write!(stderr, "\r\x1b[K")?;
                     }
                     if !args.quiet {
-                        writeln!(
-                            stderr,
-                            "copied {:.1} MiB to {}",
-                            mib(p.bytes),
-                            p.done_path
-                        )?;
+                        writeln!(stderr, "copied {:.1} MiB to {}", mib(p.bytes), p.done_path)?;
                     }
                     return Ok(Code::Ok);
                 }

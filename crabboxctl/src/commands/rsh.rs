@@ -17,7 +17,12 @@ pub struct Args {
     /// The lease id (or a static target from crabboxd.toml).
     lease: String,
     /// The remote command line.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     command: Vec<String>,
 }
 

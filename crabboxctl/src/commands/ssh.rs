@@ -60,7 +60,11 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
             "IdentitiesOnly=yes".into(),
         ]);
     }
-    let strict = if t.host_key_pinned { "yes" } else { "accept-new" };
+    let strict = if t.host_key_pinned {
+        "yes"
+    } else {
+        "accept-new"
+    };
     for o in [
         "ForwardAgent=no".to_owned(),
         "ForwardX11=no".to_owned(),

@@ -128,10 +128,12 @@ impl v1::ssh_server::Ssh for SshService {
             agent: agent(&start.agent_socket),
         };
         tracing::debug!(rpc = "Exec", lease = %spec.lease, "api call");
-        let inbound = inbound.filter_map(|r| futures::future::ready(match r {
-            Ok(m) => input(m).map(Ok),
-            Err(e) => Some(Err(e)),
-        }));
+        let inbound = inbound.filter_map(|r| {
+            futures::future::ready(match r {
+                Ok(m) => input(m).map(Ok),
+                Err(e) => Some(Err(e)),
+            })
+        });
         let input = ssh::input_until_error(Box::pin(inbound));
         let out = self
             .state
@@ -141,10 +143,7 @@ impl v1::ssh_server::Ssh for SshService {
         Ok(Response::new(Box::pin(out)))
     }
 
-    async fn copy(
-        &self,
-        req: Request<v1::CopyRequest>,
-    ) -> Result<Response<CopyStream>, Status> {
+    async fn copy(&self, req: Request<v1::CopyRequest>) -> Result<Response<CopyStream>, Status> {
         let req = req.into_inner();
         let lease = lease_id(&req.lease_id)?;
         let local = PathBuf::from(&req.local_path);

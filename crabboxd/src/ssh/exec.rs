@@ -330,53 +330,59 @@ async fn run_inner(
     let mut exit: Option<Exit> = None;
     let mut started = false;
     let mut cancelled = false;
+    let mut pending: Option<Signal> = None;
     loop {
         let msg = tokio::select! {
             biased;
-            msg = rd.wait() => msg,
+            msg = rd.wait() => Some(msg),
             Some(sig) = cancel_rx.recv(), if !cancelled => {
-                match orphan.pgid {
-                    Some(pgid) => {
-                        cancelled = true;
-                        // The kill runs while output keeps flowing.
-                        let conn = Arc::clone(&conn);
-                        let kill = kill_group(&conn, pgid, sig);
-                        tokio::pin!(kill);
-                        loop {
-                            tokio::select! {
-                                r = &mut kill => { if let Err(e) = r { tracing::warn!(error = %e, "kill failed"); } break; }
-                                msg = rd.wait() => {
-                                    if !handle(msg, &mut first_line, &mut exit, &mut started, &mut orphan, &conn, out).await? {
-                                        orphan.done = true;
-                                        return finish(exit, &conn, out).await;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    None => {
-                        // Not started yet: closing the channel is enough.
-                        orphan.done = true;
-                        return Ok(());
-                    }
-                }
-                continue;
+                // Before the group id is known the command may still be
+                // starting: the kill waits for it.
+                pending.get_or_insert(sig);
+                None
             }
             _ = &mut writer => unreachable!("the writer never ends"),
         };
-        if !handle(
-            msg,
-            &mut first_line,
-            &mut exit,
-            &mut started,
-            &mut orphan,
-            &conn,
-            out,
-        )
-        .await?
+        if let Some(msg) = msg
+            && !handle(
+                msg,
+                &mut first_line,
+                &mut exit,
+                &mut started,
+                &mut orphan,
+                &conn,
+                out,
+            )
+            .await?
         {
             orphan.done = true;
             return finish(exit, &conn, out).await;
+        }
+        let (Some(pgid), Some(sig)) = (orphan.pgid, pending) else {
+            continue;
+        };
+        if cancelled {
+            continue;
+        }
+        cancelled = true;
+        // The kill runs while output keeps flowing.
+        let kill = kill_group(&conn, pgid, sig);
+        tokio::pin!(kill);
+        loop {
+            tokio::select! {
+                r = &mut kill => {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "kill failed");
+                    }
+                    break;
+                }
+                msg = rd.wait() => {
+                    if !handle(msg, &mut first_line, &mut exit, &mut started, &mut orphan, &conn, out).await? {
+                        orphan.done = true;
+                        return finish(exit, &conn, out).await;
+                    }
+                }
+            }
         }
     }
 }

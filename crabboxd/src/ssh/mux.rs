@@ -43,8 +43,8 @@ pub enum State {
     Connecting,
     /// Connected.
     Up(Arc<Conn>),
-    /// The last attempt failed (or the connection ended) with this error.
-    Failed(Arc<SshError>),
+    /// Attempt number `.0` failed (or its connection ended) with this error.
+    Failed(u64, Arc<SshError>),
 }
 
 /// Shared between the task and the commands using it.
@@ -60,6 +60,8 @@ pub struct Shared {
     pub agent: Mutex<Option<PathBuf>>,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// Connection attempts started.
+    attempts: std::sync::atomic::AtomicU64,
     /// The counter labels last written to the task table.
     last_labels: Mutex<Vec<String>>,
 }
@@ -73,6 +75,7 @@ impl Shared {
             demand: Notify::new(),
             agent: Mutex::new(None),
             stats: Arc::new(Stats::default()),
+            attempts: std::sync::atomic::AtomicU64::new(0),
             last_labels: Mutex::new(Vec::new()),
         }
     }
@@ -83,15 +86,18 @@ impl Shared {
     pub async fn conn(&self, wait: Duration) -> Result<Arc<Conn>, SshError> {
         let mut rx = self.state.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
-        let mut first = true;
-        loop {
-            let state = rx.borrow_and_update().clone();
-            match state {
-                State::Up(c) if !c.handle.is_closed() => return Ok(c),
-                State::Failed(e) if !first => return Err((*e).clone()),
-                _ => {}
+        // Only the failure of an attempt running now or started later
+        // counts; an older one (a connection lost before this call) does not.
+        let min_attempt = {
+            let state = rx.borrow_and_update();
+            let current = self.attempts.load(Ordering::SeqCst);
+            match &*state {
+                State::Up(c) if !c.handle.is_closed() => return Ok(Arc::clone(c)),
+                State::Connecting => current,
+                _ => current + 1,
             }
-            first = false;
+        };
+        loop {
             self.demand.notify_one();
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => {}
@@ -102,6 +108,12 @@ impl Shared {
                         self.lease
                     )));
                 }
+            }
+            let state = rx.borrow_and_update().clone();
+            match state {
+                State::Up(c) if !c.handle.is_closed() => return Ok(c),
+                State::Failed(n, e) if n >= min_attempt => return Err((*e).clone()),
+                _ => {}
             }
         }
     }
@@ -174,11 +186,12 @@ impl MuxTask {
         tokio::select! {
             _ = self.shared.demand.notified() => {}
             _ = ctx.cancelled() => return Ok(()),
-            reason = &mut ended => return self.over(reason),
+            reason = &mut ended => return self.over(self.shared.attempts.load(Ordering::SeqCst) + 1, reason),
         }
+        let attempt = self.shared.attempts.fetch_add(1, Ordering::SeqCst) + 1;
         self.shared.state.send_replace(State::Connecting);
         ctx.set_label("state", "connecting");
-        let attempt = async {
+        let connect = async {
             let target = self.resolver.resolve(&self.shared.lease).await?;
             ctx.set_label("target", target.display());
             let files = self.resolver.files(&self.shared.lease);
@@ -187,9 +200,9 @@ impl MuxTask {
             conn::connect(&target, &files, &cred, &self.shared.stats).await
         };
         let conn = tokio::select! {
-            c = attempt => c,
+            c = connect => c,
             _ = ctx.cancelled() => { self.shared.state.send_replace(State::Idle); return Ok(()) }
-            reason = &mut ended => return self.over(reason),
+            reason = &mut ended => return self.over(attempt, reason),
         };
         let conn = match conn {
             Ok(c) => Arc::new(c),
@@ -200,7 +213,7 @@ impl MuxTask {
                 tracing::warn!(error = %e, "ssh connect failed");
                 self.shared
                     .state
-                    .send_replace(State::Failed(Arc::new(e.clone())));
+                    .send_replace(State::Failed(attempt, Arc::new(e.clone())));
                 return Err(if fatal {
                     TaskError::fatal(e)
                 } else {
@@ -234,7 +247,7 @@ impl MuxTask {
                 }
                 reason = &mut ended => {
                     self.close(&conn, "the lease ended").await;
-                    return self.over(reason);
+                    return self.over(attempt, reason);
                 }
             }
             if conn.handle.is_closed() {
@@ -247,7 +260,7 @@ impl MuxTask {
                 tracing::warn!(error = %e, "ssh connection lost");
                 self.shared
                     .state
-                    .send_replace(State::Failed(Arc::new(e.clone())));
+                    .send_replace(State::Failed(attempt, Arc::new(e.clone())));
                 return Err(TaskError::retryable(e));
             }
             if last_ping.elapsed() >= PING_EVERY {
@@ -319,11 +332,11 @@ impl MuxTask {
         .await;
     }
 
-    fn over(&self, reason: String) -> Result<(), TaskError> {
+    fn over(&self, attempt: u64, reason: String) -> Result<(), TaskError> {
         let e = SshError::LeaseEnded(reason);
         self.shared
             .state
-            .send_replace(State::Failed(Arc::new(e.clone())));
+            .send_replace(State::Failed(attempt, Arc::new(e.clone())));
         Err(TaskError::fatal(e))
     }
 }

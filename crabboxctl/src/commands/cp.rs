@@ -68,7 +68,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
             .into());
         }
     };
-    let mut client = connect::connect(&ctx.socket).await?;
+    let client = connect::connect(&ctx.socket).await?;
     let req = CopyRequest {
         lease_id: lease.to_owned(),
         direction: direction as i32,

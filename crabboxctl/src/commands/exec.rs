@@ -60,7 +60,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
 /// Runs one Exec stream to its end and exits the process with the remote
 /// exit code (or 255 when the SSH layer failed). Shared with `rsh`.
 pub async fn stream(ctx: &Ctx, start: ExecStart, forward_stdin: bool) -> anyhow::Result<Code> {
-    let mut client = connect::connect(&ctx.socket).await?;
+    let client = connect::connect(&ctx.socket).await?;
     let (tx, rx) = mpsc::channel::<ExecRequest>(16);
     tx.send(ExecRequest {
         msg: Some(Msg::Start(start)),

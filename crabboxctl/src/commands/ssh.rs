@@ -36,7 +36,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
         }
         .into());
     }
-    let mut client = connect::connect(&ctx.socket).await?;
+    let client = connect::connect(&ctx.socket).await?;
     let t = connect::call(
         &ctx.socket,
         "GetSshTarget",

@@ -444,3 +444,278 @@ async fn ctrl_c_ends_the_remote_process_group() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Writes a small tree with modes worth keeping.
+fn make_tree(root: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+    std::fs::create_dir_all(root.join("empty")).unwrap();
+    std::fs::write(root.join("a.txt"), "alpha\n").unwrap();
+    std::fs::write(
+        root.join("sub/b.bin"),
+        (0..=255u8).cycle().take(100_000).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    std::fs::write(root.join("sub/deeper/run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(
+        root.join("sub/deeper/run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(root.join("secret"), "s\n").unwrap();
+    std::fs::set_permissions(root.join("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink("a.txt", root.join("link")).unwrap();
+}
+
+/// Every path under `root` with its kind, mode and contents.
+fn snapshot(root: &std::path::Path) -> Vec<(String, u32, Vec<u8>)> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        let rel = p.strip_prefix(root).unwrap().display().to_string();
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.file_type().is_symlink() {
+            out.push((
+                rel,
+                0,
+                std::fs::read_link(&p)
+                    .unwrap()
+                    .display()
+                    .to_string()
+                    .into_bytes(),
+            ));
+        } else if meta.is_dir() {
+            out.push((rel, mode, Vec::new()));
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        } else {
+            out.push((rel, mode, std::fs::read(&p).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cp_moves_a_64_mib_file_and_a_tree_both_ways_byte_identical() {
+    use std::os::unix::fs::PermissionsExt as _;
+    require_sshd!();
+    let sshd = TestSshd::start().await;
+    let d = daemon_for(&sshd.target_toml("box")).await;
+    let local = tempfile::tempdir().unwrap();
+    // The "remote" side is this machine too, in its own directory.
+    let remote = tempfile::tempdir().unwrap();
+
+    // 64 MiB of incompressible bytes.
+    let big = local.path().join("big.bin");
+    let mut data = vec![0u8; 64 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(&big, &data).unwrap();
+    std::fs::set_permissions(&big, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let up = format!("box:{}/big.bin", remote.path().display());
+    let o = d.ctl(&["cp", big.to_str().unwrap(), &up]).await;
+    assert!(o.status.success(), "{}\n{}", show(&o), d.stderr());
+    let there = remote.path().join("big.bin");
+    assert!(
+        std::fs::read(&there).unwrap() == data,
+        "upload is byte-identical"
+    );
+    assert_eq!(
+        std::fs::metadata(&there).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
+    // Nothing staged is left beside it.
+    let names: Vec<_> = std::fs::read_dir(remote.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+
+    let back = local.path().join("back.bin");
+    let o = d.ctl(&["cp", &up, back.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "download is byte-identical"
+    );
+    assert_eq!(
+        std::fs::metadata(&back).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
+
+    // A tree, into an existing remote directory, then back into a local one.
+    let tree = local.path().join("tree");
+    make_tree(&tree);
+    let o = d
+        .ctl(&[
+            "cp",
+            tree.to_str().unwrap(),
+            &format!("box:{}", remote.path().display()),
+        ])
+        .await;
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(snapshot(&remote.path().join("tree")), snapshot(&tree));
+    let down = tempfile::tempdir().unwrap();
+    let o = d
+        .ctl(&[
+            "cp",
+            &format!("box:{}/tree", remote.path().display()),
+            down.path().to_str().unwrap(),
+        ])
+        .await;
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(snapshot(&down.path().join("tree")), snapshot(&tree));
+
+    // A failing copy leaves nothing half-written.
+    let o = d
+        .ctl(&[
+            "cp",
+            "box:/nonexistent/x",
+            down.path().join("x").to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(!down.path().join("x").exists());
+    let left: Vec<_> = std::fs::read_dir(down.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "only the tree: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsync_runs_over_crabboxctl_rsh() {
+    require_sshd!();
+    if std::process::Command::new("rsync")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI must have rsync"
+        );
+        eprintln!("skipped: rsync is not installed");
+        return;
+    }
+    let sshd = TestSshd::start().await;
+    let d = daemon_for(&sshd.target_toml("box")).await;
+    let local = tempfile::tempdir().unwrap();
+    let remote = tempfile::tempdir().unwrap();
+    let tree = local.path().join("tree");
+    make_tree(&tree);
+    let rsh = format!(
+        "{} --socket {} rsh",
+        crabbox_tests::bins::bin("crabboxctl").display(),
+        d.socket.display()
+    );
+    let dst = format!("box:{}/copy/", remote.path().display());
+    let out = tokio::process::Command::new("rsync")
+        .args(["-a", "-e", &rsh])
+        .arg(format!("{}/", tree.display()))
+        .arg(&dst)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", show(&out), d.stderr());
+    assert_eq!(snapshot(&remote.path().join("copy")), snapshot(&tree));
+    // And back, as a second rsync over the same connection.
+    let back = local.path().join("back");
+    let out = tokio::process::Command::new("rsync")
+        .args(["-a", "-e", &rsh])
+        .arg(&dst)
+        .arg(format!("{}/", back.display()))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(snapshot(&back), snapshot(&tree));
+    let tasks = d.tasks(Some("ssh-mux")).await;
+    assert_eq!(tasks[0]["labels"]["reconnects"], "0", "{tasks:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_key_material_or_agent_path_in_the_log_at_trace() {
+    require_sshd!();
+    let sshd = TestSshd::start().await;
+    let d = TestDaemon::builder()
+        .env("CRABBOX_LOG", "trace")
+        .toml(&sshd.target_toml("box"))
+        .start()
+        .await;
+    // An agent path that must not be logged, though it is passed along.
+    let agent_dir = tempfile::tempdir().unwrap();
+    let agent = agent_dir.path().join("agent-do-not-log.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&agent).unwrap();
+    let o = d
+        .ctl_command(&["exec", "--id", "box", "--", "echo", "ok"])
+        .env("SSH_AUTH_SOCK", &agent)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(text(&o.stdout), "ok\n", "{}\n{}", show(&o), d.stderr());
+    let o = d
+        .ctl(&[
+            "cp",
+            "box:/etc/hostname",
+            agent_dir.path().to_str().unwrap(),
+        ])
+        .await;
+    assert!(o.status.success(), "{}", show(&o));
+    let log = d.stderr();
+    assert!(log.contains("TRACE"), "the log is at trace");
+    assert!(!log.contains("agent-do-not-log"), "agent path in the log");
+    // Every line of the private key's body (base64) must be absent.
+    let key = std::fs::read_to_string(&sshd.client_key).unwrap();
+    for line in key
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 16)
+    {
+        assert!(!log.contains(line), "private key material in the log");
+    }
+    // So must the raw key bytes, in the forms a debug print would use.
+    let decoded: Vec<u8> = {
+        use std::io::Read as _;
+        let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+        let out = std::process::Command::new("base64")
+            .arg("-d")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write as _;
+                c.stdin.take().unwrap().write_all(body.as_bytes())?;
+                let mut v = Vec::new();
+                c.stdout.take().unwrap().read_to_end(&mut v)?;
+                c.wait()?;
+                Ok(v)
+            })
+            .unwrap();
+        out
+    };
+    // The ed25519 seed is the last 64-byte private block; check a window of it.
+    let tail = &decoded[decoded.len().saturating_sub(100)..decoded.len().saturating_sub(40)];
+    let as_hex: String = tail.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(
+        !log.contains(&as_hex[..32]),
+        "private key bytes (hex) in the log"
+    );
+    let as_list = tail[..8]
+        .iter()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    assert!(
+        !log.contains(&as_list),
+        "private key bytes (debug list) in the log"
+    );
+}

@@ -178,6 +178,7 @@ pub(crate) async fn open_session(
                 ChannelOpenFailure::AdministrativelyProhibited
                 | ChannelOpenFailure::ResourceShortage,
             )) => {
+                tracing::debug!(delay = ?delay, "the server refused a channel (MaxSessions?); retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_millis(500));
             }
@@ -280,7 +281,9 @@ async fn run_inner(
         .acquire_owned()
         .await
         .map_err(|_| SshError::Lost("the connection closed".into()))?;
+    tracing::trace!("exec: permit");
     let channel = open_session(&conn).await?;
+    tracing::trace!("exec: channel open");
     let _guard = ChannelGuard::new(&conn.stats);
     let line = wrap(&command, cwd.as_deref());
     channel
@@ -428,6 +431,7 @@ async fn handle(
                     ))
                 })?;
                 orphan.pgid = Some(pgid);
+                tracing::trace!(pgid, "exec: started");
                 *first_line = None;
                 *started = true;
                 send(Output::Started {
@@ -451,6 +455,7 @@ async fn handle(
             }
         }
         Some(ChannelMsg::ExitStatus { exit_status }) => {
+            tracing::trace!(exit_status, "exec: exit");
             *exit = Some(Exit {
                 code: exit_status as i32,
                 signal: None,

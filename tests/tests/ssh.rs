@@ -241,6 +241,26 @@ async fn coordinator_lease_with_pinned_key_and_per_lease_key_file() {
         .await
         .unwrap();
     assert_eq!(text(&out.stdout), "openssh\n", "{out:?}");
+
+    // Lease end (a release through the daemon) closes the mux, and the
+    // lease is not reached again.
+    let o = d.ctl(&["lease", "release", "--id", lease]).await;
+    assert!(o.status.success(), "{}", show(&o));
+    d.ctl_json_until(
+        &["tasks", "--json", "--kind", "ssh-mux"],
+        "the mux ended",
+        Duration::from_secs(20),
+        |v| {
+            v["tasks"][0]["state"] == "failed"
+                && v["tasks"][0]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("released"))
+        },
+    )
+    .await;
+    let o = d.ctl(&["exec", "--id", lease, "--", "true"]).await;
+    assert_eq!(o.status.code(), Some(255), "{}", show(&o));
+    assert!(text(&o.stderr).contains("released"), "{}", show(&o));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

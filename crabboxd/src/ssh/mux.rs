@@ -242,11 +242,15 @@ impl MuxTask {
                 _ = tick.tick() => {}
                 _ = ctx.cancelled() => {
                     self.close(&conn, "the daemon is stopping").await;
+                    self.labels(&ctx, &conn);
+                    ctx.set_label("state", "closed");
                     self.shared.state.send_replace(State::Idle);
                     return Ok(());
                 }
                 reason = &mut ended => {
                     self.close(&conn, "the lease ended").await;
+                    self.labels(&ctx, &conn);
+                    ctx.set_label("state", "ended");
                     return self.over(attempt, reason);
                 }
             }

@@ -5,7 +5,8 @@
 use tonic::Status;
 
 use crate::{
-    coordinator::CoordinatorError, egress::EgressError, lease::LeaseError, telemetry::LogError,
+    coordinator::CoordinatorError, egress::EgressError, lease::LeaseError, ssh::SshError,
+    telemetry::LogError,
 };
 
 pub fn log(e: LogError) -> Status {
@@ -50,6 +51,25 @@ pub fn coordinator(c: &CoordinatorError, msg: String) -> Status {
         CoordinatorError::Status { status: 400, .. } => Status::invalid_argument(msg),
         _ if c.is_retryable() => Status::unavailable(msg),
         _ => Status::failed_precondition(msg),
+    }
+}
+
+/// Maps an SSH error to a status: a refused host key, failed
+/// authentication, a missing key, an ended lease or a failed copy →
+/// FAILED_PRECONDITION (a person must act); unreachable or lost →
+/// UNAVAILABLE; unknown target → NOT_FOUND.
+pub fn ssh(e: SshError) -> Status {
+    let msg = e.to_string();
+    match e {
+        SshError::NoTarget(_) => Status::not_found(msg),
+        SshError::Invalid(_) => Status::invalid_argument(msg),
+        SshError::HostKey(_)
+        | SshError::Auth(_)
+        | SshError::NoKey(_)
+        | SshError::LeaseEnded(_)
+        | SshError::Copy(_) => Status::failed_precondition(msg),
+        SshError::Unreachable(_) | SshError::Lost(_) => Status::unavailable(msg),
+        SshError::Channel(_) => Status::aborted(msg),
     }
 }
 

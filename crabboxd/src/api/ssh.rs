@@ -1,6 +1,6 @@
 //! The `crabbox.daemon.v1.Ssh` service: exec, copy and OpenSSH details for a
 //! lease. Each RPC converts its request, hands it to the `SshManager` and
-//! converts what comes back; SSH errors map to gRPC codes here.
+//! converts what comes back; SSH errors map to gRPC codes in `error.rs`.
 
 use std::{path::PathBuf, pin::Pin};
 
@@ -8,10 +8,8 @@ use crabbox_api::v1;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{
-    daemon::DaemonState,
-    ssh::{self, SshError},
-};
+use super::error;
+use crate::{daemon::DaemonState, ssh};
 
 /// The service implementation.
 #[derive(Debug, Clone)]
@@ -25,28 +23,8 @@ impl SshService {
     }
 }
 
-/// Maps an SSH error to a status whose message says what to do.
-fn status_of_ssh_error(e: SshError) -> Status {
-    let msg = e.to_string();
-    match e {
-        SshError::NoTarget(_) => Status::not_found(msg),
-        SshError::Invalid(_) => Status::invalid_argument(msg),
-        SshError::HostKey(_)
-        | SshError::Auth(_)
-        | SshError::NoKey(_)
-        | SshError::LeaseEnded(_)
-        | SshError::Copy(_) => Status::failed_precondition(msg),
-        SshError::Unreachable(_) | SshError::Lost(_) => Status::unavailable(msg),
-        SshError::Channel(_) => Status::aborted(msg),
-    }
-}
-
 fn lease_id(raw: &str) -> Result<String, Status> {
-    let id = raw.trim();
-    if id.is_empty() {
-        return Err(Status::invalid_argument("a lease id is required"));
-    }
-    Ok(id.to_owned())
+    error::lease_id(raw).map(str::to_owned)
 }
 
 fn agent(raw: &str) -> Option<PathBuf> {
@@ -139,7 +117,7 @@ impl v1::ssh_server::Ssh for SshService {
             .state
             .ssh()
             .exec(spec, input)
-            .map(|r| r.map(output).map_err(status_of_ssh_error));
+            .map(|r| r.map(output).map_err(error::ssh));
         Ok(Response::new(Box::pin(out)))
     }
 
@@ -179,7 +157,7 @@ impl v1::ssh_server::Ssh for SshService {
                 total_bytes: p.total.unwrap_or(0),
                 done_path: p.done.unwrap_or_default(),
             })
-            .map_err(status_of_ssh_error)
+            .map_err(error::ssh)
         });
         Ok(Response::new(Box::pin(out)))
     }
@@ -194,7 +172,7 @@ impl v1::ssh_server::Ssh for SshService {
             .ssh()
             .target_info(&lease)
             .await
-            .map_err(status_of_ssh_error)?;
+            .map_err(error::ssh)?;
         let source = match info.target.origin {
             ssh::target::Origin::Coordinator => v1::TargetSource::Coordinator,
             ssh::target::Origin::Static => v1::TargetSource::Static,

@@ -706,7 +706,7 @@ async fn no_key_material_or_agent_path_in_the_log_at_trace() {
     let decoded: Vec<u8> = {
         use std::io::Read as _;
         let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
-        let out = std::process::Command::new("base64")
+        std::process::Command::new("base64")
             .arg("-d")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -719,8 +719,7 @@ async fn no_key_material_or_agent_path_in_the_log_at_trace() {
                 c.wait()?;
                 Ok(v)
             })
-            .unwrap();
-        out
+            .unwrap()
     };
     // The ed25519 seed is the last 64-byte private block; check a window of it.
     let tail = &decoded[decoded.len().saturating_sub(100)..decoded.len().saturating_sub(40)];

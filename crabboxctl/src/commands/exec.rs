@@ -135,11 +135,10 @@ pub async fn stream(ctx: &Ctx, start: ExecStart, forward_stdin: bool) -> anyhow:
                 Some(Event::Stderr(b)) => {
                     stderr.write_all(&b)?;
                 }
-                Some(Event::Started(s)) => {
-                    if !s.fallback_note.is_empty() && stderr.is_terminal() {
-                        writeln!(stderr, "crabboxctl: {}", s.fallback_note)?;
-                    }
+                Some(Event::Started(s)) if !s.fallback_note.is_empty() && stderr.is_terminal() => {
+                    writeln!(stderr, "crabboxctl: {}", s.fallback_note)?;
                 }
+                Some(Event::Started(_)) => {}
                 Some(Event::Exit(e)) => {
                     stdout.flush()?;
                     // The remote command's exit code, not one of crabboxctl's:

@@ -10,7 +10,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use russh::{
@@ -18,7 +18,7 @@ use russh::{
     client::{self, ChannelOpenHandle, Handle, Msg, Session},
     keys::{PrivateKeyWithHashAlg, PublicKey, agent::client::AgentClient},
 };
-use tokio::{net::TcpStream, sync::Semaphore};
+use tokio::{net::TcpStream, sync::Semaphore, time::Instant};
 
 use super::{
     SshError,

@@ -2,6 +2,11 @@
 //! CLI (bearer token, owner/org, JSON content type), same-origin redirects,
 //! and one error type that says whether retrying helps.
 
+#![expect(
+    clippy::disallowed_types,
+    reason = "coordinator/ is the one module that speaks HTTP to the coordinator"
+)]
+
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};

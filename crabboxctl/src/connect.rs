@@ -269,6 +269,41 @@ mod tests {
     }
 
     #[test]
+    fn a_coordinator_outage_is_exit_5_not_a_gone_daemon() {
+        let mut status = tonic::Status::unavailable(
+            "cannot reach the coordinator at http://127.0.0.1:9: connection refused",
+        );
+        let md = status.metadata_mut();
+        md.insert(errors::ERROR_SOURCE_KEY, "coordinator".parse().unwrap());
+        md.insert(
+            errors::COORDINATOR_URL_KEY,
+            "http://127.0.0.1:9".parse().unwrap(),
+        );
+        let f = rpc_failed(Path::new("/x.sock"), "KeepLease", &status);
+        assert_eq!(f.code, Code::CoordinatorUnreachable);
+        assert!(
+            f.message.starts_with(
+                "crabboxd could not reach the coordinator at http://127.0.0.1:9 during KeepLease"
+            ),
+            "{}",
+            f.message
+        );
+        assert!(
+            f.hints.iter().all(|h| !h.contains("start it")),
+            "{:?}",
+            f.hints
+        );
+        // Without the trailers it is the daemon's transport: exit 3.
+        let f = rpc_failed(
+            Path::new("/x.sock"),
+            "KeepLease",
+            &tonic::Status::unavailable("connection reset"),
+        );
+        assert_eq!(f.code, Code::Unreachable);
+        assert!(COORDINATOR_CALL_TIMEOUT > COORDINATOR_DEADLINE);
+    }
+
+    #[test]
     fn other_codes_keep_the_daemon_message() {
         let f = rpc_failed(
             Path::new("/x.sock"),

@@ -197,7 +197,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
                 allow_private: *allow_private,
                 session_id: session.clone().unwrap_or_default(),
             };
-            let host = connect::call(
+            let host = connect::call_coordinator(
                 &ctx.socket,
                 "StartEgressHost",
                 client.egress().start_egress_host(req),
@@ -226,7 +226,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
             let req = GetEgressStatusRequest {
                 lease_id: id.clone(),
             };
-            let st = connect::call(
+            let st = connect::call_coordinator(
                 &ctx.socket,
                 "GetEgressStatus",
                 client.egress().get_egress_status(req),
@@ -326,7 +326,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
                 role: EgressRole::from(*role) as i32,
                 session_id: session.clone().unwrap_or_default(),
             };
-            let t = connect::call(
+            let t = connect::call_coordinator(
                 &ctx.socket,
                 "MintEgressTicket",
                 client.egress().mint_egress_ticket(req),

@@ -19,6 +19,7 @@ use super::{
     conn::{ChannelGuard, Conn},
     exec::{open_session, sh_quote},
 };
+use crate::supervisor::Supervisor;
 
 /// Which way a copy goes.
 #[derive(Debug, Clone)]
@@ -68,13 +69,16 @@ const CHUNK: usize = 64 * 1024;
 
 /// Runs one copy.
 pub async fn run(
+    supervisor: &Supervisor,
     conn: Arc<Conn>,
     spec: CopySpec,
     out: &mpsc::Sender<Result<Progress, SshError>>,
 ) -> Result<(), SshError> {
     match spec.direction {
-        Direction::Upload { local, remote } => upload(conn, local, remote, out).await,
-        Direction::Download { remote, local } => download(conn, remote, local, out).await,
+        Direction::Upload { local, remote } => upload(supervisor, conn, local, remote, out).await,
+        Direction::Download { remote, local } => {
+            download(supervisor, conn, remote, local, out).await
+        }
     }
 }
 
@@ -143,6 +147,7 @@ impl Read for ChanReader {
 }
 
 async fn upload(
+    supervisor: &Supervisor,
     conn: Arc<Conn>,
     local: PathBuf,
     remote: String,
@@ -187,7 +192,7 @@ printf '%s\n' "$final""#;
     let (mut rd, wr) = channel.split();
     let (tx, mut rx) = mpsc::channel::<Bytes>(8);
     let is_dir = meta.is_dir();
-    let packer = tokio::task::spawn_blocking(move || -> io::Result<()> {
+    let packer = supervisor.spawn_blocking(move || -> io::Result<()> {
         let mut b = tar::Builder::new(ChanWriter {
             tx,
             buf: Vec::with_capacity(CHUNK),
@@ -289,6 +294,7 @@ fn random_suffix() -> String {
 }
 
 async fn download(
+    supervisor: &Supervisor,
     conn: Arc<Conn>,
     remote: String,
     local: PathBuf,
@@ -336,7 +342,7 @@ async fn download(
     let _ = channel.eof().await;
     let (tx, rx) = mpsc::channel::<Bytes>(32);
     let dest = tmp.clone();
-    let unpacker = tokio::task::spawn_blocking(move || -> io::Result<()> {
+    let unpacker = supervisor.spawn_blocking(move || -> io::Result<()> {
         let mut a = tar::Archive::new(ChanReader {
             rx,
             cur: Bytes::new(),

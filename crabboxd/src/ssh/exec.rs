@@ -22,6 +22,7 @@ use super::{
     SshError,
     conn::{ChannelGuard, Conn},
 };
+use crate::supervisor::Supervisor;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -229,6 +230,7 @@ pub async fn kill_group(conn: &Conn, pgid: u32, sig: Signal) -> Result<(), SshEr
 /// Kills the group if the command is dropped before it ended (the client
 /// went away): a short, bounded clean-up, not a long-lived task.
 struct Orphan {
+    supervisor: Supervisor,
     conn: Arc<Conn>,
     pgid: Option<u32>,
     done: bool,
@@ -239,13 +241,14 @@ impl Drop for Orphan {
         if let (false, Some(pgid)) = (self.done, self.pgid) {
             let conn = Arc::clone(&self.conn);
             tracing::info!(pgid, "client went away; ending the remote command");
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(15),
-                    kill_group(&conn, pgid, Signal::Term),
-                )
-                .await;
-            });
+            self.supervisor
+                .spawn_cleanup("kill-orphaned-command", async move {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(15),
+                        kill_group(&conn, pgid, Signal::Term),
+                    )
+                    .await;
+                });
         }
     }
 }
@@ -256,19 +259,21 @@ const PGID_LINE_MAX: usize = 32;
 /// Runs one command on `conn`, reading `input` and sending what happens to
 /// `out`. Returns when the command ended, failed, or `out` is gone.
 pub async fn run(
+    supervisor: Supervisor,
     conn: Arc<Conn>,
     command: Command,
     cwd: Option<String>,
     input: impl Stream<Item = Input> + Send + Unpin,
     out: mpsc::Sender<Result<Output, SshError>>,
 ) {
-    let result = run_inner(Arc::clone(&conn), command, cwd, input, &out).await;
+    let result = run_inner(supervisor, Arc::clone(&conn), command, cwd, input, &out).await;
     if let Err(e) = result {
         let _ = out.send(Err(e)).await;
     }
 }
 
 async fn run_inner(
+    supervisor: Supervisor,
     conn: Arc<Conn>,
     command: Command,
     cwd: Option<String>,
@@ -293,6 +298,7 @@ async fn run_inner(
     let stats = Arc::clone(&conn.stats);
     let (mut rd, wr) = channel.split();
     let mut orphan = Orphan {
+        supervisor,
         conn: Arc::clone(&conn),
         pgid: None,
         done: false,

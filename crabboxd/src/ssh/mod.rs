@@ -261,7 +261,15 @@ impl SshManager {
                     return;
                 }
             };
-            exec::run(conn, spec.command, spec.cwd, input, tx).await;
+            exec::run(
+                this.supervisor.clone(),
+                conn,
+                spec.command,
+                spec.cwd,
+                input,
+                tx,
+            )
+            .await;
         };
         drive(fut, rx)
     }
@@ -281,7 +289,7 @@ impl SshManager {
                     return;
                 }
             };
-            if let Err(e) = copy::run(conn, spec, &tx).await {
+            if let Err(e) = copy::run(&this.supervisor, conn, spec, &tx).await {
                 let _ = tx.send(Err(e)).await;
             }
         };

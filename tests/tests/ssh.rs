@@ -738,3 +738,36 @@ async fn no_key_material_or_agent_path_in_the_log_at_trace() {
         "private key bytes (debug list) in the log"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_closes_and_the_next_command_reconnects() {
+    require_sshd!();
+    let sshd = TestSshd::start().await;
+    let toml = format!("[ssh]\nidle_close = \"3s\"\n\n{}", sshd.target_toml("box"));
+    let d = daemon_for(&toml).await;
+    let o = d.ctl(&["exec", "--id", "box", "--", "true"]).await;
+    assert!(o.status.success(), "{}", show(&o));
+    // A running command keeps the connection open past the idle time.
+    let o = d.ctl(&["exec", "--id", "box", "--", "sleep", "5"]).await;
+    assert!(o.status.success(), "{}", show(&o));
+    let tasks = d.tasks(Some("ssh-mux")).await;
+    assert_eq!(tasks[0]["labels"]["reconnects"], "0", "{tasks:?}");
+    // With nothing open it closes...
+    d.ctl_json_until(
+        &["tasks", "--json", "--kind", "ssh-mux"],
+        "the idle connection to close",
+        Duration::from_secs(20),
+        |v| v["tasks"][0]["labels"]["state"] == "idle",
+    )
+    .await;
+    assert!(
+        d.stderr().contains("closing the idle SSH connection"),
+        "{}",
+        d.stderr()
+    );
+    // ...and work that arrives later connects again.
+    let o = d.ctl(&["exec", "--id", "box", "--", "echo", "back"]).await;
+    assert_eq!(text(&o.stdout), "back\n", "{}", show(&o));
+    let tasks = d.tasks(Some("ssh-mux")).await;
+    assert_eq!(tasks[0]["labels"]["reconnects"], "1", "{tasks:?}");
+}

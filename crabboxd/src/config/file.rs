@@ -35,6 +35,9 @@ pub struct DaemonToml {
 pub struct SshToml {
     /// The private key used when a lease has no per-lease key.
     pub key: Option<PathBuf>,
+    /// How long a connection with no channel stays open, e.g. `"10m"`.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_close: Option<Duration>,
 }
 
 /// `[targets.<name>]`: a box reached over SSH with no coordinator.
@@ -120,6 +123,7 @@ pub const EXAMPLE: &str = r#"# crabboxd configuration. Every key is optional; un
 
 [ssh]
 # key = "/home/me/.ssh/id_ed25519"   # when a lease has no per-lease key
+# idle_close = "10m"                   # close a connection unused this long
 
 # A box with no coordinator, usable as `--id lab`:
 # [targets.lab]

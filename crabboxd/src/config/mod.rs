@@ -48,6 +48,9 @@ pub struct Config {
     pub ssh_key: Option<PathBuf>,
     /// Static SSH targets (`[targets.<name>]`), usable wherever a lease id is.
     pub ssh_targets: BTreeMap<String, StaticTarget>,
+    /// How long an SSH connection with no channel stays open (`[ssh]
+    /// idle_close`, default 10 minutes).
+    pub ssh_idle_close: Option<Duration>,
 }
 
 /// How to reach and authenticate to a coordinator.
@@ -213,6 +216,7 @@ struct Merge {
     shutdown_grace: Option<Duration>,
     profiles: BTreeMap<String, Vec<String>>,
     ssh_key: Option<PathBuf>,
+    ssh_idle_close: Option<Duration>,
     targets: BTreeMap<String, StaticTarget>,
 }
 
@@ -329,6 +333,7 @@ impl Merge {
         self.shutdown_grace = t.daemon.shutdown_grace.or(self.shutdown_grace);
         self.profiles.extend(t.egress.profiles);
         self.ssh_key = t.ssh.key.or(self.ssh_key.take());
+        self.ssh_idle_close = t.ssh.idle_close.or(self.ssh_idle_close);
         self.targets.extend(t.targets);
     }
 
@@ -445,6 +450,7 @@ impl Merge {
             config_dir: dirs.config.clone(),
             ssh_key: self.ssh_key,
             ssh_targets: self.targets,
+            ssh_idle_close: self.ssh_idle_close,
             coordinator,
             socket: self.socket,
             state_dir: self.state_dir.unwrap_or_else(|| dirs.state.join("crabbox")),

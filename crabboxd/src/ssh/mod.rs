@@ -191,6 +191,7 @@ impl SshManager {
                 statics: Arc::new(config.ssh_targets.clone()),
                 default_key: config.ssh_key.clone(),
                 config_dir: config.config_dir.clone(),
+                idle_close: config.ssh_idle_close.unwrap_or(mux::IDLE_CLOSE),
             },
             ends,
             muxes: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),

@@ -133,6 +133,8 @@ pub struct Resolver {
     pub default_key: Option<PathBuf>,
     /// The user config dir.
     pub config_dir: PathBuf,
+    /// How long a connection with no channel stays open.
+    pub idle_close: Duration,
 }
 
 impl Resolver {
@@ -282,7 +284,7 @@ impl MuxTask {
                     .idle_since
                     .lock()
                     .unwrap()
-                    .is_some_and(|t| t.elapsed() >= IDLE_CLOSE);
+                    .is_some_and(|t| t.elapsed() >= self.resolver.idle_close);
             if idle {
                 tracing::info!("closing the idle SSH connection");
                 self.close(&conn, "idle").await;

@@ -20,9 +20,20 @@ use crate::{
 /// "Lease end is one event": whoever learns that a lease is over (a
 /// heartbeat answer, a bridge close `1008 lease ended`, a release through
 /// the daemon) announces it here, and every task of that lease ends.
+/// Leases are named by their canonical id.
 #[derive(Debug, Clone)]
 pub struct LeaseEnds {
-    tx: broadcast::Sender<(String, String)>,
+    tx: broadcast::Sender<(String, LeaseOver)>,
+}
+
+/// Why a lease's tasks end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseOver {
+    /// What happened, for the task table.
+    pub reason: String,
+    /// An orderly end the operator asked for (a release through the
+    /// daemon): tasks end as `stopped`, not `failed`.
+    pub orderly: bool,
 }
 
 impl Default for LeaseEnds {
@@ -34,11 +45,26 @@ impl Default for LeaseEnds {
 }
 
 impl LeaseEnds {
-    /// Announces that `lease` is over, and why.
+    /// Announces that `lease` is over, as learned from the coordinator.
     pub fn announce(&self, lease: &str, reason: &str) {
+        self.send(lease, reason, false);
+    }
+
+    /// Announces an orderly end the operator asked for (a release).
+    pub fn announce_orderly(&self, lease: &str, reason: &str) {
+        self.send(lease, reason, true);
+    }
+
+    fn send(&self, lease: &str, reason: &str, orderly: bool) {
         tracing::info!(lease, reason, "lease is over; ending its tasks");
         // An error only means no task is listening.
-        let _ = self.tx.send((lease.to_owned(), reason.to_owned()));
+        let _ = self.tx.send((
+            lease.to_owned(),
+            LeaseOver {
+                reason: reason.to_owned(),
+                orderly,
+            },
+        ));
     }
 
     /// Completes with the reason when `lease` is announced as over.
@@ -48,13 +74,13 @@ impl LeaseEnds {
     pub fn wait_for(
         &self,
         lease: &str,
-    ) -> impl std::future::Future<Output = String> + Send + 'static {
+    ) -> impl std::future::Future<Output = LeaseOver> + Send + 'static {
         let mut rx = self.tx.subscribe();
         let lease = lease.to_owned();
         async move {
             loop {
                 match rx.recv().await {
-                    Ok((id, reason)) if id == lease => return reason,
+                    Ok((id, over)) if id == lease => return over,
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => {
                         return std::future::pending().await;
@@ -111,9 +137,14 @@ impl DaemonState {
             .transpose()?;
         let ends = LeaseEnds::default();
         // One control socket per coordinator, shared by leases and runs.
-        let control = coordinator
-            .clone()
-            .map(|c| ControlChannel::new(c, supervisor.clone()));
+        let control = coordinator.clone().zip(config.coordinator.as_ref()).map(|(c, cfg)| {
+            ControlChannel::new(
+                c,
+                supervisor.clone(),
+                cfg.heartbeat_transport,
+                cfg.control_ping_interval,
+            )
+        });
         let leases = LeaseManager::new(
             coordinator.clone(),
             control.clone(),

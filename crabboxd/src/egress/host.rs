@@ -13,7 +13,7 @@ use crabbox_egress::{ErrorClass, FatalReason, HostConfig, Policy, SessionStats};
 use super::EgressManager;
 use crate::{
     coordinator::{self, CoordinatorError, Role, Ticket, TicketRequest},
-    daemon::LeaseEnds,
+    daemon::{LeaseEnds, LeaseOver},
     supervisor::{TaskCtx, TaskError},
 };
 
@@ -85,7 +85,11 @@ impl Host {
                 ErrorClass::Fatal(FatalReason::LeaseEnded) => {
                     let reason = e.to_string();
                     self.ends.announce(&self.lease, &reason);
-                    self.over(reason).await
+                    self.over(LeaseOver {
+                        reason,
+                        orderly: false,
+                    })
+                    .await
                 }
                 ErrorClass::Fatal(FatalReason::Replaced) => {
                     self.end();
@@ -113,9 +117,14 @@ impl Host {
         }
     }
 
-    async fn over(&self, reason: String) -> Result<(), TaskError> {
+    /// The lease is over: stopped when the operator released it through
+    /// the daemon, fatal otherwise.
+    async fn over(&self, over: LeaseOver) -> Result<(), TaskError> {
         self.end();
-        Err(TaskError::fatal(anyhow::anyhow!("{reason}")))
+        if over.orderly {
+            return Ok(());
+        }
+        Err(TaskError::fatal(anyhow::anyhow!("{}", over.reason)))
     }
 
     fn end(&self) {

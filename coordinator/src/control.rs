@@ -324,9 +324,11 @@ async fn heartbeat(st: &Shared, p: &Principal, handle: &SocketHandle, v: Value) 
         );
     }
     match crate::leases::touch(st, p.clone(), lease_id.clone(), v).await {
+        // Answered with the lease's canonical id, whether it was named by
+        // id or by slug, as the reference does.
         Ok(lease) => send(
             handle,
-            json!({"type": "heartbeat", "leaseID": lease_id, "ok": true, "expiresAt": lease.expires_at}),
+            json!({"type": "heartbeat", "leaseID": lease.id, "ok": true, "expiresAt": lease.expires_at}),
         ),
         Err(e) => send(
             handle,

@@ -13,5 +13,6 @@ pub mod bins;
 pub mod daemon;
 pub mod egress;
 pub mod netns;
+pub mod proxy;
 
 pub use daemon::{TestDaemon, TestDaemonBuilder};

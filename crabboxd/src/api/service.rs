@@ -72,6 +72,7 @@ fn status_of_egress_error(e: EgressError) -> Status {
         EgressError::NoCoordinator => Status::failed_precondition(msg),
         EgressError::Policy(_) => Status::invalid_argument(msg),
         EgressError::NotRunning(_) => Status::not_found(msg),
+        EgressError::WouldReplace { .. } => Status::failed_precondition(msg),
         EgressError::Persist(_) => Status::internal(msg),
         EgressError::Coordinator(c) => status_of_lease_error(LeaseError::Coordinator(c)),
     }
@@ -421,7 +422,7 @@ impl v1::daemon_server::Daemon for DaemonService {
         let ticket = self
             .state
             .egress()
-            .ticket(lease_id(&req.lease_id)?, role, session)
+            .ticket(lease_id(&req.lease_id)?, role, session, req.replace)
             .await
             .map_err(status_of_egress_error)?;
         // The one place a ticket leaves the daemon: to its own user, who

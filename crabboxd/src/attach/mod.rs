@@ -3,11 +3,14 @@
 //! from the last sequence on any socket failure) into a buffer that any
 //! number of subscribers share: a snapshot after their cursor, then live
 //! events, then the run's final state. Rendering is the client's job.
+//! A feed's buffer is capped in bytes; a subscriber whose cursor is older
+//! pages those events over HTTP first. A feed stops when its last
+//! subscriber leaves.
 
 mod feed;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex},
 };
 
@@ -46,44 +49,72 @@ pub struct Subscription {
     /// The run's end, when it already ended.
     pub end: Option<RunEnd>,
     /// Later items. `Lagged` means this subscriber fell behind and must be
-    /// told so; items are never skipped silently.
-    pub rx: broadcast::Receiver<FeedItem>,
+    /// told so; items are never skipped silently. Dropping the last
+    /// receiver of a feed stops the feed.
+    pub rx: FeedReceiver,
 }
 
 /// How many items a subscriber may fall behind before it is cut off.
 pub const SUBSCRIBER_BUFFER: usize = 4096;
-/// How many events a feed keeps for late subscribers.
+/// How many events a feed keeps for late subscribers, at most.
 pub const FEED_CAP: usize = 100_000;
+/// How many bytes of events a feed keeps for late subscribers, at most
+/// (the oldest go first; a late subscriber pages them over HTTP).
+pub const FEED_MAX_BYTES: usize = 8 << 20;
+/// The HTTP page size for late subscribers (the coordinator's maximum).
+const BACKFILL_PAGE: u32 = 500;
 
 /// One run's shared buffer.
 #[derive(Debug)]
 pub struct Feed {
     state: Mutex<FeedState>,
     tx: broadcast::Sender<FeedItem>,
+    max_bytes: usize,
 }
 
 #[derive(Debug, Default)]
 struct FeedState {
-    events: Vec<Arc<RunEvent>>,
+    events: VecDeque<Arc<RunEvent>>,
+    bytes: usize,
+    /// The cursor the feed started after (its first subscriber's).
+    start: u64,
+    /// Subscribers holding a receiver (changed under the manager's lock).
+    subscribers: usize,
     end: Option<RunEnd>,
 }
 
+/// What one buffered event costs, roughly: the record and its strings.
+fn event_bytes(e: &RunEvent) -> usize {
+    std::mem::size_of::<RunEvent>()
+        + e.kind.len()
+        + e.created_at.len()
+        + [&e.phase, &e.stream, &e.message, &e.data]
+            .iter()
+            .map(|s| s.as_ref().map_or(0, String::len))
+            .sum::<usize>()
+}
+
 impl Feed {
-    fn new() -> Self {
+    fn new(start: u64, max_bytes: usize) -> Self {
         Feed {
-            state: Mutex::new(FeedState::default()),
+            state: Mutex::new(FeedState {
+                start,
+                ..FeedState::default()
+            }),
             tx: broadcast::channel(SUBSCRIBER_BUFFER).0,
+            max_bytes,
         }
     }
 
-    /// The last sequence number buffered (0 before any).
+    /// The last sequence number buffered (the start cursor before any).
     pub fn cursor(&self) -> u64 {
-        self.state
-            .lock()
-            .unwrap()
-            .events
-            .last()
-            .map_or(0, |e| e.seq)
+        let st = self.state.lock().unwrap();
+        st.events.back().map_or(st.start, |e| e.seq)
+    }
+
+    /// The bytes of events buffered.
+    pub fn bytes(&self) -> usize {
+        self.state.lock().unwrap().bytes
     }
 
     /// Whether the run has ended.
@@ -92,14 +123,21 @@ impl Feed {
     }
 
     /// Appends the next event; the caller guarantees `seq == cursor + 1`.
+    /// The oldest events go when the buffer is over its count or byte cap.
     fn push(&self, event: RunEvent) {
         let event = Arc::new(event);
         let mut st = self.state.lock().unwrap();
-        debug_assert_eq!(event.seq, st.events.last().map_or(0, |e| e.seq) + 1);
-        if st.events.len() >= FEED_CAP {
-            st.events.remove(0);
+        debug_assert_eq!(
+            event.seq,
+            st.events.back().map_or(st.start, |e| e.seq) + 1
+        );
+        st.bytes += event_bytes(&event);
+        st.events.push_back(Arc::clone(&event));
+        while st.events.len() > 1 && (st.events.len() > FEED_CAP || st.bytes > self.max_bytes) {
+            if let Some(old) = st.events.pop_front() {
+                st.bytes -= event_bytes(&old);
+            }
         }
-        st.events.push(Arc::clone(&event));
         // Sent under the lock, so a subscriber's snapshot and its receiver
         // never overlap or leave a hole.
         let _ = self.tx.send(FeedItem::Event(event));
@@ -113,23 +151,130 @@ impl Feed {
         }
     }
 
-    fn subscribe(&self, after: u64) -> Result<Subscription, u64> {
+    /// A snapshot after `after`, the end, a receiver, and — when the
+    /// buffer no longer (or never) held events right after `after` — the
+    /// range that must be paged over HTTP first: `(after, first_buffered)`.
+    #[allow(clippy::type_complexity)]
+    fn snapshot(
+        &self,
+        after: u64,
+    ) -> (
+        Vec<Arc<RunEvent>>,
+        Option<RunEnd>,
+        broadcast::Receiver<FeedItem>,
+        Option<u64>,
+    ) {
         let st = self.state.lock().unwrap();
-        if let Some(first) = st.events.first()
-            && after + 1 < first.seq
-        {
-            return Err(first.seq);
+        let first = st.events.front().map_or(st.start + 1, |e| e.seq);
+        let gap = (after + 1 < first).then_some(first);
+        let snapshot = st
+            .events
+            .iter()
+            .filter(|e| e.seq > after)
+            .cloned()
+            .collect();
+        (snapshot, st.end.clone(), self.tx.subscribe(), gap)
+    }
+}
+
+/// A subscriber's receiver: first the events it must page over HTTP (older
+/// than the feed's buffer), then the snapshot, then live items. Holds the
+/// feed: when the last receiver is dropped, the feed stops.
+#[derive(Debug)]
+pub struct FeedReceiver {
+    rx: broadcast::Receiver<FeedItem>,
+    /// Items to hand out before `rx`.
+    queued: VecDeque<FeedItem>,
+    /// Older events to page over HTTP: `(client, run, next after, stop before)`.
+    backfill: Option<Backfill>,
+    /// The snapshot and end, handed out after the backfill.
+    after_backfill: Vec<FeedItem>,
+    _guard: SubscriberGuard,
+}
+
+#[derive(Debug)]
+struct Backfill {
+    client: coordinator::Client,
+    run: String,
+    after: u64,
+    before: u64,
+}
+
+impl FeedReceiver {
+    /// The next item, as `broadcast::Receiver::recv`: `Lagged` when this
+    /// subscriber fell behind, `Closed` when the feed is gone or older
+    /// events could not be paged over HTTP (logged).
+    pub async fn recv(&mut self) -> Result<FeedItem, broadcast::error::RecvError> {
+        loop {
+            if let Some(item) = self.queued.pop_front() {
+                return Ok(item);
+            }
+            let Some(b) = &mut self.backfill else {
+                return self.rx.recv().await;
+            };
+            if b.after + 1 >= b.before {
+                self.backfill = None;
+                self.queued.extend(self.after_backfill.drain(..));
+                continue;
+            }
+            let limit = BACKFILL_PAGE.min((b.before - b.after - 1) as u32);
+            match b.client.run_events(&b.run, b.after, limit).await {
+                Ok(page) => {
+                    let mut progressed = false;
+                    for e in page {
+                        if e.seq == b.after + 1 && e.seq < b.before {
+                            b.after = e.seq;
+                            progressed = true;
+                            self.queued.push_back(FeedItem::Event(Arc::new(e)));
+                        }
+                    }
+                    if !progressed {
+                        tracing::warn!(run = %b.run, after = b.after, "older run events are missing at the coordinator");
+                        return Err(broadcast::error::RecvError::Closed);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(run = %b.run, error = %e, "cannot page older run events");
+                    return Err(broadcast::error::RecvError::Closed);
+                }
+            }
         }
-        Ok(Subscription {
-            snapshot: st
-                .events
-                .iter()
-                .filter(|e| e.seq > after)
-                .cloned()
-                .collect(),
-            end: st.end.clone(),
-            rx: self.tx.subscribe(),
-        })
+    }
+}
+
+/// Counts one subscriber of a feed; the last one to go reaps the feed.
+struct SubscriberGuard {
+    feeds: Arc<Mutex<HashMap<String, FeedEntry>>>,
+    run: String,
+    feed: Arc<Feed>,
+}
+
+impl std::fmt::Debug for SubscriberGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriberGuard")
+            .field("run", &self.run)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        let mut feeds = self.feeds.lock().unwrap();
+        let left = {
+            let mut st = self.feed.state.lock().unwrap();
+            st.subscribers = st.subscribers.saturating_sub(1);
+            st.subscribers
+        };
+        if left == 0
+            && feeds
+                .get(&self.run)
+                .is_some_and(|e| Arc::ptr_eq(&e.feed, &self.feed))
+        {
+            // Dropping the entry drops the task handle, which stops it. A
+            // later attach follows the run again from its own cursor.
+            feeds.remove(&self.run);
+            tracing::debug!(run = %self.run, "last subscriber left; feed stopped");
+        }
     }
 }
 
@@ -142,7 +287,8 @@ pub enum AttachError {
     )]
     NoCoordinator,
     /// The cursor is older than what the feed still holds (the first
-    /// buffered sequence number is given).
+    /// buffered sequence number is given). Late subscribers page older
+    /// events over HTTP, so this is no longer returned.
     #[error("events before {0} are no longer buffered; attach with a later --after")]
     TooOld(u64),
 }
@@ -154,6 +300,8 @@ pub struct AttachManager {
     control: Option<ControlChannel>,
     supervisor: Supervisor,
     feeds: Arc<Mutex<HashMap<String, FeedEntry>>>,
+    creating: Arc<tokio::sync::Mutex<()>>,
+    max_bytes: usize,
 }
 
 /// A run's feed and the task that fills it (dropping the entry stops it).
@@ -184,11 +332,30 @@ impl AttachManager {
             control,
             supervisor,
             feeds: Arc::new(Mutex::new(HashMap::new())),
+            creating: Arc::default(),
+            max_bytes: FEED_MAX_BYTES,
         }
     }
 
-    /// Subscribes to a run from `after`, starting its feed if it has none.
-    /// Every subscriber of a run shares one feed.
+    /// How many feeds are live.
+    pub fn feeds(&self) -> usize {
+        self.feeds.lock().unwrap().len()
+    }
+
+    /// The run's live feed with one more subscriber counted, under the
+    /// map's lock (where the last subscriber to leave removes the feed), so
+    /// a feed is never reaped under a newcomer.
+    fn join(&self, run: &str) -> Option<Arc<Feed>> {
+        let feeds = self.feeds.lock().unwrap();
+        let e = feeds.get(run)?;
+        e.feed.state.lock().unwrap().subscribers += 1;
+        Some(Arc::clone(&e.feed))
+    }
+
+    /// Subscribes to a run from `after`, starting its feed (from `after`)
+    /// if it has none. Every subscriber of a run shares one feed; one whose
+    /// cursor is older than the feed's buffer pages the older events over
+    /// HTTP before it joins.
     pub async fn subscribe(&self, run: &str, after: u64) -> Result<Subscription, AttachError> {
         let client = self.coordinator.clone().ok_or(AttachError::NoCoordinator)?;
         // Finished feeds nobody listens to any more are dropped; a later
@@ -196,53 +363,133 @@ impl AttachManager {
         self.feeds
             .lock()
             .unwrap()
-            .retain(|_, e| !(e.feed.is_ended() && e.feed.tx.receiver_count() == 0));
-        let existing = self
-            .feeds
-            .lock()
-            .unwrap()
-            .get(run)
-            .map(|e| Arc::clone(&e.feed));
-        let feed = match existing {
+            .retain(|_, e| !(e.feed.is_ended() && e.feed.state.lock().unwrap().subscribers == 0));
+        let feed = match self.join(run) {
             Some(feed) => feed,
             None => {
-                if let Some(control) = &self.control {
-                    control.ensure_started().await;
-                }
-                let feed = Arc::new(Feed::new());
-                let worker = feed::Worker {
-                    client,
-                    control: self.control.clone(),
-                    run: run.to_owned(),
-                    feed: Arc::clone(&feed),
-                };
-                let started = self
-                    .supervisor
-                    .start(
-                        TaskId::new(TaskKind::AttachFeed, run),
-                        BTreeMap::from([("run".to_owned(), run.to_owned())]),
-                        POLICY,
-                        move |ctx| worker.clone().run(ctx),
-                    )
-                    .await;
-                let mut feeds = self.feeds.lock().unwrap();
-                match (started, feeds.get(run)) {
-                    // Another subscriber won the race; share its feed.
-                    (_, Some(e)) => Arc::clone(&e.feed),
-                    (Ok(handle), None) => {
+                // One creation at a time, so two first subscribers of a run
+                // never start two tasks that replace each other.
+                let _creating = self.creating.lock().await;
+                match self.join(run) {
+                    Some(feed) => feed,
+                    None => {
+                        if let Some(control) = &self.control {
+                            control.ensure_started().await;
+                        }
+                        let feed = Arc::new(Feed::new(after, self.max_bytes));
+                        let worker = feed::Worker {
+                            client: client.clone(),
+                            control: self.control.clone(),
+                            run: run.to_owned(),
+                            feed: Arc::clone(&feed),
+                        };
+                        // `replace`: a reaped feed's task may still be draining.
+                        let task = self
+                            .supervisor
+                            .replace(
+                                TaskId::new(TaskKind::AttachFeed, run),
+                                BTreeMap::from([("run".to_owned(), run.to_owned())]),
+                                POLICY,
+                                move |ctx| worker.clone().run(ctx),
+                            )
+                            .await;
+                        let mut feeds = self.feeds.lock().unwrap();
+                        feed.state.lock().unwrap().subscribers += 1;
                         feeds.insert(
                             run.to_owned(),
                             FeedEntry {
                                 feed: Arc::clone(&feed),
-                                _task: handle,
+                                _task: task,
                             },
                         );
                         feed
                     }
-                    (Err(_), None) => feed,
                 }
             }
         };
-        feed.subscribe(after).map_err(AttachError::TooOld)
+        let (snapshot, end, rx, gap) = feed.snapshot(after);
+        let guard = SubscriberGuard {
+            feeds: Arc::clone(&self.feeds),
+            run: run.to_owned(),
+            feed,
+        };
+        let Some(before) = gap else {
+            return Ok(Subscription {
+                snapshot,
+                end,
+                rx: FeedReceiver {
+                    rx,
+                    queued: VecDeque::new(),
+                    backfill: None,
+                    after_backfill: Vec::new(),
+                    _guard: guard,
+                },
+            });
+        };
+        // Older than the buffer: the receiver pages (after, before) over
+        // HTTP, then hands out the snapshot and the end, then live items.
+        let mut after_backfill: Vec<FeedItem> = snapshot.into_iter().map(FeedItem::Event).collect();
+        after_backfill.extend(end.map(FeedItem::End));
+        Ok(Subscription {
+            snapshot: Vec::new(),
+            end: None,
+            rx: FeedReceiver {
+                rx,
+                queued: VecDeque::new(),
+                backfill: Some(Backfill {
+                    client,
+                    run: run.to_owned(),
+                    after,
+                    before,
+                }),
+                after_backfill,
+                _guard: guard,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64, data_len: usize) -> RunEvent {
+        RunEvent {
+            seq,
+            kind: "stdout".into(),
+            data: Some("x".repeat(data_len)),
+            created_at: "2026-12-01T00:00:00.000Z".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_feed_keeps_at_most_its_byte_cap_dropping_the_oldest() {
+        let cap = 1 << 20;
+        let feed = Feed::new(0, cap);
+        // 4 MiB of 16 KiB events into a 1 MiB feed.
+        for seq in 1..=256 {
+            feed.push(event(seq, 16 << 10));
+            assert!(feed.bytes() <= cap, "{} bytes at seq {seq}", feed.bytes());
+        }
+        assert_eq!(feed.cursor(), 256);
+        let (snapshot, _, _, gap) = feed.snapshot(0);
+        let first = snapshot[0].seq;
+        assert!(first > 190, "kept from {first}");
+        assert_eq!(snapshot.last().unwrap().seq, 256);
+        assert_eq!(gap, Some(first), "older events must be paged over HTTP");
+        let (_, _, _, gap) = feed.snapshot(first - 1);
+        assert_eq!(gap, None);
+    }
+
+    #[test]
+    fn a_feed_started_at_a_cursor_asks_earlier_subscribers_to_page() {
+        let feed = Feed::new(40, FEED_MAX_BYTES);
+        assert_eq!(feed.cursor(), 40);
+        assert_eq!(feed.snapshot(40).3, None);
+        assert_eq!(feed.snapshot(10).3, Some(41));
+        feed.push(event(41, 10));
+        assert_eq!(feed.snapshot(10).3, Some(41));
+        assert_eq!(feed.snapshot(40).0.len(), 1);
     }
 }

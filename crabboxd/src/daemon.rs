@@ -24,7 +24,14 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct LeaseEnds {
     tx: broadcast::Sender<(String, LeaseOver)>,
+    /// Leases being (or lately) released through the daemon, oldest first:
+    /// an end the coordinator reports for them (a bridge closed `1008 lease
+    /// ended` during the release) is the operator's orderly end.
+    releasing: Arc<Mutex<std::collections::VecDeque<String>>>,
 }
+
+/// How many released leases [`LeaseEnds`] remembers.
+const RELEASED_MEMORY: usize = 256;
 
 /// Why a lease's tasks end.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +47,7 @@ impl Default for LeaseEnds {
     fn default() -> Self {
         LeaseEnds {
             tx: broadcast::channel(256).0,
+            releasing: Arc::default(),
         }
     }
 }
@@ -53,6 +61,36 @@ impl LeaseEnds {
     /// Announces an orderly end the operator asked for (a release).
     pub fn announce_orderly(&self, lease: &str, reason: &str) {
         self.send(lease, reason, true);
+    }
+
+    /// Marks `lease` as being released through the daemon (before asking
+    /// the coordinator), so its tasks take the coordinator's own end
+    /// signals for the orderly end they are.
+    pub fn releasing(&self, lease: &str) {
+        let mut r = self.releasing.lock().unwrap();
+        if r.len() >= RELEASED_MEMORY {
+            r.pop_front();
+        }
+        r.push_back(lease.to_owned());
+    }
+
+    /// The release failed: the lease is not ending after all.
+    pub fn not_releasing(&self, lease: &str) {
+        self.releasing.lock().unwrap().retain(|l| l != lease);
+    }
+
+    /// A task learned from the coordinator that `lease` is over: the end
+    /// to record, announced to the lease's other tasks unless a release
+    /// through the daemon is under way (which announces it itself).
+    pub fn learned(&self, lease: &str, reason: &str) -> LeaseOver {
+        let orderly = self.releasing.lock().unwrap().iter().any(|l| l == lease);
+        if !orderly {
+            self.announce(lease, reason);
+        }
+        LeaseOver {
+            reason: reason.to_owned(),
+            orderly,
+        }
     }
 
     fn send(&self, lease: &str, reason: &str, orderly: bool) {

@@ -50,16 +50,17 @@ impl Host {
                             ..Default::default()
                         },
                     )
-                    .await
-                    .map_err(|e| self.classify_coordinator(e))?,
+                    .await?,
             };
             self.client
                 .connect_bridge(&self.lease, Role::Host, &ticket.ticket)
                 .await
-                .map_err(|e| self.classify_coordinator(e))
         };
         let ws = tokio::select! {
-            ws = connect => ws?,
+            ws = connect => match ws {
+                Ok(ws) => ws,
+                Err(e) => return self.refused(e).await,
+            },
             _ = ctx.cancelled() => return Ok(()),
             reason = &mut ended => return self.over(reason).await,
         };
@@ -83,13 +84,8 @@ impl Host {
             Ok(()) => Err(TaskError::retryable(anyhow::anyhow!("bridge closed"))),
             Err(e) => match e.class() {
                 ErrorClass::Fatal(FatalReason::LeaseEnded) => {
-                    let reason = e.to_string();
-                    self.ends.announce(&self.lease, &reason);
-                    self.over(LeaseOver {
-                        reason,
-                        orderly: false,
-                    })
-                    .await
+                    let over = self.ends.learned(&self.lease, &e.to_string());
+                    self.over(over).await
                 }
                 ErrorClass::Fatal(FatalReason::Replaced) => {
                     self.end();
@@ -100,21 +96,22 @@ impl Host {
         }
     }
 
-    /// Coordinator refusals: a replaced session, a gone lease and missing
+    /// Coordinator refusals: a gone lease ends the task (stopped when it
+    /// was released through the daemon); a replaced session and missing
     /// rights are final; the rest is retried.
-    fn classify_coordinator(&self, e: CoordinatorError) -> TaskError {
+    async fn refused(&self, e: CoordinatorError) -> Result<(), TaskError> {
         if let Some(end) = e.lease_end() {
-            self.ends.announce(&self.lease, &end.to_string());
-            return TaskError::fatal(anyhow::anyhow!("{end}"));
+            let over = self.ends.learned(&self.lease, &end.to_string());
+            return self.over(over).await;
         }
-        match &e {
+        Err(match &e {
             CoordinatorError::Status {
                 status: 401 | 403 | 404 | 409 | 410,
                 ..
             } => TaskError::fatal(e),
             _ if e.is_retryable() => TaskError::retryable(e),
             _ => TaskError::fatal(e),
-        }
+        })
     }
 
     /// The lease is over: stopped when the operator released it through

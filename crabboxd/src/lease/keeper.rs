@@ -114,8 +114,8 @@ impl Keeper {
                             "lease_expired" => "lease expired",
                             _ => "lease not found",
                         };
-                        self.ends.announce(&self.id, reason);
-                        return self.over(LeaseOver { reason: reason.to_owned(), orderly: false }).await;
+                        let over = self.ends.learned(&self.id, reason);
+                        return self.over(over).await;
                     }
                     Ok(ControlBeat::Refused { code }) => {
                         tracing::debug!(%code, "control heartbeat refused; falling back to HTTP");
@@ -134,13 +134,8 @@ impl Keeper {
                 Ok(lease) => lease,
                 Err(e) => {
                     if let Some(end) = e.lease_end() {
-                        self.ends.announce(&self.id, &end.to_string());
-                        return self
-                            .over(LeaseOver {
-                                reason: end.to_string(),
-                                orderly: false,
-                            })
-                            .await;
+                        let over = self.ends.learned(&self.id, &end.to_string());
+                        return self.over(over).await;
                     }
                     tracing::warn!(error = %e, "heartbeat failed");
                     return Err(if e.is_retryable() {

@@ -210,7 +210,22 @@ impl LeaseManager {
     /// other task of the lease.
     pub async fn release(&self, id: &str, delete: bool) -> Result<Lease, LeaseError> {
         let client = self.client()?;
-        let lease = client.release(id, delete).await?;
+        // Tasks are keyed by the canonical id: mark it first, so a bridge
+        // the coordinator closes during the release ends as stopped.
+        let canonical = client.canonical_lease_id(id).await.ok();
+        if let Some(c) = &canonical {
+            self.ends.releasing(c);
+        }
+        let lease = match client.release(id, delete).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                if let Some(c) = &canonical {
+                    self.ends.not_releasing(c);
+                }
+                return Err(e.into());
+            }
+        };
+        self.ends.releasing(&lease.id);
         // Tasks are keyed by the canonical id, whatever the user typed.
         self.forget(&lease.id, "released through the daemon")
             .await?;

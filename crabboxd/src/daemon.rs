@@ -175,14 +175,17 @@ impl DaemonState {
             .transpose()?;
         let ends = LeaseEnds::default();
         // One control socket per coordinator, shared by leases and runs.
-        let control = coordinator.clone().zip(config.coordinator.as_ref()).map(|(c, cfg)| {
-            ControlChannel::new(
-                c,
-                supervisor.clone(),
-                cfg.heartbeat_transport,
-                cfg.control_ping_interval,
-            )
-        });
+        let control = coordinator
+            .clone()
+            .zip(config.coordinator.as_ref())
+            .map(|(c, cfg)| {
+                ControlChannel::new(
+                    c,
+                    supervisor.clone(),
+                    cfg.heartbeat_transport,
+                    cfg.control_ping_interval,
+                )
+            });
         let leases = LeaseManager::new(
             coordinator.clone(),
             control.clone(),

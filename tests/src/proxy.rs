@@ -65,7 +65,13 @@ impl FaultProxy {
                 let (sr, sw) = server.into_split();
                 let mut set = t.lock().unwrap();
                 let down = i.down.subscribe();
-                set.spawn(pump(cr, sw, Arc::clone(&frozen), Some(Arc::clone(&i)), down.clone()));
+                set.spawn(pump(
+                    cr,
+                    sw,
+                    Arc::clone(&frozen),
+                    Some(Arc::clone(&i)),
+                    down.clone(),
+                ));
                 set.spawn(pump(sr, cw, frozen, None, down));
             }
         });

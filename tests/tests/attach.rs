@@ -269,7 +269,10 @@ async fn a_quiet_feed_on_the_control_socket_does_not_poll_and_ends_on_command_fi
         "GET /v1/runs/{{id}} on a quiet control feed: {polled} in {quiet:?} ({:.1}/min)",
         polled as f64 * 60.0 / quiet.as_secs_f64()
     );
-    assert!(polled <= 1, "a quiet feed polled {polled} times in {quiet:?}");
+    assert!(
+        polled <= 1,
+        "a quiet feed polled {polled} times in {quiet:?}"
+    );
     let before_finish = run_gets.load(std::sync::atomic::Ordering::SeqCst);
     let t0 = tokio::time::Instant::now();
     post(
@@ -285,7 +288,11 @@ async fn a_quiet_feed_on_the_control_socket_does_not_poll_and_ends_on_command_fi
     eprintln!("attach ended {:?} after the finish", t0.elapsed());
     assert_eq!(out.status.code(), Some(0), "{}", d.stderr());
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
-    assert_eq!(seqs(&out.stdout), vec![1, 2], "run.started, command.finished");
+    assert_eq!(
+        seqs(&out.stdout),
+        vec![1, 2],
+        "run.started, command.finished"
+    );
     let confirming = run_gets.load(std::sync::atomic::Ordering::SeqCst) - before_finish;
     assert_eq!(confirming, 1, "one confirming GET at the end");
 }
@@ -303,9 +310,8 @@ async fn a_feed_without_subscribers_is_reaped_and_the_run_can_be_followed_again(
         .start()
         .await;
     let mut client = attach_cmd(&d, &run, true);
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
-        client.stdout.take().unwrap(),
-    ));
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(client.stdout.take().unwrap()));
     let mut got = Vec::new();
     read_seqs_until(&mut lines, &mut got, 4).await;
     assert_eq!(d.tasks(Some("attach-feed")).await[0]["state"], "running");
@@ -337,15 +343,26 @@ async fn a_feed_without_subscribers_is_reaped_and_the_run_can_be_followed_again(
     assert_eq!(seqs(&out.stdout), vec![5, 6]);
 }
 
-/// A feed keeps at most its byte cap (8 MiB); a subscriber that joins
-/// later from an older cursor pages the dropped events over HTTP and still
-/// sees every event once, in order.
+/// The resident set of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A feed keeps at most its byte cap (8 MiB) of a 48 MiB run; a subscriber
+/// that joins later from an older cursor pages the dropped events over
+/// HTTP and still sees every event once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_subscriber_pages_events_older_than_the_feed_cap_over_http() {
+async fn a_feed_caps_its_memory_and_a_late_subscriber_pages_older_events_over_http() {
+    const EVENTS: u64 = 3000;
     let (coord, run) = coordinator_with_run("make").await;
-    // 640 × 16 KiB ≈ 10 MiB, more than the feed keeps.
+    // 3000 × 16 KiB ≈ 48 MiB, six times what a feed keeps.
     let chunk = "x".repeat(16 << 10);
-    for _ in 0..640 {
+    for _ in 0..EVENTS {
         post(
             &coord,
             &format!("/v1/runs/{run}/events"),
@@ -353,25 +370,31 @@ async fn a_late_subscriber_pages_events_older_than_the_feed_cap_over_http() {
         )
         .await;
     }
+    // One malloc arena and a fixed mmap threshold (large buffers go back
+    // to the kernel when freed), so RSS follows live memory rather than
+    // how glibc happened to lay out transient page buffers.
     let d = TestDaemon::builder()
         .coordinator(&coord.base_url, &coord.shared_token)
+        .env("MALLOC_ARENA_MAX", "1")
+        .env("MALLOC_MMAP_THRESHOLD_", "131072")
         .start()
         .await;
+    let idle = rss_kib(d.pid());
     let mut first = attach_cmd(&d, &run, true);
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
-        first.stdout.take().unwrap(),
-    ));
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(first.stdout.take().unwrap()));
     let mut got = Vec::new();
-    read_seqs_until(&mut lines, &mut got, 641).await;
-    let rss = |pid: u32| -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    };
-    eprintln!("daemon RSS with a 10 MiB run followed: {} KiB", rss(d.pid()));
+    read_seqs_until(&mut lines, &mut got, EVENTS + 1).await;
+    let followed = rss_kib(d.pid());
+    eprintln!(
+        "daemon RSS: {idle} KiB idle, {followed} KiB following a 48 MiB run (+{} KiB)",
+        followed.saturating_sub(idle)
+    );
+    // The old unbounded buffer grew by the whole run (≥ 48 MiB).
+    assert!(
+        followed.saturating_sub(idle) < 32 << 10,
+        "RSS grew from {idle} to {followed} KiB"
+    );
     // The late one, from the start.
     let late = attach_cmd(&d, &run, true);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -393,7 +416,8 @@ async fn a_late_subscriber_pages_events_older_than_the_feed_cap_over_http() {
         String::from_utf8_lossy(&out.stderr),
         d.stderr()
     );
-    assert_eq!(seqs(&out.stdout), (1..=643).collect::<Vec<_>>());
-    read_seqs_until(&mut lines, &mut got, 643).await;
-    assert_eq!(got, (1..=643).collect::<Vec<_>>());
+    let all: Vec<u64> = (1..=EVENTS + 3).collect();
+    assert_eq!(seqs(&out.stdout), all);
+    read_seqs_until(&mut lines, &mut got, EVENTS + 3).await;
+    assert_eq!(got, all);
 }

@@ -225,7 +225,10 @@ async fn control_and_http_transports_are_honoured() {
         .await;
     d.keep_lease_fast(LEASE).await;
     wait_count(&control_beats, 2, 40, &d).await;
-    assert!(http_beats.load(Ordering::SeqCst) >= 2, "each miss falls back to HTTP");
+    assert!(
+        http_beats.load(Ordering::SeqCst) >= 2,
+        "each miss falls back to HTTP"
+    );
     assert!(!d.stderr().contains("openclaw/crabbox#1557"));
     drop(d);
 
@@ -284,7 +287,10 @@ async fn a_silent_control_socket_is_replaced_within_two_ping_intervals() {
     let took = t0.elapsed();
     eprintln!("silent control socket replaced after {took:?} (ping interval 1 s)");
     assert!(
-        after["tasks"][0]["last_error"].as_str().unwrap_or_default().is_empty(),
+        after["tasks"][0]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
         "the new socket is up: {after}"
     );
     // Two intervals to notice, plus a reconnect; generous for a loaded host.

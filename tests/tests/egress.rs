@@ -403,7 +403,11 @@ async fn a_slug_and_the_id_name_the_same_host_bridge() {
         .await;
     assert_eq!(v["local"]["lease_id"], LEASE, "{v}");
     let out = w.daemon.ctl(&["egress", "stop", "--id", SLUG]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let listed = w.daemon.ctl_json(&["egress", "list", "--json"]).await;
     assert!(listed.as_array().unwrap().is_empty(), "{listed}");
 }
@@ -447,11 +451,14 @@ async fn a_ticket_for_another_session_needs_replace_and_then_the_host_follows() 
     let mut replace = args.to_vec();
     replace.push("--replace");
     let out = w.daemon.ctl(&replace).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(ticket.exists());
     let v = wait_status(&w.daemon, "the host on the new session", |v| {
-        v["coordinator"]["sessionID"] == other.as_str()
-            && v["coordinator"]["hostConnected"] == true
+        v["coordinator"]["sessionID"] == other.as_str() && v["coordinator"]["hostConnected"] == true
     })
     .await;
     assert_eq!(v["local"]["session_id"], other.as_str(), "{v}");
@@ -471,7 +478,10 @@ async fn release_through_the_daemon_stops_tasks_and_a_new_keeper_is_running() {
     let origin = Origin::start().await;
     w.daemon.keep_lease_fast(LEASE).await;
     let keeper = w.daemon.tasks(Some("lease-keeper")).await;
-    assert_eq!(keeper[0]["state"], "running", "after keep's good heartbeat: {keeper:?}");
+    assert_eq!(
+        keeper[0]["state"], "running",
+        "after keep's good heartbeat: {keeper:?}"
+    );
     start_host(&w.daemon, &origin).await;
     wait_status(&w.daemon, "the host bridge", |v| {
         v["coordinator"]["hostConnected"] == true
@@ -481,7 +491,11 @@ async fn release_through_the_daemon_stops_tasks_and_a_new_keeper_is_running() {
         .daemon
         .ctl(&["lease", "release", "--id", "egress-crab"])
         .await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v = w
         .daemon
         .ctl_json_until(
@@ -499,7 +513,10 @@ async fn release_through_the_daemon_stops_tasks_and_a_new_keeper_is_running() {
         .await;
     for t in v["tasks"].as_array().unwrap() {
         if t["kind"] == "lease-keeper" || t["kind"] == "egress-host" {
-            assert_eq!(t["state"], "stopped", "an orderly end is not a failure: {t}");
+            assert_eq!(
+                t["state"], "stopped",
+                "an orderly end is not a failure: {t}"
+            );
             assert_eq!(t["key"], LEASE);
         }
     }

@@ -240,7 +240,10 @@ async fn a_recovered_keeper_shows_no_old_error() {
             Duration::from_secs(30),
             |v| {
                 v["tasks"][0]["restarts"].as_u64() >= Some(1)
-                    && !v["tasks"][0]["last_error"].as_str().unwrap_or_default().is_empty()
+                    && !v["tasks"][0]["last_error"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .is_empty()
             },
         )
         .await;
@@ -254,5 +257,8 @@ async fn a_recovered_keeper_shows_no_old_error() {
             |v| v["tasks"][0]["state"] == "running",
         )
         .await;
-    assert_eq!(v["tasks"][0]["last_error"], "", "an old error is cleared: {v}");
+    assert_eq!(
+        v["tasks"][0]["last_error"], "",
+        "an old error is cleared: {v}"
+    );
 }

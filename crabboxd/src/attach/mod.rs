@@ -44,31 +44,39 @@ pub enum FeedItem {
 /// run already ended, and a receiver of everything after.
 #[derive(Debug)]
 pub struct Subscription {
-    /// Events with `seq > after`, in order.
+    /// Events with `seq > after`, in order (empty: [`FeedReceiver`] hands
+    /// out every event, so the snapshot never holds a copy of the buffer).
     pub snapshot: Vec<Arc<RunEvent>>,
-    /// The run's end, when it already ended.
+    /// The run's end, when it already ended (`None`: the receiver ends
+    /// with it).
     pub end: Option<RunEnd>,
-    /// Later items. `Lagged` means this subscriber fell behind and must be
-    /// told so; items are never skipped silently. Dropping the last
+    /// Every item after the cursor, then the end. Dropping the last
     /// receiver of a feed stops the feed.
     pub rx: FeedReceiver,
 }
 
-/// How many items a subscriber may fall behind before it is cut off.
-pub const SUBSCRIBER_BUFFER: usize = 4096;
-/// How many events a feed keeps for late subscribers, at most.
+/// How many wake-ups a subscriber may miss; missing some costs nothing (it
+/// reads the buffer by sequence number), so this only bounds memory.
+pub const SUBSCRIBER_BUFFER: usize = 1024;
+/// How many events a feed keeps for late or slow subscribers, at most.
 pub const FEED_CAP: usize = 100_000;
-/// How many bytes of events a feed keeps for late subscribers, at most
-/// (the oldest go first; a late subscriber pages them over HTTP).
+/// How many bytes of events a feed keeps, at most (the oldest go first; a
+/// subscriber that needs them pages them over HTTP).
 pub const FEED_MAX_BYTES: usize = 8 << 20;
-/// The HTTP page size for late subscribers (the coordinator's maximum).
-const BACKFILL_PAGE: u32 = 500;
+/// The HTTP page size for older events (bounds one page's memory, as the
+/// feed's own HTTP pages).
+const BACKFILL_PAGE: u32 = 100;
+
+/// A wake-up for subscribers: the buffer grew or the run ended. Carries no
+/// event, so slow subscribers never pin events in memory.
+#[derive(Debug, Clone, Copy)]
+struct Signal;
 
 /// One run's shared buffer.
 #[derive(Debug)]
 pub struct Feed {
     state: Mutex<FeedState>,
-    tx: broadcast::Sender<FeedItem>,
+    tx: broadcast::Sender<Signal>,
     max_bytes: usize,
 }
 
@@ -92,6 +100,20 @@ fn event_bytes(e: &RunEvent) -> usize {
             .iter()
             .map(|s| s.as_ref().map_or(0, String::len))
             .sum::<usize>()
+}
+
+/// What a subscriber at a cursor gets next from the buffer.
+#[derive(Debug)]
+enum Next {
+    /// The event right after the cursor.
+    Event(Arc<RunEvent>),
+    /// Events after the cursor are no longer (or were never) buffered:
+    /// page `(cursor, before)` over HTTP.
+    Page { before: u64 },
+    /// The run ended and the cursor is at the end.
+    End(RunEnd),
+    /// Nothing yet.
+    Wait,
 }
 
 impl Feed {
@@ -127,118 +149,117 @@ impl Feed {
     fn push(&self, event: RunEvent) {
         let event = Arc::new(event);
         let mut st = self.state.lock().unwrap();
-        debug_assert_eq!(
-            event.seq,
-            st.events.back().map_or(st.start, |e| e.seq) + 1
-        );
+        debug_assert_eq!(event.seq, st.events.back().map_or(st.start, |e| e.seq) + 1);
         st.bytes += event_bytes(&event);
-        st.events.push_back(Arc::clone(&event));
+        st.events.push_back(event);
         while st.events.len() > 1 && (st.events.len() > FEED_CAP || st.bytes > self.max_bytes) {
             if let Some(old) = st.events.pop_front() {
                 st.bytes -= event_bytes(&old);
             }
         }
-        // Sent under the lock, so a subscriber's snapshot and its receiver
-        // never overlap or leave a hole.
-        let _ = self.tx.send(FeedItem::Event(event));
+        drop(st);
+        let _ = self.tx.send(Signal);
     }
 
     fn finish(&self, end: RunEnd) {
         let mut st = self.state.lock().unwrap();
         if st.end.is_none() {
-            st.end = Some(end.clone());
-            let _ = self.tx.send(FeedItem::End(end));
+            st.end = Some(end);
+            drop(st);
+            let _ = self.tx.send(Signal);
         }
     }
 
-    /// A snapshot after `after`, the end, a receiver, and — when the
-    /// buffer no longer (or never) held events right after `after` — the
-    /// range that must be paged over HTTP first: `(after, first_buffered)`.
-    #[allow(clippy::type_complexity)]
-    fn snapshot(
-        &self,
-        after: u64,
-    ) -> (
-        Vec<Arc<RunEvent>>,
-        Option<RunEnd>,
-        broadcast::Receiver<FeedItem>,
-        Option<u64>,
-    ) {
+    /// What comes after `cursor`.
+    fn next(&self, cursor: u64) -> Next {
         let st = self.state.lock().unwrap();
         let first = st.events.front().map_or(st.start + 1, |e| e.seq);
-        let gap = (after + 1 < first).then_some(first);
-        let snapshot = st
-            .events
-            .iter()
-            .filter(|e| e.seq > after)
-            .cloned()
-            .collect();
-        (snapshot, st.end.clone(), self.tx.subscribe(), gap)
+        let last = st.events.back().map_or(st.start, |e| e.seq);
+        if cursor + 1 < first {
+            return Next::Page { before: first };
+        }
+        if cursor < last {
+            // Contiguous sequence numbers: the index is the distance.
+            return Next::Event(Arc::clone(&st.events[(cursor + 1 - first) as usize]));
+        }
+        match &st.end {
+            Some(end) => Next::End(end.clone()),
+            None => Next::Wait,
+        }
     }
 }
 
-/// A subscriber's receiver: first the events it must page over HTTP (older
-/// than the feed's buffer), then the snapshot, then live items. Holds the
-/// feed: when the last receiver is dropped, the feed stops.
+/// A subscriber's receiver: every event after its cursor in order, read
+/// from the feed's buffer by sequence number (events older than the buffer
+/// are paged over HTTP), then the run's end. Holds the feed: when the last
+/// receiver is dropped, the feed stops.
 #[derive(Debug)]
 pub struct FeedReceiver {
-    rx: broadcast::Receiver<FeedItem>,
-    /// Items to hand out before `rx`.
-    queued: VecDeque<FeedItem>,
-    /// Older events to page over HTTP: `(client, run, next after, stop before)`.
-    backfill: Option<Backfill>,
-    /// The snapshot and end, handed out after the backfill.
-    after_backfill: Vec<FeedItem>,
+    feed: Arc<Feed>,
+    rx: broadcast::Receiver<Signal>,
+    cursor: u64,
+    /// Events paged over HTTP, handed out before the buffer is read again.
+    paged: VecDeque<RunEvent>,
+    client: coordinator::Client,
+    run: String,
+    ended: bool,
     _guard: SubscriberGuard,
 }
 
-#[derive(Debug)]
-struct Backfill {
-    client: coordinator::Client,
-    run: String,
-    after: u64,
-    before: u64,
-}
-
 impl FeedReceiver {
-    /// The next item, as `broadcast::Receiver::recv`: `Lagged` when this
-    /// subscriber fell behind, `Closed` when the feed is gone or older
-    /// events could not be paged over HTTP (logged).
+    /// The next item. `Closed` after the end, when the feed is gone, or
+    /// when older events could not be paged over HTTP (logged). Never
+    /// `Lagged`: a slow subscriber reads on from its own cursor.
     pub async fn recv(&mut self) -> Result<FeedItem, broadcast::error::RecvError> {
+        use broadcast::error::RecvError;
         loop {
-            if let Some(item) = self.queued.pop_front() {
-                return Ok(item);
+            if self.ended {
+                return Err(RecvError::Closed);
             }
-            let Some(b) = &mut self.backfill else {
-                return self.rx.recv().await;
-            };
-            if b.after + 1 >= b.before {
-                self.backfill = None;
-                self.queued.extend(self.after_backfill.drain(..));
-                continue;
+            if let Some(e) = self.paged.pop_front() {
+                self.cursor = e.seq;
+                return Ok(FeedItem::Event(Arc::new(e)));
             }
-            let limit = BACKFILL_PAGE.min((b.before - b.after - 1) as u32);
-            match b.client.run_events(&b.run, b.after, limit).await {
-                Ok(page) => {
-                    let mut progressed = false;
-                    for e in page {
-                        if e.seq == b.after + 1 && e.seq < b.before {
-                            b.after = e.seq;
-                            progressed = true;
-                            self.queued.push_back(FeedItem::Event(Arc::new(e)));
-                        }
-                    }
-                    if !progressed {
-                        tracing::warn!(run = %b.run, after = b.after, "older run events are missing at the coordinator");
-                        return Err(broadcast::error::RecvError::Closed);
-                    }
+            match self.feed.next(self.cursor) {
+                Next::Event(e) => {
+                    self.cursor = e.seq;
+                    return Ok(FeedItem::Event(e));
                 }
-                Err(e) => {
-                    tracing::warn!(run = %b.run, error = %e, "cannot page older run events");
-                    return Err(broadcast::error::RecvError::Closed);
+                Next::End(end) => {
+                    self.ended = true;
+                    return Ok(FeedItem::End(end));
                 }
+                Next::Page { before } => self.page(before).await?,
+                Next::Wait => match self.rx.recv().await {
+                    Ok(Signal) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return Err(RecvError::Closed),
+                },
             }
         }
+    }
+
+    /// Pages events `(cursor, before)` over HTTP.
+    async fn page(&mut self, before: u64) -> Result<(), broadcast::error::RecvError> {
+        let limit = BACKFILL_PAGE.min((before - self.cursor - 1) as u32);
+        let page = match self.client.run_events(&self.run, self.cursor, limit).await {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(run = %self.run, error = %e, "cannot page older run events");
+                return Err(broadcast::error::RecvError::Closed);
+            }
+        };
+        let mut next = self.cursor + 1;
+        for e in page {
+            if e.seq == next && e.seq < before {
+                next += 1;
+                self.paged.push_back(e);
+            }
+        }
+        if self.paged.is_empty() {
+            tracing::warn!(run = %self.run, after = self.cursor, "older run events are missing at the coordinator");
+            return Err(broadcast::error::RecvError::Closed);
+        }
+        Ok(())
     }
 }
 
@@ -407,42 +428,23 @@ impl AttachManager {
                 }
             }
         };
-        let (snapshot, end, rx, gap) = feed.snapshot(after);
+        let rx = feed.tx.subscribe();
         let guard = SubscriberGuard {
             feeds: Arc::clone(&self.feeds),
             run: run.to_owned(),
-            feed,
+            feed: Arc::clone(&feed),
         };
-        let Some(before) = gap else {
-            return Ok(Subscription {
-                snapshot,
-                end,
-                rx: FeedReceiver {
-                    rx,
-                    queued: VecDeque::new(),
-                    backfill: None,
-                    after_backfill: Vec::new(),
-                    _guard: guard,
-                },
-            });
-        };
-        // Older than the buffer: the receiver pages (after, before) over
-        // HTTP, then hands out the snapshot and the end, then live items.
-        let mut after_backfill: Vec<FeedItem> = snapshot.into_iter().map(FeedItem::Event).collect();
-        after_backfill.extend(end.map(FeedItem::End));
         Ok(Subscription {
             snapshot: Vec::new(),
             end: None,
             rx: FeedReceiver {
+                feed,
                 rx,
-                queued: VecDeque::new(),
-                backfill: Some(Backfill {
-                    client,
-                    run: run.to_owned(),
-                    after,
-                    before,
-                }),
-                after_backfill,
+                cursor: after,
+                paged: VecDeque::new(),
+                client,
+                run: run.to_owned(),
+                ended: false,
                 _guard: guard,
             },
         })
@@ -473,23 +475,28 @@ mod tests {
             assert!(feed.bytes() <= cap, "{} bytes at seq {seq}", feed.bytes());
         }
         assert_eq!(feed.cursor(), 256);
-        let (snapshot, _, _, gap) = feed.snapshot(0);
-        let first = snapshot[0].seq;
+        let Next::Page { before: first } = feed.next(0) else {
+            panic!("older events must be paged over HTTP");
+        };
         assert!(first > 190, "kept from {first}");
-        assert_eq!(snapshot.last().unwrap().seq, 256);
-        assert_eq!(gap, Some(first), "older events must be paged over HTTP");
-        let (_, _, _, gap) = feed.snapshot(first - 1);
-        assert_eq!(gap, None);
+        assert!(matches!(feed.next(first - 1), Next::Event(e) if e.seq == first));
+        assert!(matches!(feed.next(255), Next::Event(e) if e.seq == 256));
+        assert!(matches!(feed.next(256), Next::Wait));
+        feed.finish(RunEnd {
+            state: "succeeded".into(),
+            exit_code: Some(0),
+        });
+        assert!(matches!(feed.next(256), Next::End(_)));
     }
 
     #[test]
     fn a_feed_started_at_a_cursor_asks_earlier_subscribers_to_page() {
         let feed = Feed::new(40, FEED_MAX_BYTES);
         assert_eq!(feed.cursor(), 40);
-        assert_eq!(feed.snapshot(40).3, None);
-        assert_eq!(feed.snapshot(10).3, Some(41));
+        assert!(matches!(feed.next(40), Next::Wait));
+        assert!(matches!(feed.next(10), Next::Page { before: 41 }));
         feed.push(event(41, 10));
-        assert_eq!(feed.snapshot(10).3, Some(41));
-        assert_eq!(feed.snapshot(40).0.len(), 1);
+        assert!(matches!(feed.next(10), Next::Page { before: 41 }));
+        assert!(matches!(feed.next(40), Next::Event(e) if e.seq == 41));
     }
 }

@@ -248,7 +248,10 @@ fn heartbeat_transport_from_toml_then_env_and_bad_values_are_named() {
     );
     let env = MapEnv::from_pairs([("CRABBOX_HEARTBEAT_TRANSPORT", "websocket")]);
     let e = f.load(&env, &Overrides::default()).unwrap_err().to_string();
-    assert!(e.contains("heartbeat_transport") && e.contains("CRABBOX_HEARTBEAT_TRANSPORT"), "{e}");
+    assert!(
+        e.contains("heartbeat_transport") && e.contains("CRABBOX_HEARTBEAT_TRANSPORT"),
+        "{e}"
+    );
     // The default is auto, with a 15 s ping.
     f.toml("[coordinator]\nurl = \"https://c.example\"\n");
     let c = f.load(&MapEnv::default(), &Overrides::default()).unwrap();

@@ -164,10 +164,7 @@ impl Client {
         }
         let lease = self.lease(name).await?;
         let id = lease.id.clone();
-        self.ids
-            .lock()
-            .unwrap()
-            .insert(name.to_owned(), id.clone());
+        self.ids.lock().unwrap().insert(name.to_owned(), id.clone());
         Ok(id)
     }
 

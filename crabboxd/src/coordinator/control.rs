@@ -219,13 +219,15 @@ impl ControlReceiver {
     /// The next thing the coordinator sent. Cancel-safe.
     pub async fn recv(&mut self) -> Result<Inbound, ControlSocketError> {
         match self.stream.next().await {
-            Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerFrame>(text.as_str()) {
-                Ok(frame) => Ok(Inbound::Frame(frame)),
-                Err(e) => {
-                    tracing::debug!(error = %e, "unparsable control frame ignored");
-                    Ok(Inbound::Alive)
+            Some(Ok(Message::Text(text))) => {
+                match serde_json::from_str::<ServerFrame>(text.as_str()) {
+                    Ok(frame) => Ok(Inbound::Frame(frame)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "unparsable control frame ignored");
+                        Ok(Inbound::Alive)
+                    }
                 }
-            },
+            }
             Some(Ok(Message::Close(frame))) => Err(ControlSocketError::Closed(
                 frame
                     .map(|f| format!(": {} {:?}", u16::from(f.code), f.reason.as_str()))

@@ -40,17 +40,18 @@ impl Host {
             let first = self.first_ticket.lock().unwrap().take();
             let ticket = match first {
                 Some(t) => t,
-                None => self
-                    .client
-                    .egress_ticket(
-                        &self.lease,
-                        Role::Host,
-                        TicketRequest {
-                            session: Some(&self.session),
-                            ..Default::default()
-                        },
-                    )
-                    .await?,
+                None => {
+                    self.client
+                        .egress_ticket(
+                            &self.lease,
+                            Role::Host,
+                            TicketRequest {
+                                session: Some(&self.session),
+                                ..Default::default()
+                            },
+                        )
+                        .await?
+                }
             };
             self.client
                 .connect_bridge(&self.lease, Role::Host, &ticket.ticket)

@@ -37,7 +37,8 @@ use tracing::{Instrument, field};
 pub use kind::{TaskId, TaskKind};
 pub use policy::{Backoff, RestartPolicy};
 pub use registry::{
-    KEEP_FINAL_FOR, KEEP_FINAL_MAX, RegistryEvent, TaskRecord, TaskRegistry, TaskState, WATCH_BUFFER,
+    KEEP_FINAL_FOR, KEEP_FINAL_MAX, RegistryEvent, TaskRecord, TaskRegistry, TaskState,
+    WATCH_BUFFER,
 };
 
 /// How a task attempt failed. Classify once, where the error arises: the

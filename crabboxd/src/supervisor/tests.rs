@@ -411,7 +411,9 @@ fn ended_records_are_bounded_by_count_oldest_first_live_ones_never() {
     let reg = TaskRegistry::with_retention(Duration::from_secs(3600), 3);
     reg.upsert(&id("live"), |r| r.state = TaskState::Running);
     for n in 0..10 {
-        reg.upsert(&id(&format!("ended-{n:02}")), |r| r.state = TaskState::Running);
+        reg.upsert(&id(&format!("ended-{n:02}")), |r| {
+            r.state = TaskState::Running
+        });
         // Distinct `since` values so "oldest" is well defined.
         std::thread::sleep(Duration::from_millis(2));
         reg.upsert(&id(&format!("ended-{n:02}")), |r| {
@@ -461,16 +463,26 @@ async fn ended_tasks_leave_neither_records_beyond_the_cap_nor_transition_locks()
     }
     // A stopped id, a refused duplicate start and a replaced id clean up too.
     let live = s
-        .start(id("live"), BTreeMap::new(), RestartPolicy::Never, |ctx| async move {
-            ctx.cancelled().await;
-            Ok(())
-        })
+        .start(
+            id("live"),
+            BTreeMap::new(),
+            RestartPolicy::Never,
+            |ctx| async move {
+                ctx.cancelled().await;
+                Ok(())
+            },
+        )
         .await
         .unwrap();
     assert!(
-        s.start(id("live"), BTreeMap::new(), RestartPolicy::Never, |_| async { Ok(()) })
-            .await
-            .is_err()
+        s.start(
+            id("live"),
+            BTreeMap::new(),
+            RestartPolicy::Never,
+            |_| async { Ok(()) }
+        )
+        .await
+        .is_err()
     );
     assert!(!s.stop(&id("never-started")).await);
     settle().await;

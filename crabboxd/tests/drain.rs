@@ -2,6 +2,12 @@
 //! caller's shutdown future) cancel the task, wait for it to finish its
 //! drain, and only then stop the API and remove the socket.
 
+// A test outside the daemon: it runs `crabboxd::run` as a task of its own.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the test, not the daemon, spawns the daemon"
+)]
+
 use std::{
     collections::BTreeMap,
     sync::{

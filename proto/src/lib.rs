@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod errors;
 pub mod paths;
 pub mod version;
 

@@ -70,7 +70,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
         run_id: args.run.clone(),
         after: args.after,
     };
-    let mut stream = connect::call(&ctx.socket, "Attach", client.runs().attach(req))
+    let mut stream = connect::call_coordinator(&ctx.socket, "Attach", client.runs().attach(req))
         .await?
         .into_inner();
     let mut stdout = std::io::stdout().lock();

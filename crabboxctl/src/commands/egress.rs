@@ -201,7 +201,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
                 allow_private: *allow_private,
                 session_id: session.clone().unwrap_or_default(),
             };
-            let host = connect::call(
+            let host = connect::call_coordinator(
                 &ctx.socket,
                 "StartEgressHost",
                 client.egress().start_egress_host(req),
@@ -230,7 +230,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
             let req = GetEgressStatusRequest {
                 lease_id: id.clone(),
             };
-            let st = connect::call(
+            let st = connect::call_coordinator(
                 &ctx.socket,
                 "GetEgressStatus",
                 client.egress().get_egress_status(req),
@@ -332,7 +332,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
                 session_id: session.clone().unwrap_or_default(),
                 replace: *replace,
             };
-            let t = connect::call(
+            let t = connect::call_coordinator(
                 &ctx.socket,
                 "MintEgressTicket",
                 client.egress().mint_egress_ticket(req),

@@ -27,7 +27,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
         lease_id: args.id.clone(),
         idle_timeout: idle_timeout(args.idle_timeout),
     };
-    let lease = connect::call(&ctx.socket, "Heartbeat", client.leases().heartbeat(req))
+    let lease = connect::call_coordinator(&ctx.socket, "Heartbeat", client.leases().heartbeat(req))
         .await?
         .into_inner()
         .lease

@@ -198,11 +198,15 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
                 lease_id: id.clone(),
                 idle_timeout: self::idle_timeout(*idle_timeout),
             };
-            let kept = connect::call(&ctx.socket, "KeepLease", client.leases().keep_lease(req))
-                .await?
-                .into_inner()
-                .lease
-                .unwrap_or_default();
+            let kept = connect::call_coordinator(
+                &ctx.socket,
+                "KeepLease",
+                client.leases().keep_lease(req),
+            )
+            .await?
+            .into_inner()
+            .lease
+            .unwrap_or_default();
             if *json {
                 output::print_json(&kept_json(&kept))?;
             } else {
@@ -214,7 +218,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
                 lease_id: id.clone(),
                 delete: *delete,
             };
-            let lease = connect::call(
+            let lease = connect::call_coordinator(
                 &ctx.socket,
                 "ReleaseLease",
                 client.leases().release_lease(req),

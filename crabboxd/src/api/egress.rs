@@ -36,12 +36,15 @@ impl v1::egress_server::Egress for EgressService {
             allow_private: req.allow_private,
             session: Some(req.session_id).filter(|s| !s.trim().is_empty()),
         };
-        let info = self
-            .state
-            .egress()
-            .start(spec)
-            .await
-            .map_err(error::egress)?;
+        let url = error::coordinator_url(&self.state);
+        let info = error::within_deadline(&url, async {
+            self.state
+                .egress()
+                .start(spec)
+                .await
+                .map_err(|e| error::egress(e, &url))
+        })
+        .await?;
         Ok(Response::new(v1::StartEgressHostResponse {
             host: Some(convert::egress_host(&info)),
         }))
@@ -51,15 +54,29 @@ impl v1::egress_server::Egress for EgressService {
         &self,
         req: Request<v1::GetEgressStatusRequest>,
     ) -> Result<Response<v1::GetEgressStatusResponse>, Status> {
-        let report = self
-            .state
-            .egress()
-            .status(lease_id(&req.get_ref().lease_id)?)
-            .await
-            .map_err(error::egress)?;
+        let id = lease_id(&req.get_ref().lease_id)?;
+        let url = error::coordinator_url(&self.state);
+        let report = error::within_deadline(&url, async {
+            self.state
+                .egress()
+                .status(id)
+                .await
+                .map_err(|e| error::egress(e, &url))
+        })
+        .await?;
         let (coordinator, coordinator_error) = match &report.coordinator {
             Ok(s) => (Some(convert::coordinator_egress(s)), String::new()),
-            Err(e) => (None, e.clone()),
+            // Without a local bridge the coordinator's answer is all there
+            // is: an unknown lease is NOT_FOUND, an unreachable coordinator
+            // UNAVAILABLE, rather than an empty report.
+            Err(e) if report.local.is_none() => {
+                return Err(error::coordinator(
+                    e,
+                    format!("egress status of lease {id}: {e}"),
+                    &url,
+                ));
+            }
+            Err(e) => (None, e.to_string()),
         };
         Ok(Response::new(v1::GetEgressStatusResponse {
             local: report.local.as_ref().map(convert::egress_host),
@@ -76,7 +93,7 @@ impl v1::egress_server::Egress for EgressService {
             .egress()
             .stop(lease_id(&req.get_ref().lease_id)?)
             .await
-            .map_err(error::egress)?;
+            .map_err(|e| error::egress(e, &error::coordinator_url(&self.state)))?;
         Ok(Response::new(v1::StopEgressHostResponse {}))
     }
 
@@ -110,17 +127,16 @@ impl v1::egress_server::Egress for EgressService {
             }
         };
         let session = Some(req.session_id).filter(|s| !s.trim().is_empty());
-        let ticket = self
-            .state
-            .egress()
-            .ticket(
-                lease_id(&req.lease_id)?,
-                convert::egress_role(role),
-                session,
-                req.replace,
-            )
-            .await
-            .map_err(error::egress)?;
+        let id = lease_id(&req.lease_id)?;
+        let url = error::coordinator_url(&self.state);
+        let ticket = error::within_deadline(&url, async {
+            self.state
+                .egress()
+                .ticket(id, convert::egress_role(role), session, req.replace)
+                .await
+                .map_err(|e| error::egress(e, &url))
+        })
+        .await?;
         // The one place a ticket leaves the daemon: to its own user, who
         // asked for it over the private socket.
         Ok(Response::new(v1::MintEgressTicketResponse {

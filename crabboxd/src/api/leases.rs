@@ -33,12 +33,15 @@ impl v1::leases_server::Leases for LeasesService {
     ) -> Result<Response<v1::KeepLeaseResponse>, Status> {
         let req = req.into_inner();
         let id = lease_id(&req.lease_id)?;
-        let status = self
-            .state
-            .leases()
-            .keep(id, convert::idle_timeout(req.idle_timeout))
-            .await
-            .map_err(error::lease)?;
+        let url = error::coordinator_url(&self.state);
+        let status = error::within_deadline(&url, async {
+            self.state
+                .leases()
+                .keep(id, convert::idle_timeout(req.idle_timeout))
+                .await
+                .map_err(|e| error::lease(e, &url))
+        })
+        .await?;
         let rec = self
             .state
             .supervisor()
@@ -54,12 +57,16 @@ impl v1::leases_server::Leases for LeasesService {
         req: Request<v1::ReleaseLeaseRequest>,
     ) -> Result<Response<v1::ReleaseLeaseResponse>, Status> {
         let req = req.into_inner();
-        let lease = self
-            .state
-            .leases()
-            .release(lease_id(&req.lease_id)?, req.delete)
-            .await
-            .map_err(error::lease)?;
+        let id = lease_id(&req.lease_id)?;
+        let url = error::coordinator_url(&self.state);
+        let lease = error::within_deadline(&url, async {
+            self.state
+                .leases()
+                .release(id, req.delete)
+                .await
+                .map_err(|e| error::lease(e, &url))
+        })
+        .await?;
         Ok(Response::new(v1::ReleaseLeaseResponse {
             lease: Some(convert::lease(&lease)),
         }))
@@ -73,7 +80,7 @@ impl v1::leases_server::Leases for LeasesService {
             .leases()
             .stop(lease_id(&req.get_ref().lease_id)?)
             .await
-            .map_err(error::lease)?;
+            .map_err(|e| error::lease(e, &error::coordinator_url(&self.state)))?;
         Ok(Response::new(v1::StopKeepingLeaseResponse {}))
     }
 
@@ -97,15 +104,16 @@ impl v1::leases_server::Leases for LeasesService {
         req: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let req = req.into_inner();
-        let lease = self
-            .state
-            .leases()
-            .heartbeat_once(
-                lease_id(&req.lease_id)?,
-                convert::idle_timeout(req.idle_timeout),
-            )
-            .await
-            .map_err(error::lease)?;
+        let id = lease_id(&req.lease_id)?;
+        let url = error::coordinator_url(&self.state);
+        let lease = error::within_deadline(&url, async {
+            self.state
+                .leases()
+                .heartbeat_once(id, convert::idle_timeout(req.idle_timeout))
+                .await
+                .map_err(|e| error::lease(e, &url))
+        })
+        .await?;
         Ok(Response::new(v1::HeartbeatResponse {
             lease: Some(convert::lease(&lease)),
         }))

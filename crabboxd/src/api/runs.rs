@@ -10,9 +10,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::convert;
+use super::{convert, error};
 use crate::{
-    attach::{AttachError, FeedItem, RunEnd},
+    attach::{FeedItem, RunEnd},
     coordinator::RunEvent,
     daemon::DaemonState,
 };
@@ -59,15 +59,15 @@ impl v1::runs_server::Runs for RunsService {
         if run.is_empty() {
             return Err(Status::invalid_argument("a run id is required"));
         }
-        let sub = self
-            .state
-            .attach()
-            .subscribe(&run, req.after)
-            .await
-            .map_err(|e| match e {
-                AttachError::NoCoordinator => Status::failed_precondition(e.to_string()),
-                AttachError::TooOld(_) => Status::out_of_range(e.to_string()),
-            })?;
+        let url = error::coordinator_url(&self.state);
+        let sub = error::within_deadline(&url, async {
+            self.state
+                .attach()
+                .subscribe(&run, req.after)
+                .await
+                .map_err(|e| error::attach(e, &url))
+        })
+        .await?;
         let mut last = req.after;
         let mut first: Vec<Result<v1::AttachEvent, Status>> = sub
             .snapshot

@@ -105,13 +105,10 @@ impl Host {
             let over = self.ends.learned(&self.lease, &end.to_string());
             return self.over(over).await;
         }
-        Err(match &e {
-            CoordinatorError::Status {
-                status: 401 | 403 | 404 | 409 | 410,
-                ..
-            } => TaskError::fatal(e),
-            _ if e.is_retryable() => TaskError::retryable(e),
-            _ => TaskError::fatal(e),
+        Err(if e.is_retryable() {
+            TaskError::retryable(e)
+        } else {
+            TaskError::fatal(e)
         })
     }
 

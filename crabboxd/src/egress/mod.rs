@@ -59,12 +59,12 @@ pub struct EgressInfo {
 }
 
 /// The coordinator's view of a lease's egress plus ours.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct EgressReport {
     /// The local host bridge, if this daemon runs one.
     pub local: Option<EgressInfo>,
     /// The coordinator's status, or why it could not be fetched.
-    pub coordinator: Result<EgressStatus, String>,
+    pub coordinator: Result<EgressStatus, CoordinatorError>,
 }
 
 /// Why an egress operation failed.
@@ -358,10 +358,7 @@ impl EgressManager {
     pub async fn status(&self, name: &str) -> Result<EgressReport, EgressError> {
         let client = self.client()?;
         let lease = self.canonical(name).await?;
-        let coordinator = client
-            .egress_status(&lease)
-            .await
-            .map_err(|e| e.to_string());
+        let coordinator = client.egress_status(&lease).await;
         Ok(EgressReport {
             local: self.info(&lease).await,
             coordinator,

@@ -41,7 +41,7 @@ pub async fn stop_running(ctx: &Ctx, timeout: Option<Duration>) -> anyhow::Resul
                 return Ok(false);
             }
             Ok(Err(err)) => return Err(connect::unreachable(&err).into()),
-            Err(_) => return Err(connect::wedged(&ctx.socket).into()),
+            Err(_) => return Err(connect::wedged(&ctx.socket, connect::CALL_TIMEOUT).into()),
         };
     shutdown_and_wait(&ctx.socket, client, timeout).await?;
     Ok(true)

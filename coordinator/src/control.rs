@@ -253,13 +253,12 @@ async fn serve_socket(st: Shared, p: Principal, socket: WebSocket) {
     st.hub.remove(id);
     handle.stop();
     drop(handle);
-    if !writer_done {
-        if tokio::time::timeout(crate::ws::CLOSE_GRACE * 2, &mut writer)
+    if !writer_done
+        && tokio::time::timeout(crate::ws::CLOSE_GRACE * 2, &mut writer)
             .await
             .is_err()
-        {
-            writer.abort();
-        }
+    {
+        writer.abort();
     }
 }
 

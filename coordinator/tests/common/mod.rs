@@ -237,7 +237,7 @@ impl CoordinatorProcess {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let addr = loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             if let Some(rest) = text
@@ -248,7 +248,7 @@ impl CoordinatorProcess {
                 break rest.split_whitespace().next().unwrap().to_owned();
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                tokio::time::Instant::now() < deadline,
                 "coordinator never listened:\n{text}"
             );
             std::thread::sleep(Duration::from_millis(20));

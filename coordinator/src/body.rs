@@ -14,6 +14,7 @@ use std::marker::PhantomData;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{StatusCode, header};
+use futures_util::StreamExt;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use tokio::sync::OwnedSemaphorePermit;
@@ -26,6 +27,9 @@ pub(crate) const SMALL: usize = 1024 * 1024;
 /// Body limit of `finish`, which carries the run log (8 MiB after decoding;
 /// JSON escaping can more than double it).
 pub(crate) const LARGE: usize = 32 * 1024 * 1024;
+
+/// The whole body must arrive within this long.
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A request body read whole (at most `MAX` bytes), holding its share of the
 /// budget of body bytes in flight until it is dropped.
@@ -81,11 +85,35 @@ impl<const MAX: usize> FromRequest<Shared> for Body<MAX> {
                 "too many large request bodies in flight; retry",
             )
         })?;
-        let bytes = axum::body::to_bytes(req.into_body(), MAX)
+        // Read into one buffer sized from the declared length: no second
+        // copy of the body while it is assembled.
+        let mut buf = Vec::with_capacity(declared.unwrap_or(0));
+        let mut stream = req.into_body().into_data_stream();
+        // A body that trickles in would hold its share of the budget: the
+        // whole body must arrive within the deadline.
+        let read = async {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|_| {
+                    ApiError::bad_request("invalid_request", "request body could not be read")
+                })?;
+                if buf.len() + chunk.len() > MAX {
+                    return Err(too_large("request body", buf.len() + chunk.len(), MAX));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(())
+        };
+        tokio::time::timeout(BODY_DEADLINE, read)
             .await
-            .map_err(|_| too_large("request body", MAX + 1, MAX))?;
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "request body not received in time",
+                )
+            })??;
         Ok(Self {
-            bytes,
+            bytes: Bytes::from(buf),
             is_json,
             _budget: permit,
         })

@@ -59,12 +59,12 @@ pub struct EgressInfo {
 }
 
 /// The coordinator's view of a lease's egress plus ours.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct EgressReport {
     /// The local host bridge, if this daemon runs one.
     pub local: Option<EgressInfo>,
     /// The coordinator's status, or why it could not be fetched.
-    pub coordinator: Result<EgressStatus, String>,
+    pub coordinator: Result<EgressStatus, CoordinatorError>,
 }
 
 /// Why an egress operation failed.
@@ -325,7 +325,7 @@ impl EgressManager {
     /// The coordinator's status merged with the local bridge's counters.
     pub async fn status(&self, lease: &str) -> Result<EgressReport, EgressError> {
         let client = self.client()?;
-        let coordinator = client.egress_status(lease).await.map_err(|e| e.to_string());
+        let coordinator = client.egress_status(lease).await;
         Ok(EgressReport {
             local: self.info(lease).await,
             coordinator,

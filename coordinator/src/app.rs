@@ -3,21 +3,20 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post, put};
-use serde_json::{Value, json};
-use tokio::sync::Notify;
+use serde_json::json;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::auth::{self, Principal};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::control::Hub;
 use crate::egress::Egress;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiError;
 use crate::store::Store;
 use crate::{control, egress, leases, runs};
 
@@ -32,6 +31,8 @@ pub(crate) struct AppState {
     pub egress: Egress,
     /// Wakes the expiry sweeper when a deadline may have moved earlier.
     pub sweeper_wake: Notify,
+    /// Request-body bytes that may be held at once (see `body`).
+    pub body_budget: Arc<Semaphore>,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -39,7 +40,9 @@ pub(crate) type Shared = Arc<AppState>;
 impl AppState {
     pub(crate) fn new(cfg: Config, store: Store) -> Shared {
         let clock = cfg.clock.clone();
+        let body_budget = Arc::new(Semaphore::new(cfg.limits.body_bytes_in_flight));
         Arc::new(Self {
+            body_budget,
             cfg,
             store,
             clock,
@@ -73,14 +76,11 @@ pub(crate) fn router(state: Shared) -> Router {
             "/v1/runs/{id}/events",
             get(runs::list_events).post(runs::post_event),
         )
-        // A finish carries the run log (capped at 8 MiB after decoding; JSON
-        // escaping can double it), so it gets a larger body limit than the 2 MB default.
-        .route(
-            "/v1/runs/{id}/finish",
-            post(runs::finish).layer(DefaultBodyLimit::max(32 * 1024 * 1024)),
-        )
+        // Bodies are read by `body::Body`, whose per-route limits replace axum's default.
+        .route("/v1/runs/{id}/finish", post(runs::finish))
         .route("/v1/runs/{id}/logs", get(runs::logs))
         .route("/v1/control", get(control::upgrade))
+        .layer(DefaultBodyLimit::disable())
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
@@ -126,25 +126,5 @@ async fn authenticate(State(state): State<Shared>, mut req: Request, next: Next)
             next.run(req).await
         }
         None => ApiError::unauthorized().into_response(),
-    }
-}
-
-/// The JSON body of a request, honoured only with a JSON content type (as
-/// the reference's `optionalJson`); a JSON type with a bad body is a 500.
-pub(crate) fn optional_json(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.to_ascii_lowercase().contains("application/json"));
-    if !is_json || body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Value::Object(Default::default()));
-    }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(v @ Value::Object(_)) => Ok(v),
-        Ok(_) => Err(ApiError::bad_request(
-            "invalid_request",
-            "request body must be a JSON object",
-        )),
-        Err(_) => Err(ApiError::internal("invalid JSON body")),
     }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::clock::Clock;
 
@@ -58,6 +59,44 @@ pub struct Config {
     pub db_path: PathBuf,
     /// The clock used for every expiry decision.
     pub clock: Clock,
+    /// Bounds on what a caller can make the coordinator hold (see `docs/security.md`).
+    pub limits: Limits,
+}
+
+/// Memory and time bounds for everything a caller drives. The defaults are
+/// the documented ones; tests shorten the timings.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Interval of server pings on every WebSocket; a socket that sends nothing
+    /// (not even a pong) for a whole interval is dropped at the next one.
+    pub ping_every: Duration,
+    /// How long one write to a WebSocket (a batch of frames, or a relayed
+    /// burst) may make no progress before the peer counts as dead.
+    pub write_timeout: Duration,
+    /// Bytes queued toward one control socket before the socket is closed
+    /// `1011 "control send failed"` (replies wait for room up to `write_timeout`).
+    pub control_queue_bytes: usize,
+    /// Bytes of events in one `run_events` frame; a longer backlog continues
+    /// in further frames as the socket drains.
+    pub page_bytes: usize,
+    /// Request-body bytes held in memory across all requests at once; a body
+    /// waits for room (up to `body_wait`) before it is read.
+    pub body_bytes_in_flight: usize,
+    /// How long a request body may wait for [`Limits::body_bytes_in_flight`].
+    pub body_wait: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            ping_every: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(20),
+            control_queue_bytes: 4 * 1024 * 1024,
+            page_bytes: 1024 * 1024,
+            body_bytes_in_flight: 64 * 1024 * 1024,
+            body_wait: Duration::from_secs(30),
+        }
+    }
 }
 
 impl Config {
@@ -72,6 +111,7 @@ impl Config {
             allow_query_bridge_tickets: false,
             db_path: db_path.into(),
             clock: Clock::system(),
+            limits: Limits::default(),
         }
     }
 

@@ -19,20 +19,24 @@ use axum::extract::ws::{
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::app::Shared;
 use crate::auth::Principal;
+use crate::body::{Field, OptField, parse_object};
 use crate::error::ApiError;
+use crate::leases::TouchBody;
 use crate::model::RunEvent;
 use crate::store;
 use crate::ws::{SocketHandle, closed, drain, spawn_writer};
 
-/// Control frames are small, but a 500-event page of 16 KiB messages is
-/// ~16 MiB; allow it (the reference CLI's 32 KiB limit is a known flaw).
-const MAX_MESSAGE: usize = 32 * 1024 * 1024;
-/// Outbound frames queued per socket before the socket counts as stuck.
-const QUEUE: usize = 1024;
+/// Client frames (subscribe, ack, heartbeat with telemetry, ping) are small;
+/// a larger one is closed `1009`. (Outgoing pages are bounded separately, by
+/// [`crate::Limits::page_bytes`].)
+pub(crate) const MAX_MESSAGE: usize = 1024 * 1024;
+/// Room reserved for a page's envelope (`type`, `runID`, `nextSeq`).
+const ENVELOPE: usize = 1024;
 /// Default and maximum `subscribe_run` page sizes.
 const PAGE_DEFAULT: i64 = 100;
 const PAGE_MAX: i64 = 500;
@@ -86,7 +90,7 @@ impl Hub {
                     Message::Text(v.to_string().into())
                 })
                 .clone();
-            if client.tx.try_send(msg).is_ok() {
+            if client.try_send(msg) {
                 *cursor = ev.seq;
             } else {
                 // A socket that stopped reading gets an explicit close, never a silent gap.
@@ -158,12 +162,18 @@ pub(crate) async fn upgrade(
     }
 }
 
-fn send(handle: &SocketHandle, v: Value) {
-    if handle
-        .tx
-        .try_send(Message::Text(v.to_string().into()))
-        .is_err()
+/// Queue a reply, waiting up to the write timeout for the socket to drain
+/// (a client that sends requests but never reads is closed, not buffered for).
+async fn send(st: &Shared, handle: &SocketHandle, v: Value) {
+    let text = v.to_string();
+    let sent = match handle
+        .reserve(text.len(), st.cfg.limits.write_timeout)
+        .await
     {
+        Some(bytes) => handle.send_reserved(Message::Text(text.into()), bytes),
+        None => false,
+    };
+    if !sent {
         handle.close(1011, "control send failed");
     }
 }
@@ -174,12 +184,12 @@ fn error_frame(code: &str, message: &str) -> Value {
 
 async fn serve_socket(st: Shared, p: Principal, socket: WebSocket) {
     let id = st.hub.next_id.fetch_add(1, Ordering::Relaxed);
-    let (handle, mut stream, writer) = spawn_writer(socket, QUEUE);
+    let limits = st.cfg.limits.clone();
+    let (handle, mut stream, mut writer) =
+        spawn_writer(socket, &limits, limits.control_queue_bytes);
     // `hello` goes out first, before any read, as the reference does.
-    send(
-        &handle,
-        json!({"type": "hello", "protocol": 1, "clientID": crate::ids::uuid_v4()}),
-    );
+    let hello = json!({"type": "hello", "protocol": 1, "clientID": crate::ids::uuid_v4()});
+    handle.try_send(Message::Text(hello.to_string().into()));
     st.hub
         .inner
         .lock()
@@ -190,11 +200,12 @@ async fn serve_socket(st: Shared, p: Principal, socket: WebSocket) {
     // The writer pings every interval; a socket that sends nothing, not even
     // a pong, for a whole interval is dropped (half-open TCP, vanished laptop).
     let mut liveness = tokio::time::interval_at(
-        tokio::time::Instant::now() + crate::ws::PING_EVERY,
-        crate::ws::PING_EVERY,
+        tokio::time::Instant::now() + limits.ping_every,
+        limits.ping_every,
     );
     liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut alive = true;
+    let mut writer_done = false;
     loop {
         tokio::select! {
             _ = liveness.tick() => {
@@ -203,12 +214,28 @@ async fn serve_socket(st: Shared, p: Principal, socket: WebSocket) {
                 }
                 alive = false;
             }
+            // The writer ends when the peer stopped reading (write timeout) or
+            // the socket broke: the connection is over.
+            _ = &mut writer => {
+                writer_done = true;
+                break;
+            }
             msg = stream.next() => {
                 alive = true;
                 match msg {
                     Some(Ok(Message::Text(text))) => on_text(&st, &p, id, &handle, text.as_str()).await,
                     Some(Ok(Message::Binary(_))) => {
-                        send(&handle, error_frame("invalid_message", "expected JSON text"))
+                        send(&st, &handle, error_frame("invalid_message", "expected JSON text")).await
+                    }
+                    Some(Err(e)) if crate::ws::is_too_big(&e) => {
+                        // The library stopped at the frame header; reading on
+                        // would buffer the rest. Close 1009 and give the frame
+                        // time to go out before the connection drops.
+                        handle.close(1009, "message too big");
+                        let _ = tokio::time::timeout(crate::ws::CLOSE_GRACE, &mut writer).await;
+                        writer_done = writer.is_finished();
+                        tokio::time::sleep(crate::ws::CLOSE_GRACE).await;
+                        break;
                     }
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                     Some(Ok(_)) => {}
@@ -220,31 +247,70 @@ async fn serve_socket(st: Shared, p: Principal, socket: WebSocket) {
             }
         }
     }
+    // Forget the socket's subscriptions and queue at once; the writer gets a
+    // short grace to send a pending close frame and is then aborted, so a
+    // dead peer pins nothing.
     st.hub.remove(id);
     handle.stop();
-    let _ = writer.await;
+    drop(handle);
+    if !writer_done
+        && tokio::time::timeout(crate::ws::CLOSE_GRACE * 2, &mut writer)
+            .await
+            .is_err()
+    {
+        writer.abort();
+    }
 }
 
-fn num(v: &Value, key: &str) -> Option<i64> {
-    v.get(key)
-        .and_then(Value::as_f64)
-        .filter(|f| f.is_finite() && *f >= 0.0)
-        .map(|f| f.trunc() as i64)
+/// A client frame, parsed without building a JSON tree (see `body`).
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Frame<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Option<Field<'a>>,
+    #[serde(borrow, rename = "runID")]
+    run_id: Option<Field<'a>>,
+    #[serde(borrow)]
+    after: Option<Field<'a>>,
+    #[serde(borrow)]
+    limit: Option<Field<'a>>,
+    #[serde(borrow)]
+    seq: Option<Field<'a>>,
+    #[serde(borrow, rename = "leaseID")]
+    lease_id: Option<Field<'a>>,
+    #[serde(borrow)]
+    expected_provider: Option<Field<'a>>,
+    #[serde(borrow)]
+    idle_timeout_seconds: Option<Field<'a>>,
+    #[serde(borrow)]
+    telemetry: Option<&'a serde_json::value::RawValue>,
+}
+
+/// `after`/`limit`/`seq`: finite and ≥ 0, truncated; else absent.
+fn num(f: &Option<Field<'_>>) -> Option<i64> {
+    f.num().filter(|f| *f >= 0.0).map(|f| f.trunc() as i64)
 }
 
 async fn on_text(st: &Shared, p: &Principal, id: u64, handle: &SocketHandle, text: &str) {
-    let Ok(v) = serde_json::from_str::<Value>(text) else {
-        return send(handle, error_frame("invalid_json", "invalid JSON"));
+    let v: Frame<'_> = match parse_object(text.as_bytes()) {
+        Ok(v) => v,
+        // Valid JSON that is not an object has no type.
+        Err(e) if e.status == axum::http::StatusCode::BAD_REQUEST => Frame::default(),
+        Err(_) => return send(st, handle, error_frame("invalid_json", "invalid JSON")).await,
     };
-    match v.get("type").and_then(Value::as_str) {
-        Some("ping") => send(handle, json!({"type": "pong"})),
+    match v.kind.str() {
+        Some("ping") => send(st, handle, json!({"type": "pong"})).await,
         Some("subscribe_run") => subscribe(st, p, id, handle, &v).await,
         Some("ack") => ack(st, p, id, &v).await,
         Some("heartbeat") => heartbeat(st, p, handle, v).await,
-        _ => send(
-            handle,
-            error_frame("unknown_type", "unknown control message"),
-        ),
+        _ => {
+            send(
+                st,
+                handle,
+                error_frame("unknown_type", "unknown control message"),
+            )
+            .await
+        }
     }
 }
 
@@ -256,45 +322,68 @@ async fn readable(st: &Shared, p: &Principal, run_id: &str) -> bool {
         .unwrap_or(false)
 }
 
-async fn subscribe(st: &Shared, p: &Principal, id: u64, handle: &SocketHandle, v: &Value) {
-    let run_id = v
-        .get("runID")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
+async fn subscribe(st: &Shared, p: &Principal, id: u64, handle: &SocketHandle, v: &Frame<'_>) {
+    let run_id = v.run_id.str().unwrap_or_default().to_owned();
     if run_id.is_empty() || !readable(st, p, &run_id).await {
-        return send(handle, error_frame("not_found", "run not found"));
+        return send(st, handle, error_frame("not_found", "run not found")).await;
     }
-    let after = num(v, "after").unwrap_or(0);
-    let limit = num(v, "limit").unwrap_or(PAGE_DEFAULT).min(PAGE_MAX);
-    // Hold the run lock across the page read, the cursor update and the
-    // enqueue, so no append can slip between them (see the module docs).
-    let lock = st.hub.run_lock(&run_id);
-    let _guard = lock.lock().await;
-    let rid = run_id.clone();
-    let page = match st
-        .store
-        .call(move |c| store::events_after(c, &rid, after, limit))
-        .await
-    {
-        Ok(page) => page,
-        Err(_) => {
-            return send(
-                handle,
-                error_frame("internal_error", "run events unavailable"),
-            );
+    let mut after = num(&v.after).unwrap_or(0);
+    let limit = num(&v.limit).unwrap_or(PAGE_DEFAULT).min(PAGE_MAX);
+    let limits = &st.cfg.limits;
+    // A page is at most `limit` events and at most `page_bytes`. A page cut
+    // short by bytes is continued here in further `run_events` frames, each
+    // waiting for the socket to drain, until the backlog is caught up or a
+    // frame is a full page (whose reader asks for the next one itself). A
+    // client that treats a short page as "caught up" therefore misses nothing.
+    loop {
+        // Room for the frame is reserved before the run lock, so appends never
+        // wait on a slow reader.
+        let Some(room) = handle
+            .reserve(limits.page_bytes + ENVELOPE, limits.write_timeout)
+            .await
+        else {
+            return handle.close(1011, "control send failed");
+        };
+        // Hold the run lock across the page read, the cursor update and the
+        // enqueue, so no append can slip between them (see the module docs).
+        let lock = st.hub.run_lock(&run_id);
+        let _guard = lock.lock().await;
+        let (rid, budget) = (run_id.clone(), limits.page_bytes);
+        let page = match st
+            .store
+            .call(move |c| store::page_after(c, &rid, after, limit, budget))
+            .await
+        {
+            Ok(page) => page,
+            Err(_) => {
+                drop(room);
+                return send(
+                    st,
+                    handle,
+                    error_frame("internal_error", "run events unavailable"),
+                )
+                .await;
+            }
+        };
+        let cursor = page.last_seq.unwrap_or(after);
+        st.hub.set_cursor(id, &run_id, cursor, false);
+        let frame = format!(
+            "{{\"type\":\"run_events\",\"runID\":{},\"events\":[{}],\"nextSeq\":{cursor}}}",
+            Value::String(run_id.clone()),
+            page.records.join(",")
+        );
+        if !handle.send_reserved(Message::Text(frame.into()), room) {
+            return handle.close(1011, "control send failed");
         }
-    };
-    let cursor = page.last().map_or(after, |e| e.seq);
-    st.hub.set_cursor(id, &run_id, cursor, false);
-    send(
-        handle,
-        json!({"type": "run_events", "runID": run_id, "events": page, "nextSeq": cursor}),
-    );
+        if !page.cut {
+            return;
+        }
+        after = cursor;
+    }
 }
 
-async fn ack(st: &Shared, p: &Principal, id: u64, v: &Value) {
-    let (Some(run_id), Some(seq)) = (v.get("runID").and_then(Value::as_str), num(v, "seq")) else {
+async fn ack(st: &Shared, p: &Principal, id: u64, v: &Frame<'_>) {
+    let (Some(run_id), Some(seq)) = (v.run_id.str(), num(&v.seq)) else {
         return;
     };
     if !st.hub.is_subscribed(id, run_id) {
@@ -311,26 +400,43 @@ async fn ack(st: &Shared, p: &Principal, id: u64, v: &Value) {
     st.hub.set_cursor(id, run_id, seq, true);
 }
 
-async fn heartbeat(st: &Shared, p: &Principal, handle: &SocketHandle, v: Value) {
-    let lease_id = v
-        .get("leaseID")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
+async fn heartbeat(st: &Shared, p: &Principal, handle: &SocketHandle, v: Frame<'_>) {
+    let lease_id = v.lease_id.str().unwrap_or_default().to_owned();
     if lease_id.is_empty() {
         return send(
+            st,
             handle,
             json!({"type": "heartbeat", "leaseID": lease_id, "ok": false, "error": "not_found"}),
-        );
+        )
+        .await;
     }
-    match crate::leases::touch(st, p.clone(), lease_id.clone(), v).await {
-        Ok(lease) => send(
-            handle,
-            json!({"type": "heartbeat", "leaseID": lease_id, "ok": true, "expiresAt": lease.expires_at}),
-        ),
-        Err(e) => send(
-            handle,
-            json!({"type": "heartbeat", "leaseID": lease_id, "ok": false, "error": e.code}),
-        ),
+    let body = TouchBody {
+        expected_provider: v.expected_provider,
+        idle_timeout_seconds: v.idle_timeout_seconds,
+        telemetry: v.telemetry,
+    };
+    let touched = match body.into_touch() {
+        Ok(t) => crate::leases::touch(st, p.clone(), lease_id.clone(), t).await,
+        Err(e) => Err(e),
+    };
+    match touched {
+        // Answered with the lease's canonical id, whether it was named by
+        // id or by slug, as the reference does.
+        Ok(lease) => {
+            send(
+                st,
+                handle,
+                json!({"type": "heartbeat", "leaseID": lease.id, "ok": true, "expiresAt": lease.expires_at}),
+            )
+            .await
+        }
+        Err(e) => {
+            send(
+                st,
+                handle,
+                json!({"type": "heartbeat", "leaseID": lease_id, "ok": false, "error": e.code}),
+            )
+            .await
+        }
     }
 }

@@ -2,15 +2,17 @@
 
 use axum::Extension;
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use rusqlite::Connection;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use crate::app::{Shared, optional_json};
+use crate::app::Shared;
 use crate::auth::Principal;
+use crate::body::{Body, Field, OptField, SMALL, raw_value};
 use crate::clock::{iso, parse_iso};
 use crate::error::{ApiError, ApiResult};
 use crate::ids::{is_registered_lease_id, normalize_slug};
@@ -24,6 +26,124 @@ const DEFAULT_IDLE: i64 = 1800;
 const MAX_SECONDS: i64 = 86_400;
 /// Telemetry samples kept per lease.
 const TELEMETRY_HISTORY: usize = 60;
+/// A heartbeat's `telemetry` sample as JSON text (refused beyond).
+pub(crate) const TELEMETRY_CAP: usize = 16 * 1024;
+/// Registration string fields: most are names (255 bytes); a host key or a
+/// path may be longer. Longer values are refused `400 invalid_registration`.
+const NAME_CAP: usize = 255;
+const PATH_CAP: usize = 4096;
+const HOST_KEY_CAP: usize = 16 * 1024;
+/// `sshFallbackPorts` entries kept.
+const FALLBACK_PORTS: usize = 16;
+
+/// `PUT /v1/leases/{id}/registration` body.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RegisterBody<'a> {
+    #[serde(borrow)]
+    host: Option<Field<'a>>,
+    #[serde(borrow)]
+    provider: Option<Field<'a>>,
+    #[serde(borrow)]
+    target: Option<Field<'a>>,
+    #[serde(borrow)]
+    ssh_port: Option<Field<'a>>,
+    #[serde(borrow)]
+    ssh_fallback_ports: Option<PortList<'a>>,
+    #[serde(borrow)]
+    ttl_seconds: Option<Field<'a>>,
+    #[serde(borrow)]
+    idle_timeout_seconds: Option<Field<'a>>,
+    #[serde(borrow)]
+    slug: Option<Field<'a>>,
+    #[serde(borrow)]
+    windows_mode: Option<Field<'a>>,
+    #[serde(borrow, rename = "cloudID")]
+    cloud_id: Option<Field<'a>>,
+    #[serde(borrow)]
+    profile: Option<Field<'a>>,
+    #[serde(borrow)]
+    class: Option<Field<'a>>,
+    #[serde(borrow)]
+    server_type: Option<Field<'a>>,
+    #[serde(borrow)]
+    server_name: Option<Field<'a>>,
+    #[serde(borrow)]
+    ssh_user: Option<Field<'a>>,
+    #[serde(borrow)]
+    ssh_host_key: Option<Field<'a>>,
+    #[serde(borrow)]
+    work_root: Option<Field<'a>>,
+    #[serde(borrow)]
+    keep: Option<Field<'a>>,
+}
+
+/// `sshFallbackPorts`: an array of ports (strings or numbers), bounded.
+#[derive(Default)]
+struct PortList<'a> {
+    items: Vec<Field<'a>>,
+    present: bool,
+    overflow: bool,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for PortList<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PortList<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of ports")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = PortList {
+                    present: true,
+                    ..PortList::default()
+                };
+                while let Some(item) = seq.next_element::<Field<'de>>()? {
+                    if out.items.len() < FALLBACK_PORTS {
+                        out.items.push(item);
+                    } else {
+                        out.overflow = true;
+                    }
+                }
+                Ok(out)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(PortList::default())
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(PortList::default())
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(PortList::default())
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(PortList::default())
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(PortList::default())
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(PortList::default())
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(PortList::default())
+            }
+        }
+        // Anything but an array means "no fallback ports", as before.
+        d.deserialize_any(V)
+    }
+}
 
 /// `GET /v1/leases` → `{"leases":[…]}`: the caller's leases (all for admins),
 /// optionally filtered by `?state=`.
@@ -120,19 +240,22 @@ pub(crate) fn compute_expiry(l: &Lease) -> i64 {
     }
 }
 
-fn str_field(body: &Map<String, Value>, key: &str) -> Option<String> {
-    body.get(key)
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
+/// A trimmed, non-empty string field of at most `cap` bytes; longer is `400 invalid_registration`.
+fn str_field(f: &Option<Field<'_>>, key: &str, cap: usize) -> ApiResult<Option<String>> {
+    let Some(v) = f.str().map(str::trim).filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    if v.len() > cap {
+        return Err(ApiError::bad_request(
+            "invalid_registration",
+            format!("{key} is {} bytes; the limit is {cap} bytes", v.len()),
+        ));
+    }
+    Ok(Some(v.to_owned()))
 }
 
-fn int_field(body: &Map<String, Value>, key: &str) -> Option<i64> {
-    body.get(key)
-        .and_then(Value::as_f64)
-        .filter(|f| f.is_finite())
-        .map(|f| f.trunc() as i64)
+fn int_field(f: &Option<Field<'_>>) -> Option<i64> {
+    f.num().map(|f| f.trunc() as i64)
 }
 
 /// Whether a provider name has the reference's canonical form `^[a-z0-9][a-z0-9-]{1,63}$`.
@@ -144,11 +267,11 @@ fn is_provider_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
-fn port_field(body: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
-    let raw = match body.get(key) {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(s)) => s.trim().to_owned(),
-        Some(Value::Number(n)) => n.to_string(),
+fn port_field(f: Option<&Field<'_>>, key: &str) -> Result<Option<String>, ApiError> {
+    let raw = match f {
+        None | Some(Field::Null) => return Ok(None),
+        Some(Field::Str(s)) => s.trim().to_owned(),
+        Some(Field::Num(n)) if n.fract() == 0.0 && n.abs() < 1e9 => (*n as i64).to_string(),
         Some(_) => {
             return Err(ApiError::bad_request(
                 "invalid_registration",
@@ -171,8 +294,7 @@ pub(crate) async fn register(
     State(st): State<Shared>,
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    body: Body<SMALL>,
 ) -> ApiResult<impl IntoResponse> {
     if !is_registered_lease_id(&id) {
         return Err(ApiError::bad_request(
@@ -180,11 +302,10 @@ pub(crate) async fn register(
             "lease id must match ^[A-Za-z0-9][A-Za-z0-9_.:-]{2,127}$",
         ));
     }
-    let body = optional_json(&headers, &body)?;
-    let body = body.as_object().cloned().unwrap_or_default();
-    let host = str_field(&body, "host")
+    let b: RegisterBody<'_> = body.json()?;
+    let host = str_field(&b.host, "host", NAME_CAP)?
         .ok_or_else(|| ApiError::bad_request("invalid_registration", "host is required"))?;
-    let provider = str_field(&body, "provider")
+    let provider = str_field(&b.provider, "provider", NAME_CAP)?
         .unwrap_or_else(|| "ssh".into())
         .to_ascii_lowercase();
     if !is_provider_name(&provider) {
@@ -193,20 +314,25 @@ pub(crate) async fn register(
             "provider must match ^[a-z0-9][a-z0-9-]{1,63}$",
         ));
     }
-    let target = str_field(&body, "target").unwrap_or_else(|| "linux".into());
+    let target = str_field(&b.target, "target", NAME_CAP)?.unwrap_or_else(|| "linux".into());
     if !matches!(target.as_str(), "linux" | "macos" | "windows") {
         return Err(ApiError::bad_request(
             "invalid_target",
             "target must be linux, macos or windows",
         ));
     }
-    let ssh_port = port_field(&body, "sshPort")?.unwrap_or_else(|| "22".into());
-    let fallback = match body.get("sshFallbackPorts") {
-        Some(Value::Array(a)) => {
+    let ssh_port = port_field(b.ssh_port.as_ref(), "sshPort")?.unwrap_or_else(|| "22".into());
+    let fallback = match &b.ssh_fallback_ports {
+        Some(list) if list.present => {
+            if list.overflow {
+                return Err(ApiError::bad_request(
+                    "invalid_registration",
+                    format!("sshFallbackPorts holds at most {FALLBACK_PORTS} ports"),
+                ));
+            }
             let mut v = Vec::new();
-            for item in a {
-                let m: Map<String, Value> = [("p".to_owned(), item.clone())].into_iter().collect();
-                if let Some(port) = port_field(&m, "p")? {
+            for item in &list.items {
+                if let Some(port) = port_field(Some(item), "p")? {
                     v.push(port);
                 }
             }
@@ -214,17 +340,29 @@ pub(crate) async fn register(
         }
         _ => None,
     };
-    let ttl = int_field(&body, "ttlSeconds")
+    let ttl = int_field(&b.ttl_seconds)
         .filter(|v| *v > 0)
         .unwrap_or(DEFAULT_TTL)
         .min(MAX_SECONDS);
-    let idle = int_field(&body, "idleTimeoutSeconds")
+    let idle = int_field(&b.idle_timeout_seconds)
         .filter(|v| *v > 0)
         .unwrap_or(DEFAULT_IDLE)
         .min(MAX_SECONDS);
-    let slug = str_field(&body, "slug")
+    let slug = str_field(&b.slug, "slug", NAME_CAP)?
         .map(|s| normalize_slug(&s))
         .filter(|s| !s.is_empty());
+    let windows_mode = str_field(&b.windows_mode, "windowsMode", NAME_CAP)?;
+    let cloud_id = str_field(&b.cloud_id, "cloudID", NAME_CAP)?;
+    let profile = str_field(&b.profile, "profile", NAME_CAP)?;
+    let class = str_field(&b.class, "class", NAME_CAP)?;
+    let server_type = str_field(&b.server_type, "serverType", NAME_CAP)?;
+    let server_name = str_field(&b.server_name, "serverName", NAME_CAP)?;
+    let ssh_user = str_field(&b.ssh_user, "sshUser", NAME_CAP)?;
+    let ssh_host_key = str_field(&b.ssh_host_key, "sshHostKey", HOST_KEY_CAP)?;
+    let work_root = str_field(&b.work_root, "workRoot", PATH_CAP)?;
+    let keep = b.keep.bool().unwrap_or(false);
+    drop(b);
+    drop(body);
     let now = st.clock.now_ms();
     let now_iso = iso(now);
     let fresh = Lease {
@@ -233,23 +371,23 @@ pub(crate) async fn register(
         provider,
         lifecycle: "registered".into(),
         target,
-        windows_mode: str_field(&body, "windowsMode"),
-        cloud_id: str_field(&body, "cloudID").unwrap_or_else(|| id.clone()),
+        windows_mode,
+        cloud_id: cloud_id.unwrap_or_else(|| id.clone()),
         owner: p.owner.clone(),
         org: p.org.clone(),
-        profile: str_field(&body, "profile").unwrap_or_else(|| "default".into()),
-        class: str_field(&body, "class").unwrap_or_else(|| "registered".into()),
-        server_type: str_field(&body, "serverType").unwrap_or_else(|| "registered".into()),
+        profile: profile.unwrap_or_else(|| "default".into()),
+        class: class.unwrap_or_else(|| "registered".into()),
+        server_type: server_type.unwrap_or_else(|| "registered".into()),
         server_id: 0,
-        server_name: str_field(&body, "serverName").unwrap_or_else(|| host.clone()),
+        server_name: server_name.unwrap_or_else(|| host.clone()),
         provider_key: String::new(),
         host,
-        ssh_user: str_field(&body, "sshUser").unwrap_or_else(|| "crabbox".into()),
+        ssh_user: ssh_user.unwrap_or_else(|| "crabbox".into()),
         ssh_port,
         ssh_fallback_ports: fallback,
-        ssh_host_key: str_field(&body, "sshHostKey"),
-        work_root: str_field(&body, "workRoot").unwrap_or_else(|| "/work/crabbox".into()),
-        keep: body.get("keep").and_then(Value::as_bool).unwrap_or(false),
+        ssh_host_key,
+        work_root: work_root.unwrap_or_else(|| "/work/crabbox".into()),
+        keep,
         ttl_seconds: ttl,
         idle_timeout_seconds: idle,
         estimated_hourly_usd: 0.0,
@@ -302,12 +440,60 @@ pub(crate) async fn register(
     Ok((status, Json(json!({ "lease": lease }))))
 }
 
+/// The fields of a heartbeat (HTTP body or control frame) and of a release.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct TouchBody<'a> {
+    #[serde(borrow)]
+    pub expected_provider: Option<Field<'a>>,
+    #[serde(borrow)]
+    pub idle_timeout_seconds: Option<Field<'a>>,
+    #[serde(borrow)]
+    pub telemetry: Option<&'a RawValue>,
+}
+
+/// `expectedProvider` as given.
+#[derive(Debug, Clone)]
+pub(crate) enum Expected {
+    /// Absent, null or blank.
+    Any,
+    /// Not a string.
+    Invalid,
+    /// A provider name (still to be validated).
+    Name(String),
+}
+
+/// A heartbeat's effect, owned so it can move to the database thread.
+#[derive(Debug, Clone)]
+pub(crate) struct Touch {
+    expected: Expected,
+    idle: Option<f64>,
+    telemetry: Option<Value>,
+}
+
+impl TouchBody<'_> {
+    /// Bound the request: telemetry over [`TELEMETRY_CAP`] is `413`.
+    pub(crate) fn into_touch(self) -> ApiResult<Touch> {
+        let expected = match &self.expected_provider {
+            None | Some(Field::Null) => Expected::Any,
+            Some(Field::Str(s)) if s.trim().is_empty() => Expected::Any,
+            Some(Field::Str(s)) => Expected::Name(s.trim().chars().take(80).collect()),
+            Some(_) => Expected::Invalid,
+        };
+        Ok(Touch {
+            expected,
+            idle: self.idle_timeout_seconds.num(),
+            telemetry: raw_value("telemetry", self.telemetry, TELEMETRY_CAP)?,
+        })
+    }
+}
+
 /// Outcome codes of a heartbeat, shared by HTTP and the control socket.
 pub(crate) async fn touch(
     st: &Shared,
     p: Principal,
     ident: String,
-    body: Value,
+    body: Touch,
 ) -> ApiResult<Lease> {
     let now = st.clock.now_ms();
     let lease = st
@@ -326,26 +512,22 @@ pub(crate) async fn touch(
     Ok(lease)
 }
 
-fn check_provider(body: &Value, lease: &Lease) -> ApiResult<()> {
-    let Some(v) = body.get("expectedProvider") else {
-        return Ok(());
-    };
+fn check_provider(expected: &Expected, lease: &Lease) -> ApiResult<()> {
     let bad = || {
         ApiError::bad_request(
             "invalid_expected_provider",
             "expectedProvider must be a provider name",
         )
     };
-    let s = match v {
-        Value::Null => return Ok(()),
-        Value::String(s) if s.trim().is_empty() => return Ok(()),
-        Value::String(s) => s.trim().to_owned(),
-        _ => return Err(bad()),
+    let s = match expected {
+        Expected::Any => return Ok(()),
+        Expected::Invalid => return Err(bad()),
+        Expected::Name(s) => s,
     };
-    if !is_provider_name(&s) {
+    if !is_provider_name(s) {
         return Err(bad());
     }
-    if s != lease.provider {
+    if *s != lease.provider {
         return Err(ApiError::conflict(
             "provider_identity_mismatch",
             "expectedProvider does not match the lease provider",
@@ -369,21 +551,18 @@ fn touch_in(
     c: &Connection,
     p: &Principal,
     ident: &str,
-    body: &Value,
+    body: &Touch,
     now: i64,
 ) -> ApiResult<Lease> {
     let mut lease = resolve(c, ident, p, true, now)?;
-    check_provider(body, &lease)?;
+    check_provider(&body.expected, &lease)?;
     check_live(&lease, now)?;
-    if let Some(idle) = body
-        .get("idleTimeoutSeconds")
-        .and_then(Value::as_f64)
-        .filter(|f| f.is_finite() && *f >= 1.0)
-    {
+    if let Some(idle) = body.idle.filter(|f| *f >= 1.0) {
         lease.idle_timeout_seconds = (idle.trunc() as i64).min(MAX_SECONDS);
     }
     if let Some(sample) = body
-        .get("telemetry")
+        .telemetry
+        .as_ref()
         .and_then(|t| sanitize_telemetry(t, now))
     {
         let hist = lease.telemetry_history.get_or_insert_with(Vec::new);
@@ -462,11 +641,11 @@ pub(crate) async fn heartbeat(
     State(st): State<Shared>,
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    body: Body<SMALL>,
 ) -> ApiResult<impl IntoResponse> {
-    let body = optional_json(&headers, &body)?;
-    let lease = touch(&st, p, id, body).await?;
+    let touch_body = body.json::<TouchBody<'_>>()?.into_touch()?;
+    drop(body);
+    let lease = touch(&st, p, id, touch_body).await?;
     Ok(Json(json!({ "lease": lease })))
 }
 
@@ -476,10 +655,9 @@ pub(crate) async fn release(
     State(st): State<Shared>,
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    body: Body<SMALL>,
 ) -> ApiResult<impl IntoResponse> {
-    let body = optional_json(&headers, &body)?;
+    let body = body.json::<TouchBody<'_>>()?.into_touch()?;
     let now = st.clock.now_ms();
     let lease = st
         .store
@@ -487,7 +665,7 @@ pub(crate) async fn release(
             let tx = c.transaction()?;
             let out = (|| -> ApiResult<Lease> {
                 let mut lease = resolve(&tx, &id, &p, true, now)?;
-                check_provider(&body, &lease)?;
+                check_provider(&body.expected, &lease)?;
                 if lease.is_live() {
                     let now_iso = iso(now);
                     lease.state = "released".into();

@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //!
-//! * `app` — shared state, route table, authentication layer, JSON body rule.
+//! * `app` — shared state, route table, authentication layer.
+//! * `body` — request bodies under a byte budget, parsed into bounded typed shapes.
 //! * `auth` — admin → shared → `cbxu_` token precedence; user token issue/verify.
 //! * `leases` — registration, lookup by id or slug, list, heartbeat, release, expiry math.
 //! * `runs` — runs, run events (append + page), finish with logs.
@@ -46,6 +47,7 @@ mod tidy {
 
 mod app;
 pub mod auth;
+mod body;
 pub mod clock;
 pub mod config;
 mod control;
@@ -64,7 +66,7 @@ mod ws;
 use std::future::Future;
 
 pub use clock::Clock;
-pub use config::{Config, Secret};
+pub use config::{Config, Limits, Secret};
 
 /// Serve the coordinator on `listener` until `shutdown` completes.
 ///

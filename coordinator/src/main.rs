@@ -59,8 +59,35 @@ fn default_db() -> anyhow::Result<PathBuf> {
     Ok(dirs.data_dir().join("coordinator.db"))
 }
 
+/// Whatever `CRABBOX_LOG` says, the HTTP/WebSocket/TLS libraries stay at
+/// `info`: at `debug`/`trace` they log requests with their headers (bearer
+/// tokens, bridge tickets).
+fn clamp_secret_dumpers() -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::LevelFilter;
+    [
+        "tungstenite",
+        "tokio_tungstenite",
+        "hyper",
+        "hyper_util",
+        "h2",
+        "http",
+        "axum",
+        "tower",
+        "tower_http",
+        "rustls",
+        "reqwest",
+    ]
+    .into_iter()
+    .fold(
+        tracing_subscriber::filter::Targets::new().with_default(LevelFilter::TRACE),
+        |t, target| t.with_target(target, LevelFilter::INFO),
+    )
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CRABBOX_LOG")
@@ -69,6 +96,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         // Colour only on a terminal: journald and log files get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .finish()
+        .with(clamp_secret_dumpers())
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

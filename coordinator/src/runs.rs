@@ -2,14 +2,16 @@
 
 use axum::Extension;
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use serde_json::{Map, Value, json};
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
 
-use crate::app::{Shared, optional_json};
+use crate::app::Shared;
 use crate::auth::Principal;
+use crate::body::{Body, Field, LARGE, LogText, OptField, SMALL, StrList, raw_value};
 use crate::clock::{iso, parse_iso};
 use crate::error::{ApiError, ApiResult};
 use crate::ids::{is_cbx_lease_id, run_id};
@@ -25,6 +27,13 @@ pub(crate) const HTTP_PAGE_MAX: i64 = 500;
 /// Logs are stored in 64 KiB chunks up to 8 MiB.
 const LOG_CHUNK: usize = 64 * 1024;
 const LOG_CAP: usize = 8 * 1024 * 1024;
+/// A run's `command`: at most 1024 arguments and 64 KiB in all (refused beyond).
+const COMMAND_ITEMS: usize = 1024;
+const COMMAND_BYTES: usize = 64 * 1024;
+/// `results` of a finish, as JSON text (refused beyond; the reference has no bound).
+pub(crate) const RESULTS_CAP: usize = 256 * 1024;
+/// `telemetry` of a finish, as JSON text (refused beyond).
+pub(crate) const TELEMETRY_CAP: usize = 16 * 1024;
 const PROVIDERS: &[&str] = &["aws", "hetzner", "azure", "gcp", "daytona"];
 
 /// Cut `s` to at most `max` bytes without splitting a UTF-8 character.
@@ -39,18 +48,113 @@ pub(crate) fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-fn text(body: &Map<String, Value>, key: &str, cap: usize) -> Option<String> {
-    body.get(key)
-        .and_then(Value::as_str)
+/// A non-empty string field cut to `cap` bytes (UTF-8 safe), as the reference bounds run fields.
+fn text(f: &Option<Field<'_>>, cap: usize) -> Option<String> {
+    f.str()
         .filter(|s| !s.is_empty())
         .map(|s| truncate_utf8(s, cap).to_owned())
 }
 
-fn int(body: &Map<String, Value>, key: &str) -> Option<i64> {
-    body.get(key)
-        .and_then(Value::as_f64)
-        .filter(|f| f.is_finite())
-        .map(|f| f.trunc() as i64)
+/// A finite number, truncated toward zero.
+fn int(f: &Option<Field<'_>>) -> Option<i64> {
+    f.num().map(|f| f.trunc() as i64)
+}
+
+/// `POST /v1/runs` body.
+#[derive(Deserialize, Default)]
+struct CreateBody<'a> {
+    #[serde(borrow, rename = "leaseID")]
+    lease_id: Option<Field<'a>>,
+    #[serde(borrow)]
+    slug: Option<Field<'a>>,
+    #[serde(borrow)]
+    provider: Option<Field<'a>>,
+    #[serde(borrow)]
+    target: Option<Field<'a>>,
+    #[serde(borrow, rename = "windowsMode")]
+    windows_mode: Option<Field<'a>>,
+    #[serde(borrow)]
+    class: Option<Field<'a>>,
+    #[serde(borrow, rename = "serverType")]
+    server_type: Option<Field<'a>>,
+    #[serde(borrow)]
+    command: Option<StrList<'a, COMMAND_ITEMS, COMMAND_BYTES>>,
+    #[serde(borrow)]
+    label: Option<Field<'a>>,
+}
+
+/// `POST /v1/runs/{id}/events` body.
+#[derive(Deserialize, Default)]
+struct EventBody<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Option<Field<'a>>,
+    #[serde(borrow)]
+    phase: Option<Field<'a>>,
+    #[serde(borrow)]
+    stream: Option<Field<'a>>,
+    #[serde(borrow)]
+    message: Option<Field<'a>>,
+    #[serde(borrow)]
+    data: Option<Field<'a>>,
+    #[serde(borrow, rename = "leaseID")]
+    lease_id: Option<Field<'a>>,
+    #[serde(borrow)]
+    slug: Option<Field<'a>>,
+    #[serde(borrow)]
+    provider: Option<Field<'a>>,
+    #[serde(borrow)]
+    target: Option<Field<'a>>,
+    #[serde(borrow, rename = "windowsMode")]
+    windows_mode: Option<Field<'a>>,
+    #[serde(borrow)]
+    class: Option<Field<'a>>,
+    #[serde(borrow, rename = "serverType")]
+    server_type: Option<Field<'a>>,
+    #[serde(borrow, rename = "exitCode")]
+    exit_code: Option<Field<'a>>,
+}
+
+/// `POST /v1/runs/{id}/finish` body.
+#[derive(Deserialize, Default)]
+struct FinishBody<'a> {
+    #[serde(borrow, rename = "exitCode")]
+    exit_code: Option<Field<'a>>,
+    #[serde(borrow, rename = "syncMs")]
+    sync_ms: Option<Field<'a>>,
+    #[serde(borrow, rename = "commandMs")]
+    command_ms: Option<Field<'a>>,
+    log: Option<LogText<LOG_CAP>>,
+    #[serde(rename = "logChunks")]
+    log_chunks: Option<LogText<LOG_CAP>>,
+    #[serde(borrow, rename = "logTruncated")]
+    log_truncated: Option<Field<'a>>,
+    #[serde(borrow)]
+    results: Option<&'a RawValue>,
+    #[serde(borrow)]
+    telemetry: Option<&'a RawValue>,
+    #[serde(borrow, rename = "blockedStage")]
+    blocked_stage: Option<Field<'a>>,
+    #[serde(borrow, rename = "retryLikely")]
+    retry_likely: Option<Field<'a>>,
+}
+
+/// A `cbx_` lease id named by a run or event must be one the caller may
+/// manage (admin, or the lease's owner and org), else `404`, like every
+/// other lease route: a run can never borrow another owner's lease, and its
+/// answer never names another owner. Ids of leases this coordinator has
+/// never seen are kept as given (nothing to attribute or disclose).
+async fn check_lease_access(
+    st: &Shared,
+    p: &Principal,
+    lease_id: &str,
+) -> ApiResult<Option<crate::model::Lease>> {
+    let lid = lease_id.to_owned();
+    let lease = st.store.call(move |c| store::get_lease(c, &lid)).await?;
+    match lease {
+        Some(l) if p.admin || p.owns(&l.owner, &l.org) => Ok(Some(l)),
+        Some(_) => Err(ApiError::not_found()),
+        None => Ok(None),
+    }
 }
 
 /// Load a run the caller may read, else 404.
@@ -64,39 +168,37 @@ async fn readable_run(st: &Shared, p: &Principal, id: String) -> ApiResult<Run> 
 pub(crate) async fn create(
     State(st): State<Shared>,
     Extension(p): Extension<Principal>,
-    headers: HeaderMap,
-    body: Bytes,
+    body: Body<SMALL>,
 ) -> ApiResult<impl IntoResponse> {
-    let body = optional_json(&headers, &body)?;
-    let b = body.as_object().cloned().unwrap_or_default();
+    let b: CreateBody<'_> = body.json()?;
     let now = st.clock.now_ms();
     // Runs only accept the minted `cbx_` lease id form (§8); anything else is dropped.
-    let lease_id = text(&b, "leaseID", SHORT_CAP).filter(|id| is_cbx_lease_id(id));
-    let command: Vec<String> = match b.get("command") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_owned)
-            .collect(),
-        Some(Value::String(s)) => vec![s.clone()],
-        _ => Vec::new(),
-    };
+    let lease_id = text(&b.lease_id, SHORT_CAP).filter(|id| is_cbx_lease_id(id));
+    let command = b.command.unwrap_or_default();
+    if command.overflow > 0 {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("command is limited to {COMMAND_ITEMS} arguments and {COMMAND_BYTES} bytes"),
+        ));
+    }
+    let command: Vec<String> = command.items.into_iter().map(|s| s.into_owned()).collect();
     let mut run = Run {
         id: run_id(),
         lease_id: lease_id.clone().unwrap_or_default(),
-        slug: text(&b, "slug", SHORT_CAP),
+        slug: text(&b.slug, SHORT_CAP),
         owner: p.owner.clone(),
         org: p.org.clone(),
         lease_owners: Vec::new(),
-        provider: text(&b, "provider", SHORT_CAP).unwrap_or_default(),
-        target: text(&b, "target", SHORT_CAP)
+        provider: text(&b.provider, SHORT_CAP).unwrap_or_default(),
+        target: text(&b.target, SHORT_CAP)
             .filter(|t| matches!(t.as_str(), "linux" | "macos" | "windows")),
-        windows_mode: text(&b, "windowsMode", SHORT_CAP)
+        windows_mode: text(&b.windows_mode, SHORT_CAP)
             .filter(|t| matches!(t.as_str(), "normal" | "wsl2")),
-        class: text(&b, "class", SHORT_CAP).unwrap_or_default(),
-        server_type: text(&b, "serverType", SHORT_CAP).unwrap_or_default(),
+        class: text(&b.class, SHORT_CAP).unwrap_or_default(),
+        server_type: text(&b.server_type, SHORT_CAP).unwrap_or_default(),
         command,
-        label: text(&b, "label", SHORT_CAP),
+        label: text(&b.label, SHORT_CAP),
         state: "running".into(),
         phase: Some("starting".into()),
         exit_code: None,
@@ -115,8 +217,9 @@ pub(crate) async fn create(
         ended_at: None,
     };
     if let Some(lid) = lease_id {
-        // Owners of the attributed lease may read the run.
-        if let Some(l) = st.store.call(move |c| store::get_lease(c, &lid)).await? {
+        // Owners of the attributed lease may read the run (only an admin can
+        // attribute a run to a lease of another owner).
+        if let Some(l) = check_lease_access(&st, &p, &lid).await? {
             if run.slug.is_none() {
                 run.slug = l.slug.clone();
             }
@@ -187,24 +290,25 @@ pub(crate) async fn list_events(
     Ok(Json(json!({ "events": events })))
 }
 
-/// Bound an event request as the reference does (§1.9).
-fn event_from_body(b: &Map<String, Value>) -> RunEvent {
+/// Bound an event request as the reference does (§1.9): strings are cut
+/// (UTF-8 safe) to 128 bytes, or 16 KiB for `message` and `data`.
+fn event_from_body(b: &EventBody<'_>) -> RunEvent {
     RunEvent {
-        kind: text(b, "type", SHORT_CAP).unwrap_or_else(|| "event".into()),
-        phase: text(b, "phase", SHORT_CAP),
-        stream: text(b, "stream", SHORT_CAP).filter(|s| matches!(s.as_str(), "stdout" | "stderr")),
-        message: text(b, "message", TEXT_CAP),
-        data: text(b, "data", TEXT_CAP),
-        lease_id: text(b, "leaseID", SHORT_CAP).filter(|id| is_cbx_lease_id(id)),
-        slug: text(b, "slug", SHORT_CAP),
-        provider: text(b, "provider", SHORT_CAP).filter(|p| PROVIDERS.contains(&p.as_str())),
-        target: text(b, "target", SHORT_CAP)
+        kind: text(&b.kind, SHORT_CAP).unwrap_or_else(|| "event".into()),
+        phase: text(&b.phase, SHORT_CAP),
+        stream: text(&b.stream, SHORT_CAP).filter(|s| matches!(s.as_str(), "stdout" | "stderr")),
+        message: text(&b.message, TEXT_CAP),
+        data: text(&b.data, TEXT_CAP),
+        lease_id: text(&b.lease_id, SHORT_CAP).filter(|id| is_cbx_lease_id(id)),
+        slug: text(&b.slug, SHORT_CAP),
+        provider: text(&b.provider, SHORT_CAP).filter(|p| PROVIDERS.contains(&p.as_str())),
+        target: text(&b.target, SHORT_CAP)
             .filter(|t| matches!(t.as_str(), "linux" | "macos" | "windows")),
-        windows_mode: text(b, "windowsMode", SHORT_CAP)
+        windows_mode: text(&b.windows_mode, SHORT_CAP)
             .filter(|t| matches!(t.as_str(), "normal" | "wsl2")),
-        class: text(b, "class", SHORT_CAP),
-        server_type: text(b, "serverType", SHORT_CAP),
-        exit_code: int(b, "exitCode"),
+        class: text(&b.class, SHORT_CAP),
+        server_type: text(&b.server_type, SHORT_CAP),
+        exit_code: int(&b.exit_code),
         ..Default::default()
     }
 }
@@ -214,29 +318,22 @@ pub(crate) async fn post_event(
     State(st): State<Shared>,
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    body: Body<SMALL>,
 ) -> ApiResult<impl IntoResponse> {
-    let body = optional_json(&headers, &body)?;
-    let b = body.as_object().cloned().unwrap_or_default();
+    let b: EventBody<'_> = body.json()?;
     let run = readable_run(&st, &p, id).await?;
     if !run.writable_by(&p) {
         return Err(ApiError::not_found());
     }
     let ev = event_from_body(&b);
-    if let Some(lid) = ev.lease_id.clone().filter(|l| *l != run.lease_id) {
-        // A different lease must exist and be manageable by the caller.
-        let p2 = p.clone();
-        let ok = st
-            .store
-            .call(move |c| {
-                Ok(store::get_lease(c, &lid)?
-                    .is_some_and(|l| p2.admin || p2.owns(&l.owner, &l.org)))
-            })
-            .await?;
-        if !ok {
-            return Err(ApiError::not_found());
-        }
+    drop(b);
+    drop(body);
+    // Any lease an event names (its run's or another) must be one the caller manages.
+    if let Some(lid) = &ev.lease_id
+        && check_lease_access(&st, &p, lid).await?.is_none()
+        && *lid != run.lease_id
+    {
+        return Err(ApiError::not_found());
     }
     let ev = append_event(&st, &run.id, ev).await?;
     Ok((StatusCode::CREATED, Json(json!({ "event": ev }))))
@@ -294,11 +391,11 @@ pub(crate) async fn finish(
     State(st): State<Shared>,
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    body: Body<LARGE>,
 ) -> ApiResult<impl IntoResponse> {
-    let body = optional_json(&headers, &body)?;
-    let b = body.as_object().cloned().unwrap_or_default();
+    let mut b: FinishBody<'_> = body.json()?;
+    let results = raw_value("results", b.results, RESULTS_CAP)?;
+    let telemetry = raw_value("telemetry", b.telemetry, TELEMETRY_CAP)?;
     let mut run = readable_run(&st, &p, id).await?;
     if !run.writable_by(&p) {
         return Err(ApiError::not_found());
@@ -307,26 +404,15 @@ pub(crate) async fn finish(
         return Err(ApiError::conflict("run_finished", "run already finished"));
     }
     let now = st.clock.now_ms();
-    let exit_code = int(&b, "exitCode").unwrap_or(0);
-    let mut log = match b.get("logChunks") {
-        Some(Value::Array(chunks)) if !chunks.is_empty() => {
-            chunks.iter().filter_map(Value::as_str).collect::<String>()
-        }
-        _ => b
-            .get("log")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned(),
+    let exit_code = int(&b.exit_code).unwrap_or(0);
+    // `logChunks` wins when it holds any string, else `log`; either is kept
+    // up to 8 MiB and the rest dropped with `logTruncated`, as the reference.
+    let log = match (b.log_chunks.take(), b.log.take()) {
+        (Some(chunks), _) if chunks.present => chunks,
+        (_, log) => log.unwrap_or_default(),
     };
-    let mut truncated = b
-        .get("logTruncated")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    if log.len() > LOG_CAP {
-        let keep = truncate_utf8(&log, LOG_CAP).len();
-        log.truncate(keep);
-        truncated = true;
-    }
+    let truncated = b.log_truncated.bool().unwrap_or(false) || log.truncated;
+    let log = log.text;
     let state = if exit_code == 0 && run.state != "failed" {
         "succeeded"
     } else {
@@ -335,16 +421,19 @@ pub(crate) async fn finish(
     run.state = state.into();
     run.phase = Some(state.into());
     run.exit_code = Some(exit_code);
-    run.sync_ms = int(&b, "syncMs");
-    run.command_ms = int(&b, "commandMs");
+    run.sync_ms = int(&b.sync_ms);
+    run.command_ms = int(&b.command_ms);
     run.duration_ms = Some(now - parse_iso(&run.started_at).unwrap_or(now));
     run.log_bytes = log.len() as i64;
     run.log_truncated = truncated;
-    run.results = b.get("results").filter(|v| !v.is_null()).cloned();
-    run.telemetry = b.get("telemetry").filter(|v| !v.is_null()).cloned();
-    run.blocked_stage = text(&b, "blockedStage", SHORT_CAP);
-    run.retry_likely = b.get("retryLikely").and_then(Value::as_bool);
+    run.results = results;
+    run.telemetry = telemetry;
+    run.blocked_stage = text(&b.blocked_stage, SHORT_CAP);
+    run.retry_likely = b.retry_likely.bool();
     run.ended_at = Some(iso(now));
+    drop(b);
+    // The request body (and its share of the in-flight budget) is no longer needed.
+    drop(body);
     let run_id = run.id.clone();
     st.store
         .call(move |c| {

@@ -270,6 +270,49 @@ pub fn events_after(
     rows.map(|r| from_json(&r?)).collect()
 }
 
+/// A page of stored event records, bounded in count and in bytes.
+pub struct Page {
+    /// The events' JSON records, ascending by seq.
+    pub records: Vec<String>,
+    /// Seq of the last record, if any.
+    pub last_seq: Option<i64>,
+    /// Whether the byte bound stopped the page before `limit` events while more existed.
+    pub cut: bool,
+}
+
+/// Events with `seq > after`, at most `limit` of them and at most `max_bytes`
+/// of records (but always at least one when any exists). Rows past the bound
+/// are never read.
+pub fn page_after(
+    c: &Connection,
+    run_id: &str,
+    after: i64,
+    limit: i64,
+    max_bytes: usize,
+) -> anyhow::Result<Page> {
+    let mut st = c.prepare_cached(
+        "SELECT seq, record FROM run_events WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+    )?;
+    let mut rows = st.query(params![run_id, after, limit])?;
+    let mut page = Page {
+        records: Vec::new(),
+        last_seq: None,
+        cut: false,
+    };
+    let mut bytes = 0;
+    while let Some(row) = rows.next()? {
+        let record: String = row.get(1)?;
+        if !page.records.is_empty() && bytes + record.len() + 1 > max_bytes {
+            page.cut = true;
+            break;
+        }
+        bytes += record.len() + 1;
+        page.last_seq = Some(row.get(0)?);
+        page.records.push(record);
+    }
+    Ok(page)
+}
+
 /// Replace a run's log with the given chunks.
 pub fn put_log(c: &Connection, run_id: &str, chunks: &[&str]) -> anyhow::Result<()> {
     c.execute("DELETE FROM run_logs WHERE run_id = ?1", [run_id])?;

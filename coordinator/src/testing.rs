@@ -170,28 +170,7 @@ impl TestCoordinator {
         token: &str,
         body: &serde_json::Value,
     ) -> anyhow::Result<(u16, serde_json::Value)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let body = body.to_string();
-        let mut stream = tokio::net::TcpStream::connect(self.addr).await?;
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        let text = String::from_utf8_lossy(&raw);
-        let (head, payload) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        // The server answers with Content-Length (no chunking) for JSON bodies.
-        let v = serde_json::from_str(payload).unwrap_or(serde_json::Value::Null);
-        Ok((status, v))
+        request_to(self.addr, method, path, token, body).await
     }
 
     /// Stop the server and wait for it to finish; returns its result.
@@ -223,6 +202,38 @@ impl TestCoordinator {
         };
         Self::launch(self.config.clone(), self.dir.clone(), listener)
     }
+}
+
+/// One JSON request to any coordinator at `addr` (e.g. the binary started by
+/// a test) over a fresh HTTP/1.1 connection; see [`TestCoordinator::request`].
+pub async fn request_to(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, payload) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    // The server answers with Content-Length (no chunking) for JSON bodies.
+    let v = serde_json::from_str(payload).unwrap_or(serde_json::Value::Null);
+    Ok((status, v))
 }
 
 impl Drop for TestCoordinator {

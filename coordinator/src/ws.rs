@@ -1,12 +1,15 @@
 //! Plumbing shared by the control socket and egress bridges: a writer task
 //! fed by a bounded queue, and a close signal that never waits behind data.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+
+use crate::config::Limits;
 
 /// What the writer task should do next besides sending queued frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,20 +22,90 @@ pub(crate) enum CloseState {
     Stop,
 }
 
-/// Server pings keep NAT state alive and find dead peers, as the reference's 30 s ping.
-pub(crate) const PING_EVERY: Duration = Duration::from_secs(30);
 /// How many queued frames the writer coalesces into one flush.
 const BATCH: usize = 64;
+/// Bytes coalesced into one flush, so one write deadline covers a bounded amount.
+const BATCH_BYTES: usize = 1024 * 1024;
+/// How long a close frame may take to go out before the socket is dropped anyway.
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Frames queued per control socket (the byte budget is the real bound).
+const QUEUE_FRAMES: usize = 4096;
+
+/// Bytes a frame holds in a queue.
+pub(crate) fn frame_len(m: &Message) -> usize {
+    match m {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) => b.len(),
+        Message::Ping(b) | Message::Pong(b) => b.len(),
+        Message::Close(_) => 0,
+    }
+}
+
+/// Whether a read error is the library refusing a frame or message over its size limit.
+pub(crate) fn is_too_big(err: &axum::Error) -> bool {
+    std::error::Error::source(err)
+        .and_then(|e| e.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
+}
+
+/// A queued frame and the share of its socket's byte budget it holds until written.
+struct Queued {
+    msg: Message,
+    _bytes: OwnedSemaphorePermit,
+}
 
 /// A handle that can queue frames to a socket or close it.
 #[derive(Clone, Debug)]
 pub(crate) struct SocketHandle {
-    /// Queued outbound frames.
-    pub tx: mpsc::Sender<Message>,
-    closer: watch::Sender<CloseState>,
+    tx: mpsc::Sender<Queued>,
+    /// Bytes that may still be queued toward this socket.
+    budget: Arc<Semaphore>,
+    closer: Arc<watch::Sender<CloseState>>,
+}
+
+impl std::fmt::Debug for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Queued({} bytes)", frame_len(&self.msg))
+    }
+}
+
+fn permits(n: usize) -> u32 {
+    u32::try_from(n.max(1)).unwrap_or(u32::MAX)
 }
 
 impl SocketHandle {
+    /// Queue a frame if the socket's byte budget has room now; false otherwise.
+    pub fn try_send(&self, msg: Message) -> bool {
+        let Ok(bytes) = self
+            .budget
+            .clone()
+            .try_acquire_many_owned(permits(frame_len(&msg)))
+        else {
+            return false;
+        };
+        self.tx.try_send(Queued { msg, _bytes: bytes }).is_ok()
+    }
+
+    /// Reserve `n` bytes of the budget, waiting at most `wait` for the socket to drain.
+    pub async fn reserve(&self, n: usize, wait: Duration) -> Option<OwnedSemaphorePermit> {
+        tokio::time::timeout(wait, self.budget.clone().acquire_many_owned(permits(n)))
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Queue a frame against bytes already reserved with [`SocketHandle::reserve`];
+    /// the unused part of the reservation is released.
+    pub fn send_reserved(&self, msg: Message, mut reserved: OwnedSemaphorePermit) -> bool {
+        let want = permits(frame_len(&msg)) as usize;
+        let bytes = if reserved.num_permits() > want {
+            reserved.split(want).expect("split within the reservation")
+        } else {
+            reserved
+        };
+        self.tx.try_send(Queued { msg, _bytes: bytes }).is_ok()
+    }
+
     /// Close the socket with `code` and `reason` (first close wins).
     pub fn close(&self, code: u16, reason: &str) {
         self.closer.send_if_modified(|s| {
@@ -80,64 +153,118 @@ pub(crate) fn sanitize_reason(reason: &str) -> String {
 }
 
 /// Spawn the writer half of `socket` and return the handle and the reader half.
+///
+/// The writer stops, and the socket counts as dead, when one batch makes no
+/// progress for `write_timeout`; the reader should select on the returned task.
 pub(crate) fn spawn_writer(
     socket: WebSocket,
-    queue: usize,
+    limits: &Limits,
+    queue_bytes: usize,
 ) -> (
     SocketHandle,
     futures_util::stream::SplitStream<WebSocket>,
     tokio::task::JoinHandle<()>,
 ) {
     let (sink, stream) = socket.split();
-    let (tx, rx) = mpsc::channel(queue);
+    let (tx, rx) = mpsc::channel(QUEUE_FRAMES);
     let (closer, close_rx) = watch::channel(CloseState::Open);
-    let task = tokio::spawn(writer(sink, rx, close_rx));
-    (SocketHandle { tx, closer }, stream, task)
+    let task = tokio::spawn(writer(
+        sink,
+        rx,
+        close_rx,
+        limits.ping_every,
+        limits.write_timeout,
+    ));
+    let handle = SocketHandle {
+        tx,
+        budget: Arc::new(Semaphore::new(queue_bytes)),
+        closer: Arc::new(closer),
+    };
+    (handle, stream, task)
+}
+
+/// Send a close frame, giving up after [`CLOSE_GRACE`] (a peer that does not
+/// read would otherwise hold the socket open forever).
+async fn send_close(sink: &mut SplitSink<WebSocket, Message>, code: u16, reason: String) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
 }
 
 async fn writer(
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Message>,
+    mut rx: mpsc::Receiver<Queued>,
     mut close: watch::Receiver<CloseState>,
+    ping_every: Duration,
+    write_timeout: Duration,
 ) {
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        tokio::select! {
+        let state = close.borrow_and_update().clone();
+        if state != CloseState::Open {
+            if let CloseState::Close(code, reason) = state {
+                send_close(&mut sink, code, reason).await;
+            }
+            return;
+        }
+        let mut held = Vec::new();
+        let msgs: Vec<Message> = tokio::select! {
             // Close first: a close must not wait behind a full data queue.
             biased;
-            _ = close.changed() => {
-                let state = close.borrow().clone();
-                if let CloseState::Close(code, reason) = &state {
-                    let (code, reason) = (*code, reason.clone());
-                    let frame = CloseFrame { code, reason: reason.into() };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                }
-                if state != CloseState::Open {
+            changed = close.changed() => {
+                if changed.is_err() {
                     return;
                 }
+                continue;
             }
-            msg = rx.recv() => {
-                let Some(msg) = msg else { return };
+            item = rx.recv() => {
+                let Some(first) = item else { return };
                 // Feed a batch of already-queued frames, then flush once: one
                 // syscall for many small frames without delaying any of them.
-                if sink.feed(msg).await.is_err() {
-                    return;
-                }
-                for _ in 0..BATCH {
+                let mut bytes = frame_len(&first.msg);
+                let mut msgs = vec![first.msg];
+                held.push(first._bytes);
+                while msgs.len() < BATCH && bytes < BATCH_BYTES {
                     match rx.try_recv() {
-                        Ok(m) => if sink.feed(m).await.is_err() { return },
+                        Ok(q) => {
+                            bytes += frame_len(&q.msg);
+                            msgs.push(q.msg);
+                            held.push(q._bytes);
+                        }
                         Err(_) => break,
                     }
                 }
-                if sink.flush().await.is_err() {
-                    return;
-                }
+                msgs
             }
-            _ = ping.tick() => {
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    return;
-                }
+            _ = ping.tick() => vec![Message::Ping(Default::default())],
+        };
+        // The write has a deadline and yields to a close: a peer that stops
+        // reading can neither pin this task nor delay its own close.
+        let sink_ref = &mut sink;
+        let write = async move {
+            for m in msgs {
+                sink_ref.feed(m).await?;
+            }
+            sink_ref.flush().await
+        };
+        let outcome = tokio::select! {
+            biased;
+            _ = close.wait_for(|s| *s != CloseState::Open) => None,
+            r = tokio::time::timeout(write_timeout, write) => Some(r),
+        };
+        // The frames are written (or abandoned): their bytes leave the budget.
+        drop(held);
+        match outcome {
+            // Closed while writing: the top of the loop sends the close frame.
+            None => continue,
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(_))) => return,
+            Some(Err(_)) => {
+                tracing::debug!(timeout = ?write_timeout, "websocket peer stopped reading; dropping it");
+                return;
             }
         }
     }
@@ -198,12 +325,12 @@ impl DirectHandle {
         });
         if changed {
             let sink = self.sink.clone();
+            // Relays writing into this sink give up as soon as they see the
+            // close signal, so the lock comes free; every wait is still bounded.
             tokio::spawn(async move {
-                let frame = CloseFrame {
-                    code,
-                    reason: reason.into(),
-                };
-                let _ = sink.lock().await.send(Message::Close(Some(frame))).await;
+                if let Ok(mut sink) = tokio::time::timeout(CLOSE_GRACE, sink.lock()).await {
+                    send_close(&mut sink, code, reason).await;
+                }
             });
         }
     }

@@ -123,12 +123,13 @@ async fn control_socket_messages() {
         json!({"type":"error","code":"not_found","message":"run not found"})
     );
 
-    // Heartbeats: ok, provider mismatch, unknown lease, ended lease.
+    // Heartbeats: ok, provider mismatch, unknown lease, ended lease. One
+    // sent by slug is answered with the lease's canonical id.
     send_json(&mut ws, json!({"type":"heartbeat","leaseID":"egress-box","expectedProvider":"ssh","idleTimeoutSeconds":900})).await;
     let r = next_json(&mut ws).await;
     assert_eq!(
         (r["type"].as_str(), r["leaseID"].as_str(), r["ok"].as_bool()),
-        (Some("heartbeat"), Some("egress-box"), Some(true))
+        (Some("heartbeat"), Some("cbx_0000000000e1"), Some(true))
     );
     assert!(r["expiresAt"].as_str().unwrap().ends_with('Z'));
     let (_, v) = call(

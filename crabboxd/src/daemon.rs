@@ -20,25 +20,89 @@ use crate::{
 /// "Lease end is one event": whoever learns that a lease is over (a
 /// heartbeat answer, a bridge close `1008 lease ended`, a release through
 /// the daemon) announces it here, and every task of that lease ends.
+/// Leases are named by their canonical id.
 #[derive(Debug, Clone)]
 pub struct LeaseEnds {
-    tx: broadcast::Sender<(String, String)>,
+    tx: broadcast::Sender<(String, LeaseOver)>,
+    /// Leases being (or lately) released through the daemon, oldest first:
+    /// an end the coordinator reports for them (a bridge closed `1008 lease
+    /// ended` during the release) is the operator's orderly end.
+    releasing: Arc<Mutex<std::collections::VecDeque<String>>>,
+}
+
+/// How many released leases [`LeaseEnds`] remembers.
+const RELEASED_MEMORY: usize = 256;
+
+/// Why a lease's tasks end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseOver {
+    /// What happened, for the task table.
+    pub reason: String,
+    /// An orderly end the operator asked for (a release through the
+    /// daemon): tasks end as `stopped`, not `failed`.
+    pub orderly: bool,
 }
 
 impl Default for LeaseEnds {
     fn default() -> Self {
         LeaseEnds {
             tx: broadcast::channel(256).0,
+            releasing: Arc::default(),
         }
     }
 }
 
 impl LeaseEnds {
-    /// Announces that `lease` is over, and why.
+    /// Announces that `lease` is over, as learned from the coordinator.
     pub fn announce(&self, lease: &str, reason: &str) {
+        self.send(lease, reason, false);
+    }
+
+    /// Announces an orderly end the operator asked for (a release).
+    pub fn announce_orderly(&self, lease: &str, reason: &str) {
+        self.send(lease, reason, true);
+    }
+
+    /// Marks `lease` as being released through the daemon (before asking
+    /// the coordinator), so its tasks take the coordinator's own end
+    /// signals for the orderly end they are.
+    pub fn releasing(&self, lease: &str) {
+        let mut r = self.releasing.lock().unwrap();
+        if r.len() >= RELEASED_MEMORY {
+            r.pop_front();
+        }
+        r.push_back(lease.to_owned());
+    }
+
+    /// The release failed: the lease is not ending after all.
+    pub fn not_releasing(&self, lease: &str) {
+        self.releasing.lock().unwrap().retain(|l| l != lease);
+    }
+
+    /// A task learned from the coordinator that `lease` is over: the end
+    /// to record, announced to the lease's other tasks unless a release
+    /// through the daemon is under way (which announces it itself).
+    pub fn learned(&self, lease: &str, reason: &str) -> LeaseOver {
+        let orderly = self.releasing.lock().unwrap().iter().any(|l| l == lease);
+        if !orderly {
+            self.announce(lease, reason);
+        }
+        LeaseOver {
+            reason: reason.to_owned(),
+            orderly,
+        }
+    }
+
+    fn send(&self, lease: &str, reason: &str, orderly: bool) {
         tracing::info!(lease, reason, "lease is over; ending its tasks");
         // An error only means no task is listening.
-        let _ = self.tx.send((lease.to_owned(), reason.to_owned()));
+        let _ = self.tx.send((
+            lease.to_owned(),
+            LeaseOver {
+                reason: reason.to_owned(),
+                orderly,
+            },
+        ));
     }
 
     /// Completes with the reason when `lease` is announced as over.
@@ -48,13 +112,13 @@ impl LeaseEnds {
     pub fn wait_for(
         &self,
         lease: &str,
-    ) -> impl std::future::Future<Output = String> + Send + 'static {
+    ) -> impl std::future::Future<Output = LeaseOver> + Send + 'static {
         let mut rx = self.tx.subscribe();
         let lease = lease.to_owned();
         async move {
             loop {
                 match rx.recv().await {
-                    Ok((id, reason)) if id == lease => return reason,
+                    Ok((id, over)) if id == lease => return over,
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => {
                         return std::future::pending().await;
@@ -114,7 +178,15 @@ impl DaemonState {
         // One control socket per coordinator, shared by leases and runs.
         let control = coordinator
             .clone()
-            .map(|c| ControlChannel::new(c, supervisor.clone()));
+            .zip(config.coordinator.as_ref())
+            .map(|(c, cfg)| {
+                ControlChannel::new(
+                    c,
+                    supervisor.clone(),
+                    cfg.heartbeat_transport,
+                    cfg.control_ping_interval,
+                )
+            });
         let leases = LeaseManager::new(
             coordinator.clone(),
             control.clone(),

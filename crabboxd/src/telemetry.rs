@@ -1,12 +1,52 @@
 //! Logging: a tracing subscriber writing to journald under systemd
 //! (`JOURNAL_STREAM` set) and to stderr otherwise, with a filter that the
 //! `SetLogLevel` RPC can replace while the daemon runs.
+//!
+//! Whatever the filter, the libraries that dump requests (headers included:
+//! the coordinator bearer token, bridge tickets) at `debug`/`trace` are
+//! clamped to `info` by a second, fixed filter ([`clamp`]).
 
 use std::sync::{Mutex, OnceLock};
 
 use tracing_subscriber::{
-    EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt,
+    EnvFilter, Registry,
+    filter::{LevelFilter, Targets},
+    layer::SubscriberExt,
+    reload,
+    util::SubscriberInitExt,
 };
+
+/// Targets whose `debug`/`trace` output can carry secrets: WebSocket and HTTP
+/// clients log the request they send (with `Authorization` and
+/// `X-Crabbox-Bridge-Ticket`), TLS and HTTP/2 log frames, SSH logs packets.
+pub const CLAMPED_TARGETS: &[&str] = &[
+    "tungstenite",
+    "tokio_tungstenite",
+    "hyper",
+    "hyper_util",
+    "hyper_rustls",
+    "reqwest",
+    "h2",
+    "http",
+    "rustls",
+    "tokio_rustls",
+    "webpki",
+    "tonic",
+    "tower",
+    "tower_http",
+    "axum",
+    "russh",
+    "russh_keys",
+];
+
+/// A filter that lets everything through except [`CLAMPED_TARGETS`] above `info`.
+/// It sits beside the reloadable filter, so no `SetLogLevel` can lift it.
+pub fn clamp() -> Targets {
+    CLAMPED_TARGETS.iter().fold(
+        Targets::new().with_default(LevelFilter::TRACE),
+        |t, target| t.with_target(*target, LevelFilter::INFO),
+    )
+}
 
 /// The live filter and the handle that swaps it.
 struct LogControl {
@@ -60,6 +100,7 @@ pub fn init(filter: &str) -> anyhow::Result<()> {
     });
     tracing_subscriber::registry()
         .with(filter_layer)
+        .with(clamp())
         .with(journald)
         .with(stderr)
         .try_init()?;

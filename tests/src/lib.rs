@@ -13,6 +13,7 @@ pub mod bins;
 pub mod daemon;
 pub mod egress;
 pub mod netns;
+pub mod proxy;
 pub mod sshd;
 
 pub use daemon::{TestDaemon, TestDaemonBuilder};

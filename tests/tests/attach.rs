@@ -220,3 +220,203 @@ async fn a_coordinator_restart_mid_attach_loses_nothing() {
         "no gaps, no duplicates across the restart"
     );
 }
+
+/// The lines of `attach --json` read so far from a live client.
+async fn read_seqs_until(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    seqs: &mut Vec<u64>,
+    last: u64,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seqs.last() != Some(&last) {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .expect("attach output in time")
+            .unwrap()
+            .expect("attach still running");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        seqs.push(v["seq"].as_u64().unwrap());
+    }
+}
+
+/// On the control socket a quiet feed does not poll the run: it waits for
+/// pushes, ends on `command.finished` with one confirming GET, and keeps
+/// only a slow backstop poll. Requests are counted at a proxy in front of
+/// the real coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_feed_on_the_control_socket_does_not_poll_and_ends_on_command_finished() {
+    let (coord, run) = coordinator_with_run("sleep").await;
+    let proxy = crabbox_tests::proxy::FaultProxy::start(coord.addr).await;
+    let run_gets = proxy.count(&format!("GET /v1/runs/{run} HTTP/1.1"));
+    let d = TestDaemon::builder()
+        .coordinator(&proxy.url, &coord.shared_token)
+        .start()
+        .await;
+    let client = attach_cmd(&d, &run, true);
+    d.ctl_json_until(
+        &["tasks", "--json", "--kind", "attach-feed"],
+        "the feed to follow the run over the control socket",
+        Duration::from_secs(30),
+        |v| v["tasks"][0]["labels"]["via"] == "control",
+    )
+    .await;
+    let at_start = run_gets.load(std::sync::atomic::Ordering::SeqCst);
+    let quiet = Duration::from_secs(8);
+    tokio::time::sleep(quiet).await;
+    let polled = run_gets.load(std::sync::atomic::Ordering::SeqCst) - at_start;
+    eprintln!(
+        "GET /v1/runs/{{id}} on a quiet control feed: {polled} in {quiet:?} ({:.1}/min)",
+        polled as f64 * 60.0 / quiet.as_secs_f64()
+    );
+    assert!(
+        polled <= 1,
+        "a quiet feed polled {polled} times in {quiet:?}"
+    );
+    let before_finish = run_gets.load(std::sync::atomic::Ordering::SeqCst);
+    let t0 = tokio::time::Instant::now();
+    post(
+        &coord,
+        &format!("/v1/runs/{run}/finish"),
+        serde_json::json!({"exitCode": 0}),
+    )
+    .await;
+    let out = tokio::time::timeout(Duration::from_secs(20), client.wait_with_output())
+        .await
+        .expect("attach ends well before the backstop poll")
+        .unwrap();
+    eprintln!("attach ended {:?} after the finish", t0.elapsed());
+    assert_eq!(out.status.code(), Some(0), "{}", d.stderr());
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert_eq!(
+        seqs(&out.stdout),
+        vec![1, 2],
+        "run.started, command.finished"
+    );
+    let confirming = run_gets.load(std::sync::atomic::Ordering::SeqCst) - before_finish;
+    assert_eq!(confirming, 1, "one confirming GET at the end");
+}
+
+/// A feed stops when its last subscriber leaves; the run can be followed
+/// again from the cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_without_subscribers_is_reaped_and_the_run_can_be_followed_again() {
+    let (coord, run) = coordinator_with_run("sleep").await;
+    for n in 0..3 {
+        append(&coord, &run, n).await;
+    }
+    let d = TestDaemon::builder()
+        .coordinator(&coord.base_url, &coord.shared_token)
+        .start()
+        .await;
+    let mut client = attach_cmd(&d, &run, true);
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(client.stdout.take().unwrap()));
+    let mut got = Vec::new();
+    read_seqs_until(&mut lines, &mut got, 4).await;
+    assert_eq!(d.tasks(Some("attach-feed")).await[0]["state"], "running");
+    client.kill().await.unwrap();
+    let v = d
+        .ctl_json_until(
+            &["tasks", "--json", "--kind", "attach-feed"],
+            "the feed to stop once nobody follows it",
+            Duration::from_secs(15),
+            |v| v["tasks"][0]["state"] == "stopped",
+        )
+        .await;
+    assert_eq!(v["tasks"][0]["last_error"], "", "{v}");
+    // Followed again from a cursor, while the run goes on.
+    append(&coord, &run, 3).await;
+    let args = ["attach", run.as_str(), "--after", "4", "--json"];
+    let again = d.ctl(&args);
+    let finish = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        post(
+            &coord,
+            &format!("/v1/runs/{run}/finish"),
+            serde_json::json!({"exitCode": 0}),
+        )
+        .await;
+    };
+    let (out, _) = tokio::join!(again, finish);
+    assert_eq!(out.status.code(), Some(0), "{}", d.stderr());
+    assert_eq!(seqs(&out.stdout), vec![5, 6]);
+}
+
+/// The resident set of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A feed keeps at most its byte cap (8 MiB) of a 48 MiB run; a subscriber
+/// that joins later from an older cursor pages the dropped events over
+/// HTTP and still sees every event once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_caps_its_memory_and_a_late_subscriber_pages_older_events_over_http() {
+    const EVENTS: u64 = 3000;
+    let (coord, run) = coordinator_with_run("make").await;
+    // 3000 × 16 KiB ≈ 48 MiB, six times what a feed keeps.
+    let chunk = "x".repeat(16 << 10);
+    for _ in 0..EVENTS {
+        post(
+            &coord,
+            &format!("/v1/runs/{run}/events"),
+            serde_json::json!({"type": "stdout", "stream": "stdout", "data": chunk}),
+        )
+        .await;
+    }
+    // One malloc arena and a fixed mmap threshold (large buffers go back
+    // to the kernel when freed), so RSS follows live memory rather than
+    // how glibc happened to lay out transient page buffers.
+    let d = TestDaemon::builder()
+        .coordinator(&coord.base_url, &coord.shared_token)
+        .env("MALLOC_ARENA_MAX", "1")
+        .env("MALLOC_MMAP_THRESHOLD_", "131072")
+        .start()
+        .await;
+    let idle = rss_kib(d.pid());
+    let mut first = attach_cmd(&d, &run, true);
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(first.stdout.take().unwrap()));
+    let mut got = Vec::new();
+    read_seqs_until(&mut lines, &mut got, EVENTS + 1).await;
+    let followed = rss_kib(d.pid());
+    eprintln!(
+        "daemon RSS: {idle} KiB idle, {followed} KiB following a 48 MiB run (+{} KiB)",
+        followed.saturating_sub(idle)
+    );
+    // The old unbounded buffer grew by the whole run (≥ 48 MiB).
+    assert!(
+        followed.saturating_sub(idle) < 32 << 10,
+        "RSS grew from {idle} to {followed} KiB"
+    );
+    // The late one, from the start.
+    let late = attach_cmd(&d, &run, true);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    append(&coord, &run, 0).await;
+    post(
+        &coord,
+        &format!("/v1/runs/{run}/finish"),
+        serde_json::json!({"exitCode": 0}),
+    )
+    .await;
+    let out = tokio::time::timeout(Duration::from_secs(60), late.wait_with_output())
+        .await
+        .expect("late attach finished")
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.stderr()
+    );
+    let all: Vec<u64> = (1..=EVENTS + 3).collect();
+    assert_eq!(seqs(&out.stdout), all);
+    read_seqs_until(&mut lines, &mut got, EVENTS + 3).await;
+    assert_eq!(got, all);
+}

@@ -354,3 +354,170 @@ async fn coordinator_restart_reconnects_the_same_session_and_the_helper_heals() 
     );
     drop(coord);
 }
+
+async fn start_host_named(d: &TestDaemon, name: &str, origin: &Origin) -> serde_json::Value {
+    let allow = origin.addr.ip().to_string();
+    d.ctl_json(&[
+        "egress",
+        "host",
+        "--id",
+        name,
+        "--allow",
+        &allow,
+        "--allow-private",
+        "--json",
+    ])
+    .await
+}
+
+/// A host bridge started by slug is the lease's one bridge, found by id,
+/// and the other way round: tasks are keyed by the canonical id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slug_and_the_id_name_the_same_host_bridge() {
+    const SLUG: &str = "egress-crab";
+    let w = world().await;
+    let origin = Origin::start().await;
+    // Slug first, then found by id.
+    let session = start_host_named(&w.daemon, SLUG, &origin).await["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let hosts = w.daemon.tasks(Some("egress-host")).await;
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    assert_eq!(hosts[0]["key"], LEASE, "keyed by the canonical id");
+    let v = wait_status(&w.daemon, "the host bridge by id", |v| {
+        v["coordinator"]["hostConnected"] == true
+    })
+    .await;
+    assert_eq!(v["local"]["session_id"], session, "{v}");
+    // Started again by id: it replaces the same task, not a second one.
+    start_host_named(&w.daemon, LEASE, &origin).await;
+    let hosts = w.daemon.tasks(Some("egress-host")).await;
+    assert_eq!(hosts.len(), 1, "one task per lease: {hosts:?}");
+    let listed = w.daemon.ctl_json(&["egress", "list", "--json"]).await;
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    // Found by slug: status, then stop.
+    let v = w
+        .daemon
+        .ctl_json(&["egress", "status", "--id", SLUG, "--json"])
+        .await;
+    assert_eq!(v["local"]["lease_id"], LEASE, "{v}");
+    let out = w.daemon.ctl(&["egress", "stop", "--id", SLUG]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = w.daemon.ctl_json(&["egress", "list", "--json"]).await;
+    assert!(listed.as_array().unwrap().is_empty(), "{listed}");
+}
+
+/// `egress ticket --session S` for another session than the running one is
+/// refused (the bridge keeps working); with `--replace` the bridge moves to
+/// the new session and the ticket joins it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_for_another_session_needs_replace_and_then_the_host_follows() {
+    let w = world().await;
+    let origin = Origin::start().await;
+    let session = start_host(&w.daemon, &origin).await;
+    wait_status(&w.daemon, "the host bridge", |v| {
+        v["coordinator"]["hostConnected"] == true
+    })
+    .await;
+    let other = format!("egress_other{}", rand_suffix());
+    let ticket = w.daemon.home().join("other-ticket");
+    let args = [
+        "egress",
+        "ticket",
+        "--id",
+        LEASE,
+        "--session",
+        other.as_str(),
+        "--out",
+        ticket.to_str().unwrap(),
+    ];
+    let out = w.daemon.ctl(&args).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused without --replace");
+    assert!(err.contains("--replace") && err.contains(&session), "{err}");
+    assert!(!ticket.exists());
+    // The running bridge was not touched.
+    let v = status(&w.daemon).await;
+    assert_eq!(v["coordinator"]["sessionID"], session, "{v}");
+    assert_eq!(v["coordinator"]["hostConnected"], true, "{v}");
+    assert_eq!(v["local"]["state"], "running", "{v}");
+
+    // With --replace: a real replacement.
+    let mut replace = args.to_vec();
+    replace.push("--replace");
+    let out = w.daemon.ctl(&replace).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(ticket.exists());
+    let v = wait_status(&w.daemon, "the host on the new session", |v| {
+        v["coordinator"]["sessionID"] == other.as_str() && v["coordinator"]["hostConnected"] == true
+    })
+    .await;
+    assert_eq!(v["local"]["session_id"], other.as_str(), "{v}");
+    assert_eq!(v["local"]["state"], "running", "{v}");
+    // The ticket works: a helper on the new session reaches the origin.
+    let h = EgressHelper::start(&w.coord.base_url, LEASE, &other, &ticket, w.daemon.home()).await;
+    let body = fetch_until_ok(&h.proxy_url(), &origin.url("index.html")).await;
+    assert_eq!(body, origin.body);
+}
+
+/// An orderly end shows as `stopped`: releasing a lease (by slug) through
+/// the daemon stops its keeper and its host bridge; a keeper shows
+/// `running` as soon as `keep`'s heartbeat succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_through_the_daemon_stops_tasks_and_a_new_keeper_is_running() {
+    let w = world().await;
+    let origin = Origin::start().await;
+    w.daemon.keep_lease_fast(LEASE).await;
+    let keeper = w.daemon.tasks(Some("lease-keeper")).await;
+    assert_eq!(
+        keeper[0]["state"], "running",
+        "after keep's good heartbeat: {keeper:?}"
+    );
+    start_host(&w.daemon, &origin).await;
+    wait_status(&w.daemon, "the host bridge", |v| {
+        v["coordinator"]["hostConnected"] == true
+    })
+    .await;
+    let out = w
+        .daemon
+        .ctl(&["lease", "release", "--id", "egress-crab"])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = w
+        .daemon
+        .ctl_json_until(
+            &["tasks", "--json"],
+            "the lease's tasks to end",
+            Duration::from_secs(15),
+            |v| {
+                v["tasks"].as_array().unwrap().iter().all(|t| {
+                    !(t["kind"] == "lease-keeper" || t["kind"] == "egress-host")
+                        || t["state"] == "stopped"
+                        || t["state"] == "failed"
+                })
+            },
+        )
+        .await;
+    for t in v["tasks"].as_array().unwrap() {
+        if t["kind"] == "lease-keeper" || t["kind"] == "egress-host" {
+            assert_eq!(
+                t["state"], "stopped",
+                "an orderly end is not a failure: {t}"
+            );
+            assert_eq!(t["key"], LEASE);
+        }
+    }
+}

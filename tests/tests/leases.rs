@@ -213,3 +213,49 @@ async fn an_expired_lease_ends_its_keeper_within_one_interval() {
     );
     assert_eq!(list[0]["state"], "failed");
 }
+
+/// A keeper that fails while the coordinator is unreachable shows the
+/// error while it backs off, and `running` with no error once it recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovered_keeper_shows_no_old_error() {
+    let coord = TestCoordinator::start().await;
+    coord
+        .register_lease(&coord.shared_token, LEASE, "blue-crab")
+        .await
+        .unwrap();
+    let proxy = crabbox_tests::proxy::FaultProxy::start(coord.addr).await;
+    let d = TestDaemon::builder()
+        .coordinator(&proxy.url, &coord.shared_token)
+        .start()
+        .await;
+    d.keep_lease_fast(LEASE).await;
+    proxy.set_down(true);
+    let v = d
+        .ctl_json_until(
+            &["tasks", "--json", "--kind", "lease-keeper"],
+            "the keeper to fail while the coordinator is unreachable",
+            Duration::from_secs(30),
+            |v| {
+                v["tasks"][0]["restarts"].as_u64() >= Some(1)
+                    && !v["tasks"][0]["last_error"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .is_empty()
+            },
+        )
+        .await;
+    eprintln!("while down: {v}");
+    proxy.set_down(false);
+    let v = d
+        .ctl_json_until(
+            &["tasks", "--json", "--kind", "lease-keeper"],
+            "the keeper to recover",
+            Duration::from_secs(45),
+            |v| v["tasks"][0]["state"] == "running",
+        )
+        .await;
+    assert_eq!(
+        v["tasks"][0]["last_error"], "",
+        "an old error is cleared: {v}"
+    );
+}

@@ -250,12 +250,8 @@ async fn coordinator_lease_with_pinned_key_and_per_lease_key_file() {
         &["tasks", "--json", "--kind", "ssh-mux"],
         "the mux ended",
         Duration::from_secs(20),
-        |v| {
-            v["tasks"][0]["state"] == "failed"
-                && v["tasks"][0]["last_error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("released"))
-        },
+        // An orderly end: stopped, not failed.
+        |v| v["tasks"][0]["state"] == "stopped" && v["tasks"][0]["labels"]["state"] == "ended",
     )
     .await;
     let o = d.ctl(&["exec", "--id", lease, "--", "true"]).await;

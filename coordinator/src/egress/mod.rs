@@ -12,17 +12,17 @@ use std::sync::{Arc, Mutex};
 
 use axum::Extension;
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::app::{Shared, optional_json};
+use crate::app::Shared;
 use crate::auth::{Principal, bearer};
+use crate::body::{Body, Field, OptField, SMALL, StrList};
 use crate::clock::{iso, parse_iso};
 use crate::error::{ApiError, ApiResult};
 use crate::ids;
@@ -257,17 +257,34 @@ fn activate(
     Ok(replaced)
 }
 
-fn bound_profile(v: Option<&Value>) -> Option<String> {
-    let p: String = v?.as_str()?.trim().chars().take(80).collect();
+/// `POST …/egress/ticket` body.
+#[derive(Deserialize, Default)]
+struct TicketBody<'a> {
+    #[serde(borrow)]
+    role: Option<Field<'a>>,
+    #[serde(borrow, rename = "sessionID")]
+    session_id: Option<Field<'a>>,
+    #[serde(borrow, rename = "sessionId")]
+    session_id_alt: Option<Field<'a>>,
+    #[serde(borrow)]
+    profile: Option<Field<'a>>,
+    /// Patterns past the first 1024 (or 256 KiB) are not even looked at;
+    /// at most 100 distinct ones are kept.
+    #[serde(borrow)]
+    allow: Option<StrList<'a, 1024, { 256 * 1024 }>>,
+}
+
+fn bound_profile(v: Option<&str>) -> Option<String> {
+    let p: String = v?.trim().chars().take(80).collect();
     (!p.is_empty()).then_some(p)
 }
 
-fn bound_allow(v: Option<&Value>) -> Vec<String> {
+fn bound_allow(list: Option<&StrList<'_, 1024, { 256 * 1024 }>>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for item in v.and_then(Value::as_array).into_iter().flatten() {
-        let Some(s) = item.as_str() else { continue };
+    let mut seen = std::collections::HashSet::new();
+    for s in list.into_iter().flat_map(|l| l.items.iter()) {
         let s = s.trim().to_ascii_lowercase();
-        if s.is_empty() || s.len() > 253 || out.contains(&s) {
+        if s.is_empty() || s.len() > 253 || !seen.insert(s.clone()) {
             continue;
         }
         out.push(s);
@@ -284,23 +301,25 @@ pub(crate) async fn ticket(
     Extension(p): Extension<Principal>,
     Path(ident): Path<String>,
     method: axum::http::Method,
-    headers: HeaderMap,
-    body: Bytes,
+    body: Body<SMALL>,
 ) -> ApiResult<Response> {
     if method != axum::http::Method::POST {
         return Err(ApiError::not_found());
     }
-    let body = optional_json(&headers, &body)?;
+    let b: TicketBody<'_> = body.json()?;
     let now = st.clock.now_ms();
-    let role = body.get("role").and_then(Value::as_str).map(str::to_owned);
-    let requested = body
-        .get("sessionID")
-        .or_else(|| body.get("sessionId"))
-        .and_then(Value::as_str)
+    let role = b.role.str().map(str::to_owned);
+    let requested = b
+        .session_id
+        .as_ref()
+        .or(b.session_id_alt.as_ref())
+        .and_then(Field::str)
         .filter(|s| ids::is_session_id(s))
         .map(str::to_owned);
-    let profile = bound_profile(body.get("profile"));
-    let allow = bound_allow(body.get("allow"));
+    let profile = bound_profile(b.profile.str());
+    let allow = bound_allow(b.allow.as_ref());
+    drop(b);
+    drop(body);
 
     let _op = st.egress.op_lock.lock().await;
     let (lease_id, session, replaced, role) = st

@@ -8,17 +8,22 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 
 use super::{Key, MAX_FRAME, Peer, Role};
 use crate::app::Shared;
-use crate::ws::{DirectHandle, PING_EVERY, SharedSink, closed, drain};
+use crate::ws::{CLOSE_GRACE, DirectHandle, closed, drain, frame_len, is_too_big};
 
 /// Frames coalesced into one flush when a burst is already buffered.
 const BATCH: usize = 64;
+/// Bytes coalesced into one flush, so one write deadline covers a bounded amount.
+const BATCH_BYTES: usize = 1024 * 1024;
 
-fn frame_len(m: &Message) -> usize {
-    match m {
-        Message::Text(t) => t.len(),
-        Message::Binary(b) => b.len(),
-        _ => 0,
-    }
+/// How one relayed write ended.
+enum Write {
+    Done,
+    /// This socket was closed meanwhile.
+    SelfClosed,
+    /// The peer was closed meanwhile.
+    PeerClosed,
+    /// The peer made no progress for the write timeout: it stopped reading.
+    TimedOut,
 }
 
 /// Register a bridge socket and relay its frames to the other end.
@@ -49,16 +54,18 @@ pub(super) async fn relay(
     };
     drop(op);
     let mut close_rx = handle.watch();
-    // The other end's sink, refreshed only when the pair's epoch moves.
-    let mut cached: (u64, Option<SharedSink>) = (u64::MAX, None);
+    let (ping_every, write_timeout) = (st.cfg.limits.ping_every, st.cfg.limits.write_timeout);
+    // The other end, refreshed only when the pair's epoch moves.
+    let mut cached: (u64, Option<DirectHandle>) = (u64::MAX, None);
     let other = match role {
         Role::Host => Role::Client,
         Role::Client => Role::Host,
     };
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut pending: Option<Option<Result<Message, axum::Error>>> = None;
     let mut too_big = false;
+    let mut unread = false;
     let mut alive = true;
     loop {
         let item = match pending.take() {
@@ -77,7 +84,14 @@ pub(super) async fn relay(
                         break;
                     }
                     alive = false;
-                    let _ = handle.sink.lock().await.send(Message::Ping(Default::default())).await;
+                    // Never wait for the lock: a relay writing into this
+                    // sink is traffic enough, and its write has a deadline.
+                    if let Ok(mut sink) = handle.sink.try_lock() {
+                        tokio::select! {
+                            _ = tokio::time::timeout(write_timeout, sink.send(Message::Ping(Default::default()))) => {}
+                            _ = closed(&mut close_rx) => {}
+                        }
+                    }
                     continue;
                 }
             },
@@ -95,33 +109,67 @@ pub(super) async fn relay(
                     let peer = inner
                         .pairs
                         .get_mut(&key)
-                        .and_then(|p| p.slot(other).as_ref().map(|p| p.handle.sink.clone()));
+                        .and_then(|p| p.slot(other).as_ref().map(|p| p.handle.clone()));
                     cached = (now_epoch, peer);
                 }
                 // With no peer the frame is dropped, as in the reference.
-                let Some(sink) = &cached.1 else { continue };
+                let Some(peer) = &cached.1 else { continue };
+                let mut peer_close = peer.watch();
                 // The frame is forwarded as the same value (text stays text,
                 // binary stays binary, no re-encoding, no copy). Frames that
                 // are already buffered are fed too and flushed once, so a
                 // burst costs one write syscall. Awaiting the peer's sink is
-                // the backpressure: a slow peer slows its sender, nothing queues.
-                let mut sink = sink.lock().await;
-                let _ = sink.feed(m).await;
-                for _ in 0..BATCH {
-                    match stream.next().now_or_never() {
-                        Some(Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))))
-                            if frame_len(&m) <= MAX_FRAME =>
-                        {
-                            let _ = sink.feed(m).await;
-                        }
-                        Some(other) => {
-                            pending = Some(other);
+                // the backpressure: a slow peer slows its sender, nothing
+                // queues. The write has a deadline and yields to either
+                // side's close, so a peer that stops reading cannot wedge the
+                // pair or hold the lock its own close and pings need.
+                let stream = &mut stream;
+                let pending = &mut pending;
+                let write = async move {
+                    let mut sink = peer.sink.lock().await;
+                    let mut bytes = frame_len(&m);
+                    let _ = sink.feed(m).await;
+                    for _ in 0..BATCH {
+                        if bytes >= BATCH_BYTES {
                             break;
                         }
-                        None => break,
+                        match stream.next().now_or_never() {
+                            Some(Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))))
+                                if frame_len(&m) <= MAX_FRAME =>
+                            {
+                                bytes += frame_len(&m);
+                                let _ = sink.feed(m).await;
+                            }
+                            Some(other) => {
+                                *pending = Some(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    let _ = sink.flush().await;
+                };
+                let outcome = tokio::select! {
+                    biased;
+                    _ = closed(&mut close_rx) => Write::SelfClosed,
+                    _ = closed(&mut peer_close) => Write::PeerClosed,
+                    r = tokio::time::timeout(write_timeout, write) => {
+                        if r.is_ok() { Write::Done } else { Write::TimedOut }
+                    }
+                };
+                match outcome {
+                    Write::Done | Write::SelfClosed | Write::PeerClosed => {}
+                    Write::TimedOut => {
+                        tracing::info!(role = other.as_str(), timeout = ?write_timeout,
+                            "egress peer stopped reading; closing it");
+                        peer.close(1011, "egress peer stopped reading");
                     }
                 }
-                let _ = sink.flush().await;
+            }
+            Some(Err(e)) if is_too_big(&e) => {
+                too_big = true;
+                unread = true;
+                break;
             }
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
             Some(Ok(_)) => {}
@@ -146,6 +194,12 @@ pub(super) async fn relay(
     }
     if too_big {
         handle.close(1009, "message too big");
-        drain(&mut stream).await;
+        if unread {
+            // The library refused the frame from its header: reading on would
+            // buffer the rest of it. Give the close frame time to arrive, then drop.
+            tokio::time::sleep(CLOSE_GRACE).await;
+        } else {
+            drain(&mut stream).await;
+        }
     }
 }

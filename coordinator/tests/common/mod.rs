@@ -202,3 +202,156 @@ pub async fn next_msg_or_none(ws: &mut Ws) -> Option<Message> {
         _ => None,
     }
 }
+
+/// The real `crabbox-coordinator` binary on `127.0.0.1:0` with a temporary
+/// database, for tests that measure the process (`/proc/<pid>/status`, fds).
+pub struct CoordinatorProcess {
+    /// `http://127.0.0.1:<port>`.
+    pub base_url: String,
+    /// `CRABBOX_ADMIN_TOKEN`.
+    pub admin_token: String,
+    /// `CRABBOX_SESSION_SECRET`, for minting user tokens.
+    pub session_secret: String,
+    /// The log file (stderr of the process).
+    pub log: std::path::PathBuf,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl CoordinatorProcess {
+    /// Start the binary with `CRABBOX_LOG=<filter>` and wait until it listens.
+    pub fn start(filter: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("coordinator.log");
+        let admin_token = format!("admin-{}", crabbox_coordinator::ids::uuid_v4());
+        let session_secret = format!("session-{}", crabbox_coordinator::ids::uuid_v4());
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_crabbox-coordinator"))
+            .args(["--listen", "127.0.0.1:0", "--db"])
+            .arg(dir.path().join("c.db"))
+            .env("CRABBOX_ADMIN_TOKEN", &admin_token)
+            .env("CRABBOX_SESSION_SECRET", &session_secret)
+            .env_remove("CRABBOX_SHARED_TOKEN")
+            .env("CRABBOX_LOG", filter)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(rest) = text
+                .lines()
+                .find(|l| l.contains("crabbox-coordinator listening"))
+                .and_then(|l| l.split("listen=").nth(1))
+            {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "coordinator never listened:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Self {
+            base_url: format!("http://{addr}"),
+            admin_token,
+            session_secret,
+            log,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `ws://127.0.0.1:<port><path>`.
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.base_url.trim_start_matches("http://"))
+    }
+
+    /// A signed user token valid for a day.
+    pub fn user_token(&self, owner: &str, org: &str) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        crabbox_coordinator::auth::issue_user_token(
+            &crabbox_coordinator::Secret::new(self.session_secret.clone()),
+            owner,
+            org,
+            owner,
+            now,
+            86_400,
+        )
+    }
+
+    /// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        proc_status_kib(self.pid(), field)
+    }
+
+    /// Reset the peak-RSS counter (`VmHWM`) to the current RSS.
+    pub fn reset_peak(&self) {
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5").unwrap();
+    }
+
+    /// Open sockets of the process (`/proc/<pid>/fd` entries that are sockets).
+    pub fn socket_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+            })
+            .count()
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `/proc/<pid>/status` field in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// One JSON call against a base URL; returns the status and the body.
+pub async fn call_url(
+    http: &reqwest::Client,
+    base: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut req = http
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(token);
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}

@@ -73,6 +73,10 @@ enum Command {
         /// The session; default: the local host bridge's session.
         #[arg(long)]
         session: Option<String>,
+        /// Allow a session other than the local host bridge's: the bridge
+        /// moves to it and its old session ends.
+        #[arg(long)]
+        replace: bool,
         /// Write the ticket to this file (created 0600) instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -319,12 +323,14 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
             id,
             role,
             session,
+            replace,
             out,
         } => {
             let req = MintEgressTicketRequest {
                 lease_id: id.clone(),
                 role: EgressRole::from(*role) as i32,
                 session_id: session.clone().unwrap_or_default(),
+                replace: *replace,
             };
             let t = connect::call_coordinator(
                 &ctx.socket,

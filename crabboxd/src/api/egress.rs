@@ -132,7 +132,7 @@ impl v1::egress_server::Egress for EgressService {
         let ticket = error::within_deadline(&url, async {
             self.state
                 .egress()
-                .ticket(id, convert::egress_role(role), session)
+                .ticket(id, convert::egress_role(role), session, req.replace)
                 .await
                 .map_err(|e| error::egress(e, &url))
         })

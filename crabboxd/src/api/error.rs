@@ -57,6 +57,7 @@ pub fn egress(e: EgressError, url: &str) -> Status {
         EgressError::NoCoordinator => Status::failed_precondition(msg),
         EgressError::Policy(_) => Status::invalid_argument(msg),
         EgressError::NotRunning(_) => Status::not_found(msg),
+        EgressError::WouldReplace { .. } => Status::failed_precondition(msg),
         EgressError::Persist(_) => Status::internal(msg),
         EgressError::Coordinator(c) => coordinator(&c, msg, url),
     }

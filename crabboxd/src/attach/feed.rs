@@ -2,7 +2,9 @@
 //! from the control socket (subscribe, page through the backlog, ack) and
 //! from `GET /v1/runs/{id}/events?after=` whenever the socket is missing,
 //! fails, or pushes an event ahead of the cursor; while on HTTP it polls
-//! and goes back to the socket once it is up. Ends with the run.
+//! and goes back to the socket once it is up. Ends with the run: on the
+//! control path at `command.finished` (one confirming `GET /v1/runs/{id}`),
+//! with only a slow backstop poll while the run is quiet.
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,11 +17,17 @@ use crate::{
 
 /// The control page size (the reference CLI's).
 const PAGE: u32 = 100;
-/// The HTTP page size (the coordinator's maximum).
-const HTTP_PAGE: u32 = 500;
-/// How often the HTTP fallback polls, and how long the control path waits
-/// for a page or a push before checking whether the run ended.
+/// The HTTP page size: the control page's, so one page in flight is at most
+/// ~1.6 MiB of 16 KiB events (the coordinator allows 500).
+const HTTP_PAGE: u32 = 100;
+/// How often the HTTP fallback polls.
 const POLL: Duration = Duration::from_millis(500);
+/// How long the control path waits for a page or a push before checking
+/// whether the run ended without its `command.finished` reaching us.
+const BACKSTOP: Duration = Duration::from_secs(30);
+/// The events after which a run is over (the coordinator's own
+/// `command.finished`, and the CLI's `run.failed`).
+const FINAL_EVENTS: [&str; 2] = ["command.finished", "run.failed"];
 /// How long the control path waits for the first page before falling back.
 const FIRST_PAGE_WAIT: Duration = Duration::from_secs(5);
 
@@ -79,13 +87,19 @@ impl Worker {
         ctx.set_label("via", "control");
         let mut first = true;
         let result = loop {
-            let wait = if first { FIRST_PAGE_WAIT } else { POLL };
+            let wait = if first { FIRST_PAGE_WAIT } else { BACKSTOP };
             match tokio::time::timeout(wait, rx.recv()).await {
                 Ok(Some(events)) => {
                     first = false;
                     let page_len = events.len();
+                    let mut finished = false;
                     for event in events {
+                        finished |= FINAL_EVENTS.contains(&event.kind.as_str());
                         self.accept(event).await?;
+                    }
+                    // The run said it is over: confirm once and end.
+                    if finished && let Some(end) = self.ended().await? {
+                        break Ok(Some(end));
                     }
                     let cursor = self.feed.cursor();
                     if control.ack_run(&self.run, cursor).await.is_err() {

@@ -53,6 +53,8 @@ pub const COORDINATOR: &str = "CRABBOX_COORDINATOR";
 pub const COORDINATOR_TOKEN: &str = "CRABBOX_COORDINATOR_TOKEN";
 /// `CRABBOX_COORDINATOR_TOKEN_COMMAND`: a JSON argv array whose stdout is the token.
 pub const COORDINATOR_TOKEN_COMMAND: &str = "CRABBOX_COORDINATOR_TOKEN_COMMAND";
+/// `CRABBOX_HEARTBEAT_TRANSPORT`: `auto`, `control` or `http`.
+pub const HEARTBEAT_TRANSPORT: &str = "CRABBOX_HEARTBEAT_TRANSPORT";
 /// `CRABBOX_OWNER`: the owner sent in `X-Crabbox-Owner`.
 pub const OWNER: &str = "CRABBOX_OWNER";
 /// `CRABBOX_ORG`: the org sent in `X-Crabbox-Org`.

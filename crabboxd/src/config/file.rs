@@ -74,6 +74,11 @@ pub struct CoordinatorToml {
     pub owner: Option<String>,
     /// Sent as `X-Crabbox-Org`.
     pub org: Option<String>,
+    /// `auto` (default), `control` or `http`.
+    pub heartbeat_transport: Option<String>,
+    /// How often the control socket is pinged, e.g. `"15s"`.
+    #[serde(default, with = "humantime_serde")]
+    pub control_ping_interval: Option<Duration>,
 }
 
 /// `[daemon]`: where the daemon keeps its socket and state, and how it logs.
@@ -112,6 +117,10 @@ pub const EXAMPLE: &str = r#"# crabboxd configuration. Every key is optional; un
 # token_command = ["op", "read", "op://vault/crabbox/token"]
 # owner = "me@example.com"
 # org = "example"
+# How lease heartbeats travel: "auto" (the control socket until its first
+# unanswered heartbeat, then HTTP), "control" or "http".
+# heartbeat_transport = "auto"
+# control_ping_interval = "15s"
 
 [daemon]
 # socket = "/run/user/1000/crabbox/crabboxd.sock"

@@ -64,7 +64,51 @@ pub struct CoordinatorConfig {
     pub owner: Option<String>,
     /// Sent as `X-Crabbox-Org`.
     pub org: Option<String>,
+    /// How lease heartbeats travel (`[coordinator] heartbeat_transport`,
+    /// `CRABBOX_HEARTBEAT_TRANSPORT`).
+    pub heartbeat_transport: HeartbeatTransport,
+    /// How often the control socket is pinged; a socket silent for two
+    /// intervals is replaced (`[coordinator] control_ping_interval`).
+    pub control_ping_interval: Duration,
 }
+
+/// How lease heartbeats travel to the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeartbeatTransport {
+    /// The shared control socket first, with HTTP in the same tick when it
+    /// gives no answer; after the first unanswered control heartbeat, HTTP
+    /// only for the rest of the daemon's life (an unpatched reference
+    /// 0.46.0 deadlocks on control heartbeats: openclaw/crabbox#1555).
+    #[default]
+    Auto,
+    /// Always the control socket first (HTTP in the same tick on a miss).
+    Control,
+    /// Only `POST /v1/leases/{id}/heartbeat`.
+    Http,
+}
+
+impl HeartbeatTransport {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeartbeatTransport::Auto => "auto",
+            HeartbeatTransport::Control => "control",
+            HeartbeatTransport::Http => "http",
+        }
+    }
+
+    fn parse(raw: &str) -> Option<Self> {
+        match raw.trim() {
+            "auto" => Some(HeartbeatTransport::Auto),
+            "control" => Some(HeartbeatTransport::Control),
+            "http" => Some(HeartbeatTransport::Http),
+            _ => None,
+        }
+    }
+}
+
+/// The default control-socket ping interval (as the egress bridge's).
+pub const DEFAULT_CONTROL_PING_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Where a coordinator token comes from. The `origin` names the layer (a
 /// file path or a variable name) so diagnostics can say where to fix it
@@ -218,6 +262,8 @@ struct Merge {
     ssh_key: Option<PathBuf>,
     ssh_idle_close: Option<Duration>,
     targets: BTreeMap<String, StaticTarget>,
+    heartbeat_transport: Option<Layered<String>>,
+    control_ping_interval: Option<Duration>,
 }
 
 impl Config {
@@ -325,6 +371,16 @@ impl Merge {
                 origin: origin.clone(),
             });
         }
+        if let Some(t) = t.coordinator.heartbeat_transport {
+            self.heartbeat_transport = Some(Layered {
+                value: t,
+                origin: origin.clone(),
+            });
+        }
+        self.control_ping_interval = t
+            .coordinator
+            .control_ping_interval
+            .or(self.control_ping_interval);
         self.owner = t.coordinator.owner.or(self.owner.take());
         self.org = t.coordinator.org.or(self.org.take());
         self.socket = t.daemon.socket.or(self.socket.take());
@@ -378,6 +434,12 @@ impl Merge {
                 origin: env::COORDINATOR_TOKEN_COMMAND.into(),
             });
         }
+        if let Some(t) = env.get(env::HEARTBEAT_TRANSPORT) {
+            self.heartbeat_transport = Some(Layered {
+                value: t,
+                origin: env::HEARTBEAT_TRANSPORT.into(),
+            });
+        }
         if let Some(owner) = env.get(env::OWNER) {
             self.owner = Some(owner);
         }
@@ -395,6 +457,26 @@ impl Merge {
 
     /// The validation pass: fills derived values and names the bad key.
     fn finish(self, dirs: &Dirs, files: Vec<SourceFile>) -> Result<Config, ConfigError> {
+        let heartbeat_transport = match &self.heartbeat_transport {
+            None => HeartbeatTransport::default(),
+            Some(Layered { value, origin }) => {
+                HeartbeatTransport::parse(value).ok_or_else(|| ConfigError::Invalid {
+                    key: "heartbeat_transport".into(),
+                    origin: origin.clone(),
+                    message: format!("{value:?} is not one of \"auto\", \"control\", \"http\""),
+                })?
+            }
+        };
+        let control_ping_interval = self
+            .control_ping_interval
+            .unwrap_or(DEFAULT_CONTROL_PING_INTERVAL);
+        if control_ping_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "control_ping_interval".into(),
+                origin: "configuration".into(),
+                message: "must be longer than zero".into(),
+            });
+        }
         let coordinator = match self.url {
             None => None,
             Some(Layered { value, origin }) => Some(CoordinatorConfig {
@@ -406,6 +488,8 @@ impl Merge {
                 token: self.token,
                 owner: self.owner,
                 org: self.org,
+                heartbeat_transport,
+                control_ping_interval,
             }),
         };
         if let Some(TokenSource::Command { argv, origin }) =

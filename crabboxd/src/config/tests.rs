@@ -231,3 +231,31 @@ fn example_file_parses() {
     let t: DaemonToml = toml::from_str(EXAMPLE_TOML).unwrap();
     assert!(t.coordinator.url.is_none());
 }
+
+#[test]
+fn heartbeat_transport_from_toml_then_env_and_bad_values_are_named() {
+    let f = Fixture::new();
+    f.toml("[coordinator]\nurl = \"https://c.example\"\nheartbeat_transport = \"http\"\ncontrol_ping_interval = \"2s\"\n");
+    let c = f.load(&MapEnv::default(), &Overrides::default()).unwrap();
+    let coord = c.coordinator.as_ref().unwrap();
+    assert_eq!(coord.heartbeat_transport, HeartbeatTransport::Http);
+    assert_eq!(coord.control_ping_interval, Duration::from_secs(2));
+    let env = MapEnv::from_pairs([("CRABBOX_HEARTBEAT_TRANSPORT", "control")]);
+    let c = f.load(&env, &Overrides::default()).unwrap();
+    assert_eq!(
+        c.coordinator.unwrap().heartbeat_transport,
+        HeartbeatTransport::Control
+    );
+    let env = MapEnv::from_pairs([("CRABBOX_HEARTBEAT_TRANSPORT", "websocket")]);
+    let e = f.load(&env, &Overrides::default()).unwrap_err().to_string();
+    assert!(
+        e.contains("heartbeat_transport") && e.contains("CRABBOX_HEARTBEAT_TRANSPORT"),
+        "{e}"
+    );
+    // The default is auto, with a 15 s ping.
+    f.toml("[coordinator]\nurl = \"https://c.example\"\n");
+    let c = f.load(&MapEnv::default(), &Overrides::default()).unwrap();
+    let coord = c.coordinator.unwrap();
+    assert_eq!(coord.heartbeat_transport, HeartbeatTransport::Auto);
+    assert_eq!(coord.control_ping_interval, DEFAULT_CONTROL_PING_INTERVAL);
+}

@@ -1,23 +1,27 @@
-//! The `ControlChannel` task: one `/v1/control` WebSocket per coordinator,
-//! shared by every lease (and, later, every run). It routes heartbeat
-//! replies to the keepers that wait for them; every wait is bounded and a
-//! keeper falls back to HTTP in the same tick when the socket is refused,
-//! silent or down.
+//! The `ControlChannel` task: one `/v1/control` socket per coordinator,
+//! shared by every lease and run. It routes heartbeat replies (keyed by
+//! canonical lease id) to the keepers that wait for them; every wait is
+//! bounded and a keeper falls back to HTTP in the same tick when the socket
+//! is refused, silent or down. It pings on an interval and replaces a
+//! socket that stays silent for two intervals. It decides, per
+//! `heartbeat_transport`, whether heartbeats use the socket at all.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
-use futures::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
+    config::HeartbeatTransport,
     coordinator::{
         self, CoordinatorError, RunEvent,
-        control::{ServerFrame, ack_frame, heartbeat_frame, subscribe_frame},
+        control::{ClientFrame, Inbound, ServerFrame},
     },
     supervisor::{
         Backoff, RestartPolicy, Supervisor, TaskCtx, TaskError, TaskHandle, TaskId, TaskKind,
@@ -62,9 +66,14 @@ pub struct ControlChannel {
 struct Inner {
     client: coordinator::Client,
     supervisor: Supervisor,
+    transport: HeartbeatTransport,
+    ping_every: Duration,
+    /// Set (in `auto`) after the first unanswered control heartbeat: from
+    /// then on this coordinator gets HTTP heartbeats only.
+    gave_up: AtomicBool,
     // std mutexes: held only to clone or swap small values, never across
     // an await.
-    outgoing: Mutex<Option<mpsc::Sender<String>>>,
+    outgoing: Mutex<Option<mpsc::Sender<ClientFrame>>>,
     waiters: Mutex<Waiters>,
     runs: Mutex<HashMap<String, mpsc::Sender<Vec<RunEvent>>>>,
     handle: Mutex<Option<TaskHandle>>,
@@ -87,12 +96,21 @@ const POLICY: RestartPolicy = RestartPolicy::Always(Backoff::NETWORK);
 
 impl ControlChannel {
     /// A channel to `client`'s coordinator; nothing is dialled until
-    /// [`ControlChannel::ensure_started`].
-    pub fn new(client: coordinator::Client, supervisor: Supervisor) -> Self {
+    /// [`ControlChannel::ensure_started`]. The socket is pinged every
+    /// `ping_every`.
+    pub fn new(
+        client: coordinator::Client,
+        supervisor: Supervisor,
+        transport: HeartbeatTransport,
+        ping_every: Duration,
+    ) -> Self {
         ControlChannel {
             inner: Arc::new(Inner {
                 client,
                 supervisor,
+                transport,
+                ping_every,
+                gave_up: AtomicBool::new(false),
                 outgoing: Mutex::new(None),
                 waiters: Mutex::new(HashMap::new()),
                 runs: Mutex::new(HashMap::new()),
@@ -127,10 +145,48 @@ impl ControlChannel {
         }
     }
 
-    /// Sends a heartbeat for `lease` and waits at most `wait` for its
-    /// answer. Cancel-safe: a dropped call leaves only a closed waiter,
-    /// which is skipped.
+    /// Whether lease heartbeats should try this socket: never in `http`,
+    /// always in `control`, and in `auto` until one went unanswered.
+    pub fn heartbeats_wanted(&self) -> bool {
+        match self.inner.transport {
+            HeartbeatTransport::Http => false,
+            HeartbeatTransport::Control => true,
+            HeartbeatTransport::Auto => !self.inner.gave_up.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Sends a heartbeat for `lease` (its canonical id: the coordinator
+    /// answers with the canonical id whatever it was sent, and waiters are
+    /// keyed by it) and waits at most `wait` for its answer. Cancel-safe: a
+    /// dropped call leaves only a closed waiter, which is skipped.
+    ///
+    /// In `auto`, an unanswered heartbeat turns control heartbeats off for
+    /// this coordinator for the rest of the daemon's life, with one log line.
     pub async fn heartbeat(
+        &self,
+        lease: &str,
+        idle_override_secs: Option<u64>,
+        wait: Duration,
+    ) -> Result<ControlBeat, ControlError> {
+        let result = self.exchange(lease, idle_override_secs, wait).await;
+        if result == Err(ControlError::Timeout)
+            && self.inner.transport == HeartbeatTransport::Auto
+            && !self.inner.gave_up.swap(true, Ordering::SeqCst)
+        {
+            tracing::warn!(
+                coordinator = %self.inner.client.base(),
+                wait = ?wait,
+                "a control-socket heartbeat got no answer in time; heartbeats to this coordinator \
+                 use HTTP only from now on (heartbeat_transport = \"auto\"). An unpatched reference \
+                 coordinator 0.46.0 deadlocks on control heartbeats (openclaw/crabbox#1555, fixed by \
+                 openclaw/crabbox#1557); set heartbeat_transport = \"control\" once it runs the fix, \
+                 or \"http\" to never try"
+            );
+        }
+        result
+    }
+
+    async fn exchange(
         &self,
         lease: &str,
         idle_override_secs: Option<u64>,
@@ -144,7 +200,10 @@ impl ControlChannel {
             queue.retain(|w| !w.is_closed());
             queue.push_back(otx);
         }
-        let frame = heartbeat_frame(lease, idle_override_secs);
+        let frame = ClientFrame::Heartbeat {
+            lease: lease.to_owned(),
+            idle_override_secs,
+        };
         let exchange = async {
             tx.send(frame)
                 .await
@@ -168,7 +227,12 @@ impl ControlChannel {
     ) -> Result<mpsc::Receiver<Vec<RunEvent>>, ControlError> {
         let (tx, rx) = mpsc::channel(RUN_QUEUE);
         self.inner.runs.lock().unwrap().insert(run.to_owned(), tx);
-        self.send(subscribe_frame(run, after, limit)).await?;
+        self.send(ClientFrame::Subscribe {
+            run: run.to_owned(),
+            after,
+            limit,
+        })
+        .await?;
         Ok(rx)
     }
 
@@ -179,12 +243,21 @@ impl ControlChannel {
         after: u64,
         limit: u32,
     ) -> Result<(), ControlError> {
-        self.send(subscribe_frame(run, after, limit)).await
+        self.send(ClientFrame::Subscribe {
+            run: run.to_owned(),
+            after,
+            limit,
+        })
+        .await
     }
 
     /// Acknowledges a run's events up to `seq`.
     pub async fn ack_run(&self, run: &str, seq: u64) -> Result<(), ControlError> {
-        self.send(ack_frame(run, seq)).await
+        self.send(ClientFrame::Ack {
+            run: run.to_owned(),
+            seq,
+        })
+        .await
     }
 
     /// Forgets a run subscription.
@@ -193,7 +266,7 @@ impl ControlChannel {
     }
 
     /// The current connection's send queue, if connected.
-    fn sender(&self) -> Result<mpsc::Sender<String>, ControlError> {
+    fn sender(&self) -> Result<mpsc::Sender<ClientFrame>, ControlError> {
         self.inner
             .outgoing
             .lock()
@@ -202,7 +275,7 @@ impl ControlChannel {
             .ok_or(ControlError::NotConnected)
     }
 
-    async fn send(&self, frame: String) -> Result<(), ControlError> {
+    async fn send(&self, frame: ClientFrame) -> Result<(), ControlError> {
         let tx = self.sender()?;
         tokio::time::timeout(SEND_WAIT, tx.send(frame))
             .await
@@ -219,31 +292,50 @@ impl ControlChannel {
         // Even a refused control socket (an older coordinator, a proxy
         // without WebSockets) is retryable: keepers use HTTP meanwhile and
         // the socket is retried with backoff, capped at 30 s.
-        let ws = dial.map_err(|e: CoordinatorError| TaskError::retryable(e))?;
-        let (mut sink, mut stream) = ws.split();
-        let (tx, mut rx) = mpsc::channel::<String>(64);
+        let socket = dial.map_err(|e: CoordinatorError| TaskError::retryable(e))?;
+        let (mut sink, mut stream) = socket.split();
+        let (tx, mut rx) = mpsc::channel::<ClientFrame>(64);
         *self.inner.outgoing.lock().unwrap() = Some(tx);
         ctx.running();
         tracing::info!("control socket connected");
+        // Liveness: a ping every interval; an interval in which nothing at
+        // all arrived (not even the pong of the previous ping) means the
+        // peer is gone or the path is half-open, so the socket is replaced
+        // at most two intervals after the last sign of life.
+        let every = self.inner.ping_every;
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heard = true;
         let result = loop {
             tokio::select! {
-                msg = stream.next() => match msg {
-                    Some(Ok(Message::Text(text))) => self.route(text.as_str()),
-                    Some(Ok(Message::Close(frame))) => {
-                        break Err(TaskError::retryable(anyhow::anyhow!("control socket closed: {frame:?}")));
+                msg = stream.recv() => match msg {
+                    Ok(Inbound::Frame(frame)) => {
+                        heard = true;
+                        self.route(frame);
                     }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => break Err(TaskError::retryable(e)),
-                    None => break Err(TaskError::retryable(anyhow::anyhow!("control socket ended"))),
+                    Ok(Inbound::Alive) => heard = true,
+                    Err(e) => break Err(TaskError::retryable(e)),
                 },
                 out = rx.recv() => {
                     let Some(frame) = out else { continue };
-                    if let Err(e) = sink.send(Message::text(frame)).await {
+                    if let Err(e) = sink.send(&frame).await {
+                        break Err(TaskError::retryable(e));
+                    }
+                }
+                _ = ping.tick() => {
+                    if !heard {
+                        tracing::warn!(silent_for = ?every, "control socket silent; replacing it");
+                        break Err(TaskError::retryable(anyhow::anyhow!(
+                            "control socket silent for {every:?} after a ping; replaced"
+                        )));
+                    }
+                    heard = false;
+                    if let Err(e) = sink.ping().await {
                         break Err(TaskError::retryable(e));
                     }
                 }
                 _ = ctx.cancelled() => {
-                    let _ = sink.close().await;
+                    sink.close().await;
                     break Ok(());
                 }
             }
@@ -256,14 +348,14 @@ impl ControlChannel {
         result
     }
 
-    fn route(&self, text: &str) {
-        match serde_json::from_str::<ServerFrame>(text) {
-            Ok(ServerFrame::Heartbeat {
+    fn route(&self, frame: ServerFrame) {
+        match frame {
+            ServerFrame::Heartbeat {
                 lease_id,
                 ok,
                 expires_at,
                 error,
-            }) => {
+            } => {
                 let beat = if ok {
                     ControlBeat::Ok { expires_at }
                 } else {
@@ -288,7 +380,7 @@ impl ControlChannel {
                     let _ = w.send(beat);
                 }
             }
-            Ok(ServerFrame::RunEvents { run_id, events }) => {
+            ServerFrame::RunEvents { run_id, events } => {
                 let mut runs = self.inner.runs.lock().unwrap();
                 if let Some(tx) = runs.get(&run_id) {
                     // Never block the read loop on a slow feed: drop its
@@ -298,11 +390,10 @@ impl ControlChannel {
                     }
                 }
             }
-            Ok(ServerFrame::Error { code, message }) => {
-                tracing::debug!(%code, %message, "control socket error frame");
+            ServerFrame::Error { code, message } => {
+                tracing::debug!(code = ?code, message = ?message, "control socket error frame");
             }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "unparsable control frame ignored"),
+            _ => {}
         }
     }
 }

@@ -7,7 +7,11 @@
     reason = "coordinator/ is the one module that speaks HTTP to the coordinator"
 )]
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -25,7 +29,12 @@ pub struct Client {
     token: TokenProvider,
     owner: Option<String>,
     org: Option<String>,
+    /// What the user typed (an id or a slug) → the lease's canonical id.
+    ids: Arc<Mutex<HashMap<String, String>>>,
 }
+
+/// How many names the canonical-id cache holds before it starts over.
+const ID_CACHE: usize = 1024;
 
 /// The answer of `GET /v1/health`.
 #[derive(Debug, Clone, Deserialize)]
@@ -188,7 +197,44 @@ impl Client {
             token: TokenProvider::new(config.token.clone()),
             owner: config.owner.clone(),
             org: config.org.clone(),
+            ids: Arc::default(),
         })
+    }
+
+    /// The canonical id of a lease named by id or slug: `GET /v1/leases/{name}`
+    /// once, then from a cache (also filled by every lease record seen).
+    pub async fn canonical_lease_id(&self, name: &str) -> Result<String, CoordinatorError> {
+        if let Some(id) = self.ids.lock().unwrap().get(name) {
+            return Ok(id.clone());
+        }
+        let lease = self.lease(name).await?;
+        let id = lease.id.clone();
+        self.ids.lock().unwrap().insert(name.to_owned(), id.clone());
+        Ok(id)
+    }
+
+    /// The canonical id of `name` if it is already known (no request).
+    pub fn known_lease_id(&self, name: &str) -> Option<String> {
+        self.ids.lock().unwrap().get(name).cloned()
+    }
+
+    /// Forgets the names of an ended lease (a slug may be reused).
+    pub fn forget_lease(&self, id: &str) {
+        self.ids.lock().unwrap().retain(|_, v| v != id);
+    }
+
+    fn remember(&self, lease: &Lease) {
+        if lease.id.is_empty() {
+            return;
+        }
+        let mut ids = self.ids.lock().unwrap();
+        if ids.len() >= ID_CACHE {
+            ids.clear();
+        }
+        ids.insert(lease.id.clone(), lease.id.clone());
+        if let Some(slug) = lease.slug.as_deref().filter(|s| !s.is_empty()) {
+            ids.insert(slug.to_owned(), lease.id.clone());
+        }
     }
 
     /// The base URL (it never holds credentials; config refuses them).
@@ -225,6 +271,7 @@ impl Client {
     pub async fn lease(&self, id: &str) -> Result<Lease, CoordinatorError> {
         let path = format!("/v1/leases/{}", encode(id));
         let env: LeaseEnvelope = self.send("GET", &path, None::<&()>).await?;
+        self.remember(&env.lease);
         Ok(env.lease)
     }
 
@@ -246,6 +293,7 @@ impl Client {
             idle_timeout_seconds: idle_timeout.map(|d| d.as_secs().max(1)),
         };
         let env: LeaseEnvelope = self.send("POST", &path, Some(&body)).await?;
+        self.remember(&env.lease);
         Ok(env.lease)
     }
 

@@ -13,7 +13,7 @@ use crabbox_egress::{ErrorClass, FatalReason, HostConfig, Policy, SessionStats};
 use super::EgressManager;
 use crate::{
     coordinator::{self, CoordinatorError, Role, Ticket, TicketRequest},
-    daemon::LeaseEnds,
+    daemon::{LeaseEnds, LeaseOver},
     supervisor::{TaskCtx, TaskError},
 };
 
@@ -40,26 +40,28 @@ impl Host {
             let first = self.first_ticket.lock().unwrap().take();
             let ticket = match first {
                 Some(t) => t,
-                None => self
-                    .client
-                    .egress_ticket(
-                        &self.lease,
-                        Role::Host,
-                        TicketRequest {
-                            session: Some(&self.session),
-                            ..Default::default()
-                        },
-                    )
-                    .await
-                    .map_err(|e| self.classify_coordinator(e))?,
+                None => {
+                    self.client
+                        .egress_ticket(
+                            &self.lease,
+                            Role::Host,
+                            TicketRequest {
+                                session: Some(&self.session),
+                                ..Default::default()
+                            },
+                        )
+                        .await?
+                }
             };
             self.client
                 .connect_bridge(&self.lease, Role::Host, &ticket.ticket)
                 .await
-                .map_err(|e| self.classify_coordinator(e))
         };
         let ws = tokio::select! {
-            ws = connect => ws?,
+            ws = connect => match ws {
+                Ok(ws) => ws,
+                Err(e) => return self.refused(e).await,
+            },
             _ = ctx.cancelled() => return Ok(()),
             reason = &mut ended => return self.over(reason).await,
         };
@@ -83,9 +85,8 @@ impl Host {
             Ok(()) => Err(TaskError::retryable(anyhow::anyhow!("bridge closed"))),
             Err(e) => match e.class() {
                 ErrorClass::Fatal(FatalReason::LeaseEnded) => {
-                    let reason = e.to_string();
-                    self.ends.announce(&self.lease, &reason);
-                    self.over(reason).await
+                    let over = self.ends.learned(&self.lease, &e.to_string());
+                    self.over(over).await
                 }
                 ErrorClass::Fatal(FatalReason::Replaced) => {
                     self.end();
@@ -96,23 +97,29 @@ impl Host {
         }
     }
 
-    /// Coordinator refusals: a replaced session, a gone lease and missing
+    /// Coordinator refusals: a gone lease ends the task (stopped when it
+    /// was released through the daemon); a replaced session and missing
     /// rights are final; the rest is retried.
-    fn classify_coordinator(&self, e: CoordinatorError) -> TaskError {
+    async fn refused(&self, e: CoordinatorError) -> Result<(), TaskError> {
         if let Some(end) = e.lease_end() {
-            self.ends.announce(&self.lease, &end.to_string());
-            return TaskError::fatal(anyhow::anyhow!("{end}"));
+            let over = self.ends.learned(&self.lease, &end.to_string());
+            return self.over(over).await;
         }
-        if e.is_retryable() {
+        Err(if e.is_retryable() {
             TaskError::retryable(e)
         } else {
             TaskError::fatal(e)
-        }
+        })
     }
 
-    async fn over(&self, reason: String) -> Result<(), TaskError> {
+    /// The lease is over: stopped when the operator released it through
+    /// the daemon, fatal otherwise.
+    async fn over(&self, over: LeaseOver) -> Result<(), TaskError> {
         self.end();
-        Err(TaskError::fatal(anyhow::anyhow!("{reason}")))
+        if over.orderly {
+            return Ok(());
+        }
+        Err(TaskError::fatal(anyhow::anyhow!("{}", over.reason)))
     }
 
     fn end(&self) {

@@ -81,6 +81,18 @@ pub enum EgressError {
     /// No host bridge runs for the lease.
     #[error("no egress host runs for lease {0} (see `crabboxctl egress list`)")]
     NotRunning(String),
+    /// A ticket for another session would replace the running one.
+    #[error(
+        "lease {lease} runs egress session {running}; a ticket for {asked} would replace it and end the host bridge; pass --replace to move the host bridge to {asked}"
+    )]
+    WouldReplace {
+        /// The lease.
+        lease: String,
+        /// The session the local host bridge runs.
+        running: String,
+        /// The session asked for.
+        asked: String,
+    },
     /// The coordinator refused or failed.
     #[error(transparent)]
     Coordinator(#[from] CoordinatorError),
@@ -149,6 +161,20 @@ impl EgressManager {
         self.coordinator.as_ref().ok_or(EgressError::NoCoordinator)
     }
 
+    /// The canonical id of a lease named by id or slug: host bridges are
+    /// keyed by it, so one lease has one bridge whatever the user typed.
+    /// A name that keys a bridge already, or is cached, costs no request.
+    async fn canonical(&self, name: &str) -> Result<String, EgressError> {
+        if self.hosts.lock().await.contains_key(name) {
+            return Ok(name.to_owned());
+        }
+        let client = self.client()?;
+        if let Some(id) = client.known_lease_id(name) {
+            return Ok(id);
+        }
+        Ok(client.canonical_lease_id(name).await?)
+    }
+
     /// Builds the policy for a spec: configured profiles are defined first,
     /// so a configured profile may shadow a built-in one.
     pub fn policy(&self, spec: &EgressSpec) -> Result<Policy, PolicyError> {
@@ -172,6 +198,7 @@ impl EgressManager {
     pub async fn start(&self, mut spec: EgressSpec) -> Result<EgressInfo, EgressError> {
         let policy = Arc::new(self.policy(&spec)?);
         let client = self.client()?.clone();
+        spec.lease = self.canonical(&spec.lease).await?;
         let mut hosts = self.hosts.lock().await;
         let allow: Vec<String> = policy.patterns().iter().map(ToString::to_string).collect();
         let profile = policy.profiles().join(",");
@@ -275,10 +302,14 @@ impl EgressManager {
 
     /// Stops the host bridge of a lease (the coordinator session stays
     /// until the lease ends or another is started).
-    pub async fn stop(&self, lease: &str) -> Result<(), EgressError> {
+    pub async fn stop(&self, name: &str) -> Result<(), EgressError> {
+        let lease = self
+            .canonical(name)
+            .await
+            .map_err(|_| EgressError::NotRunning(name.to_owned()))?;
         let mut hosts = self.hosts.lock().await;
-        if hosts.remove(lease).is_none() {
-            return Err(EgressError::NotRunning(lease.to_owned()));
+        if hosts.remove(&lease).is_none() {
+            return Err(EgressError::NotRunning(name.to_owned()));
         }
         self.supervisor
             .stop(&TaskId::new(TaskKind::EgressHost, lease))
@@ -298,10 +329,11 @@ impl EgressManager {
         }
     }
 
-    /// The local host bridge of a lease, if any.
-    pub async fn info(&self, lease: &str) -> Option<EgressInfo> {
+    /// The local host bridge of a lease (by id or slug), if any.
+    pub async fn info(&self, name: &str) -> Option<EgressInfo> {
+        let lease = self.canonical(name).await.ok()?;
         let hosts = self.hosts.lock().await;
-        hosts.get(lease).map(|e| self.info_of(e))
+        hosts.get(&lease).map(|e| self.info_of(e))
     }
 
     fn info_of(&self, e: &Entry) -> EgressInfo {
@@ -323,11 +355,12 @@ impl EgressManager {
     }
 
     /// The coordinator's status merged with the local bridge's counters.
-    pub async fn status(&self, lease: &str) -> Result<EgressReport, EgressError> {
+    pub async fn status(&self, name: &str) -> Result<EgressReport, EgressError> {
         let client = self.client()?;
-        let coordinator = client.egress_status(lease).await;
+        let lease = self.canonical(name).await?;
+        let coordinator = client.egress_status(&lease).await;
         Ok(EgressReport {
-            local: self.info(lease).await,
+            local: self.info(&lease).await,
             coordinator,
         })
     }
@@ -335,23 +368,51 @@ impl EgressManager {
     /// Mints a ticket for `role` in the lease's current session (the
     /// session of the local host bridge unless one is given), for starting
     /// the lease-side helper by hand.
+    ///
+    /// A ticket for another session than the local bridge's would make the
+    /// coordinator replace that session and end the bridge, so it is refused
+    /// unless `replace` is set; then it is a real replacement: the host
+    /// bridge moves to the new session first (as [`EgressManager::start`]
+    /// does), and the ticket joins it.
     pub async fn ticket(
         &self,
-        lease: &str,
+        name: &str,
         role: Role,
         session: Option<String>,
+        replace: bool,
     ) -> Result<Ticket, EgressError> {
-        let session = match session {
-            Some(s) => Some(s),
-            None => self.info(lease).await.and_then(|i| i.spec.session),
+        let lease = self.canonical(name).await?;
+        let local = {
+            let hosts = self.hosts.lock().await;
+            hosts
+                .get(&lease)
+                .filter(|e| !e.ended.load(Ordering::SeqCst))
+                .map(|e| e.spec.clone())
         };
-        let Some(session) = session else {
-            return Err(EgressError::NotRunning(lease.to_owned()));
+        let running = local.as_ref().and_then(|s| s.session.clone());
+        let session = match (session, running) {
+            (Some(asked), Some(running)) if asked != running => {
+                if !replace {
+                    return Err(EgressError::WouldReplace {
+                        lease,
+                        running,
+                        asked,
+                    });
+                }
+                let mut spec = local.expect("a running session has a spec");
+                spec.session = Some(asked.clone());
+                tracing::info!(lease = %lease, from = %running, to = %asked, "egress host follows a new session");
+                self.start(spec).await?;
+                asked
+            }
+            (Some(asked), _) => asked,
+            (None, Some(running)) => running,
+            (None, None) => return Err(EgressError::NotRunning(name.to_owned())),
         };
         Ok(self
             .client()?
             .egress_ticket(
-                lease,
+                &lease,
                 role,
                 TicketRequest {
                     session: Some(&session),

@@ -1,8 +1,10 @@
 //! The `LeaseKeeper` task: heartbeats one lease every idle/3 (clamped to
 //! 5–60 s) and ends, as fatal, when the coordinator says the lease is over.
 //!
-//! Heartbeats go over HTTP (`POST /v1/leases/{id}/heartbeat`); the shared
-//! control socket path comes with the `ControlChannel` task.
+//! Heartbeats go over the shared control socket when the `ControlChannel`
+//! wants them (see `heartbeat_transport`), and over HTTP
+//! (`POST /v1/leases/{id}/heartbeat`) otherwise or in the same tick when
+//! the socket gives no answer.
 
 use std::{
     sync::{Arc, Mutex},
@@ -13,7 +15,7 @@ use super::{LeaseManager, LeaseStatus};
 use crate::{
     control::{ControlBeat, ControlChannel},
     coordinator::{self, Lease},
-    daemon::LeaseEnds,
+    daemon::{LeaseEnds, LeaseOver},
     supervisor::{TaskCtx, TaskError},
 };
 
@@ -67,6 +69,10 @@ impl Keeper {
                 _ => Duration::ZERO,
             }
         };
+        if !pause.is_zero() {
+            // That heartbeat was good: the keeper is healthy already.
+            ctx.running();
+        }
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = ctx.cancelled() => return Ok(()),
@@ -77,7 +83,8 @@ impl Keeper {
             // failure (down, silent, refused) falls back to HTTP in the same
             // tick.
             let known = self.status.lock().unwrap().lease.clone();
-            if let (Some(control), Some(mut lease)) = (&self.control, known) {
+            let control = self.control.as_ref().filter(|c| c.heartbeats_wanted());
+            if let (Some(control), Some(mut lease)) = (control, known) {
                 let idle_secs = self.idle.map(|d| d.as_secs().max(1));
                 let beat = tokio::select! {
                     beat = control.heartbeat(&self.id, idle_secs, CONTROL_WAIT) => beat,
@@ -107,8 +114,8 @@ impl Keeper {
                             "lease_expired" => "lease expired",
                             _ => "lease not found",
                         };
-                        self.ends.announce(&self.id, reason);
-                        return self.over(reason.to_owned()).await;
+                        let over = self.ends.learned(&self.id, reason);
+                        return self.over(over).await;
                     }
                     Ok(ControlBeat::Refused { code }) => {
                         tracing::debug!(%code, "control heartbeat refused; falling back to HTTP");
@@ -127,8 +134,8 @@ impl Keeper {
                 Ok(lease) => lease,
                 Err(e) => {
                     if let Some(end) = e.lease_end() {
-                        self.ends.announce(&self.id, &end.to_string());
-                        return self.over(end.to_string()).await;
+                        let over = self.ends.learned(&self.id, &end.to_string());
+                        return self.over(over).await;
                     }
                     tracing::warn!(error = %e, "heartbeat failed");
                     return Err(if e.is_retryable() {
@@ -159,11 +166,15 @@ impl Keeper {
     }
 
     /// The lease is over: record why, drop it from the persisted set, and
-    /// end as fatal (never retried).
-    async fn over(&self, reason: String) -> Result<(), TaskError> {
-        self.status.lock().unwrap().ended = Some(reason.clone());
+    /// end — stopped when the operator asked for it (a release), fatal
+    /// otherwise (never retried either way).
+    async fn over(&self, over: LeaseOver) -> Result<(), TaskError> {
+        self.status.lock().unwrap().ended = Some(over.reason.clone());
         self.manager.lease_over(&self.id).await;
-        Err(TaskError::fatal(anyhow::anyhow!("{reason}")))
+        if over.orderly {
+            return Ok(());
+        }
+        Err(TaskError::fatal(anyhow::anyhow!("{}", over.reason)))
     }
 }
 

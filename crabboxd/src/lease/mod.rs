@@ -209,23 +209,63 @@ impl LeaseManager {
     /// Releases a lease at the coordinator, stops keeping it, and ends every
     /// other task of the lease.
     pub async fn release(&self, id: &str, delete: bool) -> Result<Lease, LeaseError> {
-        let lease = self.client()?.release(id, delete).await?;
-        self.forget(id, "released through the daemon").await?;
-        self.ends.announce(id, "lease released through the daemon");
-        if lease.id != id {
-            // Released by slug: the tasks are keyed by id.
-            self.ends
-                .announce(&lease.id, "lease released through the daemon");
+        let client = self.client()?;
+        // Tasks are keyed by the canonical id: mark it first, so a bridge
+        // the coordinator closes during the release ends as stopped.
+        let canonical = client.canonical_lease_id(id).await.ok();
+        if let Some(c) = &canonical {
+            self.ends.releasing(c);
         }
+        let lease = match client.release(id, delete).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                if let Some(c) = &canonical {
+                    self.ends.not_releasing(c);
+                }
+                return Err(e.into());
+            }
+        };
+        self.ends.releasing(&lease.id);
+        // Tasks are keyed by the canonical id, whatever the user typed.
+        self.forget(&lease.id, "released through the daemon")
+            .await?;
+        self.ends
+            .announce_orderly(&lease.id, "lease released through the daemon");
+        client.forget_lease(&lease.id);
         Ok(lease)
     }
 
-    /// Stops keeping a lease without releasing it.
-    pub async fn stop(&self, id: &str) -> Result<(), LeaseError> {
-        if !self.kept.lock().await.contains_key(id) {
-            return Err(LeaseError::NotKept(id.to_owned()));
+    /// Stops keeping a lease (named by id or slug) without releasing it.
+    pub async fn stop(&self, name: &str) -> Result<(), LeaseError> {
+        let id = self.kept_id(name).await;
+        if !self.kept.lock().await.contains_key(&id) {
+            return Err(LeaseError::NotKept(name.to_owned()));
         }
-        self.forget(id, "no longer kept").await
+        self.forget(&id, "no longer kept").await
+    }
+
+    /// The canonical id of a kept lease named by id or slug (the name
+    /// itself when it is not known).
+    async fn kept_id(&self, name: &str) -> String {
+        if self.kept.lock().await.contains_key(name) {
+            return name.to_owned();
+        }
+        if let Some(id) = self.kept.lock().await.iter().find_map(|(id, k)| {
+            let s = k.status.lock().unwrap();
+            s.lease
+                .as_ref()
+                .filter(|l| l.slug.as_deref() == Some(name))
+                .map(|_| id.clone())
+        }) {
+            return id;
+        }
+        match self.client() {
+            Ok(c) => c
+                .canonical_lease_id(name)
+                .await
+                .unwrap_or_else(|_| name.to_owned()),
+            Err(_) => name.to_owned(),
+        }
     }
 
     /// Stops a keeper and drops it from the persisted set.

@@ -25,7 +25,7 @@ use super::{
 use crate::{
     config::StaticTarget,
     coordinator,
-    daemon::LeaseEnds,
+    daemon::{LeaseEnds, LeaseOver},
     supervisor::{TaskCtx, TaskError},
 };
 
@@ -191,7 +191,7 @@ impl MuxTask {
         tokio::select! {
             _ = self.shared.demand.notified() => {}
             _ = ctx.cancelled() => return Ok(()),
-            reason = &mut ended => return self.over(self.shared.attempts.load(Ordering::SeqCst) + 1, reason),
+            reason = &mut ended => return self.over(&ctx, self.shared.attempts.load(Ordering::SeqCst) + 1, reason),
         }
         let attempt = self.shared.attempts.fetch_add(1, Ordering::SeqCst) + 1;
         self.shared.state.send_replace(State::Connecting);
@@ -207,7 +207,7 @@ impl MuxTask {
         let conn = tokio::select! {
             c = connect => c,
             _ = ctx.cancelled() => { self.shared.state.send_replace(State::Idle); return Ok(()) }
-            reason = &mut ended => return self.over(attempt, reason),
+            reason = &mut ended => return self.over(&ctx, attempt, reason),
         };
         let conn = match conn {
             Ok(c) => Arc::new(c),
@@ -256,7 +256,7 @@ impl MuxTask {
                     self.close(&conn, "the lease ended").await;
                     self.labels(&ctx, &conn);
                     ctx.set_label("state", "ended");
-                    return self.over(attempt, reason);
+                    return self.over(&ctx, attempt, reason);
                 }
             }
             if conn.handle.is_closed() {
@@ -341,11 +341,19 @@ impl MuxTask {
         .await;
     }
 
-    fn over(&self, attempt: u64, reason: String) -> Result<(), TaskError> {
-        let e = SshError::LeaseEnded(reason);
+    /// The lease is over: waiting commands get the reason; the task ends
+    /// for good — stopped after a release through the daemon, failed when
+    /// the coordinator ended the lease.
+    fn over(&self, ctx: &TaskCtx, attempt: u64, over: LeaseOver) -> Result<(), TaskError> {
+        let e = SshError::LeaseEnded(over.reason);
         self.shared
             .state
             .send_replace(State::Failed(attempt, Arc::new(e.clone())));
+        if over.orderly {
+            // Cancelling itself makes the clean end final (no restart).
+            ctx.token().cancel();
+            return Ok(());
+        }
         Err(TaskError::fatal(e))
     }
 }

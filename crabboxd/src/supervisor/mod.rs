@@ -41,7 +41,10 @@ use tracing::{Instrument, field};
 
 pub use kind::{TaskId, TaskKind};
 pub use policy::{Backoff, RestartPolicy};
-pub use registry::{RegistryEvent, TaskRecord, TaskRegistry, TaskState, WATCH_BUFFER};
+pub use registry::{
+    KEEP_FINAL_FOR, KEEP_FINAL_MAX, RegistryEvent, TaskRecord, TaskRegistry, TaskState,
+    WATCH_BUFFER,
+};
 
 /// How a task attempt failed. Classify once, where the error arises: the
 /// supervisor only looks at the variant.
@@ -107,11 +110,14 @@ impl TaskCtx {
     }
 
     /// Reports that the task is up and doing its work. Time spent running
-    /// counts towards the policy's `reset_after`.
+    /// counts towards the policy's `reset_after`; the error of an earlier
+    /// attempt is cleared (it recovered).
     pub fn running(&self) {
         *self.healthy_since.lock().unwrap() = Some(Instant::now());
-        self.registry
-            .upsert(&self.id, |r| r.state = TaskState::Running);
+        self.registry.upsert(&self.id, |r| {
+            r.state = TaskState::Running;
+            r.last_error = None;
+        });
     }
 
     /// Sets a label shown in the task table.
@@ -245,8 +251,11 @@ impl Supervisor {
         Fut: Future<Output = Result<(), TaskError>> + Send + 'static,
     {
         let lock = self.transition_lock(&id);
-        let _guard = lock.lock().await;
+        let guard = lock.lock().await;
         if self.is_live(&id) {
+            drop(guard);
+            drop(lock);
+            self.release_transition_lock(&id);
             return Err(AlreadyRunning(id));
         }
         Ok(self.spawn_locked(id, labels, policy, factory))
@@ -288,7 +297,7 @@ impl Supervisor {
     /// Cancels the live task with this id, if any, and waits for it to end.
     pub async fn stop(&self, id: &TaskId) -> bool {
         let lock = self.transition_lock(id);
-        let _guard = lock.lock().await;
+        let guard = lock.lock().await;
         let old = self
             .inner
             .live
@@ -296,14 +305,18 @@ impl Supervisor {
             .unwrap()
             .get(id)
             .map(|l| (l.cancel.clone(), l.done.clone()));
-        match old {
+        let stopped = match old {
             Some((cancel, mut done)) => {
                 cancel.cancel();
                 wait_done(&mut done).await;
                 true
             }
             None => false,
-        }
+        };
+        drop(guard);
+        drop(lock);
+        self.release_transition_lock(id);
+        stopped
     }
 
     /// Runs a short, bounded piece of work that must outlive its caller
@@ -354,6 +367,24 @@ impl Supervisor {
     fn transition_lock(&self, id: &TaskId) -> Arc<AsyncMutex<()>> {
         let mut locks = self.inner.transitions.lock().unwrap();
         Arc::clone(locks.entry(id.clone()).or_default())
+    }
+
+    /// Forgets the transition lock of an id that has no live task and that
+    /// nobody holds or waits for (only the map has it), so ended ids do not
+    /// accumulate. Checked under the map's mutex, which every taker of the
+    /// lock goes through, so two locks for one id are never in use at once.
+    fn release_transition_lock(&self, id: &TaskId) {
+        let live = self.inner.live.lock().unwrap();
+        let mut locks = self.inner.transitions.lock().unwrap();
+        if !live.contains_key(id) && locks.get(id).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(id);
+        }
+    }
+
+    /// How many per-id transition locks exist (ids with a live task or a
+    /// transition in progress).
+    pub fn transition_locks(&self) -> usize {
+        self.inner.transitions.lock().unwrap().len()
     }
 
     fn spawn_locked<F, Fut>(
@@ -515,6 +546,7 @@ impl Driver {
                 live.remove(&self.id);
             }
         }
+        self.sup.release_transition_lock(&self.id);
         let _ = done.send(true);
     }
 }

@@ -1,10 +1,11 @@
 //! The task table: one record per task id, kept by the supervisor and read by
 //! the API (`ListTasks`, and `WatchTasks` as a snapshot followed by changes).
+//! Records of ended tasks are kept for a bounded time and count.
 
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use tokio::sync::broadcast;
@@ -76,10 +77,17 @@ struct Inner {
     // across an `.await`, so an async mutex would only add cost.
     tasks: Mutex<BTreeMap<TaskId, TaskRecord>>,
     events: broadcast::Sender<RegistryEvent>,
+    keep_final_for: Duration,
+    keep_final_max: usize,
 }
 
 /// How many changes a watcher may fall behind before it is told it lagged.
 pub const WATCH_BUFFER: usize = 1024;
+/// How long the record of an ended task stays in the table.
+pub const KEEP_FINAL_FOR: Duration = Duration::from_secs(10 * 60);
+/// How many records of ended tasks the table keeps at most (the oldest go
+/// first).
+pub const KEEP_FINAL_MAX: usize = 256;
 
 impl Default for TaskRegistry {
     fn default() -> Self {
@@ -88,14 +96,47 @@ impl Default for TaskRegistry {
 }
 
 impl TaskRegistry {
-    /// An empty table.
+    /// An empty table that keeps ended tasks for [`KEEP_FINAL_FOR`], at
+    /// most [`KEEP_FINAL_MAX`] of them.
     pub fn new() -> Self {
+        Self::with_retention(KEEP_FINAL_FOR, KEEP_FINAL_MAX)
+    }
+
+    /// An empty table that keeps ended tasks for `keep_for`, at most `max`.
+    pub fn with_retention(keep_for: Duration, max: usize) -> Self {
         let (events, _) = broadcast::channel(WATCH_BUFFER);
         TaskRegistry {
             inner: Arc::new(Inner {
                 tasks: Mutex::new(BTreeMap::new()),
                 events,
+                keep_final_for: keep_for,
+                keep_final_max: max,
             }),
+        }
+    }
+
+    /// Drops records of ended tasks that are too old or too many, telling
+    /// watchers. Called with the table locked.
+    fn prune(&self, tasks: &mut BTreeMap<TaskId, TaskRecord>) {
+        let now = SystemTime::now();
+        let mut ended: Vec<(SystemTime, TaskId)> = tasks
+            .values()
+            .filter(|r| r.state.is_final())
+            .map(|r| (r.since, r.id.clone()))
+            .collect();
+        if ended.is_empty() {
+            return;
+        }
+        ended.sort();
+        let excess = ended.len().saturating_sub(self.inner.keep_final_max);
+        for (i, (since, id)) in ended.into_iter().enumerate() {
+            let old = now
+                .duration_since(since)
+                .is_ok_and(|age| age >= self.inner.keep_final_for);
+            if i < excess || old {
+                tasks.remove(&id);
+                let _ = self.inner.events.send(RegistryEvent::Removed(id));
+            }
         }
     }
 
@@ -123,6 +164,9 @@ impl TaskRegistry {
         let out = rec.clone();
         // A send error only means nobody is watching.
         let _ = self.inner.events.send(RegistryEvent::Upsert(out.clone()));
+        if out.state.is_final() && out.state != before {
+            self.prune(&mut tasks);
+        }
         out
     }
 
@@ -143,7 +187,8 @@ impl TaskRegistry {
 
     /// Every record (optionally of one kind), ordered by kind then key.
     pub fn list(&self, kind: Option<TaskKind>) -> Vec<TaskRecord> {
-        let tasks = self.inner.tasks.lock().unwrap();
+        let mut tasks = self.inner.tasks.lock().unwrap();
+        self.prune(&mut tasks);
         tasks
             .values()
             .filter(|r| kind.is_none_or(|k| r.id.kind == k))
@@ -154,7 +199,8 @@ impl TaskRegistry {
     /// A snapshot of the table and a receiver of every change after it. Both
     /// are taken under the table lock, so no change falls between them.
     pub fn watch(&self) -> (Vec<TaskRecord>, broadcast::Receiver<RegistryEvent>) {
-        let tasks = self.inner.tasks.lock().unwrap();
+        let mut tasks = self.inner.tasks.lock().unwrap();
+        self.prune(&mut tasks);
         let rx = self.inner.events.subscribe();
         (tasks.values().cloned().collect(), rx)
     }
@@ -162,7 +208,9 @@ impl TaskRegistry {
     /// How many tasks are in each state.
     pub fn counts(&self) -> BTreeMap<TaskState, u32> {
         let mut counts = BTreeMap::new();
-        for rec in self.inner.tasks.lock().unwrap().values() {
+        let mut tasks = self.inner.tasks.lock().unwrap();
+        self.prune(&mut tasks);
+        for rec in tasks.values() {
             *counts.entry(rec.state).or_insert(0) += 1;
         }
         counts

@@ -405,3 +405,126 @@ async fn watch_gives_a_snapshot_then_changes() {
     }
     assert!(matches!(last, Some(RegistryEvent::Upsert(r)) if r.state == TaskState::Stopped));
 }
+
+#[test]
+fn ended_records_are_bounded_by_count_oldest_first_live_ones_never() {
+    let reg = TaskRegistry::with_retention(Duration::from_secs(3600), 3);
+    reg.upsert(&id("live"), |r| r.state = TaskState::Running);
+    for n in 0..10 {
+        reg.upsert(&id(&format!("ended-{n:02}")), |r| {
+            r.state = TaskState::Running
+        });
+        // Distinct `since` values so "oldest" is well defined.
+        std::thread::sleep(Duration::from_millis(2));
+        reg.upsert(&id(&format!("ended-{n:02}")), |r| {
+            r.state = if n % 2 == 0 {
+                TaskState::Stopped
+            } else {
+                TaskState::Failed
+            }
+        });
+    }
+    let keys: Vec<String> = reg.list(None).into_iter().map(|r| r.id.key).collect();
+    assert_eq!(keys, ["ended-07", "ended-08", "ended-09", "live"]);
+}
+
+#[test]
+fn ended_records_expire_after_the_retention_time() {
+    let reg = TaskRegistry::with_retention(Duration::from_millis(50), 256);
+    let (_, mut rx) = reg.watch();
+    reg.upsert(&id("live"), |r| r.state = TaskState::Running);
+    reg.upsert(&id("done"), |r| r.state = TaskState::Stopped);
+    assert_eq!(reg.list(None).len(), 2, "kept while recent");
+    std::thread::sleep(Duration::from_millis(80));
+    let keys: Vec<String> = reg.list(None).into_iter().map(|r| r.id.key).collect();
+    assert_eq!(keys, ["live"]);
+    // Watchers hear about the removal.
+    let mut removed = false;
+    while let Ok(ev) = rx.try_recv() {
+        removed |= matches!(ev, RegistryEvent::Removed(i) if i == id("done"));
+    }
+    assert!(removed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ended_tasks_leave_neither_records_beyond_the_cap_nor_transition_locks() {
+    let s = sup();
+    for n in 0..600 {
+        let h = s
+            .start(
+                id(&format!("t{n}")),
+                BTreeMap::new(),
+                RestartPolicy::Never,
+                |_ctx| async { Ok(()) },
+            )
+            .await
+            .unwrap();
+        h.finished().await;
+    }
+    // A stopped id, a refused duplicate start and a replaced id clean up too.
+    let live = s
+        .start(
+            id("live"),
+            BTreeMap::new(),
+            RestartPolicy::Never,
+            |ctx| async move {
+                ctx.cancelled().await;
+                Ok(())
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        s.start(
+            id("live"),
+            BTreeMap::new(),
+            RestartPolicy::Never,
+            |_| async { Ok(()) }
+        )
+        .await
+        .is_err()
+    );
+    assert!(!s.stop(&id("never-started")).await);
+    settle().await;
+    assert_eq!(s.transition_locks(), 1, "only the live task's lock remains");
+    assert!(s.registry().list(None).len() <= KEEP_FINAL_MAX + 1);
+    live.stop().await;
+    settle().await;
+    assert_eq!(s.transition_locks(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovering_clears_the_last_error() {
+    let s = sup();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = Arc::clone(&calls);
+    let _h = s
+        .start(
+            id("flaky"),
+            BTreeMap::new(),
+            RestartPolicy::OnFailure(EXACT),
+            move |ctx| {
+                let n = c.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        return Err(TaskError::retryable(anyhow::anyhow!("coordinator down")));
+                    }
+                    ctx.running();
+                    ctx.cancelled().await;
+                    Ok(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    settle().await;
+    let rec = s.registry().get(&id("flaky")).unwrap();
+    assert_eq!(rec.state, TaskState::Backoff);
+    assert_eq!(rec.last_error.as_deref(), Some("coordinator down"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    settle().await;
+    let rec = s.registry().get(&id("flaky")).unwrap();
+    assert_eq!(rec.state, TaskState::Running);
+    assert_eq!(rec.restarts, 1);
+    assert_eq!(rec.last_error, None, "a recovered task shows no old error");
+}

@@ -78,14 +78,39 @@ impl fmt::Debug for Ticket {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CRABBOX_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    {
+        use tracing_subscriber::filter::{LevelFilter, Targets};
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        // Whatever CRABBOX_LOG says, the WebSocket/HTTP/TLS libraries stay at
+        // info: at debug/trace they log the upgrade request with the ticket.
+        let clamp = [
+            "tungstenite",
+            "tokio_tungstenite",
+            "hyper",
+            "hyper_util",
+            "h2",
+            "http",
+            "rustls",
+            "tokio_rustls",
+            "reqwest",
+        ]
+        .into_iter()
+        .fold(
+            Targets::new().with_default(LevelFilter::TRACE),
+            |t, target| t.with_target(target, LevelFilter::INFO),
+        );
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("CRABBOX_LOG")
+                    .unwrap_or_else(|_| "info".into()),
+            )
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .finish()
+            .with(clamp)
+            .init();
+    }
     let listen = match proxy::validate_listen(&args.listen) {
         Ok(addr) => addr,
         Err(e) => {

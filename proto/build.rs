@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "crabbox/daemon/v1/leases.proto",
         "crabbox/daemon/v1/egress.proto",
         "crabbox/daemon/v1/runs.proto",
+        "crabbox/daemon/v1/ssh.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed=proto/{proto}");

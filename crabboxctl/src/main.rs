@@ -90,6 +90,14 @@ enum Command {
     Egress(commands::egress::Args),
     /// Follow a run's events and exit with its exit code.
     Attach(commands::attach::Args),
+    /// Run a command on a lease over the daemon's SSH connection.
+    Exec(commands::exec::Args),
+    /// Copy files or directories to or from a lease (LEASE:path).
+    Cp(commands::cp::Args),
+    /// An rsh-compatible transport over the daemon's SSH connection (rsync -e).
+    Rsh(commands::rsh::Args),
+    /// Reach a lease with OpenSSH: --print shows the command line.
+    Ssh(commands::ssh::Args),
     /// Print a shell completion script.
     Completions(commands::completions::Args),
     /// Write man pages (used by packaging).
@@ -145,6 +153,10 @@ async fn run(cli: Cli) -> anyhow::Result<Code> {
         Command::Heartbeat(args) => commands::heartbeat::run(&ctx(socket)?, &args).await,
         Command::Egress(args) => commands::egress::run(&ctx(socket)?, &args).await,
         Command::Attach(args) => commands::attach::run(&ctx(socket)?, &args).await,
+        Command::Exec(args) => commands::exec::run(&ctx(socket)?, &args).await,
+        Command::Cp(args) => commands::cp::run(&ctx(socket)?, &args).await,
+        Command::Rsh(args) => commands::rsh::run(&ctx(socket)?, &args).await,
+        Command::Ssh(args) => commands::ssh::run(&ctx(socket)?, &args).await,
     }
 }
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     attach::AttachManager, config::Config, control::ControlChannel, coordinator,
-    egress::EgressManager, lease::LeaseManager, supervisor::Supervisor,
+    egress::EgressManager, lease::LeaseManager, ssh::SshManager, supervisor::Supervisor,
 };
 
 /// "Lease end is one event": whoever learns that a lease is over (a
@@ -156,6 +156,7 @@ struct Inner {
     leases: LeaseManager,
     egress: EgressManager,
     attach: AttachManager,
+    ssh: SshManager,
     phase: Mutex<Phase>,
     shutdown: CancellationToken,
     shutdown_reason: Mutex<Option<String>>,
@@ -194,6 +195,12 @@ impl DaemonState {
             ends.clone(),
         );
         let attach = AttachManager::new(coordinator.clone(), control, supervisor.clone());
+        let ssh = SshManager::new(
+            &config,
+            coordinator.clone(),
+            supervisor.clone(),
+            ends.clone(),
+        );
         let egress = EgressManager::new(
             coordinator.clone(),
             supervisor.clone(),
@@ -211,6 +218,7 @@ impl DaemonState {
                 leases,
                 egress,
                 attach,
+                ssh,
                 phase: Mutex::new(Phase::Starting),
                 shutdown: CancellationToken::new(),
                 shutdown_reason: Mutex::new(None),
@@ -251,6 +259,11 @@ impl DaemonState {
     /// The run attach feeds.
     pub fn attach(&self) -> &AttachManager {
         &self.inner.attach
+    }
+
+    /// The SSH multiplexers.
+    pub fn ssh(&self) -> &SshManager {
+        &self.inner.ssh
     }
 
     /// The egress host bridges.

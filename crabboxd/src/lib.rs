@@ -26,6 +26,7 @@
 //! * [`control`] — the shared `/v1/control` socket (heartbeats, later run events).
 //! * [`lease`] — kept leases: the `LeaseKeeper` task and its manager.
 //! * [`egress`] — egress host bridges: the `EgressHost` task and its manager.
+//! * [`ssh`] — SSH multiplexers: the `SshMux` task per lease, commands and copies over it.
 //! * [`statefile`] — persisted desired state, restored on start.
 //! * [`diagnostics`] — the checks behind `crabboxctl doctor`.
 //! * [`platform`] — OS glue: private files, the socket and its lock, systemd
@@ -45,6 +46,7 @@ pub mod diagnostics;
 pub mod egress;
 pub mod lease;
 pub mod platform;
+pub mod ssh;
 pub mod statefile;
 pub mod supervisor;
 pub mod telemetry;

@@ -18,7 +18,7 @@ use tonic::{
 use crate::{
     v1::{
         self, daemon_client::DaemonClient, egress_client::EgressClient,
-        leases_client::LeasesClient, runs_client::RunsClient,
+        leases_client::LeasesClient, runs_client::RunsClient, ssh_client::SshClient,
     },
     version::{self, Skew},
 };
@@ -29,7 +29,7 @@ pub type ApiChannel = InterceptedService<Channel, VersionInterceptor>;
 
 /// A connected client of the local API: one HTTP/2 connection, shared by a
 /// generated client per service (`daemon()`, `leases()`, `egress()`,
-/// `runs()`). Each accessor is cheap: it clones the channel handle.
+/// `runs()`, `ssh()`). Each accessor is cheap: it clones the channel handle.
 #[derive(Debug, Clone)]
 pub struct Client {
     channel: ApiChannel,
@@ -156,6 +156,11 @@ impl Client {
     /// the package (`FooClient::new(client.channel())`).
     pub fn channel(&self) -> ApiChannel {
         self.channel.clone()
+    }
+
+    /// The `Ssh` service: commands, copies and OpenSSH details for leases.
+    pub fn ssh(&self) -> SshClient<ApiChannel> {
+        SshClient::new(self.channel.clone())
     }
 
     /// The socket path this client is connected to.

@@ -268,6 +268,43 @@ impl TestDaemon {
             .expect("run crabboxctl")
     }
 
+    /// A `crabboxctl --socket <socket> <args>` command with the daemon's
+    /// environment, to spawn with custom stdio (stdin data, signals).
+    pub fn ctl_command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(bin("crabboxctl"));
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env("HOME", &self.layout.home)
+            .env("XDG_CONFIG_HOME", &self.layout.config)
+            .env("XDG_STATE_HOME", &self.layout.state)
+            .env("XDG_RUNTIME_DIR", &self.layout.runtime)
+            .env_remove("CRABBOX_SOCKET")
+            .env_remove("SSH_AUTH_SOCK")
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs `crabboxctl <args>` with `stdin` as its standard input.
+    pub async fn ctl_stdin(&self, args: &[&str], stdin: &[u8]) -> std::process::Output {
+        use tokio::io::AsyncWriteExt as _;
+        let mut child = self
+            .ctl_command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run crabboxctl");
+        let mut input = child.stdin.take().unwrap();
+        let data = stdin.to_vec();
+        let writer = async move {
+            let _ = input.write_all(&data).await;
+            drop(input);
+        };
+        let (_, out) = tokio::join!(writer, child.wait_with_output());
+        out.expect("crabboxctl output")
+    }
+
     /// Runs `crabboxctl <args>` (which must include `--json`), asserts it
     /// succeeded, and parses its output.
     pub async fn ctl_json(&self, args: &[&str]) -> serde_json::Value {

@@ -14,5 +14,7 @@ pub mod daemon;
 pub mod egress;
 pub mod netns;
 pub mod proxy;
+pub mod sshd;
 
 pub use daemon::{TestDaemon, TestDaemonBuilder};
+pub use sshd::TestSshd;

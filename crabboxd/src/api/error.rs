@@ -17,6 +17,7 @@ use crate::{
     daemon::DaemonState,
     egress::EgressError,
     lease::LeaseError,
+    ssh::SshError,
     telemetry::LogError,
 };
 
@@ -119,6 +120,25 @@ pub async fn within_deadline<T>(
                 COORDINATOR_DEADLINE.as_secs()
             ),
         )),
+    }
+}
+
+/// Maps an SSH error to a status: a refused host key, failed
+/// authentication, a missing key, an ended lease or a failed copy →
+/// FAILED_PRECONDITION (a person must act); unreachable or lost →
+/// UNAVAILABLE; unknown target → NOT_FOUND.
+pub fn ssh(e: SshError) -> Status {
+    let msg = e.to_string();
+    match e {
+        SshError::NoTarget(_) => Status::not_found(msg),
+        SshError::Invalid(_) => Status::invalid_argument(msg),
+        SshError::HostKey(_)
+        | SshError::Auth(_)
+        | SshError::NoKey(_)
+        | SshError::LeaseEnded(_)
+        | SshError::Copy(_) => Status::failed_precondition(msg),
+        SshError::Unreachable(_) | SshError::Lost(_) => Status::unavailable(msg),
+        SshError::Channel(_) => Status::aborted(msg),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The local API: tonic services on the Unix socket, one per domain and one
 //! file each — `daemon.rs` (`Daemon`), `leases.rs` (`Leases`), `egress.rs`
-//! (`Egress`), `runs.rs` (`Runs`). This module is the only one that knows
+//! (`Egress`), `runs.rs` (`Runs`), `ssh.rs` (`Ssh`). This module is the only one that knows
 //! the proto types (`crabbox_api::v1`); it converts to and from domain types
 //! in `convert`, maps domain errors to `tonic::Status` in `error`, checks
 //! the peer uid of every connection (`peer`), and stamps every reply with
@@ -13,11 +13,12 @@ mod error;
 mod leases;
 mod peer;
 mod runs;
+mod ssh;
 
 use crabbox_api::{
     v1::{
         daemon_server::DaemonServer, egress_server::EgressServer, leases_server::LeasesServer,
-        runs_server::RunsServer,
+        runs_server::RunsServer, ssh_server::SshServer,
     },
     version,
 };
@@ -49,7 +50,11 @@ pub async fn serve(
         )))
         .add_service(LeasesServer::new(leases::LeasesService::new(state.clone())))
         .add_service(EgressServer::new(egress::EgressService::new(state.clone())))
-        .add_service(RunsServer::new(runs::RunsService::new(state, stop.clone())))
+        .add_service(RunsServer::new(runs::RunsService::new(
+            state.clone(),
+            stop.clone(),
+        )))
+        .add_service(SshServer::new(ssh::SshService::new(state)))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())

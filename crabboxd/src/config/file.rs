@@ -21,6 +21,43 @@ pub struct DaemonToml {
     /// `[egress]`
     #[serde(default)]
     pub egress: EgressToml,
+    /// `[ssh]`
+    #[serde(default)]
+    pub ssh: SshToml,
+    /// `[targets.<name>]`: static SSH targets, usable wherever a lease id is.
+    #[serde(default)]
+    pub targets: BTreeMap<String, TargetToml>,
+}
+
+/// `[ssh]`: SSH settings for every lease.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshToml {
+    /// The private key used when a lease has no per-lease key.
+    pub key: Option<PathBuf>,
+    /// How long a connection with no channel stays open, e.g. `"10m"`.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_close: Option<Duration>,
+}
+
+/// `[targets.<name>]`: a box reached over SSH with no coordinator.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetToml {
+    /// The host name or address.
+    pub host: String,
+    /// The SSH user (default `crabbox`).
+    pub user: Option<String>,
+    /// The SSH port (default 22).
+    pub port: Option<u16>,
+    /// Ports to try, in order, when `port` cannot be reached.
+    #[serde(default)]
+    pub fallback_ports: Vec<u16>,
+    /// The private key (default: `[ssh] key`, then the SSH agent).
+    pub key: Option<PathBuf>,
+    /// The host key, `"<alg> <base64>"`, enforced exactly; without it the
+    /// first key seen is trusted and recorded.
+    pub host_key: Option<String>,
 }
 
 /// `[coordinator]`: which coordinator to use and how to authenticate.
@@ -92,4 +129,17 @@ pub const EXAMPLE: &str = r#"# crabboxd configuration. Every key is optional; un
 
 [egress.profiles]
 # docs = ["docs.example.com", "*.cdn.example.com"]
+
+[ssh]
+# key = "/home/me/.ssh/id_ed25519"   # when a lease has no per-lease key
+# idle_close = "10m"                   # close a connection unused this long
+
+# A box with no coordinator, usable as `--id lab`:
+# [targets.lab]
+# host = "10.0.0.5"
+# user = "crabbox"
+# port = 2222
+# fallback_ports = [22]
+# key = "/home/me/.ssh/lab_ed25519"
+# host_key = "ssh-ed25519 AAAA..."
 "#;

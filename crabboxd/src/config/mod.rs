@@ -17,7 +17,7 @@ use std::{
 };
 
 pub use env::{Env, MapEnv, ProcessEnv};
-pub use file::EXAMPLE as EXAMPLE_TOML;
+pub use file::{EXAMPLE as EXAMPLE_TOML, TargetToml as StaticTarget};
 pub use secret::Secret;
 
 use file::DaemonToml;
@@ -41,6 +41,16 @@ pub struct Config {
     pub egress_profiles: BTreeMap<String, Vec<String>>,
     /// Every file that was considered, in layering order.
     pub files: Vec<SourceFile>,
+    /// The user config directory; per-lease SSH files live under
+    /// `<config dir>/crabbox/testboxes/<lease>/`.
+    pub config_dir: PathBuf,
+    /// The private key for leases without a per-lease key (`[ssh] key`).
+    pub ssh_key: Option<PathBuf>,
+    /// Static SSH targets (`[targets.<name>]`), usable wherever a lease id is.
+    pub ssh_targets: BTreeMap<String, StaticTarget>,
+    /// How long an SSH connection with no channel stays open (`[ssh]
+    /// idle_close`, default 10 minutes).
+    pub ssh_idle_close: Option<Duration>,
 }
 
 /// How to reach and authenticate to a coordinator.
@@ -249,6 +259,9 @@ struct Merge {
     log: Option<String>,
     shutdown_grace: Option<Duration>,
     profiles: BTreeMap<String, Vec<String>>,
+    ssh_key: Option<PathBuf>,
+    ssh_idle_close: Option<Duration>,
+    targets: BTreeMap<String, StaticTarget>,
     heartbeat_transport: Option<Layered<String>>,
     control_ping_interval: Option<Duration>,
 }
@@ -375,6 +388,9 @@ impl Merge {
         self.log = t.daemon.log.or(self.log.take());
         self.shutdown_grace = t.daemon.shutdown_grace.or(self.shutdown_grace);
         self.profiles.extend(t.egress.profiles);
+        self.ssh_key = t.ssh.key.or(self.ssh_key.take());
+        self.ssh_idle_close = t.ssh.idle_close.or(self.ssh_idle_close);
+        self.targets.extend(t.targets);
     }
 
     fn apply_yaml(&mut self, y: CrabboxYaml, path: &Path) {
@@ -505,7 +521,20 @@ impl Merge {
                 message: e.to_string(),
             });
         }
+        for (name, t) in &self.targets {
+            if t.host.trim().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: format!("targets.{name}.host"),
+                    origin: "configuration".into(),
+                    message: "a static target needs a host".into(),
+                });
+            }
+        }
         Ok(Config {
+            config_dir: dirs.config.clone(),
+            ssh_key: self.ssh_key,
+            ssh_targets: self.targets,
+            ssh_idle_close: self.ssh_idle_close,
             coordinator,
             socket: self.socket,
             state_dir: self.state_dir.unwrap_or_else(|| dirs.state.join("crabbox")),

@@ -34,6 +34,17 @@ pub struct Lease {
     pub last_touched_at: Option<String>,
     /// ISO-8601.
     pub expires_at: Option<String>,
+    /// The SSH host (an address or name).
+    pub host: String,
+    /// The SSH user; empty means the default (`crabbox`).
+    pub ssh_user: String,
+    /// The SSH port, as a string (`"2222"`); empty means the default.
+    pub ssh_port: String,
+    /// Ports to try after `ssh_port`. Absent means the default (`["22"]`);
+    /// present and empty means no fallback.
+    pub ssh_fallback_ports: Option<Vec<String>>,
+    /// The host key pinned by the coordinator, `"<alg> <base64>"`.
+    pub ssh_host_key: Option<String>,
 }
 
 impl Lease {
@@ -58,6 +69,8 @@ mod tests {
         assert_eq!(env.lease.id, "cbx_0123456789ab");
         assert_eq!(env.lease.idle_timeout_seconds, Some(1800));
         assert!(env.lease.is_live());
+        assert_eq!(env.lease.ssh_port, "2222");
+        assert_eq!(env.lease.ssh_fallback_ports, None);
     }
 }
 

@@ -319,6 +319,29 @@ impl Supervisor {
         stopped
     }
 
+    /// Runs a short, bounded piece of work that must outlive its caller
+    /// (ending a remote command whose client went away). It is tracked, so
+    /// shutdown waits for it within the grace period, but it is not a managed
+    /// task: no restarts, no row in the task table.
+    pub fn spawn_cleanup(
+        &self,
+        what: &'static str,
+        fut: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let span = tracing::debug_span!("cleanup", what);
+        self.inner.tracker.spawn(fut.instrument(span));
+    }
+
+    /// Runs blocking work of a request (packing or unpacking an archive) on
+    /// the blocking pool, tracked so shutdown waits for it.
+    pub fn spawn_blocking<F, R>(&self, f: F) -> tokio::task::JoinHandle<R>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        self.inner.tracker.spawn_blocking(f)
+    }
+
     /// Starts shutdown: cancels every task, then waits up to `grace` for all
     /// of them to end. Returns whether they all did.
     pub async fn shutdown(&self, grace: Duration) -> bool {

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# SSH plane benchmark: one real sshd on loopback; in the same run, compare
+#   crabboxctl exec --id box -- true   (the daemon's SshMux)
+#   ssh through an OpenSSH ControlMaster, and a fresh ssh per command
+# (p50/p99 over N runs), 64 MiB upload and download (crabboxctl cp vs
+# ssh 'cat > f' / ssh cat), 100 parallel execs (errors, wall time), time to
+# the first command on a cold mux, and the daemon's RSS. Needs root (sshd).
+# Prints a Markdown table.   BENCH_RUNS (default 200), BENCH_PROFILE (release)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS="${BENCH_RUNS:-200}"
+PROFILE="${BENCH_PROFILE:-release}"
+if [ -n "${BENCH_NO_BUILD:-}" ]; then
+    BIN="$PWD/target/$PROFILE"
+elif [ "$PROFILE" = release ]; then
+    cargo build --release -p crabboxd -p crabboxctl --bins --quiet
+    BIN="$PWD/target/release"
+else
+    cargo build -p crabboxd -p crabboxctl --bins --quiet
+    BIN="$PWD/target/debug"
+fi
+[ "$(id -u)" = 0 ] || { echo "bench/ssh.sh needs root (sshd)" >&2; exit 1; }
+mkdir -p /run/sshd
+
+T="$(mktemp -d)"
+SSHD_PID=""; DAEMON_PID=""
+cleanup() {
+    [ -n "$DAEMON_PID" ] && kill "$DAEMON_PID" 2>/dev/null || true
+    [ -n "$SSHD_PID" ] && kill "$SSHD_PID" 2>/dev/null || true
+    ssh -S "$T/cm" -O exit x >/dev/null 2>&1 || true
+    wait 2>/dev/null || true
+    rm -rf "$T"
+}
+trap cleanup EXIT
+
+ssh-keygen -q -t ed25519 -N '' -f "$T/host"
+ssh-keygen -q -t ed25519 -N '' -f "$T/client"
+cp "$T/client.pub" "$T/authorized_keys"
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat >"$T/sshd_config" <<CFG
+ListenAddress 127.0.0.1:$PORT
+HostKey $T/host
+AuthorizedKeysFile $T/authorized_keys
+PidFile none
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+MaxStartups 200:30:400
+CFG
+/usr/sbin/sshd -D -e -f "$T/sshd_config" 2>"$T/sshd.log" &
+SSHD_PID=$!
+for _ in $(seq 1 200); do grep -q 'Server listening' "$T/sshd.log" && break; sleep 0.05; done
+
+export HOME="$T/home" XDG_RUNTIME_DIR="$T/run" XDG_CONFIG_HOME="$T/config" XDG_STATE_HOME="$T/state"
+mkdir -p "$XDG_RUNTIME_DIR" "$XDG_CONFIG_HOME/crabbox" && chmod 700 "$XDG_RUNTIME_DIR"
+cat >"$XDG_CONFIG_HOME/crabbox/crabboxd.toml" <<TOML
+[targets.box]
+host = "127.0.0.1"
+user = "$(id -un)"
+port = $PORT
+key = "$T/client"
+TOML
+CRABBOX_LOG=warn "$BIN/crabboxd" 2>"$T/crabboxd.log" &
+DAEMON_PID=$!
+SOCK="$XDG_RUNTIME_DIR/crabbox/crabboxd.sock"
+for _ in $(seq 1 200); do [ -S "$SOCK" ] && break; sleep 0.05; done
+CTL=("$BIN/crabboxctl" --socket "$SOCK")
+SSH=(ssh -i "$T/client" -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no
+     -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -p "$PORT")
+
+now() { date +%s%N; }
+ms() { awk -v ns="$1" 'BEGIN { printf "%.1f", ns / 1e6 }'; }
+# Runs "$@" RUNS times; prints "p50 p99" in ms.
+percentiles() {
+    local f="$T/times" t0
+    : >"$f"
+    for _ in $(seq 1 "$RUNS"); do
+        t0=$(now); "$@" >/dev/null; echo $(( $(now) - t0 )) >>"$f"
+    done
+    sort -n "$f" | awk '{ a[NR] = $1 } END {
+        p50 = a[int(NR * 0.50) > 0 ? int(NR * 0.50) : 1]; p99 = a[int(NR * 0.99) > 0 ? int(NR * 0.99) : 1]
+        printf "%.1f %.1f\n", p50 / 1e6, p99 / 1e6 }'
+}
+timed() { local t0; t0=$(now); "$@" >/dev/null; ms $(( $(now) - t0 )); }
+
+# Cold: the first command starts the mux (connect, host key, auth).
+COLD=$(timed "${CTL[@]}" exec --id box -- true)
+FRESH_FIRST=$(timed "${SSH[@]}" root@127.0.0.1 true)
+
+"${SSH[@]}" -o ControlMaster=yes -o ControlPath="$T/cm" -o ControlPersist=600 -fN root@127.0.0.1
+read -r MUX50 MUX99 < <(percentiles "${CTL[@]}" exec --id box -- true)
+read -r CM50 CM99 < <(percentiles "${SSH[@]}" -o ControlPath="$T/cm" root@127.0.0.1 true)
+read -r FR50 FR99 < <(percentiles "${SSH[@]}" root@127.0.0.1 true)
+
+head -c $((64 << 20)) /dev/urandom >"$T/big"
+mkdir -p "$T/remote"
+UP=$(timed "${CTL[@]}" cp -q "$T/big" "box:$T/remote/up")
+UP_SSH=$(timed sh -c "$(printf '%q ' "${SSH[@]}") -o ControlPath=$T/cm root@127.0.0.1 'cat > $T/remote/up-ssh' < $T/big")
+DOWN=$(timed "${CTL[@]}" cp -q "box:$T/remote/up" "$T/down")
+DOWN_SSH=$(timed sh -c "$(printf '%q ' "${SSH[@]}") -o ControlPath=$T/cm root@127.0.0.1 'cat $T/remote/up' > $T/down-ssh")
+cmp -s "$T/big" "$T/down" || { echo "download differs" >&2; exit 1; }
+
+export CTL_BIN="$BIN/crabboxctl" SOCK
+t0=$(now)
+ERRORS=$(seq 1 100 | xargs -P 100 -I{} sh -c '"$CTL_BIN" --socket "$SOCK" exec --id box -- true >/dev/null 2>&1 || echo x' | wc -l)
+PAR=$(ms $(( $(now) - t0 )))
+RSS=$(awk '/VmRSS/ { print $2 }' "/proc/$DAEMON_PID/status")
+
+cat <<MD
+SSH plane, $(date -u +%Y-%m-%d), $(ssh -V 2>&1 | cut -d, -f1), loopback, profile $PROFILE, $RUNS runs each, load $(cut -d' ' -f1-3 /proc/loadavg)
+
+| what | crabboxd | OpenSSH |
+|---|---|---|
+| exec \`true\` p50 / p99, warm | $MUX50 / $MUX99 ms | ControlMaster $CM50 / $CM99 ms; fresh ssh $FR50 / $FR99 ms |
+| first command, cold | $COLD ms | fresh ssh $FRESH_FIRST ms |
+| 64 MiB upload | $UP ms (cp) | $UP_SSH ms (ssh 'cat > f', ControlMaster) |
+| 64 MiB download | $DOWN ms (cp) | $DOWN_SSH ms (ssh cat, ControlMaster) |
+| 100 parallel execs | $ERRORS errors, $PAR ms wall | |
+| daemon RSS, one open mux | $RSS KiB | |
+MD

@@ -1,0 +1,463 @@
+//! One authenticated SSH connection: dialling the port candidates (each
+//! with its own deadline; the next port only after a TCP connect, ident or
+//! key-exchange failure), the host-key check, authentication (per-lease
+//! key, configured key, then the caller's agent), and the russh client
+//! handler that refuses every channel the server opens.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use russh::{
+    ChannelOpenFailure,
+    client::{self, ChannelOpenHandle, Handle, Msg, Session},
+    keys::{PrivateKeyWithHashAlg, PublicKey, agent::client::AgentClient},
+};
+use tokio::{net::TcpStream, sync::Semaphore, time::Instant};
+
+use super::{
+    SshError,
+    hostkey::{HostKeyError, HostKeys},
+    target::{LeaseFiles, Target},
+};
+
+/// Deadline of one TCP connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of the SSH ident and key exchange on one port.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Deadline of authentication.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(20);
+/// Keepalive interval (OpenSSH `ServerAliveInterval=15`).
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+/// Missed keepalives before the connection is dead (`ServerAliveCountMax=2`).
+pub const KEEPALIVE_MAX: usize = 2;
+/// Concurrent command channels per connection. OpenSSH's `MaxSessions` is
+/// 10; two are kept back for the kill channels of cancelled commands.
+pub const COMMAND_SESSIONS: usize = 8;
+/// Concurrent control channels (process-group kills) per connection.
+pub const CONTROL_SESSIONS: usize = 2;
+
+/// Counters shared by a mux across its connections.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Bytes received from the lease (channel data).
+    pub bytes_in: AtomicU64,
+    /// Bytes sent to the lease (channel data).
+    pub bytes_out: AtomicU64,
+    /// Channels open now.
+    pub channels: AtomicUsize,
+    /// Connections made after the first.
+    pub reconnects: AtomicU64,
+    /// Connections made.
+    pub connects: AtomicU64,
+    /// When the last channel closed (or the connection opened).
+    pub idle_since: Mutex<Option<Instant>>,
+}
+
+/// Counts an open channel while alive.
+#[derive(Debug)]
+pub struct ChannelGuard {
+    stats: Arc<Stats>,
+}
+
+impl ChannelGuard {
+    /// Counts one more open channel.
+    pub fn new(stats: &Arc<Stats>) -> Self {
+        stats.channels.fetch_add(1, Ordering::SeqCst);
+        ChannelGuard {
+            stats: Arc::clone(stats),
+        }
+    }
+}
+
+impl Drop for ChannelGuard {
+    fn drop(&mut self) {
+        if self.stats.channels.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *self.stats.idle_since.lock().unwrap() = Some(Instant::now());
+        }
+    }
+}
+
+/// A live, authenticated connection.
+pub struct Conn {
+    /// The russh handle.
+    pub handle: Handle<ClientHandler>,
+    /// The target it reached.
+    pub target: Target,
+    /// The port in use.
+    pub port: u16,
+    /// Set when a port other than the first one answered.
+    pub fallback: Option<String>,
+    /// Permits for command channels (queueing beyond `MaxSessions`).
+    pub sessions: Arc<Semaphore>,
+    /// Permits for control channels.
+    pub control: Arc<Semaphore>,
+    /// Round-trip time of the last ping, in microseconds.
+    pub rtt_us: AtomicU64,
+    /// The mux's counters.
+    pub stats: Arc<Stats>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("target", &self.target.display())
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The russh client handler: checks the host key and refuses every channel
+/// the server opens (no agent or X11 forwarding, no reverse channels that
+/// were not asked for).
+pub struct ClientHandler {
+    keys: HostKeys,
+    verdict: Arc<Mutex<Option<HostKeyError>>>,
+}
+
+async fn refuse(what: &str, reply: ChannelOpenHandle) {
+    tracing::warn!(channel = what, "refusing a channel the server opened");
+    reply
+        .reject(ChannelOpenFailure::AdministrativelyProhibited)
+        .await;
+}
+
+impl client::Handler for ClientHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let key = match key {
+            russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
+            russh::keys::PublicKeyOrCertificate::Certificate(c) => {
+                PublicKey::new(c.public_key().clone(), "")
+            }
+        };
+        match self.keys.check(&key) {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                *self.verdict.lock().unwrap() = Some(e);
+                Ok(false)
+            }
+        }
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        _channel: russh::Channel<Msg>,
+        _connected_address: &str,
+        _connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        refuse("forwarded-tcpip", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: russh::Channel<Msg>,
+        _socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        refuse("forwarded-streamlocal", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _channel: russh::Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        refuse("auth-agent", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: russh::Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        refuse("session", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: russh::Channel<Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        refuse("direct-tcpip", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: russh::Channel<Msg>,
+        _socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        refuse("direct-streamlocal", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: russh::Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        refuse("x11", reply).await;
+        Ok(())
+    }
+}
+
+/// How to authenticate.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// A private key file (never logged beyond its path).
+    KeyFile(PathBuf),
+    /// The caller's SSH agent socket (never logged).
+    Agent(PathBuf),
+}
+
+/// Picks the credential: the per-lease key when present, else the
+/// configured key, else the caller's agent if it is a socket owned by us.
+pub fn credential(
+    files: &LeaseFiles,
+    target: &Target,
+    agent: Option<&Path>,
+) -> Result<Credential, SshError> {
+    if files.key.is_file() {
+        return Ok(Credential::KeyFile(files.key.clone()));
+    }
+    if let Some(k) = &target.configured_key {
+        return Ok(Credential::KeyFile(k.clone()));
+    }
+    if let Some(a) = agent {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let ok = std::fs::metadata(a)
+            .is_ok_and(|m| m.file_type().is_socket() && m.uid() == nix::unistd::geteuid().as_raw());
+        if ok {
+            return Ok(Credential::Agent(a.to_owned()));
+        }
+        return Err(SshError::NoKey(format!(
+            "no SSH key for {}: {} does not exist, no key is configured ([ssh] key or [targets.{}] key in crabboxd.toml), and the SSH agent socket of the calling client is not a socket owned by this user",
+            target.lease,
+            files.key.display(),
+            target.lease
+        )));
+    }
+    Err(SshError::NoKey(format!(
+        "no SSH key for {}: {} does not exist, no key is configured ([ssh] key or [targets.{}] key in crabboxd.toml), and the calling client has no SSH agent (SSH_AUTH_SOCK)",
+        target.lease,
+        files.key.display(),
+        target.lease
+    )))
+}
+
+fn ssh_config() -> Arc<client::Config> {
+    Arc::new(client::Config {
+        keepalive_interval: Some(KEEPALIVE),
+        keepalive_max: KEEPALIVE_MAX,
+        nodelay: true,
+        // Larger windows keep bulk copies off the round-trip time.
+        window_size: 8 * 1024 * 1024,
+        ..Default::default()
+    })
+}
+
+/// Dials the target's ports in order and authenticates. Only a TCP
+/// connect, ident or key-exchange failure moves on to the next port; a
+/// refused host key or failed authentication is final.
+pub async fn connect(
+    target: &Target,
+    files: &LeaseFiles,
+    cred: &Credential,
+    stats: &Arc<Stats>,
+) -> Result<Conn, SshError> {
+    let keys = HostKeys::new(&target.lease, files.clone(), target.pin.as_deref())
+        .map_err(SshError::HostKey)?;
+    keys.install_pin().map_err(SshError::HostKey)?;
+    let mut tried = Vec::new();
+    for (i, &port) in target.ports.iter().enumerate() {
+        let stream = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((target.host.as_str(), port)),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tried.push(format!("{port}: {e}"));
+                continue;
+            }
+            Err(_) => {
+                tried.push(format!("{port}: no answer within {CONNECT_TIMEOUT:?}"));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let verdict = Arc::new(Mutex::new(None));
+        let handler = ClientHandler {
+            keys: keys.clone(),
+            verdict: Arc::clone(&verdict),
+        };
+        let handle = match tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            client::connect_stream(ssh_config(), stream, handler),
+        )
+        .await
+        {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                if let Some(v) = verdict.lock().unwrap().take() {
+                    return Err(SshError::HostKey(v));
+                }
+                tried.push(format!("{port}: SSH handshake failed: {e}"));
+                continue;
+            }
+            Err(_) => {
+                tried.push(format!(
+                    "{port}: no SSH handshake within {HANDSHAKE_TIMEOUT:?}"
+                ));
+                continue;
+            }
+        };
+        let mut handle = handle;
+        match tokio::time::timeout(AUTH_TIMEOUT, authenticate(&mut handle, target, cred)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(SshError::Auth(format!(
+                    "authentication to {}@{}:{port} did not finish within {AUTH_TIMEOUT:?}",
+                    target.user, target.host
+                )));
+            }
+        }
+        let fallback = (i > 0).then(|| {
+            format!(
+                "using ssh port {port} for {} (configured {} not ready: {})",
+                target.host,
+                target.ports[0],
+                tried.join("; ")
+            )
+        });
+        if let Some(f) = &fallback {
+            tracing::info!(lease = %target.lease, "{f}");
+        }
+        stats.connects.fetch_add(1, Ordering::SeqCst);
+        *stats.idle_since.lock().unwrap() = Some(Instant::now());
+        return Ok(Conn {
+            handle,
+            target: target.clone(),
+            port,
+            fallback,
+            sessions: Arc::new(Semaphore::new(COMMAND_SESSIONS)),
+            control: Arc::new(Semaphore::new(CONTROL_SESSIONS)),
+            rtt_us: AtomicU64::new(0),
+            stats: Arc::clone(stats),
+        });
+    }
+    Err(SshError::Unreachable(format!(
+        "cannot reach SSH on {} (tried ports {})",
+        target.host,
+        tried.join("; ")
+    )))
+}
+
+async fn authenticate(
+    handle: &mut Handle<ClientHandler>,
+    target: &Target,
+    cred: &Credential,
+) -> Result<(), SshError> {
+    let failed = |what: &str, methods: Option<String>| {
+        SshError::Auth(format!(
+            "authentication of {}@{} with {what} failed{}",
+            target.user,
+            target.host,
+            methods
+                .map(|m| format!(" (the server accepts: {m})"))
+                .unwrap_or_default()
+        ))
+    };
+    let hash = handle
+        .best_supported_rsa_hash()
+        .await
+        .map_err(|e| SshError::Lost(format!("SSH session ended during authentication: {e}")))?
+        .flatten();
+    match cred {
+        Credential::KeyFile(path) => {
+            let key = russh::keys::load_secret_key(path, None).map_err(|e| {
+                SshError::NoKey(format!(
+                    "cannot use the SSH key {}: {e} (an encrypted key needs ssh-agent: add it with ssh-add and remove the key setting)",
+                    path.display()
+                ))
+            })?;
+            let what = format!("the key {}", path.display());
+            let r = handle
+                .authenticate_publickey(
+                    target.user.clone(),
+                    PrivateKeyWithHashAlg::new(Arc::new(key), hash),
+                )
+                .await
+                .map_err(|e| {
+                    SshError::Lost(format!("SSH session ended during authentication: {e}"))
+                })?;
+            match r {
+                russh::client::AuthResult::Success => Ok(()),
+                russh::client::AuthResult::Failure {
+                    remaining_methods, ..
+                } => Err(failed(&what, Some(format!("{remaining_methods:?}")))),
+            }
+        }
+        Credential::Agent(sock) => {
+            let mut agent = AgentClient::connect_uds(sock)
+                .await
+                .map_err(|e| SshError::NoKey(format!("cannot reach the SSH agent: {e}")))?;
+            let ids = agent
+                .request_identities()
+                .await
+                .map_err(|e| SshError::NoKey(format!("the SSH agent failed: {e}")))?;
+            if ids.is_empty() {
+                return Err(SshError::NoKey(
+                    "the SSH agent holds no keys (add one with ssh-add)".into(),
+                ));
+            }
+            for id in ids {
+                let key = match id {
+                    russh::keys::agent::AgentIdentity::PublicKey { key, .. } => key,
+                    _ => continue,
+                };
+                match handle
+                    .authenticate_publickey_with(target.user.clone(), key, hash, &mut agent)
+                    .await
+                {
+                    Ok(russh::client::AuthResult::Success) => return Ok(()),
+                    Ok(_) => continue,
+                    Err(e) => tracing::debug!(error = %e, "agent key refused"),
+                }
+            }
+            Err(failed("every key of the SSH agent", None))
+        }
+    }
+}

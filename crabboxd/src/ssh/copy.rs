@@ -1,0 +1,440 @@
+//! `cp` over the mux: a file or a directory tree travels as a tar stream
+//! over one exec channel (the `tar` crate here, `tar` on the lease; no scp
+//! or sftp needed on either side). Modes are kept. The far side is atomic:
+//! the tree is unpacked into a temporary directory next to the destination
+//! and renamed into place only once it is complete.
+
+use std::{
+    io::{self, Read, Write},
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+};
+
+use bytes::Bytes;
+use russh::ChannelMsg;
+use tokio::sync::mpsc;
+
+use super::{
+    SshError,
+    conn::{ChannelGuard, Conn},
+    exec::{open_session, sh_quote},
+};
+use crate::supervisor::Supervisor;
+
+/// Which way a copy goes.
+#[derive(Debug, Clone)]
+pub enum Direction {
+    /// Local → lease.
+    Upload {
+        /// An absolute local path (file or directory).
+        local: PathBuf,
+        /// The remote destination.
+        remote: String,
+    },
+    /// Lease → local.
+    Download {
+        /// The remote source.
+        remote: String,
+        /// An absolute local destination.
+        local: PathBuf,
+    },
+}
+
+/// One copy.
+#[derive(Debug, Clone)]
+pub struct CopySpec {
+    /// The lease id or static target name.
+    pub lease: String,
+    /// What to copy where.
+    pub direction: Direction,
+    /// The calling client's SSH agent socket, if any.
+    pub agent: Option<PathBuf>,
+}
+
+/// Progress of a copy.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Bytes moved so far (tar stream bytes).
+    pub bytes: u64,
+    /// The expected total of file bytes, when known.
+    pub total: Option<u64>,
+    /// Set on the last event: the path written.
+    pub done: Option<String>,
+}
+
+/// The most stderr kept from the remote `tar` for an error message.
+const STDERR_MAX: usize = 4096;
+/// Chunks between the blocking tar thread and the channel.
+const CHUNK: usize = 64 * 1024;
+
+/// Runs one copy.
+pub async fn run(
+    supervisor: &Supervisor,
+    conn: Arc<Conn>,
+    spec: CopySpec,
+    out: &mpsc::Sender<Result<Progress, SshError>>,
+) -> Result<(), SshError> {
+    match spec.direction {
+        Direction::Upload { local, remote } => upload(supervisor, conn, local, remote, out).await,
+        Direction::Download { remote, local } => {
+            download(supervisor, conn, remote, local, out).await
+        }
+    }
+}
+
+fn copy_err(e: impl std::fmt::Display) -> SshError {
+    SshError::Copy(e.to_string())
+}
+
+fn total_size(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if meta.is_dir() {
+        std::fs::read_dir(path)
+            .map(|rd| rd.flatten().map(|e| total_size(&e.path())).sum())
+            .unwrap_or(0)
+    } else {
+        meta.len()
+    }
+}
+
+/// Writes into a bounded channel from a blocking thread.
+struct ChanWriter {
+    tx: mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+}
+
+impl Write for ChanWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the copy was abandoned"))
+    }
+}
+
+/// Reads from a bounded channel on a blocking thread.
+struct ChanReader {
+    rx: mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl Read for ChanReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur = self.cur.slice(n..);
+        Ok(n)
+    }
+}
+
+async fn upload(
+    supervisor: &Supervisor,
+    conn: Arc<Conn>,
+    local: PathBuf,
+    remote: String,
+    out: &mpsc::Sender<Result<Progress, SshError>>,
+) -> Result<(), SshError> {
+    let meta = std::fs::metadata(&local)
+        .map_err(|e| copy_err(format!("cannot read {}: {e}", local.display())))?;
+    let name = local
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| copy_err(format!("{} has no file name", local.display())))?;
+    let total = total_size(&local);
+    // The remote end: pick the final path (inside DST when it is a
+    // directory), unpack next to it, then rename into place.
+    let script = r#"set -e
+dst=$1; name=$2
+if [ -d "$dst" ]; then final="${dst%/}/$name"; else final=$dst; fi
+parent=$(dirname -- "$final")
+tmp=$(mktemp -d "$parent/.crabbox-cp.XXXXXX")
+trap 'rm -rf -- "$tmp"' EXIT
+tar -xpf - -C "$tmp"
+mv -fT -- "$tmp/$name" "$final"
+printf '%s\n' "$final""#;
+    let cmd = format!(
+        "sh -c {} sh {} {}",
+        sh_quote(script),
+        sh_quote(&remote),
+        sh_quote(&name)
+    );
+    let _permit = conn
+        .sessions
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| SshError::Lost("the connection closed".into()))?;
+    let channel = open_session(&conn).await?;
+    let _guard = ChannelGuard::new(&conn.stats);
+    channel
+        .exec(true, cmd)
+        .await
+        .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
+    let (mut rd, wr) = channel.split();
+    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+    let is_dir = meta.is_dir();
+    let packer = supervisor.spawn_blocking(move || -> io::Result<()> {
+        let mut b = tar::Builder::new(ChanWriter {
+            tx,
+            buf: Vec::with_capacity(CHUNK),
+        });
+        b.follow_symlinks(false);
+        b.mode(tar::HeaderMode::Complete);
+        if is_dir {
+            b.append_dir_all(&name, &local)?;
+        } else {
+            b.append_path_with_name(&local, &name)?;
+        }
+        let mut w = b.into_inner()?;
+        w.flush()
+    });
+    let stats = Arc::clone(&conn.stats);
+    let mut sent: u64 = 0;
+    let mut last_report: u64 = 0;
+    let send = async {
+        while let Some(chunk) = rx.recv().await {
+            sent += chunk.len() as u64;
+            stats
+                .bytes_out
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            wr.data_bytes(chunk)
+                .await
+                .map_err(|e| SshError::Lost(format!("the copy's channel failed: {e}")))?;
+            if sent - last_report >= 1 << 20 {
+                last_report = sent;
+                let _ = out.try_send(Ok(Progress {
+                    bytes: sent,
+                    total: Some(total),
+                    done: None,
+                }));
+            }
+        }
+        wr.eof()
+            .await
+            .map_err(|e| SshError::Lost(format!("the copy's channel failed: {e}")))?;
+        Ok::<_, SshError>(sent)
+    };
+    let (sent_result, remote_result) = tokio::join!(send, collect(&mut rd, &conn));
+    let packed = packer
+        .await
+        .map_err(|e| copy_err(format!("the local tar failed: {e}")))?;
+    let (stdout, _) = remote_result?;
+    packed.map_err(|e| copy_err(format!("cannot read the local files: {e}")))?;
+    let sent = sent_result?;
+    let final_path = String::from_utf8_lossy(&stdout).trim().to_owned();
+    let _ = out
+        .send(Ok(Progress {
+            bytes: sent,
+            total: Some(total),
+            done: Some(final_path),
+        }))
+        .await;
+    Ok(())
+}
+
+/// Reads a copy channel to its end: stdout, and the exit status (a
+/// non-zero one is an error carrying the remote stderr).
+async fn collect(rd: &mut russh::ChannelReadHalf, conn: &Conn) -> Result<(Vec<u8>, ()), SshError> {
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let mut status = None;
+    while let Some(msg) = rd.wait().await {
+        match msg {
+            ChannelMsg::Data { data } if stdout.len() < STDERR_MAX => {
+                stdout.extend_from_slice(&data)
+            }
+            ChannelMsg::ExtendedData { data, .. } if stderr.len() < STDERR_MAX => {
+                stderr.extend_from_slice(&data)
+            }
+            ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+            ChannelMsg::ExitSignal { .. } => status = Some(255),
+            _ => {}
+        }
+    }
+    conn.stats
+        .bytes_in
+        .fetch_add((stdout.len() + stderr.len()) as u64, Ordering::Relaxed);
+    match status {
+        Some(0) => Ok((stdout, ())),
+        Some(code) => Err(copy_err(format!(
+            "the copy failed on {} (exit {code}): {}",
+            conn.target.lease,
+            String::from_utf8_lossy(&stderr).trim()
+        ))),
+        None => Err(SshError::Lost(format!(
+            "the SSH connection to {} was lost during the copy",
+            conn.target.lease
+        ))),
+    }
+}
+
+fn random_suffix() -> String {
+    use rand::Rng as _;
+    let n: u64 = rand::rng().random();
+    format!("{n:016x}")
+}
+
+async fn download(
+    supervisor: &Supervisor,
+    conn: Arc<Conn>,
+    remote: String,
+    local: PathBuf,
+    out: &mpsc::Sender<Result<Progress, SshError>>,
+) -> Result<(), SshError> {
+    let name = Path::new(&remote)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| copy_err(format!("{remote:?} has no file name")))?;
+    if name == "." || name == ".." {
+        return Err(copy_err(format!("{remote:?} has no file name")));
+    }
+    let final_path = if local.is_dir() {
+        local.join(&name)
+    } else {
+        local.clone()
+    };
+    let parent = final_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let tmp = parent.join(format!(".crabbox-cp.{}", random_suffix()));
+    std::fs::create_dir(&tmp)
+        .map_err(|e| copy_err(format!("cannot create {}: {e}", tmp.display())))?;
+    let cleanup = TmpDir(tmp.clone());
+    let script = r#"cd -- "$(dirname -- "$1")" && exec tar -cf - "./$2""#;
+    let cmd = format!(
+        "sh -c {} sh {} {}",
+        sh_quote(script),
+        sh_quote(&remote),
+        sh_quote(&name)
+    );
+    let _permit = conn
+        .sessions
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| SshError::Lost("the connection closed".into()))?;
+    let mut channel = open_session(&conn).await?;
+    let _guard = ChannelGuard::new(&conn.stats);
+    channel
+        .exec(true, cmd)
+        .await
+        .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
+    let _ = channel.eof().await;
+    let (tx, rx) = mpsc::channel::<Bytes>(32);
+    let dest = tmp.clone();
+    let unpacker = supervisor.spawn_blocking(move || -> io::Result<()> {
+        let mut a = tar::Archive::new(ChanReader {
+            rx,
+            cur: Bytes::new(),
+        });
+        a.set_preserve_permissions(true);
+        a.set_preserve_mtime(true);
+        a.set_overwrite(false);
+        a.unpack(&dest)?;
+        // Drain anything after the archive's end so the sender never blocks.
+        let mut rest = a.into_inner();
+        io::copy(&mut rest, &mut io::sink())?;
+        Ok(())
+    });
+    let mut got: u64 = 0;
+    let mut last_report = 0u64;
+    let mut stderr = Vec::new();
+    let mut status = None;
+    let mut tx = Some(tx);
+    while let Some(msg) = channel.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                got += data.len() as u64;
+                conn.stats
+                    .bytes_in
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                if let Some(t) = &tx
+                    && t.send(data).await.is_err()
+                {
+                    // The unpacker stopped (its error is reported below).
+                    tx = None;
+                }
+                if got - last_report >= 1 << 20 {
+                    last_report = got;
+                    let _ = out.try_send(Ok(Progress {
+                        bytes: got,
+                        total: None,
+                        done: None,
+                    }));
+                }
+            }
+            ChannelMsg::ExtendedData { data, .. } if stderr.len() < STDERR_MAX => {
+                stderr.extend_from_slice(&data)
+            }
+            ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+            ChannelMsg::ExitSignal { .. } => status = Some(255),
+            _ => {}
+        }
+    }
+    drop(tx);
+    let unpacked = unpacker
+        .await
+        .map_err(|e| copy_err(format!("the local tar failed: {e}")))?;
+    match status {
+        Some(0) => {}
+        Some(code) => {
+            return Err(copy_err(format!(
+                "cannot read {remote:?} on {} (exit {code}): {}",
+                conn.target.lease,
+                String::from_utf8_lossy(&stderr).trim()
+            )));
+        }
+        None => {
+            return Err(SshError::Lost(format!(
+                "the SSH connection to {} was lost during the copy",
+                conn.target.lease
+            )));
+        }
+    }
+    unpacked.map_err(|e| copy_err(format!("cannot unpack into {}: {e}", tmp.display())))?;
+    let staged = tmp.join(&name);
+    std::fs::rename(&staged, &final_path).map_err(|e| {
+        copy_err(format!(
+            "cannot move the copy into place at {}: {e}",
+            final_path.display()
+        ))
+    })?;
+    drop(cleanup);
+    let _ = out
+        .send(Ok(Progress {
+            bytes: got,
+            total: None,
+            done: Some(final_path.display().to_string()),
+        }))
+        .await;
+    Ok(())
+}
+
+/// Removes the staging directory when the copy ends, done or not.
+struct TmpDir(PathBuf);
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

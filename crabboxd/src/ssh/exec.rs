@@ -1,0 +1,555 @@
+//! Commands over the mux: one session channel per command, no TTY, stdin
+//! forwarded with EOF, stdout and stderr kept apart, the remote exit code
+//! (signals as 128+n). A command runs at most once: nothing here retries
+//! after a channel opened.
+//!
+//! Every command runs in its own process group (the session sshd already
+//! made for it, else `setsid`), whose id the wrapper prints as the first line
+//! of stdout before it `exec`s the command. Cancelling kills that group over
+//! a second channel, since sshd does not pass signals on.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use russh::{ChannelMsg, ChannelOpenFailure};
+use tokio::sync::mpsc;
+
+use super::{
+    SshError,
+    conn::{ChannelGuard, Conn},
+};
+use crate::supervisor::Supervisor;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// An argv; every word is quoted for the remote shell.
+    Argv(Vec<String>),
+    /// A shell command line, used as is (what `ssh host CMD…` sends; `rsh`).
+    Shell(String),
+}
+
+/// A signal to end a command with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGINT (Ctrl-C).
+    Int,
+    /// SIGTERM.
+    Term,
+    /// SIGHUP.
+    Hup,
+    /// SIGKILL.
+    Kill,
+}
+
+impl Signal {
+    fn name(self) -> &'static str {
+        match self {
+            Signal::Int => "INT",
+            Signal::Term => "TERM",
+            Signal::Hup => "HUP",
+            Signal::Kill => "KILL",
+        }
+    }
+}
+
+/// From the client.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Bytes for the command's stdin.
+    Stdin(Bytes),
+    /// Stdin is done.
+    Eof,
+    /// End the command's process group with this signal.
+    Cancel(Signal),
+}
+
+/// To the client.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// The command started.
+    Started {
+        /// The port of the connection.
+        port: u16,
+        /// Set when the connection fell back to another port.
+        fallback: Option<String>,
+    },
+    /// Stdout bytes.
+    Stdout(Bytes),
+    /// Stderr bytes.
+    Stderr(Bytes),
+    /// The command ended.
+    Exit(Exit),
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    /// The exit code; 128+n for a signal.
+    pub code: i32,
+    /// The signal name (`TERM`), when it died of one.
+    pub signal: Option<String>,
+}
+
+/// Single-quotes a word for a POSIX shell.
+pub fn sh_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
+        return s.to_owned();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The remote command line: print the process group id, change directory,
+/// then `exec` the command in a new process group.
+pub fn wrap(command: &Command, cwd: Option<&str>) -> String {
+    let mut body = String::from("printf '%s\\n' \"$$\"; ");
+    let mut args: Vec<String> = Vec::new();
+    if let Some(dir) = cwd {
+        body.push_str("cd -- \"$1\" || exit 1; shift; ");
+        args.push(sh_quote(dir));
+    }
+    match command {
+        Command::Argv(argv) => {
+            body.push_str("exec \"$@\"");
+            args.extend(argv.iter().map(|a| sh_quote(a)));
+        }
+        Command::Shell(line) => {
+            body.push_str("exec sh -c \"$1\"");
+            args.push(sh_quote(line));
+        }
+    }
+    let inner = format!("{} sh {}", sh_quote(&body), args.join(" "));
+    // sshd already makes every non-PTY session its own session and process
+    // group; then the command keeps that group (and its pid, so sshd reports
+    // its exit status or signal itself). Otherwise `setsid` makes one —
+    // without forking, since a shell that is not a group leader calls
+    // setsid() in place. `setsid -w` would fork and turn a signal into a
+    // message and a raw status, so it is never used.
+    format!(
+        "pg=; {{ read -r _ _ _ _ pg _ < /proc/$$/stat; }} 2>/dev/null || pg=$(ps -o pgid= -p $$ 2>/dev/null | tr -d ' '); \
+if [ \"$pg\" = \"$$\" ] || ! command -v setsid >/dev/null 2>&1; then exec sh -c {inner}; else exec setsid sh -c {inner}; fi"
+    )
+}
+
+/// The exit code of a signal name, as a shell reports it (128+n).
+fn signal_code(name: &str) -> i32 {
+    128 + match name {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "ILL" => 4,
+        "ABRT" => 6,
+        "FPE" => 8,
+        "KILL" => 9,
+        "USR1" => 10,
+        "SEGV" => 11,
+        "USR2" => 12,
+        "PIPE" => 13,
+        "ALRM" => 14,
+        "TERM" => 15,
+        _ => 0,
+    }
+}
+
+fn sig_name(s: &russh::Sig) -> String {
+    let d = format!("{s:?}");
+    match d.strip_prefix("Custom(\"") {
+        Some(rest) => rest.trim_end_matches("\")").to_owned(),
+        None => d,
+    }
+}
+
+/// Opens a session channel, waiting while the server is at `MaxSessions`
+/// (it answers "administratively prohibited" for a channel beyond it).
+pub(crate) async fn open_session(
+    conn: &Conn,
+) -> Result<russh::Channel<russh::client::Msg>, SshError> {
+    let mut delay = Duration::from_millis(20);
+    for _ in 0..40 {
+        match conn.handle.channel_open_session().await {
+            Ok(c) => return Ok(c),
+            Err(russh::Error::ChannelOpenFailure(
+                ChannelOpenFailure::AdministrativelyProhibited
+                | ChannelOpenFailure::ResourceShortage,
+            )) => {
+                tracing::debug!(delay = ?delay, "the server refused a channel (MaxSessions?); retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+            Err(e) => {
+                return Err(SshError::Lost(format!(
+                    "cannot open a channel to {}: {e}",
+                    conn.target.lease
+                )));
+            }
+        }
+    }
+    Err(SshError::Channel(format!(
+        "{} refused every new channel for 15 s (sshd MaxSessions?)",
+        conn.target.lease
+    )))
+}
+
+/// Kills a remote process group over a control channel: `sig`, then
+/// SIGKILL after two seconds if anything is left.
+pub async fn kill_group(conn: &Conn, pgid: u32, sig: Signal) -> Result<(), SshError> {
+    // `kill -- -1` would signal every process of the user: never.
+    if pgid < 2 {
+        return Err(SshError::Channel(format!(
+            "refusing to signal process group {pgid}"
+        )));
+    }
+    let _permit = conn
+        .control
+        .acquire()
+        .await
+        .map_err(|_| SshError::Lost("the connection closed".into()))?;
+    let mut ch = open_session(conn).await?;
+    let _guard = ChannelGuard::new(&conn.stats);
+    let script = format!(
+        "kill -{s} -- -{pgid} 2>/dev/null; i=0; while kill -0 -- -{pgid} 2>/dev/null && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done; kill -KILL -- -{pgid} 2>/dev/null; exit 0",
+        s = sig.name()
+    );
+    ch.exec(true, script)
+        .await
+        .map_err(|e| SshError::Lost(format!("cannot send the kill: {e}")))?;
+    let _ = ch.eof().await;
+    let drain = async { while ch.wait().await.is_some() {} };
+    let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+    tracing::info!(pgid, signal = sig.name(), "ended a remote process group");
+    Ok(())
+}
+
+/// Kills the group if the command is dropped before it ended (the client
+/// went away): a short, bounded clean-up, not a long-lived task.
+struct Orphan {
+    supervisor: Supervisor,
+    conn: Arc<Conn>,
+    pgid: Option<u32>,
+    done: bool,
+}
+
+impl Drop for Orphan {
+    fn drop(&mut self) {
+        if let (false, Some(pgid)) = (self.done, self.pgid) {
+            let conn = Arc::clone(&self.conn);
+            tracing::info!(pgid, "client went away; ending the remote command");
+            self.supervisor
+                .spawn_cleanup("kill-orphaned-command", async move {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(15),
+                        kill_group(&conn, pgid, Signal::Term),
+                    )
+                    .await;
+                });
+        }
+    }
+}
+
+/// The longest first line (the process group id) the wrapper may print.
+const PGID_LINE_MAX: usize = 32;
+
+/// Runs one command on `conn`, reading `input` and sending what happens to
+/// `out`. Returns when the command ended, failed, or `out` is gone.
+pub async fn run(
+    supervisor: Supervisor,
+    conn: Arc<Conn>,
+    command: Command,
+    cwd: Option<String>,
+    input: impl Stream<Item = Input> + Send + Unpin,
+    out: mpsc::Sender<Result<Output, SshError>>,
+) {
+    let result = run_inner(supervisor, Arc::clone(&conn), command, cwd, input, &out).await;
+    if let Err(e) = result {
+        let _ = out.send(Err(e)).await;
+    }
+}
+
+async fn run_inner(
+    supervisor: Supervisor,
+    conn: Arc<Conn>,
+    command: Command,
+    cwd: Option<String>,
+    mut input: impl Stream<Item = Input> + Send + Unpin,
+    out: &mpsc::Sender<Result<Output, SshError>>,
+) -> Result<(), SshError> {
+    let _permit = conn
+        .sessions
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| SshError::Lost("the connection closed".into()))?;
+    tracing::trace!("exec: permit");
+    let channel = open_session(&conn).await?;
+    tracing::trace!("exec: channel open");
+    let _guard = ChannelGuard::new(&conn.stats);
+    let line = wrap(&command, cwd.as_deref());
+    channel
+        .exec(true, line)
+        .await
+        .map_err(|e| SshError::Lost(format!("cannot start the command: {e}")))?;
+    let stats = Arc::clone(&conn.stats);
+    let (mut rd, wr) = channel.split();
+    let mut orphan = Orphan {
+        supervisor,
+        conn: Arc::clone(&conn),
+        pgid: None,
+        done: false,
+    };
+    let (cancel_tx, mut cancel_rx) = mpsc::channel::<Signal>(4);
+    // Stdin is written concurrently with reading output, so a command that
+    // echoes its input can never deadlock the channel's windows.
+    let writer = async {
+        let mut eof = false;
+        while let Some(msg) = input.next().await {
+            match msg {
+                Input::Stdin(b) if !eof => {
+                    stats.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    if wr.data_bytes(b).await.is_err() {
+                        break;
+                    }
+                }
+                Input::Stdin(_) => {}
+                Input::Eof => {
+                    if !eof {
+                        eof = true;
+                        let _ = wr.eof().await;
+                    }
+                }
+                Input::Cancel(sig) => {
+                    let _ = cancel_tx.send(sig).await;
+                }
+            }
+        }
+        if !eof {
+            let _ = wr.eof().await;
+        }
+        // Keep the write half (and the channel) alive until the reader ends.
+        std::future::pending::<()>().await;
+    };
+    tokio::pin!(writer);
+    let mut first_line: Option<Vec<u8>> = Some(Vec::new());
+    let mut exit: Option<Exit> = None;
+    let mut started = false;
+    let mut cancelled = false;
+    let mut pending: Option<Signal> = None;
+    loop {
+        let msg = tokio::select! {
+            biased;
+            msg = rd.wait() => Some(msg),
+            Some(sig) = cancel_rx.recv(), if !cancelled => {
+                // Before the group id is known the command may still be
+                // starting: the kill waits for it.
+                pending.get_or_insert(sig);
+                None
+            }
+            _ = &mut writer => unreachable!("the writer never ends"),
+        };
+        if let Some(msg) = msg
+            && !handle(
+                msg,
+                &mut first_line,
+                &mut exit,
+                &mut started,
+                &mut orphan,
+                &conn,
+                out,
+            )
+            .await?
+        {
+            orphan.done = true;
+            return finish(exit, &conn, out).await;
+        }
+        let (Some(pgid), Some(sig)) = (orphan.pgid, pending) else {
+            continue;
+        };
+        if cancelled {
+            continue;
+        }
+        cancelled = true;
+        // The kill runs while output keeps flowing.
+        let kill = kill_group(&conn, pgid, sig);
+        tokio::pin!(kill);
+        loop {
+            tokio::select! {
+                r = &mut kill => {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "kill failed");
+                    }
+                    break;
+                }
+                msg = rd.wait() => {
+                    if !handle(msg, &mut first_line, &mut exit, &mut started, &mut orphan, &conn, out).await? {
+                        orphan.done = true;
+                        return finish(exit, &conn, out).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Handles one channel message; `false` when the channel is over.
+async fn handle(
+    msg: Option<ChannelMsg>,
+    first_line: &mut Option<Vec<u8>>,
+    exit: &mut Option<Exit>,
+    started: &mut bool,
+    orphan: &mut Orphan,
+    conn: &Arc<Conn>,
+    out: &mpsc::Sender<Result<Output, SshError>>,
+) -> Result<bool, SshError> {
+    let send = |o: Output| async move {
+        out.send(Ok(o))
+            .await
+            .map_err(|_| SshError::Channel("the client went away".into()))
+    };
+    match msg {
+        None | Some(ChannelMsg::Close) => return Ok(false),
+        Some(ChannelMsg::Data { data }) => {
+            conn.stats
+                .bytes_in
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            let mut data: Bytes = data;
+            if let Some(buf) = first_line {
+                let nl = data.iter().position(|b| *b == b'\n');
+                let take = nl.map_or(data.len(), |i| i + 1);
+                buf.extend_from_slice(&data[..take]);
+                if buf.len() > PGID_LINE_MAX {
+                    return Err(SshError::Channel(
+                        "the remote wrapper printed no process group id".into(),
+                    ));
+                }
+                if nl.is_none() {
+                    return Ok(true);
+                }
+                let text = String::from_utf8_lossy(buf).trim().to_owned();
+                let pgid: u32 = text.parse().map_err(|_| {
+                    SshError::Channel(format!(
+                        "the remote wrapper printed {text:?} instead of a process group id"
+                    ))
+                })?;
+                orphan.pgid = Some(pgid);
+                tracing::trace!(pgid, "exec: started");
+                *first_line = None;
+                *started = true;
+                send(Output::Started {
+                    port: conn.port,
+                    fallback: conn.fallback.clone(),
+                })
+                .await?;
+                data = data.slice(take..);
+                if data.is_empty() {
+                    return Ok(true);
+                }
+            }
+            send(Output::Stdout(data)).await?;
+        }
+        Some(ChannelMsg::ExtendedData { data, ext }) => {
+            conn.stats
+                .bytes_in
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            if ext == 1 {
+                send(Output::Stderr(data)).await?;
+            }
+        }
+        Some(ChannelMsg::ExitStatus { exit_status }) => {
+            tracing::trace!(exit_status, "exec: exit");
+            *exit = Some(Exit {
+                code: exit_status as i32,
+                signal: None,
+            });
+        }
+        Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
+            let name = sig_name(&signal_name);
+            *exit = Some(Exit {
+                code: signal_code(&name),
+                signal: Some(name),
+            });
+        }
+        Some(ChannelMsg::Failure) if !*started => {
+            return Err(SshError::Channel(
+                "the server refused to run the command".into(),
+            ));
+        }
+        Some(_) => {}
+    }
+    Ok(true)
+}
+
+async fn finish(
+    exit: Option<Exit>,
+    conn: &Conn,
+    out: &mpsc::Sender<Result<Output, SshError>>,
+) -> Result<(), SshError> {
+    match exit {
+        Some(e) => {
+            let _ = out.send(Ok(Output::Exit(e))).await;
+            Ok(())
+        }
+        None if conn.handle.is_closed() => Err(SshError::Lost(format!(
+            "the SSH connection to {} was lost while the command ran; it was not run again, and whether it finished is unknown",
+            conn.target.lease
+        ))),
+        None => Err(SshError::Lost(format!(
+            "the channel to {} closed without an exit status; the command was not run again",
+            conn.target.lease
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_a_shell() {
+        let cases = ["plain", "", "a b", "it's", "$HOME", "a\nb", "*"];
+        for c in cases {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf %s {}", sh_quote(c)))
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), c);
+        }
+    }
+
+    #[test]
+    fn the_wrapper_prints_its_group_then_runs_the_argv() {
+        let tmp = tempfile::tempdir().unwrap();
+        let line = wrap(
+            &Command::Argv(vec![
+                "sh".into(),
+                "-c".into(),
+                "pwd; echo \"$1\"; exit 3".into(),
+                "x".into(),
+                "a b".into(),
+            ]),
+            Some(tmp.path().to_str().unwrap()),
+        );
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&line)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines();
+        let pgid: u32 = lines.next().unwrap().parse().unwrap();
+        assert!(pgid > 1);
+        assert_eq!(
+            lines.next().unwrap(),
+            tmp.path().canonicalize().unwrap().to_str().unwrap()
+        );
+        assert_eq!(lines.next().unwrap(), "a b");
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(signal_code("TERM"), 143);
+    }
+}

@@ -1,0 +1,350 @@
+//! SSH multiplexers: one supervised russh connection per lease
+//! (`SshMux{lease}`), shared by every command and copy through it.
+//!
+//! * [`target`] — where a lease's sshd is (coordinator record or a static
+//!   `[targets.<name>]`) and the per-lease files.
+//! * [`hostkey`] — pinned host keys enforced exactly, else trust on first
+//!   use into the per-lease `known_hosts`.
+//! * [`conn`] — dialling the port candidates, the handshake, authentication,
+//!   and the client handler that refuses server-opened channels.
+//! * [`mux`] — the `SshMux` task: connect on demand, keepalive, idle close,
+//!   reconnect with the supervisor's backoff, lease end.
+//! * [`exec`] — one command per channel, run at most once, in its own
+//!   process group that cancelling kills.
+//! * [`copy`] — files and directories both ways as tar streams over exec
+//!   channels, atomic on the far side.
+//! * [`SshManager`] — finds or starts a lease's mux and runs requests on it.
+
+pub mod conn;
+pub mod copy;
+pub mod exec;
+pub mod hostkey;
+pub mod mux;
+pub mod target;
+
+use std::{
+    collections::BTreeMap, future::Future, path::PathBuf, pin::Pin, sync::Arc, time::Duration,
+};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+
+use crate::{
+    config::Config,
+    coordinator,
+    daemon::LeaseEnds,
+    supervisor::{Backoff, RestartPolicy, Supervisor, TaskHandle, TaskId, TaskKind},
+};
+
+pub use exec::{Command, Exit, Input, Output, Signal};
+pub use hostkey::HostKeyError;
+pub use target::Target;
+
+/// How long a command waits for its lease's connection.
+pub const CONNECT_WAIT: Duration = Duration::from_secs(60);
+
+/// Why an SSH operation failed. Messages name the lease, host and port (and
+/// files), never key material or the agent socket.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SshError {
+    /// No target for the id.
+    #[error("{0}")]
+    NoTarget(String),
+    /// No port answered.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The host key was refused.
+    #[error(transparent)]
+    HostKey(#[from] HostKeyError),
+    /// Authentication failed.
+    #[error("{0}")]
+    Auth(String),
+    /// No usable key.
+    #[error("{0}")]
+    NoKey(String),
+    /// The connection was lost.
+    #[error("{0}")]
+    Lost(String),
+    /// A channel failed.
+    #[error("{0}")]
+    Channel(String),
+    /// The lease is over.
+    #[error("{0}")]
+    LeaseEnded(String),
+    /// The request is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// A copy failed.
+    #[error("{0}")]
+    Copy(String),
+}
+
+impl SshError {
+    /// Whether retrying cannot help (the mux task stops instead of backing
+    /// off).
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            SshError::NoTarget(_)
+                | SshError::HostKey(_)
+                | SshError::Auth(_)
+                | SshError::NoKey(_)
+                | SshError::LeaseEnded(_)
+                | SshError::Invalid(_)
+        )
+    }
+}
+
+/// One command to run.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    /// The lease id or static target name.
+    pub lease: String,
+    /// What to run.
+    pub command: Command,
+    /// The remote working directory.
+    pub cwd: Option<String>,
+    /// The calling client's SSH agent socket, if any.
+    pub agent: Option<PathBuf>,
+}
+
+/// What `crabboxctl ssh --print` needs to build an OpenSSH command line.
+#[derive(Debug, Clone)]
+pub struct TargetInfo {
+    /// The target.
+    pub target: Target,
+    /// The per-lease key, when present.
+    pub key: Option<PathBuf>,
+    /// The per-lease known_hosts.
+    pub known_hosts: PathBuf,
+    /// The host-key alias used in it.
+    pub alias: String,
+    /// The port the live connection uses, if connected.
+    pub port_in_use: Option<u16>,
+}
+
+struct Entry {
+    shared: Arc<mux::Shared>,
+    handle: TaskHandle,
+}
+
+/// Finds or starts the `SshMux` of a lease and runs work on it. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct SshManager {
+    supervisor: Supervisor,
+    resolver: mux::Resolver,
+    ends: LeaseEnds,
+    muxes: Arc<tokio::sync::Mutex<BTreeMap<String, Entry>>>,
+}
+
+impl std::fmt::Debug for SshManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshManager").finish_non_exhaustive()
+    }
+}
+
+/// Muxes reconnect with network backoff (when work arrives); host-key,
+/// authentication and lease-end failures are fatal until the next request.
+const POLICY: RestartPolicy = RestartPolicy::Always(Backoff::NETWORK);
+
+type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Turns a driver future and the receiver it sends to into one stream,
+/// polling the driver only while the stream is polled (no spawned task;
+/// dropping the stream drops the work).
+fn drive<T: Send + 'static>(
+    fut: impl Future<Output = ()> + Send + 'static,
+    rx: mpsc::Receiver<T>,
+) -> impl Stream<Item = T> + Send + 'static {
+    let fut: BoxFuture = Box::pin(fut);
+    futures::stream::unfold((Some(fut), rx), |(mut fut, mut rx)| async move {
+        loop {
+            match fut.as_mut() {
+                Some(f) => {
+                    tokio::select! {
+                        biased;
+                        item = rx.recv() => {
+                            return item.map(|i| (i, (fut, rx)));
+                        }
+                        () = f => { fut = None; }
+                    }
+                }
+                None => return rx.recv().await.map(|i| (i, (None, rx))),
+            }
+        }
+    })
+}
+
+impl SshManager {
+    /// A manager for the daemon's configuration.
+    pub fn new(
+        config: &Config,
+        coordinator: Option<coordinator::Client>,
+        supervisor: Supervisor,
+        ends: LeaseEnds,
+    ) -> Self {
+        SshManager {
+            supervisor,
+            resolver: mux::Resolver {
+                coordinator,
+                statics: Arc::new(config.ssh_targets.clone()),
+                default_key: config.ssh_key.clone(),
+                config_dir: config.config_dir.clone(),
+                idle_close: config.ssh_idle_close.unwrap_or(mux::IDLE_CLOSE),
+            },
+            ends,
+            muxes: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
+        }
+    }
+
+    /// The lease's mux, started if it is not running.
+    async fn mux(&self, lease: &str) -> Result<Arc<mux::Shared>, SshError> {
+        target::check_lease_id(lease).map_err(|e| SshError::Invalid(e.to_string()))?;
+        let mut muxes = self.muxes.lock().await;
+        if let Some(e) = muxes.get(lease)
+            && !e.handle.is_finished()
+        {
+            return Ok(Arc::clone(&e.shared));
+        }
+        let shared = Arc::new(mux::Shared::new(lease));
+        let task = mux::MuxTask {
+            shared: Arc::clone(&shared),
+            resolver: self.resolver.clone(),
+            ends: self.ends.clone(),
+        };
+        let labels = BTreeMap::from([("lease".to_owned(), lease.to_owned())]);
+        let handle = self
+            .supervisor
+            .replace(
+                TaskId::new(TaskKind::SshMux, lease),
+                labels,
+                POLICY,
+                move |ctx| task.clone().run(ctx),
+            )
+            .await;
+        muxes.insert(
+            lease.to_owned(),
+            Entry {
+                shared: Arc::clone(&shared),
+                handle,
+            },
+        );
+        Ok(shared)
+    }
+
+    /// A live connection to the lease, connecting if needed.
+    pub async fn connection(
+        &self,
+        lease: &str,
+        agent: Option<PathBuf>,
+    ) -> Result<Arc<conn::Conn>, SshError> {
+        let shared = self.mux(lease).await?;
+        if let Some(a) = agent {
+            *shared.agent.lock().unwrap() = Some(a);
+        }
+        shared.conn(CONNECT_WAIT).await
+    }
+
+    /// Runs one command; the stream ends after `Output::Exit` or an error.
+    pub fn exec(
+        &self,
+        spec: ExecSpec,
+        input: impl Stream<Item = Input> + Send + Unpin + 'static,
+    ) -> impl Stream<Item = Result<Output, SshError>> + Send + 'static {
+        let (tx, rx) = mpsc::channel(32);
+        let this = self.clone();
+        let fut = async move {
+            let conn = match this.connection(&spec.lease, spec.agent.clone()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            exec::run(
+                this.supervisor.clone(),
+                conn,
+                spec.command,
+                spec.cwd,
+                input,
+                tx,
+            )
+            .await;
+        };
+        drive(fut, rx)
+    }
+
+    /// Copies files or a directory tree to or from a lease.
+    pub fn copy(
+        &self,
+        spec: copy::CopySpec,
+    ) -> impl Stream<Item = Result<copy::Progress, SshError>> + Send + 'static {
+        let (tx, rx) = mpsc::channel(32);
+        let this = self.clone();
+        let fut = async move {
+            let conn = match this.connection(&spec.lease, spec.agent.clone()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            if let Err(e) = copy::run(&this.supervisor, conn, spec, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        };
+        drive(fut, rx)
+    }
+
+    /// The lease's target and per-lease files, for an OpenSSH command line.
+    pub async fn target_info(&self, lease: &str) -> Result<TargetInfo, SshError> {
+        target::check_lease_id(lease).map_err(|e| SshError::Invalid(e.to_string()))?;
+        let target = self.resolver.resolve(lease).await?;
+        let files = self.resolver.files(lease);
+        if let Some(pin) = &target.pin {
+            hostkey::HostKeys::new(lease, files.clone(), Some(pin))?.install_pin()?;
+        }
+        let port_in_use = {
+            let muxes = self.muxes.lock().await;
+            muxes
+                .get(lease)
+                .and_then(|e| match &*e.shared.state.borrow() {
+                    mux::State::Up(c) if !c.handle.is_closed() => Some(c.port),
+                    _ => None,
+                })
+        };
+        Ok(TargetInfo {
+            key: files
+                .key
+                .is_file()
+                .then(|| files.key.clone())
+                .or_else(|| target.configured_key.clone()),
+            known_hosts: files.known_hosts.clone(),
+            alias: files.alias.clone(),
+            target,
+            port_in_use,
+        })
+    }
+}
+
+/// Adapts a fallible input stream: an error (the client went away) is a
+/// cancel with SIGTERM, after which the stream ends.
+pub fn input_until_error<S, E>(s: S) -> impl Stream<Item = Input> + Send + Unpin + 'static
+where
+    S: Stream<Item = Result<Input, E>> + Send + Unpin + 'static,
+    E: 'static,
+{
+    s.scan(false, |failed, item| {
+        let out = match (*failed, item) {
+            (true, _) => None,
+            (false, Ok(i)) => Some(i),
+            (false, Err(_)) => {
+                *failed = true;
+                Some(Input::Cancel(Signal::Term))
+            }
+        };
+        futures::future::ready(out)
+    })
+    .boxed()
+}

@@ -90,13 +90,24 @@ async fn server_first_banner_never_precedes_the_200() {
 }
 
 #[tokio::test]
-async fn rejected_open_gets_the_exact_502() {
+async fn failed_open_gets_the_exact_502_and_a_policy_refusal_a_403() {
     let (mut fake, proxy, _p) = client_with_fake_host(BridgeConfig::client()).await;
+    let mut browser = send_connect(proxy, "evil.example:443").await;
+    let open = fake.recv_kind("open", None).await;
+    fake.send(json!({"type": "error", "id": open["id"], "error": "dial allowed destination: connection refused"}))
+        .await;
+    assert_eq!(read_to_end(&mut browser).await, BAD_GATEWAY);
+    // "host not allowed" is what every host (the reference's too) says for a policy refusal.
     let mut browser = send_connect(proxy, "evil.example:443").await;
     let open = fake.recv_kind("open", None).await;
     fake.send(json!({"type": "error", "id": open["id"], "error": "host not allowed"}))
         .await;
-    assert_eq!(read_to_end(&mut browser).await, BAD_GATEWAY);
+    let resp = String::from_utf8(read_to_end(&mut browser).await).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{resp}");
+    assert!(
+        resp.contains("evil.example is not on") && resp.contains("--allow evil.example"),
+        "{resp}"
+    );
 }
 
 #[tokio::test]

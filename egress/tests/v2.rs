@@ -59,8 +59,11 @@ async fn rejected_open_gets_a_502_with_a_reason() {
         .await
         .unwrap();
     let resp = String::from_utf8(read_to_end(&mut s).await).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{resp}");
-    assert!(resp.contains("not allowed"), "{resp}");
+    assert!(resp.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{resp}");
+    assert!(
+        resp.contains("127.0.0.2 is not on") && resp.contains("--allow 127.0.0.2"),
+        "{resp}"
+    );
     // A listed literal whose port is closed: connect failed.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -113,6 +113,9 @@ pub struct EgressManager {
     // lease can never interleave so that the task left running belongs to
     // the session that was replaced.
     hosts: Arc<tokio::sync::Mutex<BTreeMap<String, Entry>>>,
+    /// Destination sockets all host bridges may hold together, sized from
+    /// the open-file limit so the API keeps descriptors in reserve.
+    sockets: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for EgressManager {
@@ -142,6 +145,9 @@ impl EgressManager {
             profiles,
             ends,
             hosts: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
+            sockets: Arc::new(tokio::sync::Semaphore::new(
+                crate::platform::nofile::egress_socket_budget(),
+            )),
         }
     }
 
@@ -170,7 +176,14 @@ impl EgressManager {
     /// never reconnect) and the new one started. A failed mint leaves the
     /// old bridge working.
     pub async fn start(&self, mut spec: EgressSpec) -> Result<EgressInfo, EgressError> {
-        let policy = Arc::new(self.policy(&spec)?);
+        // Building a policy is bounded (at most 4096 patterns) but still CPU
+        // work on input from outside: keep it off the runtime threads.
+        let this = self.clone();
+        let for_policy = spec.clone();
+        let policy = tokio::task::spawn_blocking(move || this.policy(&for_policy))
+            .await
+            .map_err(|e| EgressError::Persist(std::io::Error::other(e.to_string())))??;
+        let policy = Arc::new(policy);
         let client = self.client()?.clone();
         let mut hosts = self.hosts.lock().await;
         let allow: Vec<String> = policy.patterns().iter().map(ToString::to_string).collect();
@@ -241,6 +254,7 @@ impl EgressManager {
             ends: self.ends.clone(),
             ended: Arc::clone(&ended),
             manager: self.clone(),
+            sockets: Arc::clone(&self.sockets),
         };
         let id = TaskId::new(TaskKind::EgressHost, spec.lease.as_str());
         let handle = self

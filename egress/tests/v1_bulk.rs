@@ -3,7 +3,9 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use sha2::{Digest, Sha256};
 use support::*;
@@ -148,10 +150,7 @@ async fn both_ways_over_v1(mib: usize) {
     assert_eq!(p.proxy.stats().protocol_version(), 1);
     assert_eq!(got_down, expected_digest(7, len), "download differs");
     assert_eq!(got_up, expected_digest(9, len), "upload differs");
-    eprintln!(
-        "v1 bulk: {mib} MiB each way in {:?}",
-        started.elapsed()
-    );
+    eprintln!("v1 bulk: {mib} MiB each way in {:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,7 +177,13 @@ async fn a_stalled_v1_reader_is_closed_after_the_stall_timeout_and_costs_others_
         ..ClientConfig::default()
     })
     .await;
-    let _host = spawn_host(&relay, false, loopback_policy(), std::sync::Arc::new(SessionStats::new())).await;
+    let _host = spawn_host(
+        &relay,
+        false,
+        loopback_policy(),
+        std::sync::Arc::new(SessionStats::new()),
+    )
+    .await;
     let _client = attach(&proxy, relay.connect(crabbox_egress::Role::Client).await);
     wait_until(|| proxy.is_bridged()).await;
     let firehose = firehose_origin().await;
@@ -206,7 +211,10 @@ async fn a_stalled_v1_reader_is_closed_after_the_stall_timeout_and_costs_others_
     let end = tokio::time::timeout(WAIT, stalled.read_to_end(&mut sink)).await;
     assert!(end.is_ok(), "the stalled stream was never closed");
     // Head-of-line blocking on v1 is bounded by the stall timeout (plus scheduling slack).
-    assert!(worst < stall + Duration::from_secs(3), "worst round trip {worst:?}");
+    assert!(
+        worst < stall + Duration::from_secs(3),
+        "worst round trip {worst:?}"
+    );
     eprintln!("v1 stall: worst round trip of the other stream {worst:?} (stall timeout {stall:?})");
     // Afterwards the other stream is as fast as ever.
     let t = Instant::now();

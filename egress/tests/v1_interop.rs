@@ -149,8 +149,12 @@ async fn stalled_local_socket_does_not_block_other_streams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_overflow_closes_only_that_stream() {
-    let (mut fake, proxy, _p) = client_with_fake_host(BridgeConfig::client()).await;
+async fn a_stalled_queue_closes_only_that_stream() {
+    // v1 backpressure: the bridge reader waits for the full queue, then closes
+    // just that stream after the stall timeout; the others carry on.
+    let mut cfg = BridgeConfig::client();
+    cfg.v1_stall_timeout = Duration::from_secs(1);
+    let (mut fake, proxy, _p) = client_with_fake_host(cfg).await;
     let _stalled = small_buffer_connect(proxy, "127.0.0.1:1").await;
     let a = accept_open(&mut fake).await;
     let mut other = send_connect(proxy, "127.0.0.1:2").await;

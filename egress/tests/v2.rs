@@ -254,13 +254,20 @@ async fn negotiates_v2_through_a_relay_that_loses_early_frames() {
         assert_v2(&p).await;
         let origin = echo_origin().await;
         let (mut s, head) = connect_via(p.proxy_addr, origin).await;
-        assert_eq!(head.as_bytes(), crabbox_egress::proxy::CONNECT_OK, "client_first={client_first}");
+        assert_eq!(
+            head.as_bytes(),
+            crabbox_egress::proxy::CONNECT_OK,
+            "client_first={client_first}"
+        );
         echo_roundtrip(&mut s, b"over yamux despite lost hellos").await;
     }
 }
 
 /// Collects what a v1-only peer receives for `dur`: JSON text only (panics on binary).
-async fn v1_frames_for(ws: &mut crabbox_egress::memory::MemoryWs, dur: Duration) -> Vec<serde_json::Value> {
+async fn v1_frames_for(
+    ws: &mut crabbox_egress::memory::MemoryWs,
+    dur: Duration,
+) -> Vec<serde_json::Value> {
     use futures::StreamExt;
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + dur;
@@ -292,10 +299,17 @@ async fn repeated_hellos_never_show_a_v1_only_peer_anything_but_v1_frames() {
         hellos.len() >= 2 && hellos.iter().all(|v| v["type"] == "hello"),
         "the host repeats hello while the peer is silent: {hellos:?}"
     );
-    assert_eq!(stats.protocol_version(), 0, "unknown until the peer shows which");
+    assert_eq!(
+        stats.protocol_version(),
+        0,
+        "unknown until the peer shows which"
+    );
     // The relay drops this peer's first frames too; then a v1 open gets through.
     for _ in 0..3 {
-        peer.ws.send(Message::text(r#"{"type":"noop"}"#)).await.unwrap();
+        peer.ws
+            .send(Message::text(r#"{"type":"noop"}"#))
+            .await
+            .unwrap();
     }
     peer.send(serde_json::json!({"type": "open", "id": "c1", "host": "127.0.0.1", "port": origin.port().to_string()})).await;
     let after = v1_frames_for(&mut peer.ws, Duration::from_millis(1000)).await;
@@ -305,6 +319,9 @@ async fn repeated_hellos_never_show_a_v1_only_peer_anything_but_v1_frames() {
         .skip_while(|v| v["type"] != "open_ok")
         .filter(|v| v["type"] == "hello")
         .count();
-    assert_eq!(hellos_after_ok, 0, "a v1 frame from the peer stops the hellos: {after:?}");
+    assert_eq!(
+        hellos_after_ok, 0,
+        "a v1 frame from the peer stops the hellos: {after:?}"
+    );
     assert_eq!(stats.protocol_version(), 1);
 }

@@ -372,7 +372,12 @@ async fn a_helper_leaving_is_not_a_failure_the_host_rejoins_at_once() {
     let w = world().await;
     let origin = Origin::start().await;
     let session = start_host(&w.daemon, &origin).await;
-    wait_status(&w.daemon, "the host bridge", |v| v["coordinator"]["hostConnected"] == true).await;
+    wait_status(&w.daemon, "the host bridge", |v| {
+        v["coordinator"]["hostConnected"] == true
+    })
+    .await;
+    // No peer yet: the protocol is unknown, not v1.
+    assert_eq!(status(&w.daemon).await["local"]["protocol_version"], 0);
     for round in 0..4 {
         let h = helper(&w, &session).await;
         fetch_until_ok(&h.proxy_url(), &origin.url("index.html")).await;
@@ -380,13 +385,21 @@ async fn a_helper_leaving_is_not_a_failure_the_host_rejoins_at_once() {
         drop(h);
         let left = tokio::time::Instant::now();
         wait_status(&w.daemon, "the host to rejoin", |v| {
-            v["coordinator"]["clientConnected"] == false && v["coordinator"]["hostConnected"] == true
+            v["coordinator"]["clientConnected"] == false
+                && v["coordinator"]["hostConnected"] == true
         })
         .await;
         let v = status(&w.daemon).await;
         eprintln!("round {round}: host back after {:?}", left.elapsed());
-        assert!(left.elapsed() < Duration::from_secs(5), "round {round}: {:?}", left.elapsed());
-        assert_eq!(v["local"]["restarts"], 0, "a peer leaving is not a failure: {v}");
+        assert!(
+            left.elapsed() < Duration::from_secs(5),
+            "round {round}: {:?}",
+            left.elapsed()
+        );
+        assert_eq!(
+            v["local"]["restarts"], 0,
+            "a peer leaving is not a failure: {v}"
+        );
         assert_eq!(v["local"]["last_error"], "", "{v}");
     }
 }
@@ -396,11 +409,18 @@ async fn after_egress_stop_the_helper_says_the_host_side_was_stopped() {
     let w = world().await;
     let origin = Origin::start().await;
     let session = start_host(&w.daemon, &origin).await;
-    wait_status(&w.daemon, "the host bridge", |v| v["coordinator"]["hostConnected"] == true).await;
+    wait_status(&w.daemon, "the host bridge", |v| {
+        v["coordinator"]["hostConnected"] == true
+    })
+    .await;
     let h = helper(&w, &session).await;
     fetch_until_ok(&h.proxy_url(), &origin.url("index.html")).await;
     let out = w.daemon.ctl(&["egress", "stop", "--id", LEASE]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let answer = loop {
         let a = raw_connect(h.listen, &origin.addr.to_string()).await;
@@ -419,7 +439,10 @@ async fn idle_connections_do_not_lock_the_helper() {
     let w = world().await;
     let origin = Origin::start().await;
     let session = start_host(&w.daemon, &origin).await;
-    wait_status(&w.daemon, "the host bridge", |v| v["coordinator"]["hostConnected"] == true).await;
+    wait_status(&w.daemon, "the host bridge", |v| {
+        v["coordinator"]["hostConnected"] == true
+    })
+    .await;
     let h = helper(&w, &session).await;
     fetch_until_ok(&h.proxy_url(), &origin.url("index.html")).await;
     // More idle connections than the helper's 512-connection cap, none sending a byte.
@@ -442,5 +465,8 @@ async fn idle_connections_do_not_lock_the_helper() {
             closed += 1;
         }
     }
-    assert!(closed >= 590, "only {closed} of 600 idle connections were closed");
+    assert!(
+        closed >= 590,
+        "only {closed} of 600 idle connections were closed"
+    );
 }

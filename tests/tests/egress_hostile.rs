@@ -6,12 +6,13 @@
 
 use std::{
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crabbox_coordinator::testing::TestCoordinator;
 use crabbox_tests::TestDaemon;
 use futures::{SinkExt, StreamExt};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 const LEASE: &str = "cbx_00000000e0f1";
@@ -32,10 +33,21 @@ async fn world(builder: crabbox_tests::TestDaemonBuilder) -> (TestCoordinator, T
 async fn start_host(d: &TestDaemon) {
     let out = d
         .ctl(&[
-            "egress", "host", "--id", LEASE, "--allow", "127.0.0.1", "--allow-private", "--json",
+            "egress",
+            "host",
+            "--id",
+            LEASE,
+            "--allow",
+            "127.0.0.1",
+            "--allow-private",
+            "--json",
         ])
         .await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Frames the hostile peer received, collected by a background reader.
@@ -45,13 +57,26 @@ type Sink = futures::stream::SplitSink<crabbox_egress::BridgeSocket, Message>;
 
 /// Joins as the lease side with a real client ticket; returns the sink and what arrives.
 async fn hostile_peer(coord: &TestCoordinator, d: &TestDaemon) -> (Sink, Inbox) {
-    let path = d.home().join(format!("hostile-ticket-{}", std::process::id()));
+    let path = d
+        .home()
+        .join(format!("hostile-ticket-{}", std::process::id()));
     let out = d
         .ctl(&[
-            "egress", "ticket", "--id", LEASE, "--role", "client", "--out", path.to_str().unwrap(),
+            "egress",
+            "ticket",
+            "--id",
+            LEASE,
+            "--role",
+            "client",
+            "--out",
+            path.to_str().unwrap(),
         ])
         .await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ticket = std::fs::read_to_string(&path).unwrap();
     let url = format!(
         "{}/v1/leases/{LEASE}/egress/client",
@@ -77,7 +102,9 @@ async fn hostile_peer(coord: &TestCoordinator, d: &TestDaemon) -> (Sink, Inbox) 
         &["egress", "status", "--id", LEASE, "--json"],
         "both ends paired",
         Duration::from_secs(30),
-        |v| v["coordinator"]["hostConnected"] == true && v["coordinator"]["clientConnected"] == true,
+        |v| {
+            v["coordinator"]["hostConnected"] == true && v["coordinator"]["clientConnected"] == true
+        },
     )
     .await;
     (sink, inbox)
@@ -156,13 +183,21 @@ async fn thousands_of_opens_to_a_blackhole_leave_the_api_descriptors() {
     eprintln!(
         "fds: baseline {baseline}, max {max_fds}; GetStatus worst {worst:?}, failures {failures}; refused opens {refused}"
     );
-    assert_eq!(failures, 0, "the API failed while opens were pending:\n{}", d.stderr());
+    assert_eq!(
+        failures,
+        0,
+        "the API failed while opens were pending:\n{}",
+        d.stderr()
+    );
     assert!(worst < Duration::from_secs(3), "GetStatus took {worst:?}");
     assert!(
         max_fds < baseline + 300,
         "descriptors went from {baseline} to {max_fds} (limit 1024)"
     );
-    assert!(refused >= 2000, "opens beyond the pending cap are refused at once ({refused})");
+    assert!(
+        refused >= 2000,
+        "opens beyond the pending cap are refused at once ({refused})"
+    );
     let log = d.stderr();
     assert!(log.contains("RLIMIT_NOFILE"), "{log}");
     assert!(log.contains("refusing opens at a limit"), "{log}");
@@ -194,7 +229,12 @@ async fn v1_queues_towards_destinations_that_never_read_stay_within_a_budget() {
                 .unwrap();
         }
         let deadline = Instant::now() + Duration::from_secs(20);
-        while inbox.lock().unwrap().iter().filter(|v| v["type"] == "open_ok").count()
+        while inbox
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["type"] == "open_ok")
+            .count()
             < (batch + 1) * 50
         {
             assert!(Instant::now() < deadline, "opens were not answered");
@@ -256,7 +296,10 @@ async fn peer_supplied_hosts_never_forge_log_lines() {
             .map(|v| v["error"].as_str().unwrap_or("").to_owned())
             .collect();
         if errors.len() >= 2 {
-            assert!(errors.iter().all(|e| e == "invalid destination host"), "{errors:?}");
+            assert!(
+                errors.iter().all(|e| e == "invalid destination host"),
+                "{errors:?}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "no refusal: {errors:?}");
@@ -266,7 +309,8 @@ async fn peer_supplied_hosts_never_forge_log_lines() {
     let log = d.stderr();
     assert!(!log.contains('\u{1b}'), "an escape reached the log");
     assert!(
-        !log.lines().any(|l| l.contains("forged: pwned") && !l.contains("open refused")),
+        !log.lines()
+            .any(|l| l.contains("forged: pwned") && !l.contains("open refused")),
         "a forged line:\n{log}"
     );
     let longest = log.lines().map(str::len).max().unwrap_or(0);

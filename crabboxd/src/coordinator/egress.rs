@@ -149,24 +149,20 @@ impl Client {
         let bearer = self.bearer().await?;
         // The one dialler both bridge ends share (crabbox-egress); only the
         // mapping into this module's error shape lives here.
-        crabbox_egress::connect_bridge(
-            &url,
-            ticket.expose(),
-            bearer.as_ref().map(|b| b.expose()),
-        )
-        .await
-        .map_err(|e| match e.status() {
-            Some(status) => CoordinatorError::Status {
-                method: "GET",
-                path: path.clone(),
-                status,
-                code: format!("http_{status}"),
-                message: Some("bridge upgrade refused".into()),
-            },
-            None => CoordinatorError::Bridge {
-                path: path.clone(),
-                message: e.to_string(),
-            },
-        })
+        crabbox_egress::connect_bridge(&url, ticket.expose(), bearer.as_ref().map(|b| b.expose()))
+            .await
+            .map_err(|e| match e.status() {
+                Some(status) => CoordinatorError::Status {
+                    method: "GET",
+                    path: path.clone(),
+                    status,
+                    code: format!("http_{status}"),
+                    message: Some("bridge upgrade refused".into()),
+                },
+                None => CoordinatorError::Bridge {
+                    path: path.clone(),
+                    message: e.to_string(),
+                },
+            })
     }
 }

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use crabbox_egress::{BridgeConfig, ClientConfig, ConnectError, ProxyServer, connect_bridge, proxy};
+use crabbox_egress::{
+    BridgeConfig, ClientConfig, ConnectError, ProxyServer, connect_bridge, proxy,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
@@ -51,14 +53,14 @@ struct Args {
     /// Unix control socket for fresh tickets (default: $XDG_RUNTIME_DIR or /tmp, named after the listen port).
     #[arg(long)]
     control: Option<PathBuf>,
-    /// Concurrent proxied connections before answering 503.
+    /// Concurrent proxied connections with a complete request head before answering 503.
     #[arg(long, default_value_t = 512)]
     max_connections: usize,
     /// Speak only bridge protocol v1 (never offer v2).
     #[arg(long)]
     v1_only: bool,
-    /// v1 only: bytes (KiB) one stream may queue towards a slow browser before it alone is closed.
-    #[arg(long, default_value_t = 256)]
+    /// v1 only: bytes (KiB) one stream may queue towards a slow browser before the bridge waits for it.
+    #[arg(long, default_value_t = 1024)]
     v1_queue_kib: usize,
 }
 
@@ -244,7 +246,9 @@ async fn run(
                 match proxy.attach(ws).await {
                     Err(e) if e.is_fatal() => {
                         error!(error = %e, "egress client: bridge ended for good");
-                        proxy.set_down_reason("this egress session is over (replaced, or the lease ended)");
+                        proxy.set_down_reason(
+                            "this egress session is over (replaced, or the lease ended)",
+                        );
                         return Ok(ExitCode::from(EXIT_FATAL));
                     }
                     Err(e) => warn!(error = %e, "egress client: bridge ended; the proxy stays up"),

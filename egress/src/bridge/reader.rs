@@ -5,10 +5,10 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
@@ -45,7 +45,8 @@ impl Reader {
         let cfg = self.inner.cfg.clone();
         // The first hello goes out at once; the timer repeats it (a relay may
         // drop frames sent just after an upgrade, or while the peer is absent).
-        let mut hello_tick = tokio::time::interval(cfg.hello_interval.max(Duration::from_millis(10)));
+        let mut hello_tick =
+            tokio::time::interval(cfg.hello_interval.max(Duration::from_millis(10)));
         hello_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut ping = tokio::time::interval(cfg.keepalive_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Skip);
@@ -157,7 +158,10 @@ impl Reader {
         };
         if !matches!(
             frame,
-            TextFrame::Hello(_) | TextFrame::Stats(_) | TextFrame::Bye { .. } | TextFrame::Unknown(_)
+            TextFrame::Hello(_)
+                | TextFrame::Stats(_)
+                | TextFrame::Bye { .. }
+                | TextFrame::Unknown(_)
         ) {
             // A reference peer never says hello; its first v1 frame settles it.
             self.peer_spoke = true;

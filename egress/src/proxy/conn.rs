@@ -11,8 +11,8 @@ use tracing::{debug, info};
 use super::request::{self, Action, BodyFraming, ChunkedScanner, RequestHead};
 use super::{BAD_GATEWAY, BAD_REQUEST, CONNECT_OK, HEAD_TOO_LARGE, REQUEST_TIMEOUT, text_response};
 use crate::bridge::{Bridge, OpenFailure, Opened};
-use crate::frame_v2::OpenCode;
 use crate::client::ClientConfig;
+use crate::frame_v2::OpenCode;
 use crate::relay::{RelayOpts, relay};
 use crate::stats::SessionStats;
 
@@ -73,10 +73,7 @@ pub(crate) async fn serve_connection(
         Action::Tunnel(d) | Action::Forward { dest: d, .. } => d.clone(),
     };
     let Ok(_permit) = streams.try_acquire_owned() else {
-        let body = text_response(
-            "503 Service Unavailable",
-            "too many concurrent connections",
-        );
+        let body = text_response("503 Service Unavailable", "too many concurrent connections");
         return answer(&mut sock, &body).await;
     };
     let bridge = slot.borrow().clone();
@@ -138,8 +135,13 @@ fn failure_phrase(failure: &OpenFailure) -> String {
 /// The host's policy refused the destination (v2 code, or the v1 text every host sends).
 fn not_allowed(failure: &OpenFailure) -> bool {
     match failure {
-        OpenFailure::Rejected { code: Some(code), .. } => *code == OpenCode::NotAllowed,
-        OpenFailure::Rejected { code: None, message } => message == "host not allowed",
+        OpenFailure::Rejected {
+            code: Some(code), ..
+        } => *code == OpenCode::NotAllowed,
+        OpenFailure::Rejected {
+            code: None,
+            message,
+        } => message == "host not allowed",
         _ => false,
     }
 }

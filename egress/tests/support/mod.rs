@@ -186,7 +186,12 @@ pub async fn pair(host_v2: bool, client_v2: bool, client_first: bool) -> Pair {
 }
 
 /// Like [`pair`], through a given relay (e.g. one that loses early frames).
-pub async fn pair_on(relay: MemoryRelay, host_v2: bool, client_v2: bool, client_first: bool) -> Pair {
+pub async fn pair_on(
+    relay: MemoryRelay,
+    host_v2: bool,
+    client_v2: bool,
+    client_first: bool,
+) -> Pair {
     let host_stats = Arc::new(SessionStats::new());
     let cfg = ClientConfig {
         bridge: fast_bridge(BridgeConfig::client(), client_v2),

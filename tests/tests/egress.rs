@@ -175,6 +175,19 @@ async fn an_open_proxy_is_refused() {
         .ctl(&["egress", "host", "--id", LEASE, "--allow", "*"])
         .await;
     assert!(!out.status.success());
+    // A wildcard over a public suffix, and a private address without the opt-in.
+    for (allow, says) in [
+        ("*.co.uk", "public suffix"),
+        ("127.0.0.1", "--allow-private"),
+    ] {
+        let out = w
+            .daemon
+            .ctl(&["egress", "host", "--id", LEASE, "--allow", allow])
+            .await;
+        assert!(!out.status.success(), "{allow} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{allow}: {err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@ use std::{future::Future, path::Path, time::Duration};
 use crabbox_api::{
     Client, ConnectError,
     client::skew_of,
+    errors::{self, COORDINATOR_DEADLINE},
     version::{self, Skew},
 };
 use tonic::Code as GrpcCode;
@@ -21,37 +22,64 @@ use crate::{
 /// never answers is wedged, and a bounded wait lets scripts notice.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long a call that makes the daemon talk to its coordinator may take:
+/// longer than the daemon's own bound on that work
+/// ([`COORDINATOR_DEADLINE`]), so a slow coordinator is reported as the
+/// coordinator's fault (exit 5), never as a wedged daemon (exit 3).
+pub const COORDINATOR_CALL_TIMEOUT: Duration =
+    Duration::from_secs(COORDINATOR_DEADLINE.as_secs() + 10);
+
 /// Connects to the daemon at `socket`, or fails with exit code 3 and hints
 /// that say where it looked and how to start it.
 pub async fn connect(socket: &Path) -> anyhow::Result<Client> {
     match tokio::time::timeout(CALL_TIMEOUT, Client::connect(socket)).await {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(err)) => Err(unreachable(&err).into()),
-        Err(_) => Err(wedged(socket).into()),
+        Err(_) => Err(wedged(socket, CALL_TIMEOUT).into()),
     }
 }
 
-/// Runs one call under [`CALL_TIMEOUT`], mapping its status with [`rpc_failed`].
+/// Runs one local call under [`CALL_TIMEOUT`], mapping its status with
+/// [`rpc_failed`].
 pub async fn call<T>(
     socket: &Path,
     rpc: &str,
     fut: impl Future<Output = Result<T, tonic::Status>>,
 ) -> anyhow::Result<T> {
-    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+    call_within(CALL_TIMEOUT, socket, rpc, fut).await
+}
+
+/// Runs one call that reaches the coordinator, under
+/// [`COORDINATOR_CALL_TIMEOUT`].
+pub async fn call_coordinator<T>(
+    socket: &Path,
+    rpc: &str,
+    fut: impl Future<Output = Result<T, tonic::Status>>,
+) -> anyhow::Result<T> {
+    call_within(COORDINATOR_CALL_TIMEOUT, socket, rpc, fut).await
+}
+
+async fn call_within<T>(
+    limit: Duration,
+    socket: &Path,
+    rpc: &str,
+    fut: impl Future<Output = Result<T, tonic::Status>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(limit, fut).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(status)) => Err(rpc_failed(socket, rpc, &status).into()),
-        Err(_) => Err(wedged(socket).into()),
+        Err(_) => Err(wedged(socket, limit).into()),
     }
 }
 
-/// The failure for a daemon that accepted but did not answer in time.
-pub fn wedged(socket: &Path) -> Failure {
+/// The failure for a daemon that accepted but did not answer within `limit`.
+pub fn wedged(socket: &Path, limit: Duration) -> Failure {
     Failure {
         code: Code::Unreachable,
         message: format!(
             "crabboxd at {} did not answer within {}s",
             socket.display(),
-            CALL_TIMEOUT.as_secs()
+            limit.as_secs()
         ),
         hints: vec![
             "see its log with `crabboxctl daemon logs`".into(),
@@ -128,6 +156,25 @@ pub fn rpc_failed(socket: &Path, rpc: &str, status: &tonic::Status) -> Failure {
                 version::VERSION
             ))
             .hint("run `crabboxctl daemon restart` so the running daemon matches the installed CLI")
+        }
+        GrpcCode::Unavailable if errors::coordinator_unavailable(status.metadata()).is_some() => {
+            let url = errors::coordinator_unavailable(status.metadata()).unwrap_or_default();
+            let at = if url.is_empty() {
+                "its coordinator".to_owned()
+            } else {
+                format!("the coordinator at {url}")
+            };
+            Failure {
+                code: Code::CoordinatorUnreachable,
+                message: format!(
+                    "crabboxd could not reach {at} during {rpc}: {}",
+                    status.message()
+                ),
+                hints: vec![
+                    format!("check that {at} is up and reachable from this machine; `crabboxctl doctor` tests it"),
+                    "crabboxd itself is running; kept leases and egress hosts keep retrying on their own".to_owned(),
+                ],
+            }
         }
         GrpcCode::Unavailable => Failure {
             code: Code::Unreachable,
@@ -219,6 +266,41 @@ mod tests {
             )
         );
         assert!(f.hints[0].contains("crabboxctl daemon restart"));
+    }
+
+    #[test]
+    fn a_coordinator_outage_is_exit_5_not_a_gone_daemon() {
+        let mut status = tonic::Status::unavailable(
+            "cannot reach the coordinator at http://127.0.0.1:9: connection refused",
+        );
+        let md = status.metadata_mut();
+        md.insert(errors::ERROR_SOURCE_KEY, "coordinator".parse().unwrap());
+        md.insert(
+            errors::COORDINATOR_URL_KEY,
+            "http://127.0.0.1:9".parse().unwrap(),
+        );
+        let f = rpc_failed(Path::new("/x.sock"), "KeepLease", &status);
+        assert_eq!(f.code, Code::CoordinatorUnreachable);
+        assert!(
+            f.message.starts_with(
+                "crabboxd could not reach the coordinator at http://127.0.0.1:9 during KeepLease"
+            ),
+            "{}",
+            f.message
+        );
+        assert!(
+            f.hints.iter().all(|h| !h.contains("start it")),
+            "{:?}",
+            f.hints
+        );
+        // Without the trailers it is the daemon's transport: exit 3.
+        let f = rpc_failed(
+            Path::new("/x.sock"),
+            "KeepLease",
+            &tonic::Status::unavailable("connection reset"),
+        );
+        assert_eq!(f.code, Code::Unreachable);
+        assert!(COORDINATOR_CALL_TIMEOUT > COORDINATOR_DEADLINE);
     }
 
     #[test]

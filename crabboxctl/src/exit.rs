@@ -18,6 +18,8 @@ pub enum Code {
     Unreachable = 3,
     /// `crabboxctl doctor` found at least one failed check.
     DoctorFailed = 4,
+    /// crabboxd answered, but could not reach its coordinator.
+    CoordinatorUnreachable = 5,
 }
 
 impl From<Code> for std::process::ExitCode {
@@ -34,7 +36,13 @@ Exit status:
   2   usage error (unknown flag or argument)
   3   crabboxd could not be reached on its socket (also `daemon status` when it is not running)
   4   `crabboxctl doctor` found at least one failed check
+  5   crabboxd answered but could not reach its coordinator (down, unreachable or not answering)
   (64 is crabboxd's own exit code for a bad configuration; crabboxctl never uses it)
+
+`attach` exits with the run's own exit status instead (0-255 as the run reported
+it, 128+n for a command its shell saw killed by signal n; a negative code or one
+above 255 becomes 1), which overlaps 1-5: with --json its last line
+`{\"end\": …}` tells the run's status apart from crabboxctl's own failures.
 
 --json output is for scripts, but its format is not yet stable and may change
 in any release until it is promised in the changelog.";
@@ -131,6 +139,7 @@ mod tests {
             (Code::Usage, 2),
             (Code::Unreachable, 3),
             (Code::DoctorFailed, 4),
+            (Code::CoordinatorUnreachable, 5),
         ] {
             assert_eq!(code as u8, n);
             assert!(EXIT_CODES_HELP.contains(&format!("  {n}   ")));

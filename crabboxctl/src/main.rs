@@ -192,6 +192,11 @@ mod tests {
         let help = Cli::command().render_long_help().to_string();
         assert!(help.contains("Exit status:"), "{help}");
         assert!(help.contains("3   crabboxd could not be reached"));
+        assert!(help.contains("5   crabboxd answered but could not reach its coordinator"));
+        assert!(
+            help.contains("a negative code or one\nabove 255 becomes 1"),
+            "{help}"
+        );
         assert!(help.contains("format is not yet stable"));
     }
 

@@ -5,7 +5,8 @@
 //! The `--json` format is for scripts but is not yet stable: it may change in
 //! any release until the changelog promises it. Enum values are rendered as
 //! kebab-case names without their proto prefix (`TASK_STATE_RUNNING` →
-//! `running`), timestamps both as Unix milliseconds and RFC 3339 UTC.
+//! `running`), timestamps as RFC 3339 UTC text with milliseconds (`null`
+//! when unknown), durations as whole seconds in a field named `…_seconds`.
 
 use std::{
     collections::BTreeMap,
@@ -14,6 +15,7 @@ use std::{
 };
 
 use crabbox_api::{
+    prost_types,
     v1::{self, CheckStatus, ConfigFileKind, Phase, TaskKind, TaskState},
     version::{self, Skew},
 };
@@ -30,10 +32,8 @@ pub struct StatusJson {
     pub protocol: u32,
     /// The daemon's process id.
     pub pid: u32,
-    /// Daemon start time, Unix milliseconds.
-    pub started_at_unix_ms: i64,
     /// Daemon start time, RFC 3339 UTC.
-    pub started_at: String,
+    pub started_at: Option<String>,
     /// Lifecycle phase (`starting`, `running`, `draining`).
     pub phase: String,
     /// The socket the daemon serves on.
@@ -102,12 +102,10 @@ pub struct TaskJson {
     pub restarts: u32,
     /// Last error, or empty.
     pub last_error: String,
-    /// When the task entered its state, Unix milliseconds.
-    pub since_unix_ms: i64,
     /// When the task entered its state, RFC 3339 UTC.
-    pub since: String,
-    /// Next attempt while in backoff, Unix milliseconds (0 otherwise).
-    pub next_attempt_unix_ms: i64,
+    pub since: Option<String>,
+    /// Next attempt while in backoff, RFC 3339 UTC (`null` otherwise).
+    pub next_attempt: Option<String>,
     /// Labels of the task's span.
     pub labels: BTreeMap<String, String>,
 }
@@ -242,8 +240,7 @@ pub fn status_json(s: &v1::GetStatusResponse, skew: &Skew) -> StatusJson {
         version: s.version.clone(),
         protocol: s.protocol,
         pid: s.pid,
-        started_at_unix_ms: s.started_at_unix_ms,
-        started_at: rfc3339(s.started_at_unix_ms),
+        started_at: timestamp_text(s.started_at.as_ref()),
         phase: phase_name(s.phase),
         socket_path: s.socket_path.clone(),
         state_dir: s.state_dir.clone(),
@@ -289,9 +286,8 @@ pub fn task_json(t: &v1::Task) -> TaskJson {
         state: state_name(t.state),
         restarts: t.restarts,
         last_error: t.last_error.clone(),
-        since_unix_ms: t.since_unix_ms,
-        since: rfc3339(t.since_unix_ms),
-        next_attempt_unix_ms: t.next_attempt_unix_ms,
+        since: timestamp_text(t.since.as_ref()),
+        next_attempt: timestamp_text(t.next_attempt.as_ref()),
         labels: t
             .labels
             .iter()
@@ -305,7 +301,10 @@ pub fn task_json(t: &v1::Task) -> TaskJson {
 /// Renders `crabboxctl status` for people.
 pub fn status_human(s: &v1::GetStatusResponse, now_ms: i64) -> String {
     let mut out = String::new();
-    let up = ago(s.started_at_unix_ms, now_ms);
+    let up = s
+        .started_at
+        .as_ref()
+        .map_or("-".to_owned(), |t| ago(unix_ms(t), now_ms));
     out.push_str(&format!(
         "crabboxd {} (protocol {}) is {}, pid {}, up {}\n",
         s.version,
@@ -379,11 +378,8 @@ pub fn task_line(t: &v1::Task, now_ms: i64) -> String {
 
 fn task_cells(t: &v1::Task, now_ms: i64) -> [String; 5] {
     let mut state = state_name(t.state);
-    if t.next_attempt_unix_ms > 0 {
-        state.push_str(&format!(
-            " (retry in {})",
-            until(t.next_attempt_unix_ms, now_ms)
-        ));
+    if let Some(next) = &t.next_attempt {
+        state.push_str(&format!(" (retry in {})", until(unix_ms(next), now_ms)));
     }
     let id = if t.id.is_empty() {
         format!("{}/{}", kind_name(t.kind), t.key)
@@ -394,10 +390,9 @@ fn task_cells(t: &v1::Task, now_ms: i64) -> [String; 5] {
         id,
         state,
         t.restarts.to_string(),
-        if t.since_unix_ms == 0 {
-            "-".to_owned()
-        } else {
-            format!("{} ago", ago(t.since_unix_ms, now_ms))
+        match &t.since {
+            None => "-".to_owned(),
+            Some(since) => format!("{} ago", ago(unix_ms(since), now_ms)),
         },
         t.last_error.replace('\n', " "),
     ]
@@ -444,6 +439,23 @@ pub fn checks_human(checks: &[CheckJson]) -> String {
 
 // === time ===
 
+/// A proto timestamp as milliseconds since the Unix epoch.
+pub fn unix_ms(t: &prost_types::Timestamp) -> i64 {
+    t.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos / 1_000_000))
+}
+
+/// A proto timestamp as RFC 3339 text for `--json`; `None` when absent.
+pub fn timestamp_text(t: Option<&prost_types::Timestamp>) -> Option<String> {
+    t.map(|t| rfc3339(unix_ms(t)))
+}
+
+/// A proto duration in whole seconds (negative spans read as zero).
+pub fn seconds(d: Option<&prost_types::Duration>) -> Option<u64> {
+    d.map(|d| u64::try_from(d.seconds).unwrap_or(0))
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_unix_ms() -> i64 {
     SystemTime::now()
@@ -475,12 +487,8 @@ pub fn short_duration(d: Duration) -> String {
     }
 }
 
-/// Unix milliseconds as RFC 3339 UTC with millisecond precision; empty for 0
-/// (the proto's "not set").
+/// Unix milliseconds as RFC 3339 UTC with millisecond precision.
 pub fn rfc3339(unix_ms: i64) -> String {
-    if unix_ms == 0 {
-        return String::new();
-    }
     let secs = unix_ms.div_euclid(1000);
     let ms = unix_ms.rem_euclid(1000);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
@@ -552,8 +560,11 @@ mod tests {
             state: state as i32,
             restarts: 2,
             last_error: err.to_owned(),
-            since_unix_ms: 1_000,
-            next_attempt_unix_ms: 0,
+            since: Some(prost_types::Timestamp {
+                seconds: 1,
+                nanos: 0,
+            }),
+            next_attempt: None,
             labels: [("lease".to_owned(), "lease_abc".to_owned())].into(),
         }
     }
@@ -571,7 +582,7 @@ mod tests {
 
     #[test]
     fn rfc3339_matches_known_instants() {
-        assert_eq!(rfc3339(0), "");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1), "1970-01-01T00:00:00.001Z");
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(rfc3339(1_763_777_696_789), "2025-11-22T02:14:56.789Z");
@@ -614,6 +625,8 @@ mod tests {
         assert_eq!(v["state"], "backoff");
         assert_eq!(v["restarts"], 2);
         assert_eq!(v["since"], "1970-01-01T00:00:01.000Z");
+        assert_eq!(v["next_attempt"], serde_json::Value::Null);
+        assert!(v.get("since_unix_ms").is_none(), "{v}");
         assert_eq!(v["labels"]["lease"], "lease_abc");
         let removed = serde_json::to_value(WatchEventJson::Removed { id: "a/b".into() }).unwrap();
         assert_eq!(removed, serde_json::json!({"removed": {"id": "a/b"}}));
@@ -627,7 +640,10 @@ mod tests {
             version: "0.0.9".into(),
             protocol: 1,
             pid: 42,
-            started_at_unix_ms: 1_000,
+            started_at: Some(prost_types::Timestamp {
+                seconds: 1,
+                nanos: 0,
+            }),
             coordinator_url: "https://coord.example".into(),
             coordinator_token_configured: true,
             config_files: vec![v1::ConfigFile {
@@ -648,6 +664,7 @@ mod tests {
         let skew = Skew::of(&s.version, s.protocol);
         let v = serde_json::to_value(status_json(&s, &skew)).unwrap();
         assert_eq!(v["phase"], "running");
+        assert_eq!(v["started_at"], "1970-01-01T00:00:01.000Z");
         assert_eq!(v["task_counts"]["running"], 3);
         assert_eq!(v["config_files"][0]["kind"], "daemon-toml");
         assert_eq!(v["config_files"][0]["mode"], "0600");

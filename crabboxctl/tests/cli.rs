@@ -43,8 +43,11 @@ fn task(id: &str, kind: TaskKind, state: TaskState) -> v1::Task {
         state: state as i32,
         restarts: 1,
         last_error: String::new(),
-        since_unix_ms: 1_700_000_000_000,
-        next_attempt_unix_ms: 0,
+        since: Some(crabbox_api::prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        }),
+        next_attempt: None,
         labels: Default::default(),
     }
 }
@@ -74,7 +77,10 @@ impl Daemon for Fake {
             version: self.version.clone(),
             protocol: version::PROTOCOL,
             pid: self.pid,
-            started_at_unix_ms: 1_700_000_000_000,
+            started_at: Some(crabbox_api::prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
             coordinator_url: "https://coordinator.test".into(),
             coordinator_token_configured: true,
             log_filter: "info".into(),
@@ -156,7 +162,12 @@ impl Daemon for Fake {
         if let Some(tx) = self.shutdown.lock().unwrap().take() {
             let _ = tx.send(());
         }
-        Ok(self.reply(v1::ShutdownResponse { grace_ms: 500 }))
+        Ok(self.reply(v1::ShutdownResponse {
+            grace: Some(crabbox_api::prost_types::Duration {
+                seconds: 0,
+                nanos: 500_000_000,
+            }),
+        }))
     }
 
     async fn set_log_level(
@@ -174,90 +185,9 @@ impl Daemon for Fake {
             current: filter,
         }))
     }
-
-    // The lease RPCs answer UNIMPLEMENTED, as an older daemon would, so the
-    // CLI's "daemon is older" sentence is tested against a real gRPC status.
-    async fn keep_lease(
-        &self,
-        _: Request<v1::KeepLeaseRequest>,
-    ) -> Result<Response<v1::KeepLeaseResponse>, Status> {
-        Err(Status::unimplemented("KeepLease"))
-    }
-
-    async fn release_lease(
-        &self,
-        _: Request<v1::ReleaseLeaseRequest>,
-    ) -> Result<Response<v1::ReleaseLeaseResponse>, Status> {
-        Err(Status::unimplemented("ReleaseLease"))
-    }
-
-    async fn stop_keeping_lease(
-        &self,
-        _: Request<v1::StopKeepingLeaseRequest>,
-    ) -> Result<Response<v1::StopKeepingLeaseResponse>, Status> {
-        Err(Status::unimplemented("StopKeepingLease"))
-    }
-
-    async fn list_leases(
-        &self,
-        _: Request<v1::ListLeasesRequest>,
-    ) -> Result<Response<v1::ListLeasesResponse>, Status> {
-        Err(Status::unimplemented("ListLeases"))
-    }
-
-    async fn heartbeat(
-        &self,
-        _: Request<v1::HeartbeatRequest>,
-    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
-        Err(Status::unimplemented("Heartbeat"))
-    }
-
-    type AttachStream = Pin<Box<dyn Stream<Item = Result<v1::AttachEvent, Status>> + Send>>;
-
-    async fn attach(
-        &self,
-        _: Request<v1::AttachRequest>,
-    ) -> Result<Response<Self::AttachStream>, Status> {
-        Err(Status::unimplemented("Attach"))
-    }
-
-    async fn start_egress_host(
-        &self,
-        _: Request<v1::StartEgressHostRequest>,
-    ) -> Result<Response<v1::StartEgressHostResponse>, Status> {
-        Err(Status::unimplemented("StartEgressHost"))
-    }
-
-    async fn get_egress_status(
-        &self,
-        _: Request<v1::GetEgressStatusRequest>,
-    ) -> Result<Response<v1::GetEgressStatusResponse>, Status> {
-        Err(Status::unimplemented("GetEgressStatus"))
-    }
-
-    async fn stop_egress_host(
-        &self,
-        _: Request<v1::StopEgressHostRequest>,
-    ) -> Result<Response<v1::StopEgressHostResponse>, Status> {
-        Err(Status::unimplemented("StopEgressHost"))
-    }
-
-    async fn list_egress_hosts(
-        &self,
-        _: Request<v1::ListEgressHostsRequest>,
-    ) -> Result<Response<v1::ListEgressHostsResponse>, Status> {
-        Err(Status::unimplemented("ListEgressHosts"))
-    }
-
-    async fn mint_egress_ticket(
-        &self,
-        _: Request<v1::MintEgressTicketRequest>,
-    ) -> Result<Response<v1::MintEgressTicketResponse>, Status> {
-        Err(Status::unimplemented("MintEgressTicket"))
-    }
 }
 
-/// A fake daemon serving on `<tempdir>/run/crabboxd.sock` (dir 0700, socket
+/// A fake daemon serving only the `Daemon` service on `<tempdir>/run/crabboxd.sock` (dir 0700, socket
 /// 0600, as the real one). Dropping it leaves the server running until the
 /// test's runtime ends.
 struct Served {
@@ -556,4 +486,22 @@ async fn install_dry_run_prints_units_for_both_managers() {
     let out = ctl(&socket, &[&args[..], &["launchd"]].concat()).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("<string>/opt/crabbox/bin/crabboxd</string>"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_without_a_service_is_called_older() {
+    // The fake serves only `Daemon`, as a daemon from before `Leases` and
+    // `Runs` existed would: the router answers UNIMPLEMENTED for the rest.
+    let d = serve(|f| f.version = "0.0.1-old".into());
+    let out = ctl(&d.socket, &["lease", "list"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("is older than crabboxctl") && stderr.contains("does not know ListLeases"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("crabboxctl daemon restart"), "{stderr}");
+    let out = ctl(&d.socket, &["attach", "run_000000000000"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("does not know Attach"));
 }

@@ -2,9 +2,10 @@
 //!
 //! It runs once per user (under systemd, launchd or in the foreground) and
 //! supervises, as managed tasks in one process, everything the operator side
-//! of Crabbox keeps running: egress host bridges, control-WebSocket
-//! heartbeats, SSH multiplexers and run attach streams. `crabboxctl`,
-//! editors and agents drive it through a gRPC API on a private Unix socket.
+//! of Crabbox keeps running: egress host bridges, lease keepers
+//! (heartbeats over the shared control WebSocket) and run attach feeds.
+//! `crabboxctl`, editors and agents drive it through a gRPC API on a private
+//! Unix socket.
 //!
 //! The entry point is [`run`]: it takes a loaded [`config::Config`], a bound
 //! [`platform::socket::ApiListener`] and a shutdown future, serves until

@@ -16,7 +16,7 @@ use crabboxd::{
 /// The per-user Crabbox workstation daemon.
 ///
 /// Serves the crabboxd gRPC API on a private Unix socket and supervises
-/// egress bridges, heartbeats, SSH multiplexers and attach streams. Usually
+/// egress host bridges, lease heartbeats and run attach feeds. Usually
 /// started by systemd (`systemctl --user start crabboxd`), launchd, or
 /// `crabboxctl daemon start`; run it directly to keep it in the foreground.
 #[derive(Debug, Parser)]

@@ -37,6 +37,10 @@ pub enum LogError {
 /// Installs the global subscriber with `filter`. Under systemd (the
 /// `JOURNAL_STREAM` variable is set) events go to journald with their fields
 /// as journal fields; otherwise to stderr.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "telemetry reads JOURNAL_STREAM before any configuration exists"
+)]
 pub fn init(filter: &str) -> anyhow::Result<()> {
     let parsed = parse(filter)?;
     let (filter_layer, reload) = reload::Layer::new(parsed);

@@ -2,6 +2,12 @@
 //! caller's shutdown future) cancel the task, wait for it to finish its
 //! drain, and only then stop the API and remove the socket.
 
+// A test outside the daemon: it runs `crabboxd::run` as a task of its own.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the test, not the daemon, spawns the daemon"
+)]
+
 use std::{
     collections::BTreeMap,
     sync::{
@@ -67,9 +73,9 @@ async fn shutdown_rpc_drains_tasks_before_removing_the_socket() {
     let (daemon, socket, drained) = daemon_with_slow_task(dir.path()).await;
     let running = tokio::spawn(daemon.run(std::future::pending()));
 
-    let mut client = crabbox_api::Client::connect(&socket).await.unwrap();
+    let client = crabbox_api::Client::connect(&socket).await.unwrap();
     let tasks = client
-        .rpc()
+        .daemon()
         .list_tasks(v1::ListTasksRequest {
             kind: v1::TaskKind::EgressHost as i32,
         })
@@ -86,7 +92,7 @@ async fn shutdown_rpc_drains_tasks_before_removing_the_socket() {
 
     // A kind filter applies to the snapshot (and to the changes).
     let mut filtered = client
-        .rpc()
+        .daemon()
         .watch_tasks(v1::WatchTasksRequest {
             kind: v1::TaskKind::EgressHost as i32,
         })
@@ -105,13 +111,13 @@ async fn shutdown_rpc_drains_tasks_before_removing_the_socket() {
     // Watch the table, then ask for shutdown: the watcher sees the task
     // stop while the API is still up.
     let mut watch = client
-        .rpc()
+        .daemon()
         .watch_tasks(v1::WatchTasksRequest::default())
         .await
         .unwrap()
         .into_inner();
     client
-        .rpc()
+        .daemon()
         .shutdown(v1::ShutdownRequest {
             reason: "test".into(),
         })

@@ -16,18 +16,23 @@ use tonic::{
 };
 
 use crate::{
-    v1::{self, daemon_client::DaemonClient},
+    v1::{
+        self, daemon_client::DaemonClient, egress_client::EgressClient,
+        leases_client::LeasesClient, runs_client::RunsClient,
+    },
     version::{self, Skew},
 };
 
-/// The generated gRPC client over a Unix-socket channel with version
-/// metadata added to every request.
-pub type RawClient = DaemonClient<InterceptedService<Channel, VersionInterceptor>>;
+/// The Unix-socket channel with version metadata added to every request;
+/// every generated service client of the API runs over one of these.
+pub type ApiChannel = InterceptedService<Channel, VersionInterceptor>;
 
-/// A connected client of the local API.
+/// A connected client of the local API: one HTTP/2 connection, shared by a
+/// generated client per service (`daemon()`, `leases()`, `egress()`,
+/// `runs()`). Each accessor is cheap: it clones the channel handle.
 #[derive(Debug, Clone)]
 pub struct Client {
-    rpc: RawClient,
+    channel: ApiChannel,
     socket: PathBuf,
 }
 
@@ -123,13 +128,34 @@ impl Client {
             }))
             .await
             .map_err(|e| ConnectError::classify(socket.clone(), e))?;
-        let rpc = DaemonClient::with_interceptor(channel, VersionInterceptor);
-        Ok(Client { rpc, socket })
+        let channel = InterceptedService::new(channel, VersionInterceptor);
+        Ok(Client { channel, socket })
     }
 
-    /// The generated client, for any call of the `Daemon` service.
-    pub fn rpc(&mut self) -> &mut RawClient {
-        &mut self.rpc
+    /// The `Daemon` service: status, tasks, diagnostics, log level, shutdown.
+    pub fn daemon(&self) -> DaemonClient<ApiChannel> {
+        DaemonClient::new(self.channel.clone())
+    }
+
+    /// The `Leases` service: keeping, releasing and heartbeating leases.
+    pub fn leases(&self) -> LeasesClient<ApiChannel> {
+        LeasesClient::new(self.channel.clone())
+    }
+
+    /// The `Egress` service: host bridges and helper tickets.
+    pub fn egress(&self) -> EgressClient<ApiChannel> {
+        EgressClient::new(self.channel.clone())
+    }
+
+    /// The `Runs` service: following runs.
+    pub fn runs(&self) -> RunsClient<ApiChannel> {
+        RunsClient::new(self.channel.clone())
+    }
+
+    /// The channel itself, for a generated client of any other service of
+    /// the package (`FooClient::new(client.channel())`).
+    pub fn channel(&self) -> ApiChannel {
+        self.channel.clone()
     }
 
     /// The socket path this client is connected to.
@@ -139,8 +165,8 @@ impl Client {
 
     /// Calls `GetStatus` and compares the daemon's version with this
     /// client's.
-    pub async fn status(&mut self) -> Result<(v1::GetStatusResponse, Skew), tonic::Status> {
-        let reply = self.rpc.get_status(v1::GetStatusRequest {}).await?;
+    pub async fn status(&self) -> Result<(v1::GetStatusResponse, Skew), tonic::Status> {
+        let reply = self.daemon().get_status(v1::GetStatusRequest {}).await?;
         let skew = skew_of(reply.metadata()).unwrap_or_else(|| {
             let status = reply.get_ref();
             Skew::of(&status.version, status.protocol)

@@ -11,10 +11,13 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod errors;
 pub mod paths;
 pub mod version;
 
-/// Generated types and services of package `crabbox.daemon.v1`.
+/// Generated types and services of package `crabbox.daemon.v1`: one
+/// service per domain (`Daemon`, `Leases`, `Egress`, `Runs`), each from its
+/// own `.proto` file, and the shared task types.
 #[allow(missing_docs, clippy::all, unreachable_pub)]
 pub mod v1 {
     tonic::include_proto!("crabbox.daemon.v1");
@@ -24,4 +27,8 @@ pub mod v1 {
 }
 
 pub use client::{Client, ConnectError};
+/// The well-known types (`Timestamp`, `Duration`) the generated messages
+/// use, re-exported so clients need no direct dependency to build or read
+/// them.
+pub use prost_types;
 pub use version::{PROTOCOL, VERSION};

@@ -42,9 +42,9 @@ async fn main() {
         .env("CRABBOX_LOG", "warn")
         .start()
         .await;
-    let mut client = d.client().await;
+    let client = d.client().await;
     let mut stream = client
-        .rpc()
+        .runs()
         .attach(v1::AttachRequest {
             run_id: run.clone(),
             after: 0,

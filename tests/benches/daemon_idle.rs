@@ -50,7 +50,7 @@ async fn main() {
     let pid = d.pid();
     let rss_start = proc_field(pid, "status", "VmRSS:").unwrap();
 
-    let mut c = d.client().await;
+    let c = d.client().await;
     for _ in 0..200 {
         c.status().await.unwrap();
     }

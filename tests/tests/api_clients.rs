@@ -42,15 +42,38 @@ async fn python_grpcio_client_discovers_and_calls_the_api() {
         d.stderr()
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(
-        v["services"]
+    // One service per domain, listed by both reflection versions.
+    for reflection in ["services", "services_v1"] {
+        let services: Vec<&str> = v[reflection]
             .as_array()
             .unwrap()
             .iter()
-            .any(|s| s == "crabbox.daemon.v1.Daemon"),
-        "{v}"
-    );
+            .map(|s| s.as_str().unwrap())
+            .collect();
+        for service in ["Daemon", "Leases", "Egress", "Runs"] {
+            assert!(
+                services.contains(&format!("crabbox.daemon.v1.{service}").as_str()),
+                "{reflection}: {services:?}"
+            );
+        }
+    }
     assert_eq!(v["status"]["pid"], d.pid());
+    // Times are Timestamps: the reflected descriptor set holds the
+    // well-known types, so a generic client renders RFC 3339 text.
+    let started = v["status"]["started_at"].as_str().unwrap();
+    assert!(
+        started.len() >= 20 && started.ends_with('Z') && started.as_bytes()[10] == b'T',
+        "{started}"
+    );
+    assert!(
+        v["tasks"]["tasks"][0]["since"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    // The other services answer too (nothing kept, no host bridges).
+    assert_eq!(v["leases"], serde_json::json!({}), "{v}");
+    assert_eq!(v["egress_hosts"], serde_json::json!({}), "{v}");
     assert_eq!(v["status"]["version"], crabbox_api::VERSION);
     assert_eq!(v["status"]["protocol"], crabbox_api::PROTOCOL);
     assert_eq!(v["status"]["phase"], "PHASE_RUNNING");

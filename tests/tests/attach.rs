@@ -45,15 +45,14 @@ async fn coordinator_with_run(command: &str) -> (TestCoordinator, String) {
     (coord, run)
 }
 
-/// The sequence numbers of `attach --json` output lines.
+/// The sequence numbers of `attach --json` event lines (the last line,
+/// `{"end": …}`, has none).
 fn seqs(stdout: &[u8]) -> Vec<u64> {
     String::from_utf8_lossy(stdout)
         .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("end").is_none())
+        .map(|v| v["seq"].as_u64().unwrap())
         .collect()
 }
 

@@ -20,7 +20,7 @@ async fn status_reports_identity_and_config() {
         )
         .start()
         .await;
-    let mut c = d.client().await;
+    let c = d.client().await;
     let (status, skew) = c.status().await.unwrap();
     assert_eq!(skew, crabbox_api::version::Skew::None);
     assert_eq!(status.version, crabbox_api::VERSION);
@@ -41,10 +41,12 @@ async fn status_reports_identity_and_config() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    assert!(status.started_at_unix_ms <= now_ms && status.started_at_unix_ms > now_ms - 60_000);
+    let started = status.started_at.expect("a start time");
+    let started_ms = started.seconds * 1000 + i64::from(started.nanos / 1_000_000);
+    assert!(started_ms <= now_ms && started_ms > now_ms - 60_000);
     // The API server is listed as a task.
     let tasks = c
-        .rpc()
+        .daemon()
         .list_tasks(v1::ListTasksRequest::default())
         .await
         .unwrap()
@@ -61,9 +63,9 @@ async fn status_reports_identity_and_config() {
 #[tokio::test]
 async fn every_reply_carries_the_daemon_version() {
     let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+    let c = d.client().await;
     let reply = c
-        .rpc()
+        .daemon()
         .list_tasks(v1::ListTasksRequest::default())
         .await
         .unwrap();
@@ -127,16 +129,22 @@ async fn sigterm_drains_and_removes_the_socket() {
 #[tokio::test]
 async fn shutdown_rpc_drains_and_removes_the_socket() {
     let mut d = TestDaemon::builder().arg("--log").arg("info").start().await;
-    let mut c = d.client().await;
+    let c = d.client().await;
     let reply = c
-        .rpc()
+        .daemon()
         .shutdown(v1::ShutdownRequest {
             reason: "test".into(),
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(reply.grace_ms, 10_000);
+    assert_eq!(
+        reply.grace,
+        Some(crabbox_api::prost_types::Duration {
+            seconds: 10,
+            nanos: 0
+        })
+    );
     let status = d.wait_exit().await;
     assert!(status.success(), "{status:?}\n{}", d.stderr());
     assert!(!d.socket.exists());
@@ -146,12 +154,12 @@ async fn shutdown_rpc_drains_and_removes_the_socket() {
 #[tokio::test]
 async fn set_log_level_takes_effect_live() {
     let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+    let c = d.client().await;
     c.status().await.unwrap();
     assert!(!d.stderr().contains("api call"), "debug hidden at info");
 
     let reply = c
-        .rpc()
+        .daemon()
         .set_log_level(v1::SetLogLevelRequest {
             filter: "info,crabboxd=debug".into(),
         })
@@ -166,7 +174,7 @@ async fn set_log_level_takes_effect_live() {
 
     // A bad filter is refused and the old one stays.
     let err = c
-        .rpc()
+        .daemon()
         .set_log_level(v1::SetLogLevelRequest {
             filter: "info,=[".into(),
         })
@@ -180,9 +188,9 @@ async fn set_log_level_takes_effect_live() {
 #[tokio::test]
 async fn watch_tasks_starts_with_a_snapshot() {
     let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+    let c = d.client().await;
     let mut stream = c
-        .rpc()
+        .daemon()
         .watch_tasks(v1::WatchTasksRequest::default())
         .await
         .unwrap()
@@ -211,9 +219,9 @@ async fn diagnostics_report_file_modes_and_coordinator() {
         .toml("[coordinator]\nurl = \"http://127.0.0.1:9\"\n")
         .start()
         .await;
-    let mut c = d.client().await;
+    let c = d.client().await;
     let checks = c
-        .rpc()
+        .daemon()
         .run_diagnostics(v1::RunDiagnosticsRequest {})
         .await
         .unwrap()
@@ -253,7 +261,7 @@ async fn loose_config_file_mode_is_flagged() {
     let checks = d
         .client()
         .await
-        .rpc()
+        .daemon()
         .run_diagnostics(v1::RunDiagnosticsRequest {})
         .await
         .unwrap()

@@ -71,7 +71,7 @@ async fn serves_on_an_activated_socket() {
     });
 
     // The first connection starts the daemon; the client waits for it.
-    let mut client = crabbox_api::Client::connect(&socket).await.unwrap();
+    let client = crabbox_api::Client::connect(&socket).await.unwrap();
     let (status, _) = client.status().await.unwrap();
     assert_eq!(status.socket_path, socket.display().to_string());
     assert_eq!(

@@ -1,5 +1,7 @@
 //! Tidy checks over the source tree: every Rust file opens with a `//!` line
-//! saying what it owns, and `crabboxctl` depends on `crabbox-api` only.
+//! saying what it owns, `crabboxctl` depends on `crabbox-api` only, proto
+//! types stay in `crabboxd/src/api/`, and the clippy rules that enforce the
+//! daemon's invariants are lifted only in the modules that own them.
 
 use std::{
     fs,
@@ -88,4 +90,65 @@ fn only_api_module_knows_proto_types() {
         offenders.is_empty(),
         "proto types outside crabboxd/src/api: {offenders:?}"
     );
+}
+
+/// The build enforces the daemon's invariants with clippy
+/// (`crabboxd/clippy.toml`: environment reads, task spawning, coordinator
+/// HTTP types); an `expect`/`allow` of those lints is the only way around
+/// them, so it may appear only in the modules the invariants name.
+#[test]
+fn invariant_lints_are_lifted_only_where_the_invariants_allow() {
+    let root = workspace_root();
+    let daemon = root.join("crabboxd");
+    let allowed: [(&str, &[&str]); 2] = [
+        (
+            "clippy::disallowed_methods",
+            &[
+                "src/config/",
+                "src/telemetry.rs",
+                "src/supervisor/",
+                "tests/",
+            ],
+        ),
+        ("clippy::disallowed_types", &["src/coordinator/", "tests/"]),
+    ];
+    let mut files = Vec::new();
+    rust_files(&daemon, &mut files);
+    let mut offenders = Vec::new();
+    for path in &files {
+        let rel = path
+            .strip_prefix(&daemon)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let text = fs::read_to_string(path).unwrap();
+        for (lint, places) in allowed {
+            if text.contains(lint) && !places.iter().any(|p| rel.starts_with(p)) {
+                offenders.push(format!("crabboxd/{rel}: {lint}"));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "these files lift an architecture lint outside the modules that own it \
+         (see crabboxd/clippy.toml and docs/ARCHITECTURE.md):\n{}",
+        offenders.join("\n")
+    );
+
+    // Clippy reads only the nearest clippy.toml, so the daemon's file must
+    // carry every workspace rule as well as its own.
+    let workspace = fs::read_to_string(root.join("clippy.toml")).unwrap();
+    let own = fs::read_to_string(daemon.join("clippy.toml")).unwrap();
+    for rule in workspace.lines().filter(|l| l.contains("path = ")) {
+        assert!(
+            own.contains(rule.trim()),
+            "crabboxd/clippy.toml lacks the workspace rule {rule:?}"
+        );
+    }
+    for rule in ["std::env::var", "tokio::task::spawn", "reqwest::Client"] {
+        assert!(
+            own.contains(&format!("path = \"{rule}\"")),
+            "crabboxd/clippy.toml lacks {rule}"
+        );
+    }
 }

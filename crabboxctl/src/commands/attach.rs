@@ -1,14 +1,18 @@
 //! `crabboxctl attach <run> [--after N]`: follow a run's events the way the
-//! reference `crabbox attach` prints them, and exit with the run's exit code.
+//! reference `crabbox attach` prints them, and exit with the run's exit code
+//! (mapped into 0–255 by [`run_exit_status`]).
 
 use std::io::Write as _;
 
-use crabbox_api::v1::{AttachRequest, RunEvent, attach_event::Event};
+use crabbox_api::v1::{
+    AttachRequest, OutputStream, RunEnd, RunEvent, RunOutcome, attach_event::Event,
+};
 
-use crate::{Ctx, connect, exit::Code};
+use crate::{Ctx, connect, exit::Code, output};
 
 /// Follow a run: its output on stdout/stderr, other events as lines on
-/// stderr, then exit with the run's exit code (1 if it failed without one).
+/// stderr, then exit with the run's exit code (1 if it failed without one,
+/// or with a code outside 0–255 such as a negative one).
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The run id (`run_…`).
@@ -30,30 +34,43 @@ pub fn event_line(e: &RunEvent) -> String {
     } else {
         &e.message
     };
-    format!(
-        "{:04} {:<18} phase={phase} at={} {text}",
-        e.seq, e.r#type, e.created_at
-    )
+    let at = output::timestamp_text(e.created_at.as_ref()).unwrap_or_else(|| "-".to_owned());
+    format!("{:04} {:<18} phase={phase} at={at} {text}", e.seq, e.r#type)
 }
 
-/// Which local stream an output event belongs to, if it is output.
-fn output_stream(e: &RunEvent) -> Option<&str> {
-    let s = if e.stream.is_empty() {
-        e.r#type.as_str()
-    } else {
-        e.stream.as_str()
-    };
-    matches!(s, "stdout" | "stderr").then_some(s)
+/// The exit status `attach` leaves with for a run's end.
+///
+/// A code in 0–255 is the run's own, unchanged; a command its shell saw
+/// ended by signal n arrives as 128+n and stays so. Anything else cannot be
+/// an exit status: a negative code (recorders report -1 for "ended by a
+/// signal, which one unknown") or one above 255 becomes 1, so a failed run
+/// never looks like success. Without a code, success is 0 and anything
+/// else 1.
+pub fn run_exit_status(end: &RunEnd) -> u8 {
+    match end.exit_code {
+        Some(code) => u8::try_from(code).unwrap_or(1),
+        None if end.outcome() == RunOutcome::Succeeded => 0,
+        None => 1,
+    }
+}
+
+/// The outcome's display name (`succeeded`, `failed`, `unknown`).
+fn outcome_name(end: &RunEnd) -> &'static str {
+    match end.outcome() {
+        RunOutcome::Succeeded => "succeeded",
+        RunOutcome::Failed => "failed",
+        RunOutcome::Unknown | RunOutcome::Unspecified => "unknown",
+    }
 }
 
 /// Runs `crabboxctl attach`.
 pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
-    let mut client = connect::connect(&ctx.socket).await?;
+    let client = connect::connect(&ctx.socket).await?;
     let req = AttachRequest {
         run_id: args.run.clone(),
         after: args.after,
     };
-    let mut stream = connect::call(&ctx.socket, "Attach", client.rpc().attach(req))
+    let mut stream = connect::call_coordinator(&ctx.socket, "Attach", client.runs().attach(req))
         .await?
         .into_inner();
     let mut stdout = std::io::stdout().lock();
@@ -68,46 +85,62 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
         };
         match msg.event {
             Some(Event::RunEvent(e)) if args.json => {
+                let stream = match e.stream() {
+                    OutputStream::Stdout => Some("stdout"),
+                    OutputStream::Stderr => Some("stderr"),
+                    OutputStream::Unspecified => None,
+                };
                 writeln!(
                     stdout,
                     "{}",
-                    serde_json::json!({"seq": e.seq, "type": e.r#type, "phase": e.phase, "stream": e.stream,
-                        "message": e.message, "data": e.data, "exitCode": e.exit_code, "createdAt": e.created_at})
+                    serde_json::json!({"seq": e.seq, "type": e.r#type, "phase": e.phase, "stream": stream,
+                        "message": e.message, "data": e.data, "exitCode": e.exit_code,
+                        "createdAt": output::timestamp_text(e.created_at.as_ref())})
                 )?;
             }
-            Some(Event::RunEvent(e)) => match output_stream(&e) {
-                Some(which) => {
-                    let bytes = if e.data.is_empty() {
-                        &e.message
-                    } else {
-                        &e.data
-                    };
-                    if which == "stdout" {
-                        stdout.write_all(bytes.as_bytes())?;
+            Some(Event::RunEvent(e)) => {
+                let text = if e.data.is_empty() {
+                    &e.message
+                } else {
+                    &e.data
+                };
+                match e.stream() {
+                    OutputStream::Stdout => {
+                        stdout.write_all(text.as_bytes())?;
                         stdout.flush()?;
-                    } else {
-                        stderr.write_all(bytes.as_bytes())?;
                     }
+                    OutputStream::Stderr => stderr.write_all(text.as_bytes())?,
+                    OutputStream::Unspecified => writeln!(stderr, "{}", event_line(&e))?,
                 }
-                None => writeln!(stderr, "{}", event_line(&e))?,
-            },
+            }
             Some(Event::End(end)) => {
+                let status = run_exit_status(&end);
+                if args.json {
+                    // The end as a last line, so a script can tell the run's
+                    // exit status from crabboxctl's own codes.
+                    writeln!(
+                        stdout,
+                        "{}",
+                        serde_json::json!({"end": {"outcome": outcome_name(&end),
+                            "exitCode": end.exit_code, "detail": end.detail, "exitStatus": status}})
+                    )?;
+                }
+                let detail = if end.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", end.detail)
+                };
                 writeln!(
                     stderr,
-                    "run {} {} exit={}",
+                    "run {} {}{detail} exit={}",
                     args.run,
-                    end.state,
+                    outcome_name(&end),
                     end.exit_code.map_or("-".to_owned(), |c| c.to_string())
                 )?;
                 stdout.flush()?;
-                let code = match end.exit_code {
-                    Some(c) => c.clamp(0, 255) as i32,
-                    None if end.state == "succeeded" => 0,
-                    None => 1,
-                };
-                // The run's own exit code, which is not one of crabboxctl's
+                // The run's own exit status, which is not one of crabboxctl's
                 // codes: leave directly, everything is flushed.
-                std::process::exit(code);
+                std::process::exit(i32::from(status));
             }
             None => {}
         }
@@ -125,17 +158,42 @@ mod tests {
             r#type: "sync.finished".into(),
             phase: "sync".into(),
             message: "synced 12 files".into(),
-            created_at: "2026-01-01T00:00:00.000Z".into(),
+            created_at: Some("2026-01-01T00:00:00Z".parse().unwrap()),
             ..Default::default()
         };
         assert_eq!(
             event_line(&e),
             "0007 sync.finished      phase=sync at=2026-01-01T00:00:00.000Z synced 12 files"
         );
-        let out = RunEvent {
-            r#type: "stdout".into(),
-            ..Default::default()
+    }
+
+    #[test]
+    fn exit_status_never_hides_a_failure() {
+        let end = |outcome: RunOutcome, code: Option<i64>| RunEnd {
+            outcome: outcome as i32,
+            exit_code: code,
+            detail: String::new(),
         };
-        assert_eq!(output_stream(&out), Some("stdout"));
+        for (outcome, code, want) in [
+            (RunOutcome::Succeeded, Some(0), 0),
+            (RunOutcome::Failed, Some(3), 3),
+            // A command its shell saw killed by SIGKILL: 128 + 9.
+            (RunOutcome::Failed, Some(137), 137),
+            (RunOutcome::Failed, Some(255), 255),
+            // Negative codes (-1: ended by a signal) and codes above 255
+            // are not exit statuses; clamping made -1 exit 0.
+            (RunOutcome::Failed, Some(-1), 1),
+            (RunOutcome::Failed, Some(-9), 1),
+            (RunOutcome::Failed, Some(256), 1),
+            (RunOutcome::Succeeded, None, 0),
+            (RunOutcome::Failed, None, 1),
+            (RunOutcome::Unknown, None, 1),
+        ] {
+            assert_eq!(
+                run_exit_status(&end(outcome, code)),
+                want,
+                "{outcome:?} {code:?}"
+            );
+        }
     }
 }

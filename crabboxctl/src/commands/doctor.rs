@@ -87,7 +87,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
     })
 }
 
-async fn daemon_checks(ctx: &Ctx, mut client: Client, checks: &mut Vec<CheckJson>) {
+async fn daemon_checks(ctx: &Ctx, client: Client, checks: &mut Vec<CheckJson>) {
     match connect::call(&ctx.socket, "GetStatus", client.status()).await {
         Ok((status, skew)) => {
             checks.push(check(
@@ -112,7 +112,7 @@ async fn daemon_checks(ctx: &Ctx, mut client: Client, checks: &mut Vec<CheckJson
     let diagnostics = connect::call(
         &ctx.socket,
         "RunDiagnostics",
-        client.rpc().run_diagnostics(RunDiagnosticsRequest {}),
+        client.daemon().run_diagnostics(RunDiagnosticsRequest {}),
     )
     .await;
     match diagnostics {

@@ -4,8 +4,8 @@
 use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _, path::PathBuf};
 
 use crabbox_api::v1::{
-    EgressHost, GetEgressStatusRequest, ListEgressHostsRequest, MintEgressTicketRequest,
-    StartEgressHostRequest, StopEgressHostRequest,
+    EgressHost, EgressRole, GetEgressStatusRequest, ListEgressHostsRequest,
+    MintEgressTicketRequest, StartEgressHostRequest, StopEgressHostRequest,
 };
 use serde::Serialize;
 
@@ -67,9 +67,9 @@ enum Command {
         /// The lease id.
         #[arg(long)]
         id: String,
-        /// `client` (the lease-side helper) or `host`.
-        #[arg(long, default_value = "client")]
-        role: String,
+        /// Which end the ticket is for: the lease-side helper or the host end.
+        #[arg(long, value_enum, default_value_t = Role::Client)]
+        role: Role,
         /// The session; default: the local host bridge's session.
         #[arg(long)]
         session: Option<String>,
@@ -77,6 +77,24 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+/// The ends of a bridge, as the CLI spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    /// The lease-side helper (`crabbox-egress-client`).
+    Client,
+    /// The operator end.
+    Host,
+}
+
+impl From<Role> for EgressRole {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Client => EgressRole::Client,
+            Role::Host => EgressRole::Host,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -166,7 +184,7 @@ fn host_lines(h: &EgressHost) -> String {
 
 /// Runs `crabboxctl egress …`.
 pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
-    let mut client = connect::connect(&ctx.socket).await?;
+    let client = connect::connect(&ctx.socket).await?;
     match &args.command {
         Command::Host {
             id,
@@ -183,10 +201,10 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
                 allow_private: *allow_private,
                 session_id: session.clone().unwrap_or_default(),
             };
-            let host = connect::call(
+            let host = connect::call_coordinator(
                 &ctx.socket,
                 "StartEgressHost",
-                client.rpc().start_egress_host(req),
+                client.egress().start_egress_host(req),
             )
             .await?
             .into_inner()
@@ -212,10 +230,10 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
             let req = GetEgressStatusRequest {
                 lease_id: id.clone(),
             };
-            let st = connect::call(
+            let st = connect::call_coordinator(
                 &ctx.socket,
                 "GetEgressStatus",
-                client.rpc().get_egress_status(req),
+                client.egress().get_egress_status(req),
             )
             .await?
             .into_inner();
@@ -277,7 +295,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
             connect::call(
                 &ctx.socket,
                 "StopEgressHost",
-                client.rpc().stop_egress_host(req),
+                client.egress().stop_egress_host(req),
             )
             .await?;
             outln!("egress host for {id} stopped")?;
@@ -286,7 +304,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
             let hosts = connect::call(
                 &ctx.socket,
                 "ListEgressHosts",
-                client.rpc().list_egress_hosts(ListEgressHostsRequest {}),
+                client.egress().list_egress_hosts(ListEgressHostsRequest {}),
             )
             .await?
             .into_inner()
@@ -309,13 +327,13 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
         } => {
             let req = MintEgressTicketRequest {
                 lease_id: id.clone(),
-                role: role.clone(),
+                role: EgressRole::from(*role) as i32,
                 session_id: session.clone().unwrap_or_default(),
             };
-            let t = connect::call(
+            let t = connect::call_coordinator(
                 &ctx.socket,
                 "MintEgressTicket",
-                client.rpc().mint_egress_ticket(req),
+                client.egress().mint_egress_ticket(req),
             )
             .await?
             .into_inner();
@@ -332,10 +350,15 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
                     writeln!(f, "{}", t.ticket)?;
                     eprintln!(
                         "wrote a {} ticket for session {} to {} (one use, expires {})",
-                        role,
+                        if *role == Role::Host {
+                            "host"
+                        } else {
+                            "client"
+                        },
                         t.session_id,
                         path.display(),
-                        t.expires_at
+                        output::timestamp_text(t.expires_at.as_ref())
+                            .unwrap_or_else(|| "in 120s".to_owned())
                     );
                 }
                 None => outln!("{}", t.ticket)?,

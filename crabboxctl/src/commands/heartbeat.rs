@@ -3,7 +3,7 @@
 
 use crabbox_api::v1::HeartbeatRequest;
 
-use super::lease::{LeaseJson, heartbeat_line};
+use super::lease::{LeaseJson, heartbeat_line, idle_timeout};
 use crate::{Ctx, connect, exit::Code, output};
 
 /// Send one heartbeat for a lease now and print the coordinator's record.
@@ -22,12 +22,12 @@ pub struct Args {
 
 /// Runs `crabboxctl heartbeat`.
 pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
-    let mut client = connect::connect(&ctx.socket).await?;
+    let client = connect::connect(&ctx.socket).await?;
     let req = HeartbeatRequest {
         lease_id: args.id.clone(),
-        idle_timeout_seconds: args.idle_timeout.map_or(0, |d| d.as_secs().max(1)),
+        idle_timeout: idle_timeout(args.idle_timeout),
     };
-    let lease = connect::call(&ctx.socket, "Heartbeat", client.rpc().heartbeat(req))
+    let lease = connect::call_coordinator(&ctx.socket, "Heartbeat", client.leases().heartbeat(req))
         .await?
         .into_inner()
         .lease

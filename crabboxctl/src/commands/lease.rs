@@ -1,8 +1,11 @@
 //! `crabboxctl lease keep|release|stop|list`: the daemon's kept leases.
 
-use crabbox_api::v1::{
-    KeepLeaseRequest, KeptLease, Lease, ListLeasesRequest, ReleaseLeaseRequest,
-    StopKeepingLeaseRequest,
+use crabbox_api::{
+    prost_types,
+    v1::{
+        HeartbeatTransport, KeepLeaseRequest, KeptLease, Lease, ListLeasesRequest,
+        ReleaseLeaseRequest, StopKeepingLeaseRequest,
+    },
 };
 use serde::Serialize;
 
@@ -56,7 +59,8 @@ enum Command {
     },
 }
 
-/// The JSON shape of a lease, in the reference CLI's field names.
+/// The JSON shape of a lease, in the reference CLI's field names:
+/// `idleTimeout` in seconds, times as RFC 3339 text (`null` when unknown).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LeaseJson {
@@ -66,9 +70,9 @@ pub struct LeaseJson {
     state: String,
     owner: String,
     org: String,
-    idle_timeout: u64,
-    last_touched_at: String,
-    expires_at: String,
+    idle_timeout: Option<u64>,
+    last_touched_at: Option<String>,
+    expires_at: Option<String>,
 }
 
 impl From<&Lease> for LeaseJson {
@@ -80,9 +84,9 @@ impl From<&Lease> for LeaseJson {
             state: l.state.clone(),
             owner: l.owner.clone(),
             org: l.org.clone(),
-            idle_timeout: l.idle_timeout_seconds,
-            last_touched_at: l.last_touched_at.clone(),
-            expires_at: l.expires_at.clone(),
+            idle_timeout: output::seconds(l.idle_timeout.as_ref()),
+            last_touched_at: output::timestamp_text(l.last_touched_at.as_ref()),
+            expires_at: output::timestamp_text(l.expires_at.as_ref()),
         }
     }
 }
@@ -94,10 +98,11 @@ struct KeptJson {
     state: String,
     restarts: u32,
     last_error: String,
-    last_heartbeat_unix_ms: i64,
-    interval_ms: u64,
+    last_heartbeat: Option<String>,
+    interval_seconds: Option<u64>,
+    idle_timeout_override_seconds: Option<u64>,
     ended: String,
-    via: String,
+    via: Option<&'static str>,
 }
 
 fn kept_json(k: &KeptLease) -> KeptJson {
@@ -115,19 +120,35 @@ fn kept_json(k: &KeptLease) -> KeptJson {
             .as_ref()
             .map(|t| t.last_error.clone())
             .unwrap_or_default(),
-        last_heartbeat_unix_ms: k.last_heartbeat_unix_ms,
-        interval_ms: k.interval_ms,
+        last_heartbeat: output::timestamp_text(k.last_heartbeat.as_ref()),
+        interval_seconds: output::seconds(k.interval.as_ref()),
+        idle_timeout_override_seconds: output::seconds(k.idle_timeout_override.as_ref()),
         ended: k.ended.clone(),
-        via: k.last_heartbeat_via.clone(),
+        via: match k.last_heartbeat_via() {
+            HeartbeatTransport::Control => Some("control"),
+            HeartbeatTransport::Http => Some("http"),
+            HeartbeatTransport::Unspecified => None,
+        },
     }
+}
+
+/// A request's idle-timeout override: whole seconds, at least one.
+pub fn idle_timeout(d: Option<std::time::Duration>) -> Option<prost_types::Duration> {
+    d.map(|d| prost_types::Duration {
+        seconds: i64::try_from(d.as_secs().max(1)).unwrap_or(i64::MAX),
+        nanos: 0,
+    })
+}
+
+fn or_dash(t: Option<&prost_types::Timestamp>) -> String {
+    output::timestamp_text(t).unwrap_or_else(|| "-".to_owned())
 }
 
 fn kept_line(k: &KeptLease, now_ms: i64) -> String {
     let j = kept_json(k);
-    let beat = if j.last_heartbeat_unix_ms > 0 {
-        format!("{} ago", output::ago(j.last_heartbeat_unix_ms, now_ms))
-    } else {
-        "never".to_owned()
+    let beat = match &k.last_heartbeat {
+        Some(t) => format!("{} ago", output::ago(output::unix_ms(t), now_ms)),
+        None => "never".to_owned(),
     };
     let mut line = format!(
         "{}  {}  every {}s  last heartbeat {}",
@@ -137,11 +158,11 @@ fn kept_line(k: &KeptLease, now_ms: i64) -> String {
         } else {
             j.ended.clone()
         },
-        j.interval_ms / 1000,
+        j.interval_seconds.unwrap_or(0),
         beat
     );
-    if let Some(l) = &j.lease {
-        line.push_str(&format!("  expires {}", l.expires_at));
+    if let Some(l) = &k.lease {
+        line.push_str(&format!("  expires {}", or_dash(l.expires_at.as_ref())));
     }
     if !j.last_error.is_empty() {
         line.push_str(&format!("  ({})", j.last_error));
@@ -154,13 +175,19 @@ pub fn heartbeat_line(l: &Lease) -> String {
     let slug = if l.slug.is_empty() { "-" } else { &l.slug };
     format!(
         "heartbeat lease={} slug={} provider={} state={} idle_timeout={}s last_touched={} expires={}",
-        l.id, slug, l.provider, l.state, l.idle_timeout_seconds, l.last_touched_at, l.expires_at
+        l.id,
+        slug,
+        l.provider,
+        l.state,
+        output::seconds(l.idle_timeout.as_ref()).unwrap_or(0),
+        or_dash(l.last_touched_at.as_ref()),
+        or_dash(l.expires_at.as_ref())
     )
 }
 
 /// Runs `crabboxctl lease …`.
 pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
-    let mut client = connect::connect(&ctx.socket).await?;
+    let client = connect::connect(&ctx.socket).await?;
     match &args.command {
         Command::Keep {
             id,
@@ -169,13 +196,17 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
         } => {
             let req = KeepLeaseRequest {
                 lease_id: id.clone(),
-                idle_timeout_seconds: idle_timeout.map_or(0, |d| d.as_secs().max(1)),
+                idle_timeout: self::idle_timeout(*idle_timeout),
             };
-            let kept = connect::call(&ctx.socket, "KeepLease", client.rpc().keep_lease(req))
-                .await?
-                .into_inner()
-                .lease
-                .unwrap_or_default();
+            let kept = connect::call_coordinator(
+                &ctx.socket,
+                "KeepLease",
+                client.leases().keep_lease(req),
+            )
+            .await?
+            .into_inner()
+            .lease
+            .unwrap_or_default();
             if *json {
                 output::print_json(&kept_json(&kept))?;
             } else {
@@ -187,11 +218,15 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
                 lease_id: id.clone(),
                 delete: *delete,
             };
-            let lease = connect::call(&ctx.socket, "ReleaseLease", client.rpc().release_lease(req))
-                .await?
-                .into_inner()
-                .lease
-                .unwrap_or_default();
+            let lease = connect::call_coordinator(
+                &ctx.socket,
+                "ReleaseLease",
+                client.leases().release_lease(req),
+            )
+            .await?
+            .into_inner()
+            .lease
+            .unwrap_or_default();
             if *json {
                 output::print_json(&LeaseJson::from(&lease))?;
             } else {
@@ -205,7 +240,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
             connect::call(
                 &ctx.socket,
                 "StopKeepingLease",
-                client.rpc().stop_keeping_lease(req),
+                client.leases().stop_keeping_lease(req),
             )
             .await?;
             outln!("no longer keeping {id}")?;
@@ -214,7 +249,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
             let leases = connect::call(
                 &ctx.socket,
                 "ListLeases",
-                client.rpc().list_leases(ListLeasesRequest {}),
+                client.leases().list_leases(ListLeasesRequest {}),
             )
             .await?
             .into_inner()

@@ -26,13 +26,17 @@ struct Reply {
 
 /// Runs `crabboxctl log-level`.
 pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
-    let mut client = connect::connect(&ctx.socket).await?;
+    let client = connect::connect(&ctx.socket).await?;
     let req = SetLogLevelRequest {
         filter: args.filter.clone(),
     };
-    let reply = connect::call(&ctx.socket, "SetLogLevel", client.rpc().set_log_level(req))
-        .await?
-        .into_inner();
+    let reply = connect::call(
+        &ctx.socket,
+        "SetLogLevel",
+        client.daemon().set_log_level(req),
+    )
+    .await?
+    .into_inner();
     if args.json {
         output::print_json(&Reply {
             previous: reply.previous,

@@ -15,7 +15,7 @@ pub struct Args {
 
 /// Runs `crabboxctl status`.
 pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
-    let mut client = connect::connect(&ctx.socket).await?;
+    let client = connect::connect(&ctx.socket).await?;
     let (status, skew) = connect::call(&ctx.socket, "GetStatus", client.status()).await?;
     if args.json {
         output::print_json(&output::status_json(&status, &skew))?;

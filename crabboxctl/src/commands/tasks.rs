@@ -62,11 +62,11 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
     if args.watch {
         return watch(ctx, kind, args.json).await;
     }
-    let mut client = connect::connect(&ctx.socket).await?;
+    let client = connect::connect(&ctx.socket).await?;
     let req = ListTasksRequest {
         kind: kind.unwrap_or(TaskKind::Unspecified) as i32,
     };
-    let tasks = connect::call(&ctx.socket, "ListTasks", client.rpc().list_tasks(req))
+    let tasks = connect::call(&ctx.socket, "ListTasks", client.daemon().list_tasks(req))
         .await?
         .into_inner()
         .tasks;
@@ -82,15 +82,18 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
 
 /// Follows WatchTasks; the daemon filters by kind.
 async fn watch(ctx: &Ctx, kind: Option<TaskKind>, json: bool) -> anyhow::Result<Code> {
-    let mut client = connect::connect(&ctx.socket).await?;
+    let client = connect::connect(&ctx.socket).await?;
     let request = WatchTasksRequest {
         kind: kind.map_or(TaskKind::Unspecified as i32, |k| k as i32),
     };
     loop {
-        let mut stream =
-            connect::call(&ctx.socket, "WatchTasks", client.rpc().watch_tasks(request))
-                .await?
-                .into_inner();
+        let mut stream = connect::call(
+            &ctx.socket,
+            "WatchTasks",
+            client.daemon().watch_tasks(request),
+        )
+        .await?
+        .into_inner();
         loop {
             let event = match stream.message().await {
                 Ok(Some(msg)) => msg.event,

@@ -1,8 +1,11 @@
 //! Domain ↔ proto conversion, in one place.
 
-use std::{collections::HashMap, time::SystemTime};
+use std::{
+    collections::HashMap,
+    time::{Duration, SystemTime},
+};
 
-use crabbox_api::v1;
+use crabbox_api::{prost_types, v1};
 
 use crate::{
     config::SourceKind,
@@ -11,12 +14,40 @@ use crate::{
     supervisor::{TaskKind, TaskRecord, TaskState},
 };
 
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+// === time ===
+
+/// A point in time as a proto `Timestamp`.
+pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    t.into()
 }
+
+/// The coordinator's ISO-8601 text as a `Timestamp`; `None` when it is
+/// missing or does not parse (the proto says "absent when unknown").
+pub fn coordinator_time(text: Option<&str>) -> Option<prost_types::Timestamp> {
+    text.and_then(|t| t.trim().parse().ok())
+}
+
+/// A span of time as a proto `Duration`. Every span the daemon has fits.
+pub fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 0,
+    })
+}
+
+/// A requested idle timeout: absent or non-positive means none; anything
+/// else is whole seconds, at least one (the coordinator takes seconds).
+pub fn idle_timeout(d: Option<prost_types::Duration>) -> Option<Duration> {
+    let d = d?;
+    if d.seconds < 0 || (d.seconds == 0 && d.nanos <= 0) {
+        return None;
+    }
+    Some(Duration::from_secs(
+        u64::try_from(d.seconds).unwrap_or(0).max(1),
+    ))
+}
+
+// === tasks and the daemon ===
 
 pub fn task_kind(k: TaskKind) -> v1::TaskKind {
     match k {
@@ -55,8 +86,8 @@ pub fn task(r: &TaskRecord) -> v1::Task {
         state: task_state(r.state) as i32,
         restarts: r.restarts,
         last_error: r.last_error.clone().unwrap_or_default(),
-        since_unix_ms: unix_ms(r.since),
-        next_attempt_unix_ms: r.next_attempt.map(unix_ms).unwrap_or(0),
+        since: Some(timestamp(r.since)),
+        next_attempt: r.next_attempt.map(timestamp),
         labels: r
             .labels
             .iter()
@@ -94,6 +125,8 @@ pub fn check(c: &diagnostics::Check) -> v1::Check {
     }
 }
 
+// === leases ===
+
 pub fn lease(l: &crate::coordinator::Lease) -> v1::Lease {
     v1::Lease {
         id: l.id.clone(),
@@ -102,9 +135,19 @@ pub fn lease(l: &crate::coordinator::Lease) -> v1::Lease {
         state: l.state.clone(),
         owner: l.owner.clone(),
         org: l.org.clone(),
-        idle_timeout_seconds: l.idle_timeout_seconds.unwrap_or(0),
-        last_touched_at: l.last_touched_at.clone().unwrap_or_default(),
-        expires_at: l.expires_at.clone().unwrap_or_default(),
+        idle_timeout: l
+            .idle_timeout_seconds
+            .map(|s| duration(Duration::from_secs(s))),
+        last_touched_at: coordinator_time(l.last_touched_at.as_deref()),
+        expires_at: coordinator_time(l.expires_at.as_deref()),
+    }
+}
+
+fn heartbeat_transport(via: Option<&str>) -> v1::HeartbeatTransport {
+    match via {
+        Some("control") => v1::HeartbeatTransport::Control,
+        Some("http") => v1::HeartbeatTransport::Http,
+        _ => v1::HeartbeatTransport::Unspecified,
     }
 }
 
@@ -113,13 +156,15 @@ pub fn kept_lease(s: &crate::lease::LeaseStatus, task_rec: Option<&TaskRecord>) 
         id: s.id.clone(),
         lease: s.lease.as_ref().map(lease),
         task: task_rec.map(task),
-        last_heartbeat_unix_ms: s.last_heartbeat.map(unix_ms).unwrap_or(0),
-        interval_ms: s.interval.map(|d| d.as_millis() as u64).unwrap_or(0),
-        idle_timeout_override_seconds: s.idle_override.map(|d| d.as_secs()).unwrap_or(0),
+        last_heartbeat: s.last_heartbeat.map(timestamp),
+        interval: s.interval.map(duration),
+        idle_timeout_override: s.idle_override.map(duration),
         ended: s.ended.clone().unwrap_or_default(),
-        last_heartbeat_via: s.via.unwrap_or_default().to_owned(),
+        last_heartbeat_via: heartbeat_transport(s.via) as i32,
     }
 }
+
+// === egress ===
 
 pub fn egress_host(i: &crate::egress::EgressInfo) -> v1::EgressHost {
     let s = &i.stats;
@@ -162,22 +207,95 @@ pub fn coordinator_egress(s: &crate::coordinator::EgressStatus) -> v1::Coordinat
     }
 }
 
+/// The domain role of a proto role; UNSPECIFIED is the helper's (client).
+pub fn egress_role(r: v1::EgressRole) -> crate::coordinator::Role {
+    match r {
+        v1::EgressRole::Host => crate::coordinator::Role::Host,
+        v1::EgressRole::Client | v1::EgressRole::Unspecified => crate::coordinator::Role::Client,
+    }
+}
+
+// === runs ===
+
+fn output_stream(e: &crate::coordinator::RunEvent) -> v1::OutputStream {
+    // The reference CLI sets `stream` on output events; older recorders
+    // only name the stream in `type`.
+    match e.stream.as_deref().unwrap_or(e.kind.as_str()) {
+        "stdout" => v1::OutputStream::Stdout,
+        "stderr" => v1::OutputStream::Stderr,
+        _ => v1::OutputStream::Unspecified,
+    }
+}
+
 pub fn run_event(e: &crate::coordinator::RunEvent) -> v1::RunEvent {
     v1::RunEvent {
         seq: e.seq,
         r#type: e.kind.clone(),
         phase: e.phase.clone().unwrap_or_default(),
-        stream: e.stream.clone().unwrap_or_default(),
+        stream: output_stream(e) as i32,
         message: e.message.clone().unwrap_or_default(),
         data: e.data.clone().unwrap_or_default(),
         exit_code: e.exit_code,
-        created_at: e.created_at.clone(),
+        created_at: coordinator_time(Some(&e.created_at)),
     }
 }
 
 pub fn run_end(e: &crate::attach::RunEnd) -> v1::RunEnd {
+    let (outcome, detail) = match e.state.as_str() {
+        "succeeded" => (v1::RunOutcome::Succeeded, String::new()),
+        "failed" => (v1::RunOutcome::Failed, String::new()),
+        // The feed reports a run it could not read as `unknown (<why>)`.
+        other => (
+            v1::RunOutcome::Unknown,
+            other
+                .strip_prefix("unknown (")
+                .and_then(|s| s.strip_suffix(')'))
+                .unwrap_or(other)
+                .to_owned(),
+        ),
+    };
     v1::RunEnd {
-        state: e.state.clone(),
+        outcome: outcome as i32,
         exit_code: e.exit_code,
+        detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coordinator_times_parse_or_are_absent() {
+        let t = coordinator_time(Some("2026-01-02T03:04:05.678Z")).unwrap();
+        assert_eq!(t.to_string(), "2026-01-02T03:04:05.678Z");
+        assert_eq!(coordinator_time(Some("yesterday")), None);
+        assert_eq!(coordinator_time(None), None);
+    }
+
+    #[test]
+    fn idle_timeouts_are_whole_seconds_or_none() {
+        let d = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
+        assert_eq!(idle_timeout(None), None);
+        assert_eq!(idle_timeout(d(0, 0)), None);
+        assert_eq!(idle_timeout(d(-5, 0)), None);
+        assert_eq!(idle_timeout(d(0, 1)), Some(Duration::from_secs(1)));
+        assert_eq!(idle_timeout(d(2700, 0)), Some(Duration::from_secs(2700)));
+    }
+
+    #[test]
+    fn run_ends_are_outcomes() {
+        let end = |state: &str| crate::attach::RunEnd {
+            state: state.to_owned(),
+            exit_code: None,
+        };
+        assert_eq!(
+            run_end(&end("succeeded")).outcome(),
+            v1::RunOutcome::Succeeded
+        );
+        assert_eq!(run_end(&end("failed")).outcome(), v1::RunOutcome::Failed);
+        let unknown = run_end(&end("unknown (coordinator said 404)"));
+        assert_eq!(unknown.outcome(), v1::RunOutcome::Unknown);
+        assert_eq!(unknown.detail, "coordinator said 404");
     }
 }

@@ -1,27 +1,38 @@
-//! The local API: tonic services on the Unix socket. This module is the only
-//! one that knows the proto types (`crabbox_api::v1`); it converts to and
-//! from domain types in `convert`, maps domain errors to `tonic::Status` in
-//! one place, checks the peer uid of every connection, and stamps every
-//! reply with the daemon's version.
+//! The local API: tonic services on the Unix socket, one per domain and one
+//! file each — `daemon.rs` (`Daemon`), `leases.rs` (`Leases`), `egress.rs`
+//! (`Egress`), `runs.rs` (`Runs`). This module is the only one that knows
+//! the proto types (`crabbox_api::v1`); it converts to and from domain types
+//! in `convert`, maps domain errors to `tonic::Status` in `error`, checks
+//! the peer uid of every connection (`peer`), and stamps every reply with
+//! the daemon's version.
 
 mod convert;
+mod daemon;
+mod egress;
+mod error;
+mod leases;
 mod peer;
-mod service;
+mod runs;
 
-use crabbox_api::{v1::daemon_server::DaemonServer, version};
+use crabbox_api::{
+    v1::{
+        daemon_server::DaemonServer, egress_server::EgressServer, leases_server::LeasesServer,
+        runs_server::RunsServer,
+    },
+    version,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{body::Body, transport::Server};
 
 use crate::daemon::DaemonState;
 
 /// Serves the API on `listener` until `stop` is cancelled, then ends open
-/// watch streams, finishes in-flight calls and returns.
+/// watch and attach streams, finishes in-flight calls and returns.
 pub async fn serve(
     state: DaemonState,
     listener: tokio::net::UnixListener,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let api_stop = stop.clone();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crabbox_api::v1::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -32,9 +43,13 @@ pub async fn serve(
     let incoming = peer::same_user_connections(listener);
     Server::builder()
         .layer(tower::util::MapResponseLayer::new(stamp_version))
-        .add_service(DaemonServer::new(service::DaemonService::new(
-            state, api_stop,
+        .add_service(DaemonServer::new(daemon::DaemonService::new(
+            state.clone(),
+            stop.clone(),
         )))
+        .add_service(LeasesServer::new(leases::LeasesService::new(state.clone())))
+        .add_service(EgressServer::new(egress::EgressService::new(state.clone())))
+        .add_service(RunsServer::new(runs::RunsService::new(state, stop.clone())))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())

@@ -145,6 +145,15 @@ pub enum AttachError {
     /// buffered sequence number is given).
     #[error("events before {0} are no longer buffered; attach with a later --after")]
     TooOld(u64),
+    /// The run could not be read before its feed started (unknown run,
+    /// no right to it, coordinator unreachable).
+    #[error("run {run}: {source}")]
+    Coordinator {
+        /// The run id.
+        run: String,
+        /// The coordinator's failure.
+        source: coordinator::CoordinatorError,
+    },
 }
 
 /// Starts feeds and hands out subscriptions. Cheap to clone.
@@ -206,6 +215,16 @@ impl AttachManager {
         let feed = match existing {
             Some(feed) => feed,
             None => {
+                // One read first, so an unknown run or an unreachable
+                // coordinator is the caller's error now, not a feed that
+                // ends in "unknown" seconds later.
+                client
+                    .run(run)
+                    .await
+                    .map_err(|source| AttachError::Coordinator {
+                        run: run.to_owned(),
+                        source,
+                    })?;
                 if let Some(control) = &self.control {
                     control.ensure_started().await;
                 }

@@ -16,6 +16,10 @@ pub trait Env {
 pub struct ProcessEnv;
 
 impl Env for ProcessEnv {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "config/ is where the daemon reads its environment"
+    )]
     fn get(&self, name: &str) -> Option<String> {
         std::env::var(name).ok().filter(|v| !v.is_empty())
     }

@@ -2,6 +2,11 @@
 //! CLI (bearer token, owner/org, JSON content type), same-origin redirects,
 //! and one error type that says whether retrying helps.
 
+#![expect(
+    clippy::disallowed_types,
+    reason = "coordinator/ is the one module that speaks HTTP to the coordinator"
+)]
+
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -82,17 +87,57 @@ pub enum CoordinatorError {
     },
 }
 
+/// What kind of failure a coordinator call had: the one classification
+/// of HTTP codes, `error` fields and transport failures, so callers match
+/// on kinds, never on status numbers or strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No answer, or an answer that says "try later": network, TLS,
+    /// timeouts, 408, 429, 5xx. The only retryable kind.
+    Unavailable,
+    /// 404 or 410: the coordinator does not know the thing (or no longer).
+    NotFound,
+    /// 401, or the token command failed: no valid credentials.
+    Unauthenticated,
+    /// 403: the credentials lack the right.
+    Forbidden,
+    /// 400 or 422: the request was refused as invalid.
+    Invalid,
+    /// 409 `lease_ended` / `lease_expired`: the lease is over.
+    LeaseEnded,
+    /// Any other 409: the request conflicts with the current state.
+    Conflict,
+    /// Any other answer, or a body that was not the expected JSON.
+    Other,
+}
+
 impl CoordinatorError {
-    /// Whether retrying may help: network failures, 408, 429 and 5xx.
-    /// Everything else (403 forbidden, 404 gone, 409 conflicts, 410) is fatal.
-    pub fn is_retryable(&self) -> bool {
+    /// Classifies the failure (see [`ErrorKind`]).
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            CoordinatorError::Network { .. } | CoordinatorError::Bridge { .. } => true,
-            CoordinatorError::Status { status, .. } => {
-                *status == 408 || *status == 429 || *status >= 500
+            CoordinatorError::Network { .. } | CoordinatorError::Bridge { .. } => {
+                ErrorKind::Unavailable
             }
-            CoordinatorError::Decode { .. } | CoordinatorError::Token(_) => false,
+            CoordinatorError::Token(_) => ErrorKind::Unauthenticated,
+            CoordinatorError::Decode { .. } => ErrorKind::Other,
+            CoordinatorError::Status { status, code, .. } => match *status {
+                408 | 429 | 500.. => ErrorKind::Unavailable,
+                404 | 410 => ErrorKind::NotFound,
+                401 => ErrorKind::Unauthenticated,
+                403 => ErrorKind::Forbidden,
+                400 | 422 => ErrorKind::Invalid,
+                409 if code == "lease_ended" || code == "lease_expired" => ErrorKind::LeaseEnded,
+                409 => ErrorKind::Conflict,
+                _ => ErrorKind::Other,
+            },
         }
+    }
+
+    /// Whether retrying may help: network failures, 408, 429 and 5xx
+    /// ([`ErrorKind::Unavailable`]). Everything else (403 forbidden, 404
+    /// gone, 409 conflicts, 410) is fatal.
+    pub fn is_retryable(&self) -> bool {
+        self.kind() == ErrorKind::Unavailable
     }
 
     /// Why the lease this call was about has ended for good, when the

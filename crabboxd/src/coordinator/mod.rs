@@ -8,6 +8,6 @@ mod egress;
 mod token;
 mod types;
 
-pub use client::{Client, CoordinatorError, Health, LeaseEnd, install_crypto_provider};
+pub use client::{Client, CoordinatorError, ErrorKind, Health, LeaseEnd, install_crypto_provider};
 pub use egress::{Bridge, EgressStatus, Role, Ticket, TicketRequest};
 pub use types::{Lease, Run, RunEvent};

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 /// `{"lease": …}`, the envelope of every lease route.
 #[derive(Debug, Deserialize)]
-pub struct LeaseEnvelope {
+pub(super) struct LeaseEnvelope {
     /// The lease.
     pub lease: Lease,
 }
@@ -63,7 +63,7 @@ mod tests {
 
 /// `{"run": …}`.
 #[derive(Debug, Deserialize)]
-pub struct RunEnvelope {
+pub(super) struct RunEnvelope {
     /// The run.
     pub run: Run,
 }
@@ -89,7 +89,7 @@ impl Run {
 
 /// `{"events": […]}`.
 #[derive(Debug, Deserialize)]
-pub struct EventsEnvelope {
+pub(super) struct EventsEnvelope {
     /// The page.
     #[serde(default)]
     pub events: Vec<RunEvent>,

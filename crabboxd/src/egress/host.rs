@@ -143,13 +143,10 @@ impl Host {
             self.ends.announce(&self.lease, &end.to_string());
             return TaskError::fatal(anyhow::anyhow!("{end}"));
         }
-        match &e {
-            CoordinatorError::Status {
-                status: 401 | 403 | 404 | 409 | 410,
-                ..
-            } => TaskError::fatal(e),
-            _ if e.is_retryable() => TaskError::retryable(e),
-            _ => TaskError::fatal(e),
+        if e.is_retryable() {
+            TaskError::retryable(e)
+        } else {
+            TaskError::fatal(e)
         }
     }
 

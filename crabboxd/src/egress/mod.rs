@@ -59,12 +59,12 @@ pub struct EgressInfo {
 }
 
 /// The coordinator's view of a lease's egress plus ours.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct EgressReport {
     /// The local host bridge, if this daemon runs one.
     pub local: Option<EgressInfo>,
     /// The coordinator's status, or why it could not be fetched.
-    pub coordinator: Result<EgressStatus, String>,
+    pub coordinator: Result<EgressStatus, CoordinatorError>,
 }
 
 /// Why an egress operation failed.
@@ -176,14 +176,10 @@ impl EgressManager {
     /// never reconnect) and the new one started. A failed mint leaves the
     /// old bridge working.
     pub async fn start(&self, mut spec: EgressSpec) -> Result<EgressInfo, EgressError> {
-        // Building a policy is bounded (at most 4096 patterns) but still CPU
-        // work on input from outside: keep it off the runtime threads.
-        let this = self.clone();
-        let for_policy = spec.clone();
-        let policy = tokio::task::spawn_blocking(move || this.policy(&for_policy))
-            .await
-            .map_err(|e| EgressError::Persist(std::io::Error::other(e.to_string())))??;
-        let policy = Arc::new(policy);
+        // Building a policy is linear and bounded (at most 16 384 raw entries,
+        // 4096 distinct patterns, set-based dedup), so it takes milliseconds
+        // and may run on the runtime thread.
+        let policy = Arc::new(self.policy(&spec)?);
         let client = self.client()?.clone();
         let mut hosts = self.hosts.lock().await;
         let allow: Vec<String> = policy.patterns().iter().map(ToString::to_string).collect();
@@ -339,7 +335,7 @@ impl EgressManager {
     /// The coordinator's status merged with the local bridge's counters.
     pub async fn status(&self, lease: &str) -> Result<EgressReport, EgressError> {
         let client = self.client()?;
-        let coordinator = client.egress_status(lease).await.map_err(|e| e.to_string());
+        let coordinator = client.egress_status(lease).await;
         Ok(EgressReport {
             local: self.info(lease).await,
             coordinator,

@@ -13,6 +13,11 @@
 //!   [`TaskTracker`] is closed, and [`Supervisor::shutdown`] waits for it
 //!   under a grace period.
 
+#![expect(
+    clippy::disallowed_methods,
+    reason = "supervisor/ is the one module that spawns tasks"
+)]
+
 mod kind;
 mod policy;
 mod registry;

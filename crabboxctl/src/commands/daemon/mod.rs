@@ -82,7 +82,7 @@ struct DaemonStatusJson {
 
 async fn status(ctx: &Ctx, args: &StatusArgs) -> anyhow::Result<Code> {
     let probe = async {
-        let mut client = connect::connect(&ctx.socket).await?;
+        let client = connect::connect(&ctx.socket).await?;
         connect::call(&ctx.socket, "GetStatus", client.status()).await
     };
     let (manager, probe) = tokio::join!(
@@ -112,7 +112,12 @@ async fn status(ctx: &Ctx, args: &StatusArgs) -> anyhow::Result<Code> {
                 "crabboxd is running: pid {}, version {}, up {}, at {}\n",
                 s.pid,
                 s.version,
-                output::ago(s.started_at_unix_ms, output::now_unix_ms()),
+                s.started_at
+                    .as_ref()
+                    .map_or("-".to_owned(), |t| output::ago(
+                        output::unix_ms(t),
+                        output::now_unix_ms()
+                    )),
                 ctx.socket.display()
             ));
         }

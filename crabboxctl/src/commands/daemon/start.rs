@@ -221,7 +221,7 @@ pub struct Spawned<'a> {
 /// Asks the daemon for its status with a short bound, for "is it up?".
 pub async fn probe(socket: &Path) -> Option<GetStatusResponse> {
     let attempt = async {
-        let mut client = Client::connect(socket).await.ok()?;
+        let client = Client::connect(socket).await.ok()?;
         client.status().await.ok().map(|(s, _)| s)
     };
     tokio::time::timeout(Duration::from_secs(2), attempt)

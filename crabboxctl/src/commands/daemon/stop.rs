@@ -41,7 +41,7 @@ pub async fn stop_running(ctx: &Ctx, timeout: Option<Duration>) -> anyhow::Resul
                 return Ok(false);
             }
             Ok(Err(err)) => return Err(connect::unreachable(&err).into()),
-            Err(_) => return Err(connect::wedged(&ctx.socket).into()),
+            Err(_) => return Err(connect::wedged(&ctx.socket, connect::CALL_TIMEOUT).into()),
         };
     shutdown_and_wait(&ctx.socket, client, timeout).await?;
     Ok(true)
@@ -55,18 +55,19 @@ pub async fn stop_running(ctx: &Ctx, timeout: Option<Duration>) -> anyhow::Resul
 /// released its lock, which it does by exiting.
 async fn shutdown_and_wait(
     socket: &Path,
-    mut client: Client,
+    client: Client,
     timeout: Option<Duration>,
 ) -> anyhow::Result<()> {
     let (status, _) = connect::call(socket, "GetStatus", client.status()).await?;
     let req = ShutdownRequest {
         reason: "crabboxctl daemon stop".to_owned(),
     };
-    let grace = connect::call(socket, "Shutdown", client.rpc().shutdown(req))
+    let grace = connect::call(socket, "Shutdown", client.daemon().shutdown(req))
         .await?
         .into_inner()
-        .grace_ms;
-    let grace = Duration::from_millis(grace);
+        .grace
+        .and_then(|g| Duration::try_from(g).ok())
+        .unwrap_or_default();
     // Our own connection would otherwise be one more thing to drain.
     drop(client);
     let limit = timeout.unwrap_or(grace + Duration::from_secs(10));

@@ -98,7 +98,7 @@ where
     );
     let config = Arc::new(config);
     let pending = Arc::new(Semaphore::new(config.bridge.max_pending_opens.max(1)));
-    let mut warned = false;
+    let warned = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Dropping the set (when this function returns or is cancelled) aborts every stream task.
     let mut streams = JoinSet::new();
     tokio::pin!(run);
@@ -111,21 +111,24 @@ where
                 return Ok(());
             }
             Some(incoming) = rx.recv() => {
-                let admitted = admit(&pending, config.socket_budget.as_ref());
                 let (bridge, policy, config) = (bridge.clone(), policy.clone(), config.clone());
-                let (dialling, socket) = match admitted {
-                    Ok(permits) => permits,
-                    Err(why) => {
-                        config.stats.rejected();
-                        if !warned {
-                            warned = true;
-                            warn!(limit = %why, "egress host: refusing opens at a limit (logged once per bridge)");
-                        }
-                        refuse(&bridge, &mut streams, incoming, why);
-                        continue;
-                    }
-                };
+                let pending = pending.clone();
+                let warned = warned.clone();
                 streams.spawn(async move {
+                    // A burst of opens waits briefly for a dial slot (holding no
+                    // descriptor); only then is it refused.
+                    let admitted = admit(&pending, config.socket_budget.as_ref()).await;
+                    let (dialling, socket) = match admitted {
+                        Ok(permits) => permits,
+                        Err(why) => {
+                            config.stats.rejected();
+                            if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                warn!(limit = %why, "egress host: refusing opens at a limit (logged once per bridge)");
+                            }
+                            refuse(&bridge, incoming, why).await;
+                            return;
+                        }
+                    };
                     let _socket = socket;
                     match incoming {
                         Incoming::V1 { stream, host, port } => serve_v1(bridge, policy, config, stream, host, port, dialling).await,
@@ -154,14 +157,18 @@ impl std::fmt::Display for Limit {
     }
 }
 
-fn admit(
+/// How long an open may wait for one of the bridge's dial slots.
+const PENDING_OPEN_WAIT: Duration = Duration::from_secs(5);
+
+async fn admit(
     pending: &Arc<Semaphore>,
     sockets: Option<&Arc<Semaphore>>,
 ) -> Result<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>), Limit> {
-    let dialling = pending
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| Limit::PendingOpens)?;
+    let dialling =
+        match tokio::time::timeout(PENDING_OPEN_WAIT, pending.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => return Err(Limit::PendingOpens),
+        };
     let socket = match sockets {
         Some(s) => Some(s.clone().try_acquire_owned().map_err(|_| Limit::Sockets)?),
         None => None,
@@ -171,7 +178,7 @@ fn admit(
 
 /// Answers an open refused at a limit without dialling: a v1 `error` frame,
 /// or a v2 `too many streams` reply (written by a short-lived task).
-fn refuse(bridge: &Bridge, streams: &mut JoinSet<()>, incoming: Incoming, why: Limit) {
+async fn refuse(bridge: &Bridge, incoming: Incoming, why: Limit) {
     match incoming {
         Incoming::V1 { stream, .. } => {
             let id = stream.id().to_owned();
@@ -184,17 +191,15 @@ fn refuse(bridge: &Bridge, streams: &mut JoinSet<()>, incoming: Incoming, why: L
             }
         }
         Incoming::V2(mut stream) => {
-            streams.spawn(async move {
-                let reply = OpenReply {
-                    code: OpenCode::Overloaded,
-                    message: why.to_string(),
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                    let _ = stream.write_all(&reply.encode()).await;
-                    let _ = stream.shutdown().await;
-                })
-                .await;
-            });
+            let reply = OpenReply {
+                code: OpenCode::Overloaded,
+                message: why.to_string(),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                let _ = stream.write_all(&reply.encode()).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
         }
     }
 }

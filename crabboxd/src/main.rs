@@ -89,6 +89,24 @@ fn main() -> ExitCode {
         return ExitCode::from(EX_USAGE);
     }
 
+    // Raise the soft open-file limit before anything is opened, and say so once.
+    match crabboxd::platform::nofile::raise() {
+        Ok(n) if n.soft > n.before => tracing::info!(
+            from = n.before,
+            to = n.soft,
+            hard = n.hard,
+            egress_socket_budget = crabboxd::platform::nofile::egress_socket_budget(),
+            "raised the soft open-file limit (RLIMIT_NOFILE) to the hard limit"
+        ),
+        Ok(n) => tracing::info!(
+            soft = n.soft,
+            hard = n.hard,
+            egress_socket_budget = crabboxd::platform::nofile::egress_socket_budget(),
+            "open-file limit (RLIMIT_NOFILE) already at the hard limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+
     let listener = match bind(&config) {
         Ok(l) => l,
         Err(e) => {

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Sink, Stream};
@@ -23,8 +23,12 @@ use crate::stats::SessionStats;
 pub struct ClientConfig {
     /// Bridge tunables (v2 on/off, keepalive, open timeout, queue cap).
     pub bridge: BridgeConfig,
-    /// Concurrent proxied connections; beyond this new ones get `503`.
+    /// Concurrent proxied connections with a complete request head; beyond this new ones get `503`.
     pub max_connections: usize,
+    /// Connections still waiting for their request head; beyond this new ones are closed at once.
+    pub max_pending_heads: usize,
+    /// A connection that sends no byte at all within this is closed silently.
+    pub first_byte_timeout: Duration,
     /// Deadline for a complete request head (then `408`).
     pub head_timeout: Duration,
     /// Size cap of a request head (then `431`).
@@ -40,7 +44,9 @@ impl Default for ClientConfig {
         ClientConfig {
             bridge: BridgeConfig::client(),
             max_connections: 512,
-            head_timeout: Duration::from_secs(30),
+            max_pending_heads: 1024,
+            first_byte_timeout: Duration::from_secs(5),
+            head_timeout: Duration::from_secs(15),
             max_head_bytes: 64 * 1024,
             idle_timeout: Duration::from_secs(600),
             stats: Arc::new(SessionStats::new()),
@@ -51,6 +57,8 @@ impl Default for ClientConfig {
 /// The loopback HTTP proxy. Dropping it stops accepting and closes the listener.
 pub struct ProxyServer {
     slot: watch::Sender<Option<Bridge>>,
+    /// What a request is told while no bridge is up.
+    down: Arc<Mutex<String>>,
     cfg: Arc<ClientConfig>,
     local_addr: SocketAddr,
     _accept: AbortOnDropHandle<()>,
@@ -63,9 +71,13 @@ impl ProxyServer {
         let local_addr = listener.local_addr()?;
         let cfg = Arc::new(config);
         let (slot, slot_rx) = watch::channel(None);
-        let accept = tokio::spawn(accept_loop(listener, slot_rx, cfg.clone()));
+        let down = Arc::new(Mutex::new(
+            "egress bridge is not connected yet; retry shortly".to_owned(),
+        ));
+        let accept = tokio::spawn(accept_loop(listener, slot_rx, cfg.clone(), down.clone()));
         Ok(ProxyServer {
             slot,
+            down,
             cfg,
             local_addr,
             _accept: AbortOnDropHandle::new(accept),
@@ -105,11 +117,23 @@ impl ProxyServer {
             self.cfg.stats.clone(),
             None,
         );
+        let bridge_handle = bridge.clone();
         self.slot.send_replace(Some(bridge));
         info!(listen = %self.local_addr, "egress client: bridge connected");
+        let ended = bridge_handle.clone();
         let res = run.await;
+        let why = match ended.peer_bye() {
+            Some(bye) if bye.contains("egress stopped") => STOPPED.to_owned(),
+            _ => down_reason(&res).to_owned(),
+        };
+        *self.down.lock().unwrap() = why;
         self.slot.send_replace(None);
         res
+    }
+
+    /// Sets what requests are told while no bridge is up (e.g. after a fatal end).
+    pub fn set_down_reason(&self, reason: impl Into<String>) {
+        *self.down.lock().unwrap() = reason.into();
     }
 }
 
@@ -132,12 +156,28 @@ where
     server.attach(ws).await
 }
 
+const STOPPED: &str = "the egress host side was stopped (crabboxctl egress stop); start it again with `crabboxctl egress host`";
+
+/// The 503 text after a bridge ended, from the coordinator's close code and reason.
+fn down_reason(res: &Result<(), BridgeError>) -> &'static str {
+    match res {
+        Err(BridgeError::Closed { reason, .. }) if reason.contains("egress stopped") => STOPPED,
+        Err(BridgeError::Closed { code: 1011, reason }) if reason.contains("host disconnected") => {
+            "the egress host side left the bridge (stopped, or restarting); waiting for it to rejoin"
+        }
+        Err(e) if e.is_fatal() => "this egress session is over (replaced, or the lease ended)",
+        _ => "egress bridge is not connected; it is reconnecting, retry shortly",
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     slot: watch::Receiver<Option<Bridge>>,
     cfg: Arc<ClientConfig>,
+    down: Arc<Mutex<String>>,
 ) {
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    let heads = Arc::new(Semaphore::new(cfg.max_pending_heads.max(1)));
     loop {
         let (mut sock, _) = match listener.accept().await {
             Ok(conn) => conn,
@@ -148,12 +188,14 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        // Every accepted socket holds a descriptor, so even connections that
+        // have not sent a head yet are bounded (each for `head_timeout` at most).
+        let Ok(permit) = heads.clone().try_acquire_owned() else {
             tokio::spawn(async move {
                 let _ = sock
                     .write_all(&text_response(
                         "503 Service Unavailable",
-                        "too many concurrent connections",
+                        "too many connections waiting to send a request",
                     ))
                     .await;
                 let _ = sock.shutdown().await;
@@ -162,9 +204,10 @@ async fn accept_loop(
         };
         let slot = slot.clone();
         let cfg = cfg.clone();
+        let limit = limit.clone();
+        let down = down.clone();
         tokio::spawn(async move {
-            proxy::serve_connection(sock, slot, cfg).await;
-            drop(permit);
+            proxy::serve_connection(sock, slot, cfg, limit, permit, down).await;
         });
     }
 }

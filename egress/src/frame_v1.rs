@@ -57,6 +57,12 @@ pub enum TextFrame {
     Hello(Hello),
     /// v2 counters.
     Stats(StatsFrame),
+    /// Our own farewell before an orderly close (`{"type":"bye","error":"egress stopped"}`),
+    /// so the other end can say why; reference peers ignore it.
+    Bye {
+        /// Why the sender is leaving.
+        reason: String,
+    },
     /// Any other `type`; ignored.
     Unknown(String),
 }
@@ -170,6 +176,10 @@ pub fn encode(frame: &TextFrame) -> String {
             w.bytes_in = Some(s.bytes_in);
             w.bytes_out = Some(s.bytes_out);
         }
+        TextFrame::Bye { reason } => {
+            w.kind = "bye".into();
+            w.error = reason.as_str().into();
+        }
         TextFrame::Unknown(kind) => w.kind = kind.as_str().into(),
     }
     // Serialising a struct of strings and integers cannot fail.
@@ -209,7 +219,10 @@ pub fn decode(text: &str) -> Result<TextFrame, DecodeError> {
             bytes_in: w.bytes_in.unwrap_or(0),
             bytes_out: w.bytes_out.unwrap_or(0),
         }),
-        other => TextFrame::Unknown(other.to_owned()),
+        "bye" => TextFrame::Bye {
+            reason: w.error.chars().take(120).collect(),
+        },
+        other => TextFrame::Unknown(other.chars().take(32).collect()),
     })
 }
 

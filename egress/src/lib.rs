@@ -13,6 +13,7 @@
 //! * `bridge` — one WebSocket: negotiation, v1 stream registry, yamux session, keepalive.
 //! * `stream_v1`, `mux`, `ws_io` — the two stream transports and the WebSocket plumbing below them.
 //! * [`proxy`] — request-head parsing, CONNECT / absolute-form handling, loopback listen rule.
+//! * [`connect`] — the one bridge dialler both ends use, with its fatal/refused/retryable classification.
 //! * [`client`] — the lease side: [`ProxyServer`], whose listener outlives any one bridge.
 //! * [`host`] — the operator side: [`Policy`], public-address rules, resolve-and-pin dialer, [`run_host`].
 //! * [`stats`] — per-session counters the daemon displays.
@@ -26,6 +27,7 @@
 
 mod bridge;
 pub mod client;
+pub mod connect;
 pub mod error;
 pub mod frame_v1;
 pub mod frame_v2;
@@ -40,6 +42,7 @@ mod ws_io;
 
 pub use bridge::{BridgeConfig, Role};
 pub use client::{ClientConfig, ProxyServer, run_client};
+pub use connect::{BridgeSocket, ConnectError, connect_bridge};
 pub use error::{BridgeError, ErrorClass, FatalReason};
 pub use host::{HostConfig, Policy, PolicyBuilder, PolicyError, run_host};
 pub use stats::{HostCount, PeerStats, SessionStats, StatsSnapshot};

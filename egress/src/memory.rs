@@ -34,6 +34,8 @@ pub struct MemoryRelay {
 
 #[derive(Default)]
 struct State {
+    /// Frames dropped at the start of every joined socket (see [`MemoryRelay::dropping_first`]).
+    drop_first: usize,
     next: u64,
     host: Option<Slot>,
     client: Option<Slot>,
@@ -73,6 +75,14 @@ impl MemoryRelay {
         Self::default()
     }
 
+    /// A relay that drops the first `n` frames every joining socket sends, as
+    /// the reference's Node relay loses frames sent just after an upgrade.
+    pub fn dropping_first(n: usize) -> Self {
+        let relay = Self::default();
+        relay.state.lock().unwrap().drop_first = n;
+        relay
+    }
+
     /// Whether a socket of `role` is currently registered.
     pub fn is_connected(&self, role: Role) -> bool {
         self.state.lock().unwrap().slot(role).is_some()
@@ -108,6 +118,7 @@ impl MemoryRelay {
             }
             generation
         };
+        let mut to_drop = self.state.lock().unwrap().drop_first;
         let (mut sink, mut stream) = theirs.split();
         // Separate reader and writer tasks: a full queue towards one socket must
         // never stop the relay from draining the other direction.
@@ -124,6 +135,7 @@ impl MemoryRelay {
         tokio::spawn(async move {
             while let Some(Ok(msg)) = stream.next().await {
                 match msg {
+                    Message::Text(_) | Message::Binary(_) if to_drop > 0 => to_drop -= 1,
                     Message::Text(_) | Message::Binary(_) => {
                         let peer = {
                             let mut s = state.lock().unwrap();

@@ -1,8 +1,11 @@
-//! v1 streams: the per-bridge registry of stream ids and [`V1Stream`], an `AsyncRead + AsyncWrite` over `data`/`close` frames with a bounded per-stream inbound queue.
+//! v1 streams: the per-bridge registry of stream ids and [`V1Stream`], an `AsyncRead + AsyncWrite` over `data`/`close` frames with inbound queues bounded per stream and per bridge.
 //!
 //! The shared read loop only ever *appends* to a stream's queue; a per-stream
-//! task drains it into the local socket. A stalled socket therefore stalls
-//! only its own queue, and a queue over its cap closes only that stream.
+//! task drains it into the local socket. v1 has no flow control, so when a
+//! queue (or the bridge's byte budget) is full the read loop waits for space
+//! (backpressure, head-of-line blocking on v1 only) instead of cutting the
+//! stream; a stream that stays full is closed by the read loop after its
+//! stall timeout ([`V1Registry::kill`]), which also frees its queue at once.
 
 use std::collections::HashMap;
 use std::io;
@@ -13,9 +16,9 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::PollSender;
+use tokio_util::sync::{CancellationToken, PollSender};
 
 use crate::frame_v1::{self, TextFrame, V1_CHUNK};
 
@@ -28,6 +31,11 @@ pub(crate) struct V1Registry {
     entries: Mutex<HashMap<String, Entry>>,
     out: mpsc::Sender<Message>,
     queue_cap: usize,
+    budget: usize,
+    /// Bytes queued across every stream of the bridge.
+    total: Arc<AtomicUsize>,
+    /// Notified whenever a stream drains or goes away.
+    space: Arc<Notify>,
 }
 
 struct Entry {
@@ -41,23 +49,65 @@ struct Shared {
     queued: AtomicUsize,
     overflowed: AtomicBool,
     peer_closed: AtomicBool,
+    /// Cancelled when the read loop closes this stream as stalled: its holder
+    /// must drop it (which frees the queue) even if it is blocked elsewhere.
+    killed: CancellationToken,
 }
 
 /// What the read loop should do after handing a `data` frame to the registry.
 pub(crate) enum DataOutcome {
     Queued,
     UnknownId,
-    /// The stream went over its queue cap and was removed; tell the peer.
-    Overflowed,
+    /// The stream's queue or the bridge budget is full: wait for space and retry with the body.
+    Full(Bytes),
 }
 
 impl V1Registry {
-    pub(crate) fn new(out: mpsc::Sender<Message>, queue_cap: usize) -> Arc<Self> {
+    pub(crate) fn new(out: mpsc::Sender<Message>, queue_cap: usize, budget: usize) -> Arc<Self> {
         Arc::new(V1Registry {
             entries: Mutex::new(HashMap::new()),
             out,
             queue_cap,
+            budget,
+            total: Arc::new(AtomicUsize::new(0)),
+            space: Arc::new(Notify::new()),
         })
+    }
+
+    /// Resolves after the next time queue space is freed (create it before retrying).
+    pub(crate) fn space_freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.space.notified()
+    }
+
+    /// The stream to close when the read loop has waited too long for space
+    /// for a frame of `id`: `id` itself if its own queue is full, otherwise the
+    /// stream holding the most queued bytes. Returns its id and queued bytes.
+    pub(crate) fn stalled_victim(&self, id: &str) -> Option<(String, usize)> {
+        let entries = self.entries.lock().unwrap();
+        if let Some(e) = entries.get(id) {
+            let q = e.shared.queued.load(Ordering::Acquire);
+            if q >= self.queue_cap {
+                return Some((id.to_owned(), q));
+            }
+        }
+        entries
+            .iter()
+            .map(|(k, e)| (k, e.shared.queued.load(Ordering::Acquire)))
+            .max_by_key(|(_, q)| *q)
+            .filter(|(_, q)| *q > 0)
+            .map(|(k, q)| (k.clone(), q))
+    }
+
+    /// Closes a stalled stream: removed from the registry, its holder told to
+    /// drop it (freeing its queue). True if it was registered (`close` is owed).
+    pub(crate) fn kill(&self, id: &str) -> bool {
+        let Some(entry) = self.entries.lock().unwrap().remove(id) else {
+            return false;
+        };
+        entry.shared.overflowed.store(true, Ordering::Release);
+        entry.shared.peer_closed.store(true, Ordering::Release);
+        entry.shared.killed.cancel();
+        true
     }
 
     /// Registers an open stream (host side after a successful dial).
@@ -92,6 +142,8 @@ impl V1Registry {
             rx,
             rbuf: Bytes::new(),
             shared,
+            total: self.total.clone(),
+            space: self.space.clone(),
             reg: self.clone(),
             tx: PollSender::new(self.out.clone()),
             closed: false,
@@ -106,20 +158,24 @@ impl V1Registry {
         self.entries.lock().unwrap().len()
     }
 
-    /// Appends bytes to a stream's queue. Never blocks.
+    /// Appends bytes to a stream's queue, or hands them back when the
+    /// stream's queue or the bridge budget is full. Never blocks. A frame
+    /// always fits an empty stream queue and an empty budget, so one large
+    /// frame cannot wedge the bridge.
     pub(crate) fn on_data(&self, id: &str, body: Bytes) -> DataOutcome {
-        let mut entries = self.entries.lock().unwrap();
+        let entries = self.entries.lock().unwrap();
         let Some(entry) = entries.get(id) else {
             return DataOutcome::UnknownId;
         };
         let queued = entry.shared.queued.load(Ordering::Acquire);
-        if queued + body.len() > self.queue_cap {
-            let entry = entries.remove(id).unwrap();
-            entry.shared.overflowed.store(true, Ordering::Release);
-            entry.shared.peer_closed.store(true, Ordering::Release);
-            return DataOutcome::Overflowed;
+        let total = self.total.load(Ordering::Acquire);
+        if (queued > 0 && queued + body.len() > self.queue_cap)
+            || (total > 0 && total + body.len() > self.budget)
+        {
+            return DataOutcome::Full(body);
         }
         entry.shared.queued.fetch_add(body.len(), Ordering::AcqRel);
+        self.total.fetch_add(body.len(), Ordering::AcqRel);
         // The receiver may be gone (stream dropped); the entry is then removed by its Drop.
         let _ = entry.tx.send(body);
         DataOutcome::Queued
@@ -207,6 +263,8 @@ pub(crate) struct V1Stream {
     rx: mpsc::UnboundedReceiver<Bytes>,
     rbuf: Bytes,
     shared: Arc<Shared>,
+    total: Arc<AtomicUsize>,
+    space: Arc<Notify>,
     reg: Arc<V1Registry>,
     tx: PollSender<Message>,
     closed: bool,
@@ -215,6 +273,18 @@ pub(crate) struct V1Stream {
 impl V1Stream {
     pub(crate) fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Cancelled when the bridge closed this stream as stalled; whoever holds
+    /// the stream must then drop it.
+    pub(crate) fn killed(&self) -> CancellationToken {
+        self.shared.killed.clone()
+    }
+
+    fn release(&self, n: usize) {
+        self.shared.queued.fetch_sub(n, Ordering::AcqRel);
+        self.total.fetch_sub(n, Ordering::AcqRel);
+        self.space.notify_waiters();
     }
 }
 
@@ -233,7 +303,7 @@ impl AsyncRead for V1Stream {
             }
             match ready!(self.rx.poll_recv(cx)) {
                 Some(chunk) => {
-                    self.shared.queued.fetch_sub(chunk.len(), Ordering::AcqRel);
+                    self.release(chunk.len());
                     self.rbuf = chunk;
                 }
                 None if self.shared.overflowed.load(Ordering::Acquire) => {
@@ -299,6 +369,15 @@ impl Drop for V1Stream {
             self.reg.send_control(TextFrame::Close {
                 id: self.id.to_string(),
             });
+        }
+        // Deregistered now, so nothing is added any more: give back what is still queued.
+        self.rx.close();
+        let mut left = 0;
+        while let Ok(chunk) = self.rx.try_recv() {
+            left += chunk.len();
+        }
+        if left > 0 {
+            self.release(left);
         }
     }
 }

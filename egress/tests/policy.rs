@@ -17,6 +17,7 @@ fn allowlist_matching_table() {
     let p = Policy::builder()
         .profile("Discord")
         .allow(["Example.org.", "10.1.2.3"])
+        .allow_private(true)
         .build()
         .unwrap();
     let cases = [
@@ -200,9 +201,23 @@ async fn resolve_once_and_pin_public_answers() {
 #[tokio::test]
 async fn private_literals_need_the_opt_in_and_a_literal_listing() {
     let r = failing_resolver(); // literals never reach DNS
-    let without = policy(&["127.0.0.1", "8.8.8.8"]);
+    // Listing a private literal without the opt-in is refused when the policy is built…
+    let err = Policy::builder()
+        .allow(["127.0.0.1", "8.8.8.8"])
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, PolicyError::PrivateAddress(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("127.0.0.1")
+            && text.contains("--allow-private")
+            && text.contains("never dials"),
+        "{text}"
+    );
+    // …and a name that resolves to one is still refused when dialling.
+    let without = policy(&["localhost", "8.8.8.8"]);
     assert_eq!(
-        candidates(&without, "127.0.0.1", 80, &r).await,
+        candidates(&without, "localhost", 80, &fake_resolver(&["127.0.0.1"])).await,
         Err(DialError::NoPublicAddress)
     );
     assert_eq!(
@@ -231,5 +246,50 @@ async fn private_literals_need_the_opt_in_and_a_literal_listing() {
     assert_eq!(
         candidates(&with, "db.internal.test", 80, &loopback).await,
         Err(DialError::NoPublicAddress)
+    );
+}
+
+#[test]
+fn wildcards_over_a_public_suffix_are_refused() {
+    for bad in ["*.com", "*.co.uk", "*.CO.UK.", "*.github.io", "*.org"] {
+        let err = Policy::builder().allow([bad]).build().unwrap_err();
+        assert!(matches!(err, PolicyError::PublicSuffix(..)), "{bad}: {err}");
+        assert!(err.to_string().contains("public suffix"), "{err}");
+    }
+    for good in [
+        "*.example.com",
+        "*.bbc.co.uk",
+        "*.discord.com",
+        "*.corp.internal",
+    ] {
+        Policy::builder()
+            .allow([good])
+            .build()
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+}
+
+#[test]
+fn huge_allowlists_are_refused_quickly_with_a_sentence() {
+    let many: Vec<String> = (0..100_000).map(|i| format!("h{i}.example.com")).collect();
+    let started = tokio::time::Instant::now();
+    let err = Policy::builder().allow(&many).build().unwrap_err();
+    assert!(
+        matches!(err, PolicyError::TooManyPatterns(100_000)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("at most 4096"), "{err}");
+    // At the cap, building (with dedup) is a set operation, not a quadratic scan.
+    let at_cap = &many[..4096];
+    let p = Policy::builder()
+        .allow(at_cap)
+        .allow(at_cap)
+        .build()
+        .unwrap();
+    assert_eq!(p.patterns().len(), 4096);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
     );
 }

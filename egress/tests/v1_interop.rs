@@ -90,13 +90,24 @@ async fn server_first_banner_never_precedes_the_200() {
 }
 
 #[tokio::test]
-async fn rejected_open_gets_the_exact_502() {
+async fn failed_open_gets_the_exact_502_and_a_policy_refusal_a_403() {
     let (mut fake, proxy, _p) = client_with_fake_host(BridgeConfig::client()).await;
+    let mut browser = send_connect(proxy, "evil.example:443").await;
+    let open = fake.recv_kind("open", None).await;
+    fake.send(json!({"type": "error", "id": open["id"], "error": "dial allowed destination: connection refused"}))
+        .await;
+    assert_eq!(read_to_end(&mut browser).await, BAD_GATEWAY);
+    // "host not allowed" is what every host (the reference's too) says for a policy refusal.
     let mut browser = send_connect(proxy, "evil.example:443").await;
     let open = fake.recv_kind("open", None).await;
     fake.send(json!({"type": "error", "id": open["id"], "error": "host not allowed"}))
         .await;
-    assert_eq!(read_to_end(&mut browser).await, BAD_GATEWAY);
+    let resp = String::from_utf8(read_to_end(&mut browser).await).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{resp}");
+    assert!(
+        resp.contains("evil.example is not on") && resp.contains("--allow evil.example"),
+        "{resp}"
+    );
 }
 
 #[tokio::test]
@@ -138,8 +149,12 @@ async fn stalled_local_socket_does_not_block_other_streams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_overflow_closes_only_that_stream() {
-    let (mut fake, proxy, _p) = client_with_fake_host(BridgeConfig::client()).await;
+async fn a_stalled_queue_closes_only_that_stream() {
+    // v1 backpressure: the bridge reader waits for the full queue, then closes
+    // just that stream after the stall timeout; the others carry on.
+    let mut cfg = BridgeConfig::client();
+    cfg.v1_stall_timeout = Duration::from_secs(1);
+    let (mut fake, proxy, _p) = client_with_fake_host(cfg).await;
     let _stalled = small_buffer_connect(proxy, "127.0.0.1:1").await;
     let a = accept_open(&mut fake).await;
     let mut other = send_connect(proxy, "127.0.0.1:2").await;

@@ -59,8 +59,11 @@ async fn rejected_open_gets_a_502_with_a_reason() {
         .await
         .unwrap();
     let resp = String::from_utf8(read_to_end(&mut s).await).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{resp}");
-    assert!(resp.contains("not allowed"), "{resp}");
+    assert!(resp.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{resp}");
+    assert!(
+        resp.contains("127.0.0.2 is not on") && resp.contains("--allow 127.0.0.2"),
+        "{resp}"
+    );
     // A listed literal whose port is closed: connect failed.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -240,4 +243,85 @@ async fn lease_end_and_replacement_are_fatal() {
         ErrorClass::Fatal(FatalReason::Replaced),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn negotiates_v2_through_a_relay_that_loses_early_frames() {
+    // The reference's Node relay drops frames sent just after an upgrade:
+    // each end's first hellos are lost, the repeated ones settle it.
+    for client_first in [false, true] {
+        let p = pair_on(MemoryRelay::dropping_first(3), true, true, client_first).await;
+        assert_v2(&p).await;
+        let origin = echo_origin().await;
+        let (mut s, head) = connect_via(p.proxy_addr, origin).await;
+        assert_eq!(
+            head.as_bytes(),
+            crabbox_egress::proxy::CONNECT_OK,
+            "client_first={client_first}"
+        );
+        echo_roundtrip(&mut s, b"over yamux despite lost hellos").await;
+    }
+}
+
+/// Collects what a v1-only peer receives for `dur`: JSON text only (panics on binary).
+async fn v1_frames_for(
+    ws: &mut crabbox_egress::memory::MemoryWs,
+    dur: Duration,
+) -> Vec<serde_json::Value> {
+    use futures::StreamExt;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + dur;
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, ws.next()).await {
+        match msg.unwrap() {
+            tokio_tungstenite::tungstenite::Message::Text(t) => {
+                got.push(serde_json::from_str(t.as_str()).expect("v1 peers get JSON text"))
+            }
+            tokio_tungstenite::tungstenite::Message::Binary(_) => {
+                panic!("a v1-only peer received a binary frame")
+            }
+            _ => {}
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn repeated_hellos_never_show_a_v1_only_peer_anything_but_v1_frames() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let relay = MemoryRelay::dropping_first(3);
+    let origin = echo_origin().await;
+    let stats = Arc::new(SessionStats::new());
+    let _host = spawn_host(&relay, true, loopback_policy(), stats.clone()).await;
+    let mut peer = JsonPeer::join(&relay, Role::Client).await;
+    let hellos = v1_frames_for(&mut peer.ws, Duration::from_millis(1500)).await;
+    assert!(
+        hellos.len() >= 2 && hellos.iter().all(|v| v["type"] == "hello"),
+        "the host repeats hello while the peer is silent: {hellos:?}"
+    );
+    assert_eq!(
+        stats.protocol_version(),
+        0,
+        "unknown until the peer shows which"
+    );
+    // The relay drops this peer's first frames too; then a v1 open gets through.
+    for _ in 0..3 {
+        peer.ws
+            .send(Message::text(r#"{"type":"noop"}"#))
+            .await
+            .unwrap();
+    }
+    peer.send(serde_json::json!({"type": "open", "id": "c1", "host": "127.0.0.1", "port": origin.port().to_string()})).await;
+    let after = v1_frames_for(&mut peer.ws, Duration::from_millis(1000)).await;
+    assert!(after.iter().any(|v| v["type"] == "open_ok"), "{after:?}");
+    let hellos_after_ok = after
+        .iter()
+        .skip_while(|v| v["type"] != "open_ok")
+        .filter(|v| v["type"] == "hello")
+        .count();
+    assert_eq!(
+        hellos_after_ok, 0,
+        "a v1 frame from the peer stops the hellos: {after:?}"
+    );
+    assert_eq!(stats.protocol_version(), 1);
 }

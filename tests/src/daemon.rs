@@ -26,9 +26,16 @@ pub struct TestDaemonBuilder {
     toml: Option<String>,
     yaml: Option<String>,
     home: Option<PathBuf>,
+    nofile: Option<(u64, u64)>,
 }
 
 impl TestDaemonBuilder {
+    /// Runs the daemon under `prlimit --nofile=SOFT:HARD` (same pid).
+    pub fn nofile(mut self, soft: u64, hard: u64) -> Self {
+        self.nofile = Some((soft, hard));
+        self
+    }
+
     /// Sets an environment variable for the daemon.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.insert(key.into(), value.into());
@@ -97,7 +104,17 @@ impl TestDaemonBuilder {
         let notify_rx = UnixDatagram::bind(&notify).expect("bind notify socket");
         let stderr = fs::File::create(&stderr_path).unwrap();
 
-        let mut cmd = tokio::process::Command::new(bin("crabboxd"));
+        let mut cmd = match self.nofile {
+            // prlimit execs the daemon, so the pid stays the daemon's.
+            Some((soft, hard)) => {
+                let mut c = tokio::process::Command::new("prlimit");
+                c.arg(format!("--nofile={soft}:{hard}"))
+                    .arg("--")
+                    .arg(bin("crabboxd"));
+                c
+            }
+            None => tokio::process::Command::new(bin("crabboxd")),
+        };
         cmd.args(&self.args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())

@@ -147,10 +147,10 @@ async fn curl_through_helper_and_daemon_reaches_the_origin() {
     assert!(hosts.iter().any(|h| h[0] == "127.0.0.1"), "{v}");
     assert_eq!(v["local"]["protocol_version"], 2, "both ends are ours: v2");
 
-    // A destination not on the allowlist is refused by the daemon's policy.
+    // A destination not on the allowlist is refused by the daemon's policy: 403.
     let (ok, _, err) = curl_via(&h.proxy_url(), "http://localhost:9/").await;
     assert!(!ok);
-    assert!(err.contains("502"), "{err}");
+    assert!(err.contains("403"), "{err}");
 
     // The ticket is passed by a 0600 file: it never shows in the helper's
     // process list entry.
@@ -175,6 +175,19 @@ async fn an_open_proxy_is_refused() {
         .ctl(&["egress", "host", "--id", LEASE, "--allow", "*"])
         .await;
     assert!(!out.status.success());
+    // A wildcard over a public suffix, and a private address without the opt-in.
+    for (allow, says) in [
+        ("*.co.uk", "public suffix"),
+        ("127.0.0.1", "--allow-private"),
+    ] {
+        let out = w
+            .daemon
+            .ctl(&["egress", "host", "--id", LEASE, "--allow", allow])
+            .await;
+        assert!(!out.status.success(), "{allow} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{allow}: {err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -520,4 +533,120 @@ async fn release_through_the_daemon_stops_tasks_and_a_new_keeper_is_running() {
             assert_eq!(t["key"], LEASE);
         }
     }
+}
+
+/// Sends one CONNECT to the helper and returns the whole answer.
+async fn raw_connect(proxy: std::net::SocketAddr, dest: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_helper_leaving_is_not_a_failure_the_host_rejoins_at_once() {
+    let w = world().await;
+    let origin = Origin::start().await;
+    let session = start_host(&w.daemon, &origin).await;
+    wait_status(&w.daemon, "the host bridge", |v| {
+        v["coordinator"]["hostConnected"] == true
+    })
+    .await;
+    // No peer yet: the protocol is unknown, not v1.
+    assert_eq!(status(&w.daemon).await["local"]["protocol_version"], 0);
+    for round in 0..4 {
+        let h = helper(&w, &session).await;
+        fetch_until_ok(&h.proxy_url(), &origin.url("index.html")).await;
+        // The helper goes away: the coordinator closes the host with 1011 "egress client disconnected".
+        drop(h);
+        let left = tokio::time::Instant::now();
+        wait_status(&w.daemon, "the host to rejoin", |v| {
+            v["coordinator"]["clientConnected"] == false
+                && v["coordinator"]["hostConnected"] == true
+        })
+        .await;
+        let v = status(&w.daemon).await;
+        eprintln!("round {round}: host back after {:?}", left.elapsed());
+        assert!(
+            left.elapsed() < Duration::from_secs(5),
+            "round {round}: {:?}",
+            left.elapsed()
+        );
+        assert_eq!(
+            v["local"]["restarts"], 0,
+            "a peer leaving is not a failure: {v}"
+        );
+        assert_eq!(v["local"]["last_error"], "", "{v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_egress_stop_the_helper_says_the_host_side_was_stopped() {
+    let w = world().await;
+    let origin = Origin::start().await;
+    let session = start_host(&w.daemon, &origin).await;
+    wait_status(&w.daemon, "the host bridge", |v| {
+        v["coordinator"]["hostConnected"] == true
+    })
+    .await;
+    let h = helper(&w, &session).await;
+    fetch_until_ok(&h.proxy_url(), &origin.url("index.html")).await;
+    let out = w.daemon.ctl(&["egress", "stop", "--id", LEASE]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let answer = loop {
+        let a = raw_connect(h.listen, &origin.addr.to_string()).await;
+        if a.starts_with("HTTP/1.1 503") || tokio::time::Instant::now() > deadline {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("host side was stopped"), "{answer}");
+    assert!(!answer.contains("reconnecting"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_lock_the_helper() {
+    let w = world().await;
+    let origin = Origin::start().await;
+    let session = start_host(&w.daemon, &origin).await;
+    wait_status(&w.daemon, "the host bridge", |v| {
+        v["coordinator"]["hostConnected"] == true
+    })
+    .await;
+    let h = helper(&w, &session).await;
+    fetch_until_ok(&h.proxy_url(), &origin.url("index.html")).await;
+    // More idle connections than the helper's 512-connection cap, none sending a byte.
+    let mut idle = Vec::new();
+    for _ in 0..600 {
+        idle.push(tokio::net::TcpStream::connect(h.listen).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = tokio::time::Instant::now();
+    let (ok, body, err) = curl_via(&h.proxy_url(), &origin.url("index.html")).await;
+    assert!(ok, "a real request was locked out: {err}");
+    assert_eq!(body, origin.body);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // The silent ones are closed after the first-byte deadline (5 s).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let mut closed = 0;
+    for s in &idle {
+        let mut b = [0u8; 1];
+        if matches!(s.try_read(&mut b), Ok(0)) {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 590,
+        "only {closed} of 600 idle connections were closed"
+    );
 }

@@ -154,14 +154,18 @@ fn host_json(h: &EgressHost) -> HostJson {
 fn host_lines(h: &EgressHost) -> String {
     let j = host_json(h);
     let mut s = format!(
-        "egress host: lease={} session={} {}\n  state {} (restarts {}), bridge {}, protocol v{}\n  streams {} active / {} total / {} refused, bytes in {} out {}",
+        "egress host: lease={} session={} {}\n  state {} (restarts {}), bridge {}, protocol {}\n  streams {} active / {} total / {} refused, bytes in {} out {}",
         j.lease_id,
         j.session_id,
         j.summary,
         j.state,
         j.restarts,
         if j.connected { "up" } else { "down" },
-        j.protocol_version,
+        // 0: no peer has shown which version it speaks yet.
+        match j.protocol_version {
+            0 => "unknown".to_owned(),
+            v => format!("v{v}"),
+        },
         j.active_streams,
         j.total_streams,
         j.rejected_streams,

@@ -3,10 +3,7 @@
 //! never in the URL.
 
 use serde::{Deserialize, Serialize};
-use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream,
-    tungstenite::{self, client::IntoClientRequest, http::HeaderValue, protocol::WebSocketConfig},
-};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::client::{Client, CoordinatorError, encode};
 use crate::config::Secret;
@@ -91,10 +88,6 @@ pub struct EgressStatus {
     pub client_connected: Option<bool>,
 }
 
-/// The largest bridge message accepted; the coordinators cap frames at
-/// 12 MiB, so anything bigger would never arrive anyway.
-const MAX_MESSAGE: usize = 16 << 20;
-
 impl Client {
     /// `POST /v1/leases/{id}/egress/ticket`. Minting for a new session id
     /// activates it and replaces the current session (§3.3); minting for the
@@ -154,66 +147,22 @@ impl Client {
             .expect("ws and wss are valid schemes");
         let url = format!("{}{}", url.as_str().trim_end_matches('/'), path);
         let bearer = self.bearer().await?;
-        match dial(&url, &path, ticket, bearer.as_ref().map(|b| ("header", b))).await {
-            Err(CoordinatorError::Status {
-                status: 401 | 403, ..
-            }) => dial(&url, &path, ticket, Some(("bearer", ticket))).await,
-            other => other,
-        }
-    }
-}
-
-async fn dial(
-    url: &str,
-    path: &str,
-    ticket: &Secret,
-    auth: Option<(&str, &Secret)>,
-) -> Result<Bridge, CoordinatorError> {
-    let status_err = |status: u16| CoordinatorError::Status {
-        method: "GET",
-        path: path.to_owned(),
-        status,
-        code: format!("http_{status}"),
-        message: Some("bridge upgrade refused".into()),
-    };
-    let mut req = url
-        .into_client_request()
-        .map_err(|e| CoordinatorError::Token(format!("bad bridge URL: {e}")))?;
-    let headers = req.headers_mut();
-    let value = |s: &Secret| {
-        HeaderValue::from_str(s.expose())
-            .map_err(|_| CoordinatorError::Token("token is not a valid header value".into()))
-    };
-    match auth {
-        Some(("bearer", t)) => {
-            headers.insert(
-                "authorization",
-                value(&Secret::new(format!("Bearer {}", t.expose())))?,
-            );
-        }
-        Some((_, coordinator_token)) => {
-            headers.insert(
-                "authorization",
-                value(&Secret::new(format!(
-                    "Bearer {}",
-                    coordinator_token.expose()
-                )))?,
-            );
-            headers.insert("x-crabbox-bridge-ticket", value(ticket)?);
-        }
-        None => {
-            headers.insert("x-crabbox-bridge-ticket", value(ticket)?);
-        }
-    }
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE));
-    match tokio_tungstenite::connect_async_with_config(req, Some(config), true).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tungstenite::Error::Http(resp)) => Err(status_err(resp.status().as_u16())),
-        Err(e) => Err(CoordinatorError::Bridge {
-            path: path.to_owned(),
-            message: e.to_string(),
-        }),
+        // The one dialler both bridge ends share (crabbox-egress); only the
+        // mapping into this module's error shape lives here.
+        crabbox_egress::connect_bridge(&url, ticket.expose(), bearer.as_ref().map(|b| b.expose()))
+            .await
+            .map_err(|e| match e.status() {
+                Some(status) => CoordinatorError::Status {
+                    method: "GET",
+                    path: path.clone(),
+                    status,
+                    code: format!("http_{status}"),
+                    message: Some("bridge upgrade refused".into()),
+                },
+                None => CoordinatorError::Bridge {
+                    path: path.clone(),
+                    message: e.to_string(),
+                },
+            })
     }
 }

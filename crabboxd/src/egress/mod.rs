@@ -125,6 +125,9 @@ pub struct EgressManager {
     // lease can never interleave so that the task left running belongs to
     // the session that was replaced.
     hosts: Arc<tokio::sync::Mutex<BTreeMap<String, Entry>>>,
+    /// Destination sockets all host bridges may hold together, sized from
+    /// the open-file limit so the API keeps descriptors in reserve.
+    sockets: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for EgressManager {
@@ -154,6 +157,9 @@ impl EgressManager {
             profiles,
             ends,
             hosts: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
+            sockets: Arc::new(tokio::sync::Semaphore::new(
+                crate::platform::nofile::egress_socket_budget(),
+            )),
         }
     }
 
@@ -196,6 +202,9 @@ impl EgressManager {
     /// never reconnect) and the new one started. A failed mint leaves the
     /// old bridge working.
     pub async fn start(&self, mut spec: EgressSpec) -> Result<EgressInfo, EgressError> {
+        // Building a policy is linear and bounded (at most 16 384 raw entries,
+        // 4096 distinct patterns, set-based dedup), so it takes milliseconds
+        // and may run on the runtime thread.
         let policy = Arc::new(self.policy(&spec)?);
         let client = self.client()?.clone();
         spec.lease = self.canonical(&spec.lease).await?;
@@ -268,6 +277,7 @@ impl EgressManager {
             ends: self.ends.clone(),
             ended: Arc::clone(&ended),
             manager: self.clone(),
+            sockets: Arc::clone(&self.sockets),
         };
         let id = TaskId::new(TaskKind::EgressHost, spec.lease.as_str());
         let handle = self

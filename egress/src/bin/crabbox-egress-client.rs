@@ -12,15 +12,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use crabbox_egress::memory::ws_config;
-use crabbox_egress::{BridgeConfig, ClientConfig, ProxyServer, proxy};
+use crabbox_egress::{
+    BridgeConfig, ClientConfig, ConnectError, ProxyServer, connect_bridge, proxy,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Error as WsError;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tracing::{error, info, warn};
 
 /// Exit code for a terminal bridge condition (session replaced, lease gone), as in the reference.
@@ -55,14 +53,14 @@ struct Args {
     /// Unix control socket for fresh tickets (default: $XDG_RUNTIME_DIR or /tmp, named after the listen port).
     #[arg(long)]
     control: Option<PathBuf>,
-    /// Concurrent proxied connections before answering 503.
+    /// Concurrent proxied connections with a complete request head before answering 503.
     #[arg(long, default_value_t = 512)]
     max_connections: usize,
     /// Speak only bridge protocol v1 (never offer v2).
     #[arg(long)]
     v1_only: bool,
-    /// v1 only: bytes (KiB) one stream may queue towards a slow browser before it alone is closed.
-    #[arg(long, default_value_t = 256)]
+    /// v1 only: bytes (KiB) one stream may queue towards a slow browser before the bridge waits for it.
+    #[arg(long, default_value_t = 1024)]
     v1_queue_kib: usize,
 }
 
@@ -217,62 +215,6 @@ fn default_control(listen_port: u16) -> PathBuf {
     dir.join(format!("crabbox-egress-client-{listen_port}.sock"))
 }
 
-enum Connect {
-    Up(
-        Box<
-            tokio_tungstenite::WebSocketStream<
-                tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-            >,
-        >,
-    ),
-    /// 404/409/410: the lease is gone or the session was replaced.
-    Fatal(StatusCode),
-    /// 401/403: the ticket was refused (used, expired); a fresh one is needed.
-    Refused(StatusCode),
-    /// Network trouble or 5xx: the same ticket may still work.
-    Retry(String),
-}
-
-async fn connect(url: &url::Url, ticket: &Ticket) -> Connect {
-    // First the dedicated header; on 401/403 once more with a bearer for older coordinators.
-    for bearer in [false, true] {
-        let mut req = match url.as_str().into_client_request() {
-            Ok(r) => r,
-            Err(e) => return Connect::Retry(e.to_string()),
-        };
-        let Ok(mut value) = HeaderValue::from_str(&if bearer {
-            format!("Bearer {}", ticket.0)
-        } else {
-            ticket.0.clone()
-        }) else {
-            return Connect::Refused(StatusCode::BAD_REQUEST);
-        };
-        value.set_sensitive(true);
-        req.headers_mut().insert(
-            if bearer {
-                "authorization"
-            } else {
-                "x-crabbox-bridge-ticket"
-            },
-            value,
-        );
-        match tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true).await {
-            Ok((ws, _)) => return Connect::Up(Box::new(ws)),
-            Err(WsError::Http(resp)) => {
-                let status = resp.status();
-                match status.as_u16() {
-                    401 | 403 if !bearer => continue,
-                    401 | 403 => return Connect::Refused(status),
-                    404 | 409 | 410 => return Connect::Fatal(status),
-                    _ => return Connect::Retry(format!("HTTP {status}")),
-                }
-            }
-            Err(e) => return Connect::Retry(e.to_string()),
-        }
-    }
-    Connect::Refused(StatusCode::UNAUTHORIZED)
-}
-
 async fn run(
     args: Args,
     listen: std::net::SocketAddr,
@@ -322,27 +264,30 @@ async fn run(
                 }
             }
         };
-        match connect(&url, &current).await {
-            Connect::Up(ws) => {
+        match connect_bridge(url.as_str(), &current.0, None).await {
+            Ok(ws) => {
                 info!(lease = %args.id, session = %args.session, listen = %local, "egress client: connected");
                 backoff = Duration::from_millis(500);
-                match proxy.attach(*ws).await {
+                match proxy.attach(ws).await {
                     Err(e) if e.is_fatal() => {
                         error!(error = %e, "egress client: bridge ended for good");
+                        proxy.set_down_reason(
+                            "this egress session is over (replaced, or the lease ended)",
+                        );
                         return Ok(ExitCode::from(EXIT_FATAL));
                     }
                     Err(e) => warn!(error = %e, "egress client: bridge ended; the proxy stays up"),
                     Ok(()) => warn!("egress client: bridge ended; the proxy stays up"),
                 }
             }
-            Connect::Fatal(status) => {
-                error!(%status, "egress client: lease unavailable or session replaced");
+            Err(e) if e.is_fatal() => {
+                error!(error = %e, "egress client: lease unavailable or session replaced");
                 return Ok(ExitCode::from(EXIT_FATAL));
             }
-            Connect::Refused(status) => {
+            Err(ConnectError::TicketRefused(status)) => {
                 warn!(%status, "egress client: ticket refused; need a fresh one")
             }
-            Connect::Retry(reason) => {
+            Err(reason) => {
                 warn!(%reason, "egress client: cannot reach the coordinator");
                 if received.elapsed() < TICKET_RETRY_WINDOW {
                     ticket = Some(current);

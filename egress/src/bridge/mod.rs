@@ -71,14 +71,27 @@ pub struct BridgeConfig {
     pub open_timeout: Duration,
     /// Client: open wait while no frame from the peer was ever seen (the peer may be absent).
     pub unpaired_open_timeout: Duration,
-    /// Bytes a v1 stream may queue towards a slow local socket before it alone is closed.
+    /// How often `hello` is repeated until the peer's `hello` (or a v1 frame) arrives:
+    /// relays drop frames sent while the peer is absent or just after an upgrade.
+    pub hello_interval: Duration,
+    /// How many `hello`s are sent at most (the first one included).
+    pub hello_attempts: u32,
+    /// Bytes one v1 stream may queue towards its local socket before the
+    /// bridge reader waits for it (v1 backpressure; one frame always fits an empty queue).
     pub v1_queue_cap: usize,
+    /// Bytes all v1 streams of this bridge may queue together before the reader waits.
+    pub v1_bridge_budget: usize,
+    /// A v1 stream whose local reader leaves the bridge reader waiting this
+    /// long is closed (and logged as stalled); the others then carry on.
+    pub v1_stall_timeout: Duration,
     /// Concurrent streams on this bridge (yamux limit and v1 open limit).
     pub max_streams: usize,
+    /// Host: opens being resolved/dialled at once on this bridge; more are refused at once.
+    pub max_pending_opens: usize,
 }
 
 impl BridgeConfig {
-    /// Lease-side defaults: 256 KiB v1 queues as in the reference, 20 s opens.
+    /// Lease-side defaults: 1 MiB per v1 stream and 32 MiB per bridge, 20 s opens.
     pub fn client() -> Self {
         BridgeConfig {
             enable_v2: true,
@@ -87,16 +100,22 @@ impl BridgeConfig {
             stats_interval: Duration::from_secs(10),
             open_timeout: Duration::from_secs(20),
             unpaired_open_timeout: Duration::from_secs(5),
-            v1_queue_cap: 256 * 1024,
+            hello_interval: Duration::from_millis(250),
+            hello_attempts: 20,
+            v1_queue_cap: 1024 * 1024,
+            v1_bridge_budget: 32 * 1024 * 1024,
+            v1_stall_timeout: Duration::from_secs(5),
             max_streams: 1024,
+            max_pending_opens: 64,
         }
     }
 
-    /// Host-side defaults: a larger v1 queue, because a reference client has
-    /// no flow control and uploads to a slow destination would otherwise be cut.
+    /// Host-side defaults: 4 MiB per v1 stream (uploads from a reference
+    /// client to a slow destination) and 64 MiB per bridge.
     pub fn host() -> Self {
         BridgeConfig {
             v1_queue_cap: 4 * 1024 * 1024,
+            v1_bridge_budget: 64 * 1024 * 1024,
             ..BridgeConfig::client()
         }
     }
@@ -155,6 +174,8 @@ struct Inner {
     id_prefix: u32,
     next_id: AtomicU64,
     peer_seen: AtomicBool,
+    /// The reason in the peer's `bye`, if it said goodbye before leaving.
+    peer_bye: Mutex<Option<String>>,
     /// Cancelled when the bridge ends, so tunnels of a dead bridge end too
     /// (a v2 stream would otherwise wait on an idle browser forever).
     ended: CancellationToken,
@@ -173,6 +194,33 @@ impl Bridge {
     /// Resolves when the bridge has ended.
     pub(crate) fn ended(&self) -> CancellationToken {
         self.inner.ended.clone()
+    }
+
+    /// What the peer said in its `bye`, if anything.
+    pub(crate) fn peer_bye(&self) -> Option<String> {
+        self.inner.peer_bye.lock().unwrap().clone()
+    }
+
+    /// Says goodbye (`bye`, then close `1000` with `reason`) and lets the
+    /// writer flush; the read loop then ends.
+    pub(crate) async fn say_goodbye(&self, reason: &str) {
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        let bye = TextFrame::Bye {
+            reason: reason.to_owned(),
+        };
+        let _ = self
+            .inner
+            .out
+            .send(Message::text(crate::frame_v1::encode(&bye)))
+            .await;
+        let _ = self
+            .inner
+            .out
+            .send(Message::Close(Some(CloseFrame {
+                code: 1000.into(),
+                reason: reason.to_owned().into(),
+            })))
+            .await;
     }
 
     pub(crate) fn stats(&self) -> &Arc<SessionStats> {
@@ -282,7 +330,7 @@ where
     let (out, out_rx) = mpsc::channel(WRITE_QUEUE);
     let inner = Arc::new(Inner {
         role,
-        v1: V1Registry::new(out.clone(), cfg.v1_queue_cap),
+        v1: V1Registry::new(out.clone(), cfg.v1_queue_cap, cfg.v1_bridge_budget),
         cfg,
         mux: Mutex::new(None),
         stats,
@@ -290,6 +338,7 @@ where
         id_prefix: rand::random(),
         next_id: AtomicU64::new(1),
         peer_seen: AtomicBool::new(false),
+        peer_bye: Mutex::new(None),
         ended: CancellationToken::new(),
     });
     let bridge = Bridge {
@@ -304,8 +353,11 @@ where
             incoming,
             mux_in: None,
             mux_task: None,
+            hellos_sent: 0,
+            peer_spoke: false,
         };
-        inner.stats.set_connected(true, 1);
+        // The protocol is unknown (0) until the peer's first frame says which.
+        inner.stats.set_connected(true, 0);
         let res = reader.run(stream, writer).await;
         inner.stats.set_connected(false, 0);
         inner.v1.clear();

@@ -5,9 +5,11 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
 use tracing::{debug, info, warn};
 
 use super::{Incoming, Inner, MAX_BINARY_IN, Role};
@@ -25,6 +27,10 @@ pub(super) struct Reader {
     pub(super) incoming: Option<mpsc::UnboundedSender<Incoming>>,
     pub(super) mux_in: Option<mpsc::Sender<Bytes>>,
     pub(super) mux_task: Option<tokio_util::task::AbortOnDropHandle<Result<(), String>>>,
+    /// `hello`s sent so far (repeated until the peer answers or shows it is v1-only).
+    pub(super) hellos_sent: u32,
+    /// A v1 frame or our peer's `hello` arrived: stop repeating `hello`.
+    pub(super) peer_spoke: bool,
 }
 
 impl Reader {
@@ -37,9 +43,11 @@ impl Reader {
         St: Stream<Item = Result<Message, WsError>> + Unpin,
     {
         let cfg = self.inner.cfg.clone();
-        if cfg.enable_v2 {
-            self.send_hello(false).await;
-        }
+        // The first hello goes out at once; the timer repeats it (a relay may
+        // drop frames sent just after an upgrade, or while the peer is absent).
+        let mut hello_tick =
+            tokio::time::interval(cfg.hello_interval.max(Duration::from_millis(10)));
+        hello_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut ping = tokio::time::interval(cfg.keepalive_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut stats_tick = tokio::time::interval(cfg.stats_interval);
@@ -73,6 +81,12 @@ impl Reader {
                                 // Our writer never exceeds 64 KiB; a bigger message is not from a well-behaved peer.
                                 return Err(BridgeError::Mux(format!("binary message of {} bytes exceeds the v2 limit", bytes.len())));
                             }
+                            if self.mux_in.is_none() && cfg.enable_v2 {
+                                // Only our peer sends binary, and only after it received our
+                                // hello: its own hello (or reply) was lost on the way.
+                                debug!("binary frame before the peer's hello arrived; switching to v2");
+                                self.switch_to_v2();
+                            }
                             match &self.mux_in {
                                 // Waiting here is bounded: the yamux driver drains this
                                 // channel continuously and buffers per stream within windows.
@@ -82,6 +96,10 @@ impl Reader {
                         }
                         Some(Ok(_)) => {} // Ping/Pong are answered by tungstenite itself.
                     }
+                }
+                _ = hello_tick.tick(), if cfg.enable_v2 && self.mux_in.is_none() && !self.peer_spoke && self.hellos_sent < cfg.hello_attempts.max(1) => {
+                    self.hellos_sent += 1;
+                    self.send_hello(false).await;
                 }
                 _ = ping.tick() => {
                     if last_rx.elapsed() > cfg.keepalive_timeout {
@@ -138,7 +156,20 @@ impl Reader {
                 return debug!("dropping a data frame with an invalid base64 body");
             }
         };
-        let v1 = &self.inner.v1;
+        if !matches!(
+            frame,
+            TextFrame::Hello(_)
+                | TextFrame::Stats(_)
+                | TextFrame::Bye { .. }
+                | TextFrame::Unknown(_)
+        ) {
+            // A reference peer never says hello; its first v1 frame settles it.
+            self.peer_spoke = true;
+            if self.mux_in.is_none() {
+                self.inner.stats.set_protocol_version(1);
+            }
+        }
+        let v1 = self.inner.v1.clone();
         match frame {
             TextFrame::Open { id, host, port } => self.on_open(id, host, port),
             TextFrame::OpenOk { id } if self.inner.role == Role::Client => {
@@ -148,12 +179,7 @@ impl Reader {
                 }
             }
             TextFrame::Error { id, error } => v1.on_error(&id, error),
-            TextFrame::Data { id, body } => {
-                if let DataOutcome::Overflowed = v1.on_data(&id, body) {
-                    warn!("a stream exceeded its v1 queue limit; closing that stream only");
-                    v1.send_control(TextFrame::Close { id });
-                }
-            }
+            TextFrame::Data { id, body } => self.on_data(id, body).await,
             TextFrame::Close { id } => v1.on_close(&id),
             TextFrame::Hello(hello) => self.on_hello(hello).await,
             TextFrame::Stats(s) => self.inner.stats.set_peer(PeerStats {
@@ -161,7 +187,46 @@ impl Reader {
                 bytes_in: s.bytes_in,
                 bytes_out: s.bytes_out,
             }),
+            TextFrame::Bye { reason } => {
+                *self.inner.peer_bye.lock().unwrap() = Some(reason);
+            }
             TextFrame::OpenOk { .. } | TextFrame::Unknown(_) => {}
+        }
+    }
+
+    /// v1 backpressure: while this stream's queue (or the bridge's budget) is
+    /// full, stop reading the bridge. A reader that keeps up is never cut; one
+    /// that stalls for `v1_stall_timeout` has its stream closed, and the
+    /// others carry on.
+    async fn on_data(&self, id: String, mut body: Bytes) {
+        let v1 = self.inner.v1.clone();
+        let stall = self.inner.cfg.v1_stall_timeout;
+        let mut deadline = Instant::now() + stall;
+        loop {
+            let space = v1.space_freed();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            match v1.on_data(&id, body) {
+                DataOutcome::Queued | DataOutcome::UnknownId => return,
+                DataOutcome::Full(back) => body = back,
+            }
+            if tokio::time::timeout_at(deadline, space).await.is_ok() {
+                continue;
+            }
+            // Stalled: close the stream that holds the queue up (this one if its own
+            // queue is full, else the one with the most queued bytes).
+            let Some((victim, queued)) = v1.stalled_victim(&id) else {
+                return;
+            };
+            warn!(stream = ?victim, queued_bytes = queued, stalled_for = ?stall, "closing a v1 stream whose local reader stalled (its queue stayed full)");
+            if v1.kill(&victim) {
+                v1.send_control(TextFrame::Close { id: victim.clone() });
+            }
+            if victim == id {
+                return;
+            }
+            // Someone else was closed to make room; this frame gets another full wait.
+            deadline = Instant::now() + stall;
         }
     }
 
@@ -192,14 +257,19 @@ impl Reader {
         {
             return;
         }
-        if self.mux_in.is_some() {
-            return;
-        }
+        self.peer_spoke = true;
         if !hello.reply {
             // Our own hello may have been dropped while the peer was absent;
-            // answer before any binary so the peer switches too.
+            // answer before any binary so the peer switches too. A repeated
+            // hello after we switched means our reply was lost: answer again.
             self.send_hello(true).await;
         }
+        if self.mux_in.is_none() {
+            self.switch_to_v2();
+        }
+    }
+
+    fn switch_to_v2(&mut self) {
         let (tx, rx) = mpsc::channel(64);
         let io = MuxIo::new(rx, self.inner.out.clone());
         let mode = match self.inner.role {

@@ -38,6 +38,9 @@ pub enum DialError {
     /// Empty host.
     #[error("missing destination host")]
     MissingHost,
+    /// Not a host name or IP literal (bad characters, label or total length).
+    #[error("invalid destination host")]
+    InvalidHost,
     /// Not on the allowlist.
     #[error("host not allowed")]
     NotAllowed,
@@ -62,7 +65,9 @@ impl DialError {
     /// The v2 reply code for this failure.
     pub fn code(&self) -> OpenCode {
         match self {
-            DialError::InvalidPort | DialError::MissingHost => OpenCode::BadRequest,
+            DialError::InvalidPort | DialError::MissingHost | DialError::InvalidHost => {
+                OpenCode::BadRequest
+            }
             DialError::NotAllowed => OpenCode::NotAllowed,
             DialError::NoAddress | DialError::NoPublicAddress => OpenCode::NoPublicAddress,
             DialError::Resolve(_) | DialError::Connect(_) => OpenCode::ConnectFailed,
@@ -77,6 +82,33 @@ pub fn parse_port(port: &str) -> Result<u16, DialError> {
         Ok(p) if p > 0 => Ok(p),
         _ => Err(DialError::InvalidPort),
     }
+}
+
+/// Validates a peer-supplied destination host before policy and logging:
+/// an IP literal (brackets allowed), or a host name of at most 253 bytes made
+/// of 1–63 byte labels of letters, digits, `-` and `_`. Returns it normalised.
+pub fn validate_destination(host: &str) -> Result<String, DialError> {
+    if host.len() > 255 {
+        // Normalising a megabyte is already too much work for a refusal.
+        return Err(DialError::InvalidHost);
+    }
+    let host = normalize_host(host);
+    if host.is_empty() {
+        return Err(DialError::MissingHost);
+    }
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(host);
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(DialError::InvalidHost);
+    }
+    Ok(host)
 }
 
 /// Checks the allowlist, resolves once and returns the pinned addresses to try, in order.

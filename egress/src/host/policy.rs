@@ -1,6 +1,6 @@
 //! The allowlist: built-in profiles (`discord`, `slack`), profiles from configuration and explicit patterns, merged and normalised; `*.x` matches `x` and its subdomains; IP literals only when listed literally.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -66,7 +66,23 @@ pub enum PolicyError {
     /// A profile name that is neither built in nor configured.
     #[error("unknown egress profile {0:?} (built in: discord, slack)")]
     UnknownProfile(String),
+    /// `*.suffix` where the suffix is a public suffix (`*.com`, `*.co.uk`, `*.github.io`).
+    #[error(
+        "allow pattern {0:?} covers a whole public suffix (every site under it); list the sites you need, e.g. \"*.example{1}\""
+    )]
+    PublicSuffix(String, String),
+    /// A private, loopback or otherwise non-public IP literal without the opt-in.
+    #[error(
+        "allow pattern {0} is a private or local address, and egress never dials those unless --allow-private is also given (meant for tests and local demos)"
+    )]
+    PrivateAddress(IpAddr),
+    /// More patterns than [`MAX_PATTERNS`].
+    #[error("the allowlist has {0} patterns; at most {max} are accepted (use wildcards such as *.example.com)", max = MAX_PATTERNS)]
+    TooManyPatterns(usize),
 }
+
+/// Most patterns one policy may hold (after merging profiles).
+pub const MAX_PATTERNS: usize = 4096;
 
 /// The merged allowlist plus the `allow_private` opt-in.
 #[derive(Debug, Clone)]
@@ -141,16 +157,31 @@ impl PolicyBuilder {
                 return Err(PolicyError::UnknownProfile(name.clone()));
             }
         }
+        // Checked before any parsing, so the raw count bounds the work; the
+        // exact cap applies to distinct patterns below.
+        if raw.len() > 4 * MAX_PATTERNS {
+            return Err(PolicyError::TooManyPatterns(raw.len()));
+        }
         let mut patterns = Vec::new();
+        let mut seen = HashSet::new();
         for entry in raw {
-            if let Some(p) = Pattern::parse(&entry)?
-                && !patterns.contains(&p)
-            {
-                patterns.push(p);
+            if let Some(p) = Pattern::parse(&entry)? {
+                if let Pattern::Ip(ip) = p
+                    && !self.allow_private
+                    && !super::addr::is_public(ip)
+                {
+                    return Err(PolicyError::PrivateAddress(ip));
+                }
+                if seen.insert(p.clone()) {
+                    patterns.push(p);
+                }
             }
         }
         if patterns.is_empty() {
             return Err(PolicyError::Empty);
+        }
+        if patterns.len() > MAX_PATTERNS {
+            return Err(PolicyError::TooManyPatterns(patterns.len()));
         }
         Ok(Policy {
             patterns,
@@ -186,6 +217,13 @@ impl Pattern {
         if name.is_empty() || name.len() > 253 || !name.bytes().all(ok) || name.starts_with('.') {
             return Err(PolicyError::InvalidPattern(entry.trim().to_owned()));
         }
+        if wild && is_public_suffix(name) {
+            let dot = if name.starts_with('.') { "" } else { "." };
+            return Err(PolicyError::PublicSuffix(
+                entry.trim().to_owned(),
+                format!("{dot}{name}"),
+            ));
+        }
         Ok(Some(if wild {
             Pattern::Wildcard(name.to_owned())
         } else {
@@ -205,6 +243,15 @@ impl Pattern {
                         && host.as_bytes()[host.len() - s.len() - 1] == b'.')
             }
         }
+    }
+}
+
+/// True when `name` is itself a public suffix on the Public Suffix List
+/// (ICANN or private section), e.g. `com`, `co.uk`, `github.io`.
+fn is_public_suffix(name: &str) -> bool {
+    match psl::suffix(name.as_bytes()) {
+        Some(s) => s.is_known() && s.as_bytes() == name.as_bytes(),
+        None => false,
     }
 }
 

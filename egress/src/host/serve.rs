@@ -5,13 +5,14 @@ use std::time::Duration;
 
 use futures::{Sink, Stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tracing::info;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
 use super::dial::{self, DialError, Resolver, system_resolver};
-use super::policy::{Policy, normalize_host};
+use super::policy::Policy;
 use crate::bridge::{self, Bridge, BridgeConfig, Incoming, Role};
 use crate::error::BridgeError;
 use crate::frame_v1::TextFrame;
@@ -36,6 +37,16 @@ pub struct HostConfig {
     pub stats: Arc<SessionStats>,
     /// DNS resolver (replaceable in tests).
     pub resolver: Resolver,
+    /// Destination sockets (dialling or open) allowed across every bridge
+    /// that shares this semaphore: one permit per stream for its whole life.
+    /// When none is left an open is refused at once, so the process keeps
+    /// descriptors in reserve (the daemon sizes it from `RLIMIT_NOFILE`).
+    /// `None`: no process-wide bound beyond `max_streams` per bridge.
+    pub socket_budget: Option<Arc<Semaphore>>,
+    /// Cancel for an orderly stop: the host says `bye`, closes `1000 egress
+    /// stopped` (so the lease side can tell the user the host was stopped) and
+    /// [`run_host`] returns `Ok(())`.
+    pub stop: CancellationToken,
 }
 
 impl Default for HostConfig {
@@ -47,6 +58,8 @@ impl Default for HostConfig {
             open_read_timeout: Duration::from_secs(10),
             stats: Arc::new(SessionStats::new()),
             resolver: system_resolver(),
+            socket_budget: None,
+            stop: CancellationToken::new(),
         }
     }
 }
@@ -84,22 +97,109 @@ where
         Some(tx),
     );
     let config = Arc::new(config);
+    let pending = Arc::new(Semaphore::new(config.bridge.max_pending_opens.max(1)));
+    let warned = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Dropping the set (when this function returns or is cancelled) aborts every stream task.
     let mut streams = JoinSet::new();
     tokio::pin!(run);
     loop {
         tokio::select! {
             res = &mut run => return res,
+            () = config.stop.cancelled() => {
+                bridge.say_goodbye("egress stopped").await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), &mut run).await;
+                return Ok(());
+            }
             Some(incoming) = rx.recv() => {
                 let (bridge, policy, config) = (bridge.clone(), policy.clone(), config.clone());
+                let pending = pending.clone();
+                let warned = warned.clone();
                 streams.spawn(async move {
+                    // A burst of opens waits briefly for a dial slot (holding no
+                    // descriptor); only then is it refused.
+                    let admitted = admit(&pending, config.socket_budget.as_ref()).await;
+                    let (dialling, socket) = match admitted {
+                        Ok(permits) => permits,
+                        Err(why) => {
+                            config.stats.rejected();
+                            if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                warn!(limit = %why, "egress host: refusing opens at a limit (logged once per bridge)");
+                            }
+                            refuse(&bridge, incoming, why).await;
+                            return;
+                        }
+                    };
+                    let _socket = socket;
                     match incoming {
-                        Incoming::V1 { stream, host, port } => serve_v1(bridge, policy, config, stream, host, port).await,
-                        Incoming::V2(stream) => serve_v2(policy, config, stream).await,
+                        Incoming::V1 { stream, host, port } => serve_v1(bridge, policy, config, stream, host, port, dialling).await,
+                        Incoming::V2(stream) => serve_v2(policy, config, stream, dialling).await,
                     }
                 });
             }
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+}
+
+/// Why an open was refused before any work was done for it.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    PendingOpens,
+    Sockets,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Limit::PendingOpens => "too many pending opens on this bridge",
+            Limit::Sockets => "too many open destination sockets",
+        })
+    }
+}
+
+/// How long an open may wait for one of the bridge's dial slots.
+const PENDING_OPEN_WAIT: Duration = Duration::from_secs(5);
+
+async fn admit(
+    pending: &Arc<Semaphore>,
+    sockets: Option<&Arc<Semaphore>>,
+) -> Result<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>), Limit> {
+    let dialling =
+        match tokio::time::timeout(PENDING_OPEN_WAIT, pending.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => return Err(Limit::PendingOpens),
+        };
+    let socket = match sockets {
+        Some(s) => Some(s.clone().try_acquire_owned().map_err(|_| Limit::Sockets)?),
+        None => None,
+    };
+    Ok((dialling, socket))
+}
+
+/// Answers an open refused at a limit without dialling: a v1 `error` frame,
+/// or a v2 `too many streams` reply (written by a short-lived task).
+async fn refuse(bridge: &Bridge, incoming: Incoming, why: Limit) {
+    match incoming {
+        Incoming::V1 { stream, .. } => {
+            let id = stream.id().to_owned();
+            debug!(stream = ?id, %why, "open refused");
+            if bridge.v1().remove(&id) {
+                bridge.v1().send_control(TextFrame::Error {
+                    id,
+                    error: why.to_string(),
+                });
+            }
+        }
+        Incoming::V2(mut stream) => {
+            let reply = OpenReply {
+                code: OpenCode::Overloaded,
+                message: why.to_string(),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                let _ = stream.write_all(&reply.encode()).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
         }
     }
 }
@@ -111,14 +211,34 @@ async fn serve_v1(
     stream: V1Stream,
     host: String,
     port: String,
+    dialling: OwnedSemaphorePermit,
 ) {
-    let host = normalize_host(&host);
     let id = stream.id().to_owned();
     let stats = &cfg.stats;
-    match dial::dial(&policy, &host, &port, &cfg.resolver, cfg.dial_budget).await {
+    let host = match dial::validate_destination(&host) {
+        Ok(host) => host,
         Err(e) => {
             stats.rejected();
-            info!(%host, reason = %e, "open refused");
+            // Peer text: never logged raw (newlines, escapes, megabytes).
+            info!(host = ?Preview(&host), host_len = host.len(), reason = %e, "open refused");
+            if bridge.v1().remove(&id) {
+                bridge
+                    .v1()
+                    .send(TextFrame::Error {
+                        id,
+                        error: e.to_string(),
+                    })
+                    .await;
+            }
+            return;
+        }
+    };
+    let dialled = dial::dial(&policy, &host, &port, &cfg.resolver, cfg.dial_budget).await;
+    drop(dialling);
+    match dialled {
+        Err(e) => {
+            stats.rejected();
+            info!(host = ?host, port = ?Preview(&port), reason = %e, "open refused");
             // Deregister first so dropping the stream does not also send `close`.
             if bridge.v1().remove(&id) {
                 bridge
@@ -140,8 +260,12 @@ async fn serve_v1(
                 half_close: false,
                 idle_timeout: cfg.idle_timeout,
             };
-            let (up, down) = relay(tcp, stream, opts, stats).await;
-            info!(%host, bytes_out = up, bytes_in = down, "stream closed");
+            let killed = stream.killed();
+            let (up, down) = tokio::select! {
+                r = relay(tcp, stream, opts, stats) => r,
+                () = killed.cancelled() => (0, 0),
+            };
+            info!(host = ?host, bytes_out = up, bytes_in = down, "stream closed");
         }
     }
 }
@@ -159,7 +283,12 @@ async fn read_open(stream: &mut MuxStream) -> std::io::Result<Result<OpenRequest
     })
 }
 
-async fn serve_v2(policy: Arc<Policy>, cfg: Arc<HostConfig>, mut stream: MuxStream) {
+async fn serve_v2(
+    policy: Arc<Policy>,
+    cfg: Arc<HostConfig>,
+    mut stream: MuxStream,
+    dialling: OwnedSemaphorePermit,
+) {
     let stats = &cfg.stats;
     let req = match tokio::time::timeout(cfg.open_read_timeout, read_open(&mut stream)).await {
         Ok(Ok(Ok(req))) => req,
@@ -173,19 +302,23 @@ async fn serve_v2(policy: Arc<Policy>, cfg: Arc<HostConfig>, mut stream: MuxStre
         }
         _ => return,
     };
-    let host = normalize_host(&req.host);
-    match dial::dial(
-        &policy,
-        &host,
-        &req.port.to_string(),
-        &cfg.resolver,
-        cfg.dial_budget,
-    )
-    .await
-    {
+    let dialled = match dial::validate_destination(&req.host) {
+        Ok(host) => dial::dial(
+            &policy,
+            &host,
+            &req.port.to_string(),
+            &cfg.resolver,
+            cfg.dial_budget,
+        )
+        .await
+        .map(|ok| (host, ok)),
+        Err(e) => Err(e),
+    };
+    drop(dialling);
+    match dialled {
         Err(e) => {
             stats.rejected();
-            info!(%host, reason = %e, "open refused");
+            info!(host = ?Preview(&req.host), reason = %e, "open refused");
             let reply = OpenReply {
                 code: e.code(),
                 message: reply_message(&e),
@@ -193,7 +326,7 @@ async fn serve_v2(policy: Arc<Policy>, cfg: Arc<HostConfig>, mut stream: MuxStre
             let _ = stream.write_all(&reply.encode()).await;
             let _ = stream.shutdown().await;
         }
-        Ok((tcp, _)) => {
+        Ok((host, (tcp, _))) => {
             let ok = OpenReply {
                 code: OpenCode::Ok,
                 message: String::new(),
@@ -207,7 +340,22 @@ async fn serve_v2(policy: Arc<Policy>, cfg: Arc<HostConfig>, mut stream: MuxStre
                 idle_timeout: cfg.idle_timeout,
             };
             let (up, down) = relay(tcp, stream, opts, stats).await;
-            info!(%host, bytes_out = up, bytes_in = down, "stream closed");
+            info!(host = ?host, bytes_out = up, bytes_in = down, "stream closed");
+        }
+    }
+}
+
+/// Peer-supplied text for a log line: at most 64 characters, shown with
+/// Debug escaping (quotes, `\n`, `\u{1b}`), so it can never forge a line.
+struct Preview<'a>(&'a str);
+
+impl std::fmt::Debug for Preview<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cut: String = self.0.chars().take(64).collect();
+        if cut.len() < self.0.len() {
+            write!(f, "{cut:?}…")
+        } else {
+            write!(f, "{cut:?}")
         }
     }
 }

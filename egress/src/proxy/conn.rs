@@ -1,17 +1,18 @@
 //! One browser connection: read the request head under a deadline and size cap, open a bridge stream, answer exactly, then tunnel (`CONNECT`) or forward one request and close.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{debug, info};
 
 use super::request::{self, Action, BodyFraming, ChunkedScanner, RequestHead};
 use super::{BAD_GATEWAY, BAD_REQUEST, CONNECT_OK, HEAD_TOO_LARGE, REQUEST_TIMEOUT, text_response};
 use crate::bridge::{Bridge, OpenFailure, Opened};
 use crate::client::ClientConfig;
+use crate::frame_v2::OpenCode;
 use crate::relay::{RelayOpts, relay};
 use crate::stats::SessionStats;
 
@@ -21,14 +22,25 @@ enum HeadError {
     Closed,
 }
 
-/// Serves one accepted connection to completion.
+/// Serves one accepted connection to completion. `streams` is the cap on
+/// connections with a complete request head: one that has not sent its head
+/// yet holds no slot, so idle connections cannot lock real requests out.
 pub(crate) async fn serve_connection(
     mut sock: TcpStream,
     slot: watch::Receiver<Option<Bridge>>,
     cfg: Arc<ClientConfig>,
+    streams: Arc<Semaphore>,
+    head_permit: OwnedSemaphorePermit,
+    down: Arc<Mutex<String>>,
 ) {
     let _ = sock.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(4096);
+    // A connection that sends nothing at all is dropped quickly and silently.
+    let mut probe = [0u8; 1];
+    match tokio::time::timeout(cfg.first_byte_timeout, sock.peek(&mut probe)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return,
+    }
     let head = tokio::time::timeout(
         cfg.head_timeout,
         read_head(&mut sock, &mut buf, cfg.max_head_bytes),
@@ -41,6 +53,7 @@ pub(crate) async fn serve_connection(
         Ok(Err(HeadError::Closed)) => return,
         Ok(Ok(parsed)) => parsed,
     };
+    drop(head_permit);
     buf.advance(head_len);
     let action = match head.action() {
         Ok(action) => action,
@@ -59,13 +72,15 @@ pub(crate) async fn serve_connection(
     let dest = match &action {
         Action::Tunnel(d) | Action::Forward { dest: d, .. } => d.clone(),
     };
+    let Ok(_permit) = streams.try_acquire_owned() else {
+        let body = text_response("503 Service Unavailable", "too many concurrent connections");
+        return answer(&mut sock, &body).await;
+    };
     let bridge = slot.borrow().clone();
     let Some(bridge) = bridge else {
         // Fast and explicit, rather than a browser waiting 20 s for a dead bridge.
-        let body = text_response(
-            "503 Service Unavailable",
-            "egress bridge is not connected; it is reconnecting, retry shortly",
-        );
+        let why = down.lock().unwrap().clone();
+        let body = text_response("503 Service Unavailable", &why);
         return answer(&mut sock, &body).await;
     };
     let stats = bridge.stats().clone();
@@ -74,6 +89,9 @@ pub(crate) async fn serve_connection(
         Err(failure) => {
             stats.rejected();
             info!(host = %dest.host, port = dest.port, reason = %failure_phrase(&failure), "open failed");
+            if not_allowed(&failure) {
+                return answer(&mut sock, &forbidden(&dest.host)).await;
+            }
             return answer(&mut sock, &bad_gateway(bridge.version(), &failure)).await;
         }
     };
@@ -85,7 +103,14 @@ pub(crate) async fn serve_connection(
     let ended = bridge.ended();
     let work = async {
         match opened {
-            Opened::V1(s) => proceed(sock, s, &head, action, framing, buf, opts, &stats).await,
+            Opened::V1(s) => {
+                // The bridge closes a v1 stream whose browser stopped reading.
+                let killed = s.killed();
+                tokio::select! {
+                    r = proceed(sock, s, &head, action, framing, buf, opts, &stats) => r,
+                    () = killed.cancelled() => (0, 0),
+                }
+            }
             Opened::V2(s) => proceed(sock, s, &head, action, framing, buf, opts, &stats).await,
         }
     };
@@ -105,6 +130,32 @@ fn failure_phrase(failure: &OpenFailure) -> String {
         OpenFailure::TimedOut => "timed out".to_owned(),
         OpenFailure::BridgeDown => "bridge down".to_owned(),
     }
+}
+
+/// The host's policy refused the destination (v2 code, or the v1 text every host sends).
+fn not_allowed(failure: &OpenFailure) -> bool {
+    match failure {
+        OpenFailure::Rejected {
+            code: Some(code), ..
+        } => *code == OpenCode::NotAllowed,
+        OpenFailure::Rejected {
+            code: None,
+            message,
+        } => message == "host not allowed",
+        _ => false,
+    }
+}
+
+/// `403` naming the host and how the operator allows it.
+fn forbidden(host: &str) -> Vec<u8> {
+    text_response(
+        "403 Forbidden",
+        &format!(
+            "crabbox egress: {host} is not on this egress session's allowlist; \
+             the operator can allow it with `crabboxctl egress host --allow {host}` \
+             (or a profile that lists it)"
+        ),
+    )
 }
 
 /// v1 answers the reference's exact bytes; v2 adds a short reason body.

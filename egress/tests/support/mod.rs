@@ -182,7 +182,16 @@ pub fn attach(proxy: &Arc<ProxyServer>, ws: MemoryWs) -> JoinHandle<Result<(), B
 
 /// Host joins first unless `client_first`.
 pub async fn pair(host_v2: bool, client_v2: bool, client_first: bool) -> Pair {
-    let relay = MemoryRelay::new();
+    pair_on(MemoryRelay::new(), host_v2, client_v2, client_first).await
+}
+
+/// Like [`pair`], through a given relay (e.g. one that loses early frames).
+pub async fn pair_on(
+    relay: MemoryRelay,
+    host_v2: bool,
+    client_v2: bool,
+    client_first: bool,
+) -> Pair {
     let host_stats = Arc::new(SessionStats::new());
     let cfg = ClientConfig {
         bridge: fast_bridge(BridgeConfig::client(), client_v2),

@@ -203,9 +203,17 @@ impl EgressManager {
     /// old bridge working.
     pub async fn start(&self, mut spec: EgressSpec) -> Result<EgressInfo, EgressError> {
         // Building a policy is linear and bounded (at most 16 384 raw entries,
-        // 4096 distinct patterns, set-based dedup), so it takes milliseconds
-        // and may run on the runtime thread.
-        let policy = Arc::new(self.policy(&spec)?);
+        // 4096 distinct patterns, set-based dedup); it still runs on the
+        // blocking pool, so a large allowlist never holds a runtime thread
+        // that other API calls wait on.
+        let policy = {
+            let (me, spec) = (self.clone(), spec.clone());
+            match self.supervisor.spawn_blocking(move || me.policy(&spec)).await {
+                Ok(built) => Arc::new(built?),
+                // A blocking task is never cancelled once started: the error is a panic.
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        };
         let client = self.client()?.clone();
         spec.lease = self.canonical(&spec.lease).await?;
         let mut hosts = self.hosts.lock().await;

@@ -38,20 +38,20 @@ async fn daemon_for(coord: &TestCoordinator, home: Option<&std::path::Path>) -> 
 }
 
 async fn start_host(d: &TestDaemon, origin: &Origin) -> String {
-    let allow = origin.addr.ip().to_string();
-    let v = d
-        .ctl_json(&[
-            "egress",
-            "host",
-            "--id",
-            LEASE,
-            "--allow",
-            &allow,
-            "--allow-private",
-            "--json",
-        ])
-        .await;
-    v["session_id"].as_str().unwrap().to_owned()
+    start_host_named(d, LEASE, origin).await["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Starts the host bridge and waits until the coordinator sees it connected.
+async fn start_connected_host(d: &TestDaemon, origin: &Origin) -> String {
+    let session = start_host(d, origin).await;
+    wait_status(d, "the host bridge", |v| {
+        v["coordinator"]["hostConnected"] == true
+    })
+    .await;
+    session
 }
 
 async fn status(d: &TestDaemon) -> serde_json::Value {
@@ -124,12 +124,8 @@ async fn fetch_until_ok(proxy: &str, url: &str) -> String {
 async fn curl_through_helper_and_daemon_reaches_the_origin() {
     let w = world().await;
     let origin = Origin::start().await;
-    let session = start_host(&w.daemon, &origin).await;
+    let session = start_connected_host(&w.daemon, &origin).await;
     assert!(session.starts_with("egress_"), "{session}");
-    wait_status(&w.daemon, "the host bridge", |v| {
-        v["coordinator"]["hostConnected"] == true
-    })
-    .await;
 
     let h = helper(&w, &session).await;
     let body = fetch_until_ok(&h.proxy_url(), &origin.url("index.html")).await;
@@ -194,11 +190,7 @@ async fn an_open_proxy_is_refused() {
 async fn lease_release_ends_the_host_bridge() {
     let w = world().await;
     let origin = Origin::start().await;
-    start_host(&w.daemon, &origin).await;
-    wait_status(&w.daemon, "the host bridge", |v| {
-        v["coordinator"]["hostConnected"] == true
-    })
-    .await;
+    start_connected_host(&w.daemon, &origin).await;
     let (status, v) = w
         .coord
         .request(
@@ -235,11 +227,7 @@ async fn lease_release_ends_the_host_bridge() {
 async fn kill_9_and_restart_restores_the_same_session() {
     let w = world().await;
     let origin = Origin::start().await;
-    let session = start_host(&w.daemon, &origin).await;
-    wait_status(&w.daemon, "the host bridge", |v| {
-        v["coordinator"]["hostConnected"] == true
-    })
-    .await;
+    let session = start_connected_host(&w.daemon, &origin).await;
     let home = w.daemon.home().to_path_buf();
     w.daemon.signal(nix::sys::signal::Signal::SIGKILL);
     let mut old = w.daemon;
@@ -305,11 +293,7 @@ async fn concurrent_starts_leave_exactly_one_session() {
 async fn coordinator_restart_reconnects_the_same_session_and_the_helper_heals() {
     let w = world().await;
     let origin = Origin::start().await;
-    let session = start_host(&w.daemon, &origin).await;
-    wait_status(&w.daemon, "the host bridge", |v| {
-        v["coordinator"]["hostConnected"] == true
-    })
-    .await;
+    let session = start_connected_host(&w.daemon, &origin).await;
     let h = helper(&w, &session).await;
     assert_eq!(
         fetch_until_ok(&h.proxy_url(), &origin.url("before")).await,
@@ -432,11 +416,7 @@ async fn a_slug_and_the_id_name_the_same_host_bridge() {
 async fn a_ticket_for_another_session_needs_replace_and_then_the_host_follows() {
     let w = world().await;
     let origin = Origin::start().await;
-    let session = start_host(&w.daemon, &origin).await;
-    wait_status(&w.daemon, "the host bridge", |v| {
-        v["coordinator"]["hostConnected"] == true
-    })
-    .await;
+    let session = start_connected_host(&w.daemon, &origin).await;
     let other = format!("egress_other{}", rand_suffix());
     let ticket = w.daemon.home().join("other-ticket");
     let args = [
@@ -495,11 +475,7 @@ async fn release_through_the_daemon_stops_tasks_and_a_new_keeper_is_running() {
         keeper[0]["state"], "running",
         "after keep's good heartbeat: {keeper:?}"
     );
-    start_host(&w.daemon, &origin).await;
-    wait_status(&w.daemon, "the host bridge", |v| {
-        v["coordinator"]["hostConnected"] == true
-    })
-    .await;
+    start_connected_host(&w.daemon, &origin).await;
     let out = w
         .daemon
         .ctl(&["lease", "release", "--id", "egress-crab"])
@@ -551,11 +527,7 @@ async fn raw_connect(proxy: std::net::SocketAddr, dest: &str) -> String {
 async fn a_helper_leaving_is_not_a_failure_the_host_rejoins_at_once() {
     let w = world().await;
     let origin = Origin::start().await;
-    let session = start_host(&w.daemon, &origin).await;
-    wait_status(&w.daemon, "the host bridge", |v| {
-        v["coordinator"]["hostConnected"] == true
-    })
-    .await;
+    let session = start_connected_host(&w.daemon, &origin).await;
     // No peer yet: the protocol is unknown, not v1.
     assert_eq!(status(&w.daemon).await["local"]["protocol_version"], 0);
     for round in 0..4 {
@@ -588,11 +560,7 @@ async fn a_helper_leaving_is_not_a_failure_the_host_rejoins_at_once() {
 async fn after_egress_stop_the_helper_says_the_host_side_was_stopped() {
     let w = world().await;
     let origin = Origin::start().await;
-    let session = start_host(&w.daemon, &origin).await;
-    wait_status(&w.daemon, "the host bridge", |v| {
-        v["coordinator"]["hostConnected"] == true
-    })
-    .await;
+    let session = start_connected_host(&w.daemon, &origin).await;
     let h = helper(&w, &session).await;
     fetch_until_ok(&h.proxy_url(), &origin.url("index.html")).await;
     let out = w.daemon.ctl(&["egress", "stop", "--id", LEASE]).await;
@@ -618,11 +586,7 @@ async fn after_egress_stop_the_helper_says_the_host_side_was_stopped() {
 async fn idle_connections_do_not_lock_the_helper() {
     let w = world().await;
     let origin = Origin::start().await;
-    let session = start_host(&w.daemon, &origin).await;
-    wait_status(&w.daemon, "the host bridge", |v| {
-        v["coordinator"]["hostConnected"] == true
-    })
-    .await;
+    let session = start_connected_host(&w.daemon, &origin).await;
     let h = helper(&w, &session).await;
     fetch_until_ok(&h.proxy_url(), &origin.url("index.html")).await;
     // More idle connections than the helper's 512-connection cap, none sending a byte.

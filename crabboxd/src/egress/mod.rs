@@ -208,7 +208,11 @@ impl EgressManager {
         // that other API calls wait on.
         let policy = {
             let (me, spec) = (self.clone(), spec.clone());
-            match self.supervisor.spawn_blocking(move || me.policy(&spec)).await {
+            match self
+                .supervisor
+                .spawn_blocking(move || me.policy(&spec))
+                .await
+            {
                 Ok(built) => Arc::new(built?),
                 // A blocking task is never cancelled once started: the error is a panic.
                 Err(e) => std::panic::resume_unwind(e.into_panic()),

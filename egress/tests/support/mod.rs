@@ -207,7 +207,12 @@ pub async fn pair_on(
         host_task = spawn_host(&relay, host_v2, loopback_policy(), host_stats.clone()).await;
         client_task = attach(&proxy, relay.connect(Role::Client).await);
     }
-    wait_until(|| relay.is_connected(Role::Client) && relay.is_connected(Role::Host)).await;
+    // The relay sees the client as soon as it dials; the proxy serves only once
+    // its attach task has taken the bridge, so wait for that too.
+    wait_until(|| {
+        relay.is_connected(Role::Client) && relay.is_connected(Role::Host) && proxy.is_bridged()
+    })
+    .await;
     Pair {
         relay,
         proxy,

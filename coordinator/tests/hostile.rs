@@ -445,6 +445,30 @@ async fn runs_need_manage_access_to_the_lease_they_name() {
     assert_eq!(s, 201, "{v}");
 }
 
+/// Sends one message on `ws` and returns the code of the close frame that
+/// answers it; a connection dropped without a close frame fails the test.
+async fn close_code_after_sending(ws: Ws, msg: Message, what: &str) -> Option<u16> {
+    let (mut tx, mut rx) = ws.split();
+    let sender = tokio::spawn(async move {
+        let _ = tx.send(msg).await;
+        tx
+    });
+    let code = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(m) = rx.next().await {
+            match m {
+                Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(e) => panic!("{what}: connection dropped without a close frame: {e}"),
+            }
+        }
+        None
+    })
+    .await
+    .expect("no close within 10 s");
+    sender.abort();
+    code
+}
+
 /// Item 5: frames over the limit are closed 1009 with a close frame, on the
 /// control socket and on bridges, even when the library refuses them from the header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -454,54 +478,20 @@ async fn oversized_frames_are_closed_1009() {
     let t = coord.user_token("big@example.com", "acme", "big");
     for size in [2 << 20, 40 << 20] {
         let ws = control(&coord, &t).await;
-        let (mut tx, mut rx) = ws.split();
-        let sender = tokio::spawn(async move {
-            let _ = tx.send(Message::Text("x".repeat(size).into())).await;
-            tx
-        });
-        let code = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Some(m) = rx.next().await {
-                match m {
-                    Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
-                    Ok(_) => continue,
-                    Err(e) => {
-                        panic!("control {size}: connection dropped without a close frame: {e}")
-                    }
-                }
-            }
-            None
-        })
-        .await
-        .expect("no close within 10 s");
+        let msg = Message::Text("x".repeat(size).into());
+        let what = format!("control {size}");
+        let code = close_code_after_sending(ws, msg, &what).await;
         assert_eq!(code, Some(1009), "control frame of {size} bytes");
-        sender.abort();
     }
     let lease = "cbx_000000b16b16";
     register(&http, &coord, &t, lease, "big", 3600, 600).await;
     for size in [13 << 20, 40 << 20] {
         let (_, h) = ticket(&http, &coord, &t, lease, "host", None).await;
         let host = bridge(&coord, lease, "host", h["ticket"].as_str().unwrap()).await;
-        let (mut tx, mut rx) = host.split();
-        let sender = tokio::spawn(async move {
-            let _ = tx.send(Message::Binary(vec![7u8; size].into())).await;
-            tx
-        });
-        let code = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Some(m) = rx.next().await {
-                match m {
-                    Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
-                    Ok(_) => continue,
-                    Err(e) => {
-                        panic!("bridge {size}: connection dropped without a close frame: {e}")
-                    }
-                }
-            }
-            None
-        })
-        .await
-        .expect("no close within 10 s");
+        let msg = Message::Binary(vec![7u8; size].into());
+        let what = format!("bridge {size}");
+        let code = close_code_after_sending(host, msg, &what).await;
         assert_eq!(code, Some(1009), "bridge frame of {size} bytes");
-        sender.abort();
     }
 }
 

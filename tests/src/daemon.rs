@@ -336,6 +336,23 @@ impl TestDaemon {
         serde_json::from_slice(&out.stdout).expect("crabboxctl printed JSON")
     }
 
+    /// Starts an egress host bridge for `lease` allowing the address `allow`
+    /// (private addresses opted in, as loopback origins need) and returns
+    /// `egress host --json`'s answer; panics if crabboxctl fails.
+    pub async fn egress_host_private(&self, lease: &str, allow: &str) -> serde_json::Value {
+        self.ctl_json(&[
+            "egress",
+            "host",
+            "--id",
+            lease,
+            "--allow",
+            allow,
+            "--allow-private",
+            "--json",
+        ])
+        .await
+    }
+
     /// Repeats [`TestDaemon::ctl_json`] until `pred` holds, for at most
     /// `timeout`; panics naming `what` with the last output and the daemon's
     /// log. For state that changes over time (heartbeats, reconnects).

@@ -353,18 +353,8 @@ async fn coordinator_restart_reconnects_the_same_session_and_the_helper_heals() 
 }
 
 async fn start_host_named(d: &TestDaemon, name: &str, origin: &Origin) -> serde_json::Value {
-    let allow = origin.addr.ip().to_string();
-    d.ctl_json(&[
-        "egress",
-        "host",
-        "--id",
-        name,
-        "--allow",
-        &allow,
-        "--allow-private",
-        "--json",
-    ])
-    .await
+    d.egress_host_private(name, &origin.addr.ip().to_string())
+        .await
 }
 
 /// A host bridge started by slug is the lease's one bridge, found by id,

@@ -31,23 +31,7 @@ async fn world(builder: crabbox_tests::TestDaemonBuilder) -> (TestCoordinator, T
 }
 
 async fn start_host(d: &TestDaemon) {
-    let out = d
-        .ctl(&[
-            "egress",
-            "host",
-            "--id",
-            LEASE,
-            "--allow",
-            "127.0.0.1",
-            "--allow-private",
-            "--json",
-        ])
-        .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.egress_host_private(LEASE, "127.0.0.1").await;
 }
 
 /// Frames the hostile peer received, collected by a background reader.

@@ -73,24 +73,7 @@ async fn a_fetch_from_the_lease_namespace_leaves_from_the_daemon() {
         "the namespace must not reach the root loopback"
     );
 
-    let out = d
-        .ctl(&[
-            "egress",
-            "host",
-            "--id",
-            LEASE,
-            "--allow",
-            "127.0.0.1",
-            "--allow-private",
-            "--json",
-        ])
-        .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let session = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["session_id"]
+    let session = d.egress_host_private(LEASE, "127.0.0.1").await["session_id"]
         .as_str()
         .unwrap()
         .to_owned();

@@ -133,7 +133,9 @@ async fn a_lease_released_elsewhere_ends_its_keeper_within_one_interval() {
             &["lease", "list", "--json"],
             "the keeper to see the lease end",
             Duration::from_secs(30),
-            |v| v[0]["ended"] == "lease ended",
+            // The keeper records the end, then returns, and the supervisor
+            // records its final state: wait for both.
+            |v| v[0]["ended"] == "lease ended" && v[0]["state"] != "running",
         )
         .await;
     // One interval (5 s) plus scheduling slack.

@@ -86,6 +86,9 @@ async fn kept_lease_heartbeats_and_release_ends_it() {
     let (coord, d) = setup().await;
     let kept = d.keep_lease_fast(LEASE).await;
     assert_eq!(kept["interval_seconds"], 5, "idle/3 clamped to 5 s");
+    // The keep's own heartbeat succeeded: the keeper is running already,
+    // not `starting` (its future may not have been polled yet).
+    assert_eq!(kept["state"], "running", "{kept}");
     let first_touch = lease_at_coordinator(&coord).await["lastTouchedAt"].clone();
 
     // The keeper task is in the task table, keyed by the lease.

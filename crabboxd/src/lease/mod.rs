@@ -18,7 +18,9 @@ use crate::{
     control::ControlChannel,
     coordinator::{self, CoordinatorError, Lease},
     daemon::LeaseEnds,
-    supervisor::{Backoff, RestartPolicy, Supervisor, TaskHandle, TaskId, TaskKind, TaskRecord},
+    supervisor::{
+        Backoff, RestartPolicy, Supervisor, TaskHandle, TaskId, TaskKind, TaskRecord, TaskState,
+    },
 };
 
 /// What the daemon knows about one kept lease.
@@ -165,6 +167,7 @@ impl LeaseManager {
         idle: Option<Duration>,
         lease: Option<Lease>,
     ) -> LeaseStatus {
+        let fresh = lease.is_some();
         let status = Arc::new(Mutex::new(LeaseStatus {
             id: id.to_owned(),
             interval: lease.as_ref().map(|l| heartbeat_interval(idle, l)),
@@ -195,6 +198,23 @@ impl LeaseManager {
                 move |ctx| keeper.clone().run(ctx),
             )
             .await;
+        // A keeper started on a heartbeat that just succeeded is healthy
+        // before its future first runs; say so, or the reply to `keep`
+        // would show it `starting`.
+        if fresh {
+            let task = TaskId::new(TaskKind::LeaseKeeper, id);
+            let registry = self.supervisor.registry();
+            if registry
+                .get(&task)
+                .is_some_and(|r| r.state == TaskState::Starting)
+            {
+                registry.upsert(&task, |r| {
+                    if r.state == TaskState::Starting {
+                        r.state = TaskState::Running;
+                    }
+                });
+            }
+        }
         let snapshot = status.lock().unwrap().clone();
         self.kept.lock().await.insert(
             id.to_owned(),

@@ -13,6 +13,8 @@
 //!   process group that cancelling kills.
 //! * [`copy`] — files and directories both ways as tar streams over exec
 //!   channels, atomic on the far side.
+//! * [`tunnel`] — byte streams to a TCP address or Unix socket on the
+//!   lease (`direct-tcpip`, `direct-streamlocal`), for forwards and helpers.
 //! * [`SshManager`] — finds or starts a lease's mux and runs requests on it.
 
 pub mod conn;
@@ -21,6 +23,7 @@ pub mod exec;
 pub mod hostkey;
 pub mod mux;
 pub mod target;
+pub mod tunnel;
 
 use std::{
     collections::BTreeMap, future::Future, path::PathBuf, pin::Pin, sync::Arc, time::Duration,
@@ -295,6 +298,18 @@ impl SshManager {
             }
         };
         drive(fut, rx)
+    }
+
+    /// Opens a byte stream to `to` as the lease sees it, over the lease's
+    /// mux (connecting if needed).
+    pub async fn tunnel(
+        &self,
+        lease: &str,
+        agent: Option<PathBuf>,
+        to: &tunnel::Endpoint,
+    ) -> Result<tunnel::Tunnel, SshError> {
+        let conn = self.connection(lease, agent).await?;
+        tunnel::open(conn, to).await
     }
 
     /// The lease's target and per-lease files, for an OpenSSH command line.

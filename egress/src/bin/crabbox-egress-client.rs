@@ -42,8 +42,11 @@ const TICKET_RETRY_WINDOW: Duration = Duration::from_secs(110);
 )]
 struct Args {
     /// Coordinator base URL (https://… or http://…).
-    #[arg(long)]
-    coordinator: String,
+    #[arg(long, required_unless_present = "coordinator_file")]
+    coordinator: Option<String>,
+    /// A file (0600) holding the coordinator base URL, so it stays out of the process list.
+    #[arg(long, conflicts_with = "coordinator")]
+    coordinator_file: Option<PathBuf>,
     /// Lease id (or slug).
     #[arg(long)]
     id: String,
@@ -125,7 +128,18 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let base = match bridge_url(&args.coordinator, &args.id) {
+    let coordinator = match (&args.coordinator, &args.coordinator_file) {
+        (Some(url), _) => url.clone(),
+        (None, Some(path)) => match read_private(path) {
+            Ok(url) => url,
+            Err(e) => {
+                eprintln!("crabbox-egress-client: {e:#}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        (None, None) => unreachable!("clap requires one of them"),
+    };
+    let base = match bridge_url(&coordinator, &args.id) {
         Ok(url) => url,
         Err(e) => {
             eprintln!("crabbox-egress-client: {e:#}");
@@ -182,6 +196,21 @@ fn bridge_url(coordinator: &str, lease: &str) -> anyhow::Result<url::Url> {
             .push("client");
     }
     Ok(url)
+}
+
+/// The trimmed contents of a file nobody else may read.
+fn read_private(path: &Path) -> anyhow::Result<String> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if meta.mode() & 0o077 != 0 {
+        anyhow::bail!(
+            "{} must not be readable by others (chmod 600)",
+            path.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text.trim().to_owned())
 }
 
 fn initial_ticket(file: Option<&Path>) -> anyhow::Result<Option<Ticket>> {

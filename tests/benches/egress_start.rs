@@ -184,7 +184,9 @@ async fn main() {
             "LogLevel=ERROR",
             "-i",
         ];
+        // -O: the classic scp protocol (the lease's sshd runs no sftp subsystem).
         let scp = tokio::process::Command::new("scp")
+            .arg("-O")
             .args(ssh_opts)
             .arg(&lease.sshd.client_key)
             .arg(&helper)
@@ -198,7 +200,7 @@ async fn main() {
             String::from_utf8_lossy(&scp.stderr)
         );
         let remote = format!(
-            "pkill -f '[c]rabbox-egress-client-bench' >/dev/null 2>&1; printf '%s' '{}' > /tmp/cbx-bench-ticket; chmod 600 /tmp/cbx-bench-ticket; nohup /tmp/crabbox-egress-client-bench --coordinator '{}' --id {LEASE} --session {session} --listen 127.0.0.1:3128 --control /tmp/cbx-bench.sock --ticket-file /tmp/cbx-bench-ticket > /tmp/cbx-bench.log 2>&1 < /dev/null &",
+            "printf '%s' '{}' > /tmp/cbx-bench-ticket; chmod 600 /tmp/cbx-bench-ticket; nohup /tmp/crabbox-egress-client-bench --coordinator '{}' --id {LEASE} --session {session} --listen 127.0.0.1:3128 --control /tmp/cbx-bench.sock --ticket-file /tmp/cbx-bench-ticket > /tmp/cbx-bench.log 2>&1 < /dev/null &",
             ticket.trim(),
             lease.coordinator_url
         );
@@ -221,7 +223,7 @@ async fn main() {
             .args(ssh_opts)
             .arg(&lease.sshd.client_key)
             .arg(&target)
-            .arg("pkill -f '[c]rabbox-egress-client-bench'; rm -f /tmp/crabbox-egress-client-bench /tmp/cbx-bench-ticket")
+            .arg("pkill -f '[c]rabbox-egress-client-bench'; rm -f /tmp/crabbox-egress-client-bench /tmp/cbx-bench-ticket /tmp/cbx-bench.log /tmp/cbx-bench.sock")
             .output()
             .await;
         ctl_ok(&d, &["egress", "stop", "--id", LEASE]).await;

@@ -509,3 +509,30 @@ async fn a_lease_release_ends_the_host_the_remote_client_and_the_helper() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_install_leaves_the_running_pair_working() {
+    let Some(w) = world(48).await else { return };
+    let v = w.start_json().await;
+    w.fetch_until_ok("before", Duration::from_secs(20)).await;
+    let pid = w.helper_pid();
+    // The lease now reports a CPU there is no helper for: the new start
+    // fails before any ticket is minted.
+    w.lease.shim(
+        "uname",
+        "if [ \"$1\" = -m ]; then echo aarch64; else exec /bin/uname \"$@\"; fi",
+    );
+    let out = w.start(&[]).await;
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("aarch64"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The running pair is untouched: same session, same helper, fetches work.
+    assert_eq!(w.lease.current().unwrap()["session"], v["session_id"]);
+    assert_eq!(w.helper_pid(), pid);
+    assert!(TestLease::alive(pid));
+    let body = w.fetch_until_ok("after", Duration::from_secs(5)).await;
+    assert_eq!(body, w.origin.body);
+}

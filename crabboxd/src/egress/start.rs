@@ -21,6 +21,8 @@ use crate::{
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
 /// How long a started helper gets to listen and bridge.
 const READY_WAIT: Duration = Duration::from_secs(20);
+/// How long `egress stop` waits for the lease side.
+const STOP_WAIT: Duration = Duration::from_secs(20);
 
 /// What `egress start` asks for.
 #[derive(Debug, Clone, Default)]
@@ -414,12 +416,18 @@ impl EgressManager {
         out.session = entry.spec.session.clone();
         if let (Some(state), Some(session)) = (&entry.spec.remote, &entry.spec.session) {
             let remote = self.remote(&lease, agent)?;
-            match remote.stop(&state.paths, session).await {
-                Ok((pid, removed)) => {
+            // Bounded, so an unreachable lease answers within the caller's
+            // deadline; the helper then ends with its session.
+            match tokio::time::timeout(STOP_WAIT, remote.stop(&state.paths, session)).await {
+                Ok(Ok((pid, removed))) => {
                     out.helper_pid = pid;
                     out.state_removed = removed;
                 }
-                Err(e) => out.lease_error = Some(e.to_string()),
+                Ok(Err(e)) => out.lease_error = Some(e.to_string()),
+                Err(_) => {
+                    out.lease_error =
+                        Some(format!("lease {lease} did not answer within {STOP_WAIT:?}"))
+                }
             }
         }
         Ok(out)

@@ -252,11 +252,18 @@ async fn egress_start_installs_the_helper_over_ssh_and_the_lease_fetches_through
 
     // Warm: the cached helper is used, and the new session replaces the
     // old pair as one transition.
-    let out = w.start(&[]).await;
+    let out = w.start(&["--daemon"]).await;
     assert!(
         out.status.success(),
         "{}{}",
         text(&out.stdout),
+        text(&out.stderr)
+    );
+    // The reference's --daemon is accepted, and said to be what the daemon always does.
+    assert_eq!(
+        text(&out.stderr).matches("--daemon is accepted").count(),
+        1,
+        "{}",
         text(&out.stderr)
     );
     let human = text(&out.stdout);

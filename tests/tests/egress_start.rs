@@ -232,7 +232,12 @@ async fn egress_start_installs_the_helper_over_ssh_and_the_lease_fetches_through
     assert_eq!(tasks.len(), 1, "{tasks:?}");
     assert_eq!(tasks[0]["labels"]["session"], session.as_str(), "{tasks:?}");
 
-    // No ticket in any process's argv or environment, or in a log.
+    // No ticket in any process's argv or environment, or in a log (the
+    // scanner finds one where there is one).
+    assert_eq!(
+        tickets_in("x egress_0123456789abcdef0123456789abcdef y egress_0123456789ab"),
+        vec!["egress_0123456789abcdef0123456789abcdef"]
+    );
     assert!(tickets_in_proc().is_empty(), "{:?}", tickets_in_proc());
     assert!(tickets_in(&w.daemon.stderr()).is_empty());
     let helper_log =

@@ -227,7 +227,20 @@ async fn egress_start_installs_the_helper_over_ssh_and_the_lease_fetches_through
     assert_eq!(mode(&w.lease.egress_state().join("current.json")), 0o600);
     assert_eq!(mode(&w.lease.egress_state().join(&session)), 0o700);
 
-    // The pair is supervised.
+    // The pair is supervised, and `egress status` shows the helper.
+    let st = w
+        .daemon
+        .ctl_json_until(
+            &["egress", "status", "--id", LEASE, "--json"],
+            "the helper in egress status",
+            Duration::from_secs(10),
+            |v| v["local"]["helper"]["status"] == "bridged",
+        )
+        .await;
+    let h = &st["local"]["helper"];
+    assert_eq!(h["listen"], "127.0.0.1:3128", "{st}");
+    assert_eq!(h["pid"], pid, "{st}");
+    assert_eq!(h["state"], "running", "{st}");
     let tasks = w.daemon.tasks(Some("egress-remote-client")).await;
     assert_eq!(tasks.len(), 1, "{tasks:?}");
     assert_eq!(tasks[0]["labels"]["session"], session.as_str(), "{tasks:?}");

@@ -159,6 +159,7 @@ struct HostJson {
     bytes_in: u64,
     bytes_out: u64,
     recent_hosts: Vec<(String, u64)>,
+    helper: Option<serde_json::Value>,
 }
 
 fn host_json(h: &EgressHost) -> HostJson {
@@ -190,6 +191,15 @@ fn host_json(h: &EgressHost) -> HostJson {
             .iter()
             .map(|h| (h.host.clone(), h.count))
             .collect(),
+        helper: h.remote.as_ref().map(|r| {
+            let t = r.task.clone().unwrap_or_default();
+            serde_json::json!({
+                "listen": r.listen, "pid": r.pid, "version": r.version, "arch": r.arch,
+                "helper_path": r.helper_path, "state": output::state_name(t.state),
+                "status": t.labels.get("helper").cloned().unwrap_or_default(),
+                "restarts": t.restarts, "last_error": t.last_error,
+            })
+        }),
     }
 }
 
@@ -224,6 +234,18 @@ fn host_lines(h: &EgressHost) -> String {
     }
     if !j.last_error.is_empty() {
         s.push_str(&format!("\n  last error {}", j.last_error));
+    }
+    if let Some(r) = &h.remote {
+        let t = r.task.clone().unwrap_or_default();
+        s.push_str(&format!(
+            "\n  helper on the lease: listen {} pid {} version {} ({}), remote client {} {}",
+            r.listen,
+            r.pid,
+            r.version,
+            r.arch,
+            output::state_name(t.state),
+            t.labels.get("helper").cloned().unwrap_or_default()
+        ));
     }
     s
 }

@@ -193,6 +193,19 @@ pub fn egress_host(i: &crate::egress::EgressInfo) -> v1::EgressHost {
                 .collect(),
         }),
         task: i.task.as_ref().map(task),
+        remote: i.spec.remote.as_ref().map(|r| v1::EgressRemote {
+            listen: r.listen.clone(),
+            pid: i
+                .remote_task
+                .as_ref()
+                .and_then(|t| t.labels.get("pid"))
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(r.pid),
+            version: r.version.clone(),
+            arch: r.arch.clone(),
+            helper_path: r.helper.clone(),
+            task: i.remote_task.as_ref().map(task),
+        }),
     }
 }
 

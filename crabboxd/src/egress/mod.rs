@@ -65,6 +65,8 @@ pub struct EgressInfo {
     pub stats: StatsSnapshot,
     /// The task's row.
     pub task: Option<TaskRecord>,
+    /// The `EgressRemoteClient` task's row, when the lease side runs.
+    pub remote_task: Option<TaskRecord>,
 }
 
 /// The coordinator's view of a lease's egress plus ours.
@@ -355,6 +357,7 @@ impl EgressManager {
             summary: policy.summary(),
             stats: stats.snapshot(),
             task: self.supervisor.registry().get(&id),
+            remote_task: None,
             spec: spec.clone(),
         };
         (
@@ -415,6 +418,12 @@ impl EgressManager {
                 .supervisor
                 .registry()
                 .get(&TaskId::new(TaskKind::EgressHost, e.spec.lease.as_str())),
+            remote_task: e.spec.remote.as_ref().and_then(|_| {
+                self.supervisor.registry().get(&TaskId::new(
+                    TaskKind::EgressRemoteClient,
+                    e.spec.lease.as_str(),
+                ))
+            }),
         }
     }
 

@@ -8,12 +8,12 @@
 
 use std::{
     process::{Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crabbox_coordinator::testing::TestCoordinator;
 use crabbox_tests::{TestDaemon, TestSshd, bins::bin, proxy::FaultProxy, require_sshd};
-use tokio::io::AsyncReadExt as _;
+use tokio::{io::AsyncReadExt as _, time::Instant};
 
 const LEASE: &str = "cbx_00000000c0de";
 
@@ -131,7 +131,9 @@ async fn output_is_byte_exact_and_recorded_with_the_exit_code() {
     // boundary, on stdout; stderr apart.
     let script = "printf '\\000\\001\\377\\n'; head -c 16380 /dev/zero | tr '\\000' a; printf '\\342\\202\\254tail\\n'; printf 'err\\n' >&2; exit 7";
     let o = d
-        .ctl(&["run", "--id", LEASE, "--label", "exact", "--", "sh", "-c", script])
+        .ctl(&[
+            "run", "--id", LEASE, "--label", "exact", "--", "sh", "-c", script,
+        ])
         .await;
     let mut want = b"\x00\x01\xff\n".to_vec();
     want.extend(std::iter::repeat_n(b'a', 16380));
@@ -275,7 +277,7 @@ async fn forwarded_values_arrive_without_a_command_line_and_reserved_names_hold(
     let (s, _) = setup(false).await;
     let d = &s.d;
     let secret = format!("v4lue-{}-zq", std::process::id());
-    let mut child = d
+    let child = d
         .ctl_command(&[
             "run",
             "--id",
@@ -321,7 +323,8 @@ async fn forwarded_values_arrive_without_a_command_line_and_reserved_names_hold(
     // The summary names the variables, marks the secret one, never a value.
     let err = text(&o.stderr);
     assert!(
-        err.contains("env forwarding vars=CI=set,MY_API_TOKEN=set len=") && err.contains("secret=true"),
+        err.contains("env forwarding vars=CI=set,MY_API_TOKEN=set len=")
+            && err.contains("secret=true"),
         "{err}"
     );
     assert!(!err.contains(&secret) && !d.stderr().contains(&secret));
@@ -335,7 +338,15 @@ async fn forwarded_values_arrive_without_a_command_line_and_reserved_names_hold(
 
     // CRABBOX_ENV_ALLOW replaces the default: CI no longer travels.
     let o = d
-        .ctl_command(&["run", "--id", LEASE, "--", "sh", "-c", "printf '%s' \"${CI-unset}\""])
+        .ctl_command(&[
+            "run",
+            "--id",
+            LEASE,
+            "--",
+            "sh",
+            "-c",
+            "printf '%s' \"${CI-unset}\"",
+        ])
         .env("CI", "yes")
         .env("CRABBOX_ENV_ALLOW", "OTHER")
         .output()
@@ -358,7 +369,7 @@ async fn ctrl_c_leaves_nothing_of_the_command_behind() {
     let d = &s.d;
     let marker = format!("{}", 4000 + std::process::id() % 1000);
     let script = format!("sleep {marker}1 & sleep {marker}2 & wait");
-    let mut child = d
+    let child = d
         .ctl_command(&["run", "--id", LEASE, "--", "sh", "-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -367,7 +378,11 @@ async fn ctrl_c_leaves_nothing_of_the_command_behind() {
         .unwrap();
     let started = Instant::now();
     while cmdlines_with(&format!("sleep {marker}2")).is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(30), "{}", d.stderr());
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}",
+            d.stderr()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     nix::sys::signal::kill(
@@ -454,7 +469,10 @@ async fn a_slow_coordinator_never_slows_the_command_and_drops_are_reported() {
     let evs = events(&s.coord, id).await;
     assert!(
         evs.iter().any(|e| e["type"] == "output.dropped"
-            && e["message"].as_str().unwrap().starts_with(&format!("{dropped} output events"))),
+            && e["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{dropped} output events"))),
         "{evs:?}"
     );
     // Memory stays bounded: 10 MiB passed through, far less stayed.

@@ -115,10 +115,14 @@ fn finished_json(f: &RunFinished) -> serde_json::Value {
 
 async fn list(ctx: &Ctx, json: bool) -> anyhow::Result<Code> {
     let client = connect::connect(&ctx.socket).await?;
-    let runs = connect::call(&ctx.socket, "ListRuns", client.runs().list_runs(ListRunsRequest {}))
-        .await?
-        .into_inner()
-        .runs;
+    let runs = connect::call(
+        &ctx.socket,
+        "ListRuns",
+        client.runs().list_runs(ListRunsRequest {}),
+    )
+    .await?
+    .into_inner()
+    .runs;
     if json {
         let v: Vec<serde_json::Value> = runs
             .iter()
@@ -134,7 +138,9 @@ async fn list(ctx: &Ctx, json: bool) -> anyhow::Result<Code> {
         return Ok(Code::Ok);
     }
     if runs.is_empty() {
-        output::write_stdout(format_args!("no runs (start one with `crabboxctl run --id LEASE -- CMD`)\n"))?;
+        output::write_stdout(format_args!(
+            "no runs (start one with `crabboxctl run --id LEASE -- CMD`)\n"
+        ))?;
         return Ok(Code::Ok);
     }
     let now = output::now_unix_ms();
@@ -180,7 +186,9 @@ async fn stop(ctx: &Ctx, run: &str, kill: bool, json: bool) -> anyhow::Result<Co
     if json {
         output::print_json(&serde_json::json!({"runId": run, "wasRunning": reply.was_running}))?;
     } else if reply.was_running {
-        output::write_stdout(format_args!("stopping run {run}; `crabboxctl attach {run}` shows its end\n"))?;
+        output::write_stdout(format_args!(
+            "stopping run {run}; `crabboxctl attach {run}` shows its end\n"
+        ))?;
     } else {
         output::write_stdout(format_args!("run {run} had already ended\n"))?;
     }
@@ -212,9 +220,10 @@ async fn start(ctx: &Ctx, args: &StartArgs) -> anyhow::Result<Code> {
         detach: args.detach,
         agent_socket: super::exec::agent_socket(),
     };
-    let mut replies = connect::call_coordinator(&ctx.socket, "StartRun", client.runs().start_run(req))
-        .await?
-        .into_inner();
+    let mut replies =
+        connect::call_coordinator(&ctx.socket, "StartRun", client.runs().start_run(req))
+            .await?
+            .into_inner();
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut stdout = std::io::stdout().lock();

@@ -158,7 +158,27 @@ async fn output_is_byte_exact_and_recorded_with_the_exit_code() {
     assert_eq!(evs.last().unwrap()["exitCode"], 7);
     // What the events carry is what the client printed (the binary bytes as
     // JSON text can carry them), no character split across events.
-    assert_eq!(stream_data(&evs, "stdout"), text(&want));
+    let (got, exp) = (stream_data(&evs, "stdout"), text(&want));
+    if got != exp {
+        let at = got
+            .chars()
+            .zip(exp.chars())
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(exp.len()));
+        panic!(
+            "events' stdout differs at char {at}: {} vs {} bytes; got {:?}, want {:?}",
+            got.len(),
+            exp.len(),
+            got.chars()
+                .skip(at.saturating_sub(5))
+                .take(20)
+                .collect::<String>(),
+            exp.chars()
+                .skip(at.saturating_sub(5))
+                .take(20)
+                .collect::<String>()
+        );
+    }
     assert_eq!(stream_data(&evs, "stderr"), "err\n");
     assert!(
         evs.iter()
@@ -259,11 +279,16 @@ async fn the_run_outlives_its_client_and_attach_clients_share_it() {
 
 /// Every `/proc/<pid>/cmdline` that contains `needle`.
 fn cmdlines_with(needle: &str) -> Vec<String> {
+    cmdlines_where(|line| line.contains(needle))
+}
+
+/// Every `/proc/<pid>/cmdline` (NULs as spaces) that `pick` accepts.
+fn cmdlines_where(pick: impl Fn(&str) -> bool) -> Vec<String> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         if let Ok(raw) = std::fs::read(entry.path().join("cmdline")) {
             let line = text(&raw).replace('\0', " ");
-            if line.contains(needle) {
+            if pick(&line) {
                 out.push(format!("{}: {line}", entry.file_name().to_string_lossy()));
             }
         }
@@ -377,7 +402,10 @@ async fn ctrl_c_leaves_nothing_of_the_command_behind() {
         .spawn()
         .unwrap();
     let started = Instant::now();
-    while cmdlines_with(&format!("sleep {marker}2")).is_empty() {
+    // The `sleep` processes themselves (not the command lines holding the
+    // script).
+    let sleeps = || cmdlines_where(|l| l.starts_with(&format!("sleep {marker}")));
+    while sleeps().len() < 2 {
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "{}",
@@ -395,7 +423,7 @@ async fn ctrl_c_leaves_nothing_of_the_command_behind() {
         .expect("crabboxctl ends after Ctrl-C")
         .unwrap();
     assert_eq!(o.status.code(), Some(130), "{}\n{}", show(&o), d.stderr());
-    let left = cmdlines_with(&format!("sleep {marker}"));
+    let left = sleeps();
     assert!(left.is_empty(), "left behind: {left:?}");
     let run = newest_run(d).await.unwrap();
     assert_eq!(run["finished"]["exitCode"], 130, "{run}");
@@ -426,8 +454,9 @@ async fn a_slow_coordinator_never_slows_the_command_and_drops_are_reported() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The coordinator stalls every connection the daemon holds, over and
-    // over, until the command's output is all here.
+    // Once the run exists, the coordinator stalls every connection the
+    // daemon holds, over and over, until the command's output is all here.
+    wait_for_run(d).await;
     let stalling = {
         let proxy = std::sync::Arc::clone(&proxy);
         tokio::spawn(async move {
@@ -443,7 +472,10 @@ async fn a_slow_coordinator_never_slows_the_command_and_drops_are_reported() {
     let mut buf = vec![0u8; 1 << 16];
     while !got.ends_with(b"DONE\n") {
         let n = out.read(&mut buf).await.unwrap();
-        assert!(n > 0, "stdout ended early:\n{}", d.stderr());
+        if n == 0 {
+            let o = child.wait_with_output().await.unwrap();
+            panic!("stdout ended early: {}\n{}", show(&o), d.stderr());
+        }
         got.extend_from_slice(&buf[..n]);
     }
     let took = started.elapsed();

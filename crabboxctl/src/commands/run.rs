@@ -207,6 +207,10 @@ fn client_env() -> Vec<EnvVar> {
 }
 
 async fn start(ctx: &Ctx, args: &StartArgs) -> anyhow::Result<Code> {
+    // Ctrl-C from now on stops the run (once it exists), never this
+    // process alone.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let client = connect::connect(&ctx.socket).await?;
     let req = StartRunRequest {
         lease_id: args.lease.clone().unwrap_or_default(),
@@ -224,12 +228,11 @@ async fn start(ctx: &Ctx, args: &StartArgs) -> anyhow::Result<Code> {
         connect::call_coordinator(&ctx.socket, "StartRun", client.runs().start_run(req))
             .await?
             .into_inner();
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut stdout = std::io::stdout().lock();
     let mut stderr = std::io::stderr();
     let mut run_id = String::new();
     let mut stops = 0;
+    let mut pending: Option<Signal> = None;
     loop {
         let sig = tokio::select! {
             m = replies.message() => {
@@ -238,6 +241,14 @@ async fn start(ctx: &Ctx, args: &StartArgs) -> anyhow::Result<Code> {
                         match reply.event {
                             Some(Event::Started(s)) => {
                                 run_id = s.run_id.clone();
+                                if let Some(sig) = pending.take() {
+                                    // Ctrl-C came while the run was being created.
+                                    stops += 1;
+                                    let _ = client.clone().runs().stop_run(StopRunRequest {
+                                        run_id: run_id.clone(),
+                                        signal: sig as i32,
+                                    }).await;
+                                }
                                 if !s.env_summary.is_empty() {
                                     writeln!(stderr, "crabboxctl: {}", s.env_summary)?;
                                 }
@@ -302,8 +313,9 @@ async fn start(ctx: &Ctx, args: &StartArgs) -> anyhow::Result<Code> {
             _ = sigterm.recv() => Signal::Term,
         };
         if run_id.is_empty() {
-            // Not started yet: nothing to stop on the far side.
-            std::process::exit(130);
+            // Not created yet: stop it as soon as it is.
+            pending.get_or_insert(sig);
+            continue;
         }
         stops += 1;
         let sig = if stops > 1 { Signal::Kill } else { sig };

@@ -614,17 +614,22 @@ impl Job {
     ) -> Result<(), TaskError> {
         ctx.running();
         self.manager.hold(&self.lease_id).await;
-        let finished = self.execute(&ctx, ClientOut(Some(out)), stop).await;
-        self.manager.unhold(&self.lease_id).await;
-        let mut info = self.info.lock().unwrap();
-        info.ended_at = Some(SystemTime::now());
+        let (finished, client_out) = self.execute(&ctx, ClientOut(Some(out)), stop).await;
         ctx.set_label(
             "exit",
             finished
                 .exit_code
                 .map_or_else(|| "unknown".to_owned(), |c| c.to_string()),
         );
-        info.finished = Some(finished);
+        {
+            let mut info = self.info.lock().unwrap();
+            info.ended_at = Some(SystemTime::now());
+            info.finished = Some(finished.clone());
+        }
+        // Listed as ended before the client hears the end.
+        let mut client_out = client_out;
+        client_out.send(RunOutput::Finished(finished)).await;
+        self.manager.unhold(&self.lease_id).await;
         Ok(())
     }
 
@@ -643,16 +648,17 @@ impl Job {
         ctx: &TaskCtx,
         mut client_out: ClientOut,
         stop: mpsc::Receiver<Signal>,
-    ) -> Finished {
-        self.lifecycle(EventInput {
+    ) -> (Finished, ClientOut) {
+        let counts = Arc::new(Counts::default());
+        let (ev_tx, ev_rx) = mpsc::channel::<EventInput>(EVENT_QUEUE);
+        // First in the queue, so a slow coordinator never delays the command.
+        let mut batch = vec![EventInput {
             kind: "command.started".into(),
             phase: Some("command".into()),
             message: Some(display(&self.argv)),
             ..Default::default()
-        })
-        .await;
-        let counts = Arc::new(Counts::default());
-        let (ev_tx, ev_rx) = mpsc::channel::<EventInput>(EVENT_QUEUE);
+        }];
+        queue(&ev_tx, &mut batch, &counts);
         let poster = post_events(
             self.client.clone(),
             self.run_id.clone(),
@@ -682,7 +688,6 @@ impl Job {
         let began = tokio::time::Instant::now();
         let mut cutter = Cutter::default();
         let mut tail = LogTail::default();
-        let mut batch = Vec::new();
         let mut exit: Option<ssh::Exit> = None;
         let mut failure: Option<String> = None;
         let mut flush_at: Option<tokio::time::Instant> = None;
@@ -804,8 +809,7 @@ impl Job {
             dropped,
             "run finished"
         );
-        client_out.send(RunOutput::Finished(finished.clone())).await;
-        finished
+        (finished, client_out)
     }
 }
 

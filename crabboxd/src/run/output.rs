@@ -110,7 +110,25 @@ impl Cutter {
         }
     }
 
+    /// Emits `chunk` as events whose text (invalid bytes become U+FFFD,
+    /// three bytes each) stays within [`CHUNK`], the coordinator's cap.
     fn emit(&mut self, stream: Stream, chunk: &[u8], out: &mut Vec<EventInput>) {
+        let mut rest = chunk;
+        while !rest.is_empty() && !self.truncated {
+            let mut n = rest.len();
+            loop {
+                let text_len = String::from_utf8_lossy(&rest[..n]).len();
+                if text_len <= CHUNK {
+                    break;
+                }
+                n = utf8_cut(rest, n - (text_len - CHUNK).div_ceil(3).max(1)).max(1);
+            }
+            self.emit_one(stream, &rest[..n], out);
+            rest = &rest[n..];
+        }
+    }
+
+    fn emit_one(&mut self, stream: Stream, chunk: &[u8], out: &mut Vec<EventInput>) {
         let room = EVENT_CAP - self.sent;
         let n = if chunk.len() > room {
             utf8_cut(chunk, room)
@@ -227,6 +245,17 @@ mod tests {
         c.flush(true, &mut out);
         assert_eq!(data(&out), text);
         assert!(!c.truncated());
+    }
+
+    #[test]
+    fn invalid_bytes_never_push_an_event_past_the_coordinator_cap() {
+        let mut c = Cutter::default();
+        let mut out = Vec::new();
+        c.push(Stream::Stdout, &[0xff; CHUNK], &mut out);
+        c.flush(true, &mut out);
+        assert!(out.len() > 1);
+        assert!(out.iter().all(|e| e.data.as_ref().unwrap().len() <= CHUNK));
+        assert_eq!(data(&out).chars().count(), CHUNK);
     }
 
     #[test]

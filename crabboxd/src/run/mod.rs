@@ -41,7 +41,7 @@ use output::{Cutter, LogTail, Stream};
 pub const EVENT_QUEUE: usize = 32;
 /// How long a paused output waits before its partial chunk is posted (so
 /// attach clients see a line soon after it is written).
-pub const FLUSH_AFTER: Duration = Duration::from_millis(25);
+pub const FLUSH_AFTER: Duration = Duration::from_millis(10);
 /// How long queued events may take to drain after the command ended.
 pub const DRAIN: Duration = Duration::from_secs(5);
 /// How long the starting client may refuse output before it loses the

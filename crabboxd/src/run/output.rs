@@ -3,8 +3,6 @@
 //! (the reference's numbers), and the retained log tail (8 MiB) sent with
 //! `finish` in 64 KiB chunks.
 
-use std::collections::VecDeque;
-
 use crate::coordinator::EventInput;
 
 /// One output event's data, at most.
@@ -175,10 +173,11 @@ fn incomplete_tail(buf: &[u8]) -> usize {
     0
 }
 
-/// The last [`LOG_CAP`] bytes of a run's output, both streams in order.
+/// The last [`LOG_CAP`] bytes of a run's output, both streams in order
+/// (held in at most twice that, trimmed in bulk so appending stays a copy).
 #[derive(Debug, Default)]
 pub struct LogTail {
-    buf: VecDeque<u8>,
+    buf: Vec<u8>,
     total: u64,
 }
 
@@ -186,11 +185,12 @@ impl LogTail {
     /// Appends output.
     pub fn push(&mut self, data: &[u8]) {
         self.total += data.len() as u64;
-        self.buf.extend(data);
-        if self.buf.len() > LOG_CAP {
-            let extra = self.buf.len() - LOG_CAP;
-            self.buf.drain(..extra);
+        let data = &data[data.len().saturating_sub(LOG_CAP)..];
+        if self.buf.len() + data.len() > 2 * LOG_CAP {
+            let keep = LOG_CAP - data.len();
+            self.buf.drain(..self.buf.len() - keep);
         }
+        self.buf.extend_from_slice(data);
     }
 
     /// Every byte written.
@@ -202,7 +202,7 @@ impl LogTail {
     /// the kept tail in UTF-8-safe 64 KiB chunks, and whether the tail lost
     /// the beginning.
     pub fn finish(&self) -> (String, Vec<String>, bool) {
-        let bytes: Vec<u8> = self.buf.iter().copied().collect();
+        let bytes = &self.buf[self.buf.len().saturating_sub(LOG_CAP)..];
         // Start at a character boundary.
         let mut start = 0;
         while start < bytes.len().min(3) && bytes[start] & 0xC0 == 0x80 {
@@ -221,7 +221,7 @@ impl LogTail {
             from += 1;
         }
         let log = String::from_utf8_lossy(&bytes[from..]).into_owned();
-        (log, chunks, self.total > self.buf.len() as u64)
+        (log, chunks, self.total > (start + bytes.len()) as u64)
     }
 }
 

@@ -511,3 +511,75 @@ async fn a_slow_coordinator_never_slows_the_command_and_drops_are_reported() {
     let hwm = vm_hwm_kib(d.pid());
     assert!(hwm < 120 * 1024, "daemon peak RSS {hwm} KiB");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_points_the_proxy_at_a_live_helper_and_refuses_a_stale_one() {
+    require_sshd!();
+    // The lease is this machine as this user: its egress state lives under
+    // this user's home, where `egress start` would write it.
+    let home = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .unwrap()
+        .dir;
+    let dir = home.join(".local/state/crabbox/egress");
+    let current = dir.join("current.json");
+    if current.exists() {
+        eprintln!(
+            "skipped: {} exists (an egress helper's state on this machine)",
+            current.display()
+        );
+        return;
+    }
+    let (s, _) = setup(false).await;
+    let d = &s.d;
+    let show_env = [
+        "sh",
+        "-c",
+        "printf '%s|%s|%s|%s' \"${HTTP_PROXY-}\" \"${https_proxy-}\" \"${ALL_PROXY-}\" \"${all_proxy-}\"",
+    ];
+    // Nothing runs: refused with a sentence naming `egress start`.
+    let mut args = vec!["run", "--id", LEASE, "--egress", "--"];
+    args.extend(show_env);
+    let o = d.ctl(&args).await;
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(text(&o.stderr).contains("crabboxctl egress start"), "{}", show(&o));
+
+    // A live helper (a live pid) in current.json: the proxy is set.
+    let mut helper = tokio::process::Command::new("sleep")
+        .arg("60")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let proxy = "http://127.0.0.1:3128";
+    let body = serde_json::json!({"lease": LEASE, "session": "egress_test", "endpoint": "127.0.0.1:3128",
+        "proxy": proxy, "pid": helper.id().unwrap(), "version": "0.1.0", "transport": "coordinator",
+        "started_at": "2026-12-02T00:00:00Z"})
+    .to_string();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&current, &body).unwrap();
+    struct Remove(std::path::PathBuf, String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            if std::fs::read_to_string(&self.0).is_ok_and(|b| b == self.1) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+    let _remove = Remove(current.clone(), body);
+    let o = d.ctl(&args).await;
+    assert!(o.status.success(), "{}\n{}", show(&o), d.stderr());
+    assert_eq!(text(&o.stdout), format!("{proxy}|{proxy}|{proxy}|{proxy}"));
+    // Without --egress nothing is set.
+    let o = d
+        .ctl(&[&["run", "--id", LEASE, "--"][..], &show_env[..]].concat())
+        .await;
+    assert_eq!(text(&o.stdout), "|||", "{}", show(&o));
+
+    // The helper is gone (a stale pid): refused.
+    helper.kill().await.unwrap();
+    let _ = helper.wait().await;
+    let o = d.ctl(&args).await;
+    assert!(!o.status.success(), "{}", show(&o));
+    let err = text(&o.stderr);
+    assert!(err.contains("is not running") && err.contains("egress start"), "{err}");
+}

@@ -212,6 +212,7 @@ impl DaemonState {
         );
         let runs = RunManager::new(
             coordinator.clone(),
+            attach.clone(),
             ssh.clone(),
             leases.clone(),
             supervisor.clone(),

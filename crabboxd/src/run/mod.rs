@@ -29,6 +29,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::{
+    attach::AttachManager,
     coordinator::{self, CoordinatorError, ErrorKind, EventInput, FinishInput, NewRun},
     lease::LeaseManager,
     ssh::{self, Command, ExecSpec, Input, Output, Signal, SshError, SshManager, exec::sh_quote},
@@ -192,6 +193,7 @@ struct Entry {
 #[derive(Clone)]
 pub struct RunManager {
     coordinator: Option<coordinator::Client>,
+    attach: AttachManager,
     ssh: SshManager,
     leases: LeaseManager,
     supervisor: Supervisor,
@@ -219,6 +221,7 @@ impl RunManager {
     /// A manager for the daemon's parts.
     pub fn new(
         coordinator: Option<coordinator::Client>,
+        attach: AttachManager,
         ssh: SshManager,
         leases: LeaseManager,
         supervisor: Supervisor,
@@ -226,6 +229,7 @@ impl RunManager {
     ) -> Self {
         RunManager {
             coordinator,
+            attach,
             ssh,
             leases,
             supervisor,
@@ -661,6 +665,7 @@ impl Job {
         queue(&ev_tx, &mut batch, &counts);
         let poster = post_events(
             self.client.clone(),
+            self.manager.attach.clone(),
             self.run_id.clone(),
             ev_rx,
             Arc::clone(&counts),
@@ -832,6 +837,7 @@ fn queue(tx: &mpsc::Sender<EventInput>, batch: &mut Vec<EventInput>, counts: &Co
 /// run is gone), other failures are counted and warned about once.
 async fn post_events(
     client: coordinator::Client,
+    attach: AttachManager,
     run: String,
     mut rx: mpsc::Receiver<EventInput>,
     counts: Arc<Counts>,
@@ -847,8 +853,9 @@ async fn post_events(
             .post_run_event(&run, &ev, coordinator::runs_timeouts::EVENT)
             .await
         {
-            Ok(_) => {
+            Ok(recorded) => {
                 counts.posted.fetch_add(1, Ordering::Relaxed);
+                attach.offer(&run, recorded);
             }
             Err(e) => {
                 counts.failed.fetch_add(1, Ordering::Relaxed);

@@ -542,7 +542,11 @@ async fn egress_points_the_proxy_at_a_live_helper_and_refuses_a_stale_one() {
     args.extend(show_env);
     let o = d.ctl(&args).await;
     assert!(!o.status.success(), "{}", show(&o));
-    assert!(text(&o.stderr).contains("crabboxctl egress start"), "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains("crabboxctl egress start"),
+        "{}",
+        show(&o)
+    );
 
     // A live helper (a live pid) in current.json: the proxy is set.
     let mut helper = tokio::process::Command::new("sleep")
@@ -551,10 +555,11 @@ async fn egress_points_the_proxy_at_a_live_helper_and_refuses_a_stale_one() {
         .spawn()
         .unwrap();
     let proxy = "http://127.0.0.1:3128";
-    let body = serde_json::json!({"lease": LEASE, "session": "egress_test", "endpoint": "127.0.0.1:3128",
+    let body =
+        serde_json::json!({"lease": LEASE, "session": "egress_test", "endpoint": "127.0.0.1:3128",
         "proxy": proxy, "pid": helper.id().unwrap(), "version": "0.1.0", "transport": "coordinator",
         "started_at": "2026-12-02T00:00:00Z"})
-    .to_string();
+        .to_string();
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(&current, &body).unwrap();
     struct Remove(std::path::PathBuf, String);
@@ -581,5 +586,8 @@ async fn egress_points_the_proxy_at_a_live_helper_and_refuses_a_stale_one() {
     let o = d.ctl(&args).await;
     assert!(!o.status.success(), "{}", show(&o));
     let err = text(&o.stderr);
-    assert!(err.contains("is not running") && err.contains("egress start"), "{err}");
+    assert!(
+        err.contains("is not running") && err.contains("egress start"),
+        "{err}"
+    );
 }

@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     attach::AttachManager, config::Config, control::ControlChannel, coordinator,
-    egress::EgressManager, lease::LeaseManager, ssh::SshManager, supervisor::Supervisor,
+    egress::EgressManager, lease::LeaseManager, run::RunManager, ssh::SshManager,
+    supervisor::Supervisor,
 };
 
 /// "Lease end is one event": whoever learns that a lease is over (a
@@ -157,6 +158,7 @@ struct Inner {
     egress: EgressManager,
     attach: AttachManager,
     ssh: SshManager,
+    runs: RunManager,
     phase: Mutex<Phase>,
     shutdown: CancellationToken,
     shutdown_reason: Mutex<Option<String>>,
@@ -210,6 +212,14 @@ impl DaemonState {
             Some(ssh.clone()),
             config.config_dir.clone(),
         );
+        let runs = RunManager::new(
+            coordinator.clone(),
+            attach.clone(),
+            ssh.clone(),
+            leases.clone(),
+            supervisor.clone(),
+            config.env_allow.clone(),
+        );
         Ok(DaemonState {
             inner: Arc::new(Inner {
                 config,
@@ -221,6 +231,7 @@ impl DaemonState {
                 egress,
                 attach,
                 ssh,
+                runs,
                 phase: Mutex::new(Phase::Starting),
                 shutdown: CancellationToken::new(),
                 shutdown_reason: Mutex::new(None),
@@ -271,6 +282,11 @@ impl DaemonState {
     /// The egress host bridges.
     pub fn egress(&self) -> &EgressManager {
         &self.inner.egress
+    }
+
+    /// The runs the daemon owns.
+    pub fn runs(&self) -> &RunManager {
+        &self.inner.runs
     }
 
     /// The lifecycle phase.

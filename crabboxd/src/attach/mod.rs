@@ -144,12 +144,16 @@ impl Feed {
         self.state.lock().unwrap().end.is_some()
     }
 
-    /// Appends the next event; the caller guarantees `seq == cursor + 1`.
-    /// The oldest events go when the buffer is over its count or byte cap.
-    fn push(&self, event: RunEvent) {
+    /// Appends the event if it is the next one (`seq == cursor + 1`, checked
+    /// under the lock, so the feed's worker and a run the daemon owns can
+    /// both offer it); `false` when it was not. The oldest events go when
+    /// the buffer is over its count or byte cap.
+    fn push(&self, event: RunEvent) -> bool {
         let event = Arc::new(event);
         let mut st = self.state.lock().unwrap();
-        debug_assert_eq!(event.seq, st.events.back().map_or(st.start, |e| e.seq) + 1);
+        if event.seq != st.events.back().map_or(st.start, |e| e.seq) + 1 {
+            return false;
+        }
         st.bytes += event_bytes(&event);
         st.events.push_back(event);
         while st.events.len() > 1 && (st.events.len() > FEED_CAP || st.bytes > self.max_bytes) {
@@ -159,6 +163,7 @@ impl Feed {
         }
         drop(st);
         let _ = self.tx.send(Signal);
+        true
     }
 
     fn finish(&self, end: RunEnd) {
@@ -364,6 +369,22 @@ impl AttachManager {
             feeds: Arc::new(Mutex::new(HashMap::new())),
             creating: Arc::default(),
             max_bytes: FEED_MAX_BYTES,
+        }
+    }
+
+    /// Offers an event a run the daemon owns just recorded to that run's
+    /// feed, if local clients follow it: they get it from the same shared
+    /// buffer without waiting for the coordinator's push (which the feed
+    /// then skips as already seen).
+    pub fn offer(&self, run: &str, event: RunEvent) {
+        let feed = self
+            .feeds
+            .lock()
+            .unwrap()
+            .get(run)
+            .map(|e| Arc::clone(&e.feed));
+        if let Some(feed) = feed {
+            feed.push(event);
         }
     }
 

@@ -259,3 +259,21 @@ fn heartbeat_transport_from_toml_then_env_and_bad_values_are_named() {
     assert_eq!(coord.heartbeat_transport, HeartbeatTransport::Auto);
     assert_eq!(coord.control_ping_interval, DEFAULT_CONTROL_PING_INTERVAL);
 }
+
+#[test]
+fn env_allow_from_toml_then_yaml_and_the_daemon_env_is_not_read_for_it() {
+    let f = Fixture::new();
+    let c = f.load(&MapEnv::default(), &Overrides::default()).unwrap();
+    assert_eq!(c.env_allow, None);
+    f.toml("[env]\nallow = [\"CI\", \"NPM_*\"]\n");
+    let c = f.load(&MapEnv::default(), &Overrides::default()).unwrap();
+    assert_eq!(
+        c.env_allow.as_deref(),
+        Some(&["CI".to_owned(), "NPM_*".to_owned()][..])
+    );
+    f.yaml("env:\n  allow: [FOO]\n");
+    // CRABBOX_ENV_ALLOW is the client's: the daemon's own is ignored.
+    let env = MapEnv::from_pairs([("CRABBOX_ENV_ALLOW", "BAR")]);
+    let c = f.load(&env, &Overrides::default()).unwrap();
+    assert_eq!(c.env_allow.as_deref(), Some(&["FOO".to_owned()][..]));
+}

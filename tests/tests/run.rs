@@ -40,12 +40,20 @@ struct Setup {
 /// lease (a static target of the lease's id), and a daemon using both —
 /// through `proxy` when given.
 async fn setup(slow: bool) -> (Setup, Option<std::sync::Arc<FaultProxy>>) {
+    setup_with(slow, "").await
+}
+
+/// Like [`setup`], with extra `sshd_config` lines for the lease's sshd.
+async fn setup_with(
+    slow: bool,
+    sshd_config: &str,
+) -> (Setup, Option<std::sync::Arc<FaultProxy>>) {
     let coord = TestCoordinator::start().await;
     coord
         .register_lease(&coord.shared_token, LEASE, "run-crab")
         .await
         .unwrap();
-    let sshd = TestSshd::start().await;
+    let sshd = TestSshd::start_with_config(None, 10, sshd_config).await;
     let proxy = if slow {
         Some(std::sync::Arc::new(FaultProxy::start(coord.addr).await))
     } else {
@@ -515,22 +523,12 @@ async fn a_slow_coordinator_never_slows_the_command_and_drops_are_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn egress_points_the_proxy_at_a_live_helper_and_refuses_a_stale_one() {
     require_sshd!();
-    // The lease is this machine as this user: its egress state lives under
-    // this user's home, where `egress start` would write it.
-    let home = nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .unwrap()
-        .unwrap()
-        .dir;
-    let dir = home.join(".local/state/crabbox/egress");
+    // The lease's user has a home of its own (sshd's `SetEnv`), where
+    // `egress start` would write its state; nothing of this machine's.
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join(".local/state/crabbox/egress");
     let current = dir.join("current.json");
-    if current.exists() {
-        eprintln!(
-            "skipped: {} exists (an egress helper's state on this machine)",
-            current.display()
-        );
-        return;
-    }
-    let (s, _) = setup(false).await;
+    let (s, _) = setup_with(false, &format!("SetEnv HOME={}\n", home.path().display())).await;
     let d = &s.d;
     let show_env = [
         "sh",
@@ -562,15 +560,6 @@ async fn egress_points_the_proxy_at_a_live_helper_and_refuses_a_stale_one() {
         .to_string();
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(&current, &body).unwrap();
-    struct Remove(std::path::PathBuf, String);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            if std::fs::read_to_string(&self.0).is_ok_and(|b| b == self.1) {
-                let _ = std::fs::remove_file(&self.0);
-            }
-        }
-    }
-    let _remove = Remove(current.clone(), body);
     let o = d.ctl(&args).await;
     assert!(o.status.success(), "{}\n{}", show(&o), d.stderr());
     assert_eq!(text(&o.stdout), format!("{proxy}|{proxy}|{proxy}|{proxy}"));

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod egress;
 pub mod exec;
+pub mod forward;
 pub mod heartbeat;
 pub mod lease;
 pub mod log_level;

@@ -51,6 +51,8 @@ pub struct Stats {
     pub bytes_out: AtomicU64,
     /// Channels open now.
     pub channels: AtomicUsize,
+    /// Forwards running now (a mux with one is never idle).
+    pub forwards: AtomicUsize,
     /// Connections made after the first.
     pub reconnects: AtomicU64,
     /// Connections made.
@@ -255,10 +257,7 @@ pub fn credential(
         return Ok(Credential::KeyFile(k.clone()));
     }
     if let Some(a) = agent {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        let ok = std::fs::metadata(a)
-            .is_ok_and(|m| m.file_type().is_socket() && m.uid() == nix::unistd::geteuid().as_raw());
-        if ok {
+        if agent_socket_ok(a) {
             return Ok(Credential::Agent(a.to_owned()));
         }
         return Err(SshError::NoKey(format!(
@@ -274,6 +273,70 @@ pub fn credential(
         files.key.display(),
         target.lease
     )))
+}
+
+/// Whether `sock` is a socket owned by this user (the only agent sockets
+/// the daemon uses).
+pub fn agent_socket_ok(sock: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    std::fs::metadata(sock)
+        .is_ok_and(|m| m.file_type().is_socket() && m.uid() == nix::unistd::geteuid().as_raw())
+}
+
+/// How many keys the agent at `sock` holds (for `doctor`).
+pub async fn agent_keys(sock: &Path) -> Result<usize, String> {
+    if !agent_socket_ok(sock) {
+        return Err("the SSH agent socket of the calling client is not a socket owned by this user".into());
+    }
+    let probe = async {
+        let mut agent = AgentClient::connect_uds(sock)
+            .await
+            .map_err(|e| format!("cannot reach the SSH agent: {e}"))?;
+        agent
+            .request_identities()
+            .await
+            .map(|ids| ids.len())
+            .map_err(|e| format!("the SSH agent failed: {e}"))
+    };
+    tokio::time::timeout(Duration::from_secs(5), probe)
+        .await
+        .unwrap_or_else(|_| Err("the SSH agent did not answer within 5 s".into()))
+}
+
+/// Whether an SSH server answers on `host:port`: its ident line, or why
+/// not (for `doctor`; nothing is authenticated).
+pub async fn probe_port(host: &str, port: u16) -> Result<String, String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut s = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+    };
+    let mut buf = vec![0u8; 256];
+    let mut got = 0;
+    let read = async {
+        while got < buf.len() {
+            let n = s.read(&mut buf[got..]).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+            if buf[..got].contains(&b'\n') {
+                break;
+            }
+        }
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), read).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err("connected, but no SSH ident within 5 s".into()),
+    }
+    let text = String::from_utf8_lossy(&buf[..got]);
+    match text.lines().find(|l| l.starts_with("SSH-")) {
+        Some(l) => Ok(l.trim().chars().filter(|c| !c.is_control()).take(80).collect()),
+        None => Err("connected, but the answer is not SSH".into()),
+    }
 }
 
 fn ssh_config() -> Arc<client::Config> {

@@ -278,6 +278,7 @@ impl MuxTask {
             }
             self.labels(&ctx, &conn);
             let idle = self.shared.stats.channels.load(Ordering::SeqCst) == 0
+                && self.shared.stats.forwards.load(Ordering::SeqCst) == 0
                 && self
                     .shared
                     .stats

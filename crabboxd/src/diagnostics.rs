@@ -161,7 +161,11 @@ pub async fn ssh(state: &DaemonState, lease: &str, agent: Option<&std::path::Pat
             t.user,
             t.host,
             t.ports,
-            if t.origin == crate::ssh::target::Origin::Static { "static target in crabboxd.toml" } else { "coordinator's lease record" }
+            if t.origin == crate::ssh::target::Origin::Static {
+                "static target in crabboxd.toml"
+            } else {
+                "coordinator's lease record"
+            }
         ),
     ));
 
@@ -182,7 +186,11 @@ pub async fn ssh(state: &DaemonState, lease: &str, agent: Option<&std::path::Pat
                     format!("{path}: {e}; fix the key setting in crabboxd.toml or put the key there"),
                 ),
             });
-            checks.push(check("ssh agent", Status::Skipped, "not needed: a key file is used"));
+            checks.push(check(
+                "ssh agent",
+                Status::Skipped,
+                "not needed: a key file is used",
+            ));
         }
         None => {
             checks.push(check(
@@ -265,9 +273,11 @@ pub async fn ssh(state: &DaemonState, lease: &str, agent: Option<&std::path::Pat
         }
     }
     checks.push(match answered {
-        Some((port, ident)) if tried.is_empty() => {
-            check("ssh port", Status::Ok, format!("{}:{port} answers ({ident})", t.host))
-        }
+        Some((port, ident)) if tried.is_empty() => check(
+            "ssh port",
+            Status::Ok,
+            format!("{}:{port} answers ({ident})", t.host),
+        ),
         Some((port, ident)) => check(
             "ssh port",
             Status::Warn,

@@ -148,7 +148,14 @@ async fn forward_carries_curl_to_a_server_on_the_lease_lists_and_stops() {
 
     // Port 0 picks one, and the reply says which.
     let f = d
-        .ctl_json(&["forward", "--id", "box", "--remote", &lease.remote(), "--json"])
+        .ctl_json(&[
+            "forward",
+            "--id",
+            "box",
+            "--remote",
+            &lease.remote(),
+            "--json",
+        ])
         .await;
     let local = f["local"].as_str().unwrap().to_owned();
     let id = f["id"].as_str().unwrap().to_owned();
@@ -173,7 +180,10 @@ async fn forward_carries_curl_to_a_server_on_the_lease_lists_and_stops() {
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0]["id"], id.as_str());
     assert_eq!(list[0]["remote"], lease.remote().as_str());
-    assert!(list[0]["total_connections"].as_u64().unwrap() >= 9, "{list:?}");
+    assert!(
+        list[0]["total_connections"].as_u64().unwrap() >= 9,
+        "{list:?}"
+    );
     assert!(
         list[0]["bytes_in"].as_u64().unwrap() >= 9 * lease.body.len() as u64,
         "{list:?}"
@@ -201,7 +211,14 @@ async fn forward_carries_curl_to_a_server_on_the_lease_lists_and_stops() {
     let chosen = format!("127.0.0.1:{port}");
     let f = d
         .ctl_json(&[
-            "forward", "--id", "box", "--local", &chosen, "--remote", &lease.remote(), "--json",
+            "forward",
+            "--id",
+            "box",
+            "--local",
+            &chosen,
+            "--remote",
+            &lease.remote(),
+            "--json",
         ])
         .await;
     assert_eq!(f["local"], chosen.as_str());
@@ -211,7 +228,13 @@ async fn forward_carries_curl_to_a_server_on_the_lease_lists_and_stops() {
         .ctl(&["forward", "stop", "--id", "box", "--local", &chosen])
         .await;
     assert!(o.status.success(), "{}", show(&o));
-    assert!(d.ctl_json(&["forward", "list", "--json"]).await.as_array().unwrap().is_empty());
+    assert!(
+        d.ctl_json(&["forward", "list", "--json"])
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,7 +247,14 @@ async fn forward_survives_an_sshd_restart() {
         .start()
         .await;
     let f = d
-        .ctl_json(&["forward", "--id", "box", "--remote", &lease.remote(), "--json"])
+        .ctl_json(&[
+            "forward",
+            "--id",
+            "box",
+            "--remote",
+            &lease.remote(),
+            "--json",
+        ])
         .await;
     let url = format!("http://{}/hello.txt", f["local"].as_str().unwrap());
     let o = curl(&url).await;
@@ -312,12 +342,7 @@ async fn interactive_shell_has_a_terminal_follows_resizes_and_passes_the_exit_co
         .await
         .expect("python3");
     let stdout = text(&out.stdout);
-    assert!(
-        stdout.contains("EXIT=3"),
-        "{}\n{}",
-        show(&out),
-        d.stderr()
-    );
+    assert!(stdout.contains("EXIT=3"), "{}\n{}", show(&out), d.stderr());
 
     // A command instead of a login shell, and its exit code.
     let script2 = d.layout.home.join("pty_cmd.py");
@@ -346,8 +371,7 @@ print("OUT=%r EXIT=%d" % (buf, os.waitstatus_to_exitcode(status)))
         .arg(&script2)
         .arg(&ctl)
         .args([
-            "--socket", &socket, "ssh", "--id", "box", "--", "test", "-t", "0", "&&", "exit",
-            "7",
+            "--socket", &socket, "ssh", "--id", "box", "--", "test", "-t", "0", "&&", "exit", "7",
         ])
         .output()
         .await
@@ -383,8 +407,8 @@ async fn doctor_checks_the_key_mode_known_hosts_and_the_port() {
 
     // A good run.
     let o = d.ctl(&["doctor", "--id", "box", "--json"]).await;
-    let report: serde_json::Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", show(&o)));
+    let report: serde_json::Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&o)));
     for name in ["ssh target", "ssh key", "known_hosts", "ssh port"] {
         assert_eq!(check(&report, name)["status"], "ok", "{name}: {report}");
     }
@@ -416,19 +440,38 @@ async fn doctor_checks_the_key_mode_known_hosts_and_the_port() {
     );
     std::fs::set_permissions(&sshd.client_key, std::fs::Permissions::from_mode(0o600)).unwrap();
 
-    // A known_hosts with a second, unpinned entry is not sane.
-    let kh = d
-        .layout
-        .config
-        .join("crabbox/testboxes/box/known_hosts");
+    // A pinned lease's known_hosts is put back to the one pinned entry.
+    let kh = d.layout.config.join("crabbox/testboxes/box/known_hosts");
     let other = crabbox_tests::sshd::keygen(&sshd.dir().join("other"));
     let mut text_kh = std::fs::read_to_string(&kh).unwrap();
     text_kh.push_str(&format!("crabbox-lease-x {other}\n"));
     std::fs::write(&kh, text_kh).unwrap();
-    std::fs::set_permissions(&kh, std::fs::Permissions::from_mode(0o600)).unwrap();
     let o = d.ctl(&["doctor", "--id", "box", "--json"]).await;
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(check(&report, "known_hosts")["status"], "fail", "{report}");
+    assert_eq!(check(&report, "known_hosts")["status"], "ok", "{report}");
+    assert_eq!(std::fs::read_to_string(&kh).unwrap().lines().count(), 1);
+
+    // An unpinned lease's known_hosts with a line that is not a host key
+    // is not sane, and the check says how to reset it.
+    let d_tofu = TestDaemon::builder()
+        .toml(&sshd.target_toml("tofu"))
+        .start()
+        .await;
+    let o = d_tofu.ctl(&["exec", "--id", "tofu", "--", "true"]).await;
+    assert!(o.status.success(), "{}", show(&o));
+    let kh = d_tofu
+        .layout
+        .config
+        .join("crabbox/testboxes/tofu/known_hosts");
+    let mut text_kh = std::fs::read_to_string(&kh).unwrap();
+    text_kh.push_str("garbage line\n");
+    std::fs::write(&kh, text_kh).unwrap();
+    std::fs::set_permissions(&kh, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let o = d_tofu.ctl(&["doctor", "--id", "tofu", "--json"]).await;
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let c = check(&report, "known_hosts");
+    assert_eq!(c["status"], "fail", "{report}");
+    assert!(c["detail"].as_str().unwrap().contains("rm "), "{report}");
 
     // A closed port fails.
     let closed = crabbox_tests::sshd::free_port();

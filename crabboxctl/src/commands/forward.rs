@@ -116,7 +116,10 @@ fn usage(message: &str) -> anyhow::Error {
 pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
     match &args.command {
         None => start(ctx, &args.start).await,
-        Some(Command::List { lease, json: as_json }) => {
+        Some(Command::List {
+            lease,
+            json: as_json,
+        }) => {
             let client = connect::connect(&ctx.socket).await?;
             let reply = connect::call(
                 &ctx.socket,

@@ -38,7 +38,11 @@ pub struct Args {
     #[arg(long, requires = "print")]
     json: bool,
     /// A command to run under the terminal instead of a login shell (after `--`).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     command: Vec<String>,
 }
 
@@ -67,7 +71,8 @@ impl RawMode {
 
     fn restore(&mut self) {
         if let Some(saved) = self.saved.take() {
-            let _ = termios::tcsetattr(std::io::stdin().as_fd(), termios::SetArg::TCSADRAIN, &saved);
+            let _ =
+                termios::tcsetattr(std::io::stdin().as_fd(), termios::SetArg::TCSADRAIN, &saved);
         }
     }
 

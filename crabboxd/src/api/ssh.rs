@@ -218,10 +218,16 @@ impl v1::ssh_server::Ssh for SshService {
         let info = if !id.is_empty() {
             self.state.ssh().stop_forward(Some(id), None).await
         } else {
-            let lease = lease_id(&req.lease_id)
-                .map_err(|_| Status::invalid_argument("name a forward: its id, or a lease id and a local address"))?;
+            let lease = lease_id(&req.lease_id).map_err(|_| {
+                Status::invalid_argument(
+                    "name a forward: its id, or a lease id and a local address",
+                )
+            })?;
             let local = local_addr(&req.local)?;
-            self.state.ssh().stop_forward(None, Some((lease.as_str(), local))).await
+            self.state
+                .ssh()
+                .stop_forward(None, Some((lease.as_str(), local)))
+                .await
         }
         .map_err(error::ssh)?;
         Ok(Response::new(forward(info)))

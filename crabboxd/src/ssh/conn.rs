@@ -286,7 +286,9 @@ pub fn agent_socket_ok(sock: &Path) -> bool {
 /// How many keys the agent at `sock` holds (for `doctor`).
 pub async fn agent_keys(sock: &Path) -> Result<usize, String> {
     if !agent_socket_ok(sock) {
-        return Err("the SSH agent socket of the calling client is not a socket owned by this user".into());
+        return Err(
+            "the SSH agent socket of the calling client is not a socket owned by this user".into(),
+        );
     }
     let probe = async {
         let mut agent = AgentClient::connect_uds(sock)
@@ -307,7 +309,8 @@ pub async fn agent_keys(sock: &Path) -> Result<usize, String> {
 /// not (for `doctor`; nothing is authenticated).
 pub async fn probe_port(host: &str, port: u16) -> Result<String, String> {
     use tokio::io::AsyncReadExt as _;
-    let mut s = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await {
+    let mut s = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
@@ -334,7 +337,12 @@ pub async fn probe_port(host: &str, port: u16) -> Result<String, String> {
     }
     let text = String::from_utf8_lossy(&buf[..got]);
     match text.lines().find(|l| l.starts_with("SSH-")) {
-        Some(l) => Ok(l.trim().chars().filter(|c| !c.is_control()).take(80).collect()),
+        Some(l) => Ok(l
+            .trim()
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(80)
+            .collect()),
         None => Err("connected, but the answer is not SSH".into()),
     }
 }

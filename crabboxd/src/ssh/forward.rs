@@ -97,7 +97,13 @@ pub struct ForwardInfo {
 
 impl ForwardInfo {
     /// A snapshot of a forward's counters.
-    pub fn new(id: &str, lease: &str, local: SocketAddr, remote: &Endpoint, s: &ForwardStats) -> Self {
+    pub fn new(
+        id: &str,
+        lease: &str,
+        local: SocketAddr,
+        remote: &Endpoint,
+        s: &ForwardStats,
+    ) -> Self {
         ForwardInfo {
             id: id.to_owned(),
             lease: lease.to_owned(),

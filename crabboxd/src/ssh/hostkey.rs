@@ -204,7 +204,11 @@ impl HostKeys {
                 None => a.bad_lines += 1,
                 Some(k) => {
                     a.entries += 1;
-                    if self.pin.as_ref().is_some_and(|p| p.key_data() != k.key_data()) {
+                    if self
+                        .pin
+                        .as_ref()
+                        .is_some_and(|p| p.key_data() != k.key_data())
+                    {
                         a.not_pinned += 1;
                     }
                 }

@@ -12,6 +12,7 @@
 pub mod bins;
 pub mod daemon;
 pub mod egress;
+pub mod fakessh;
 pub mod netns;
 pub mod proxy;
 pub mod sshd;

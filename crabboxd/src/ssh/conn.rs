@@ -32,8 +32,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Deadline of authentication.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(20);
-/// Keepalive interval (OpenSSH `ServerAliveInterval=15`).
+/// Keepalive interval (OpenSSH `ServerAliveInterval=15`); `[ssh]
+/// keepalive_interval` changes it.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
+/// The shortest keepalive interval configuration may set.
+pub const KEEPALIVE_MIN: Duration = Duration::from_millis(200);
 /// Missed keepalives before the connection is dead (`ServerAliveCountMax=2`).
 pub const KEEPALIVE_MAX: usize = 2;
 /// Concurrent command channels per connection. OpenSSH's `MaxSessions` is
@@ -103,6 +106,8 @@ pub struct Conn {
     pub rtt_us: AtomicU64,
     /// The mux's counters.
     pub stats: Arc<Stats>,
+    /// The remote forwards this connection accepts channels for.
+    pub remote_forwards: RemoteForwards,
 }
 
 impl std::fmt::Debug for Conn {
@@ -120,6 +125,60 @@ impl std::fmt::Debug for Conn {
 pub struct ClientHandler {
     keys: HostKeys,
     verdict: Arc<Mutex<Option<HostKeyError>>>,
+    remote_forwards: RemoteForwards,
+}
+
+/// The remote forwards (`tcpip-forward`) this daemon itself asked a
+/// connection for: only a `forwarded-tcpip` channel for one of these
+/// addresses is accepted (and handed to its receiver); every other one is
+/// refused. Empty unless a feature registers one (the SSH egress
+/// transport), so today every server-opened channel is refused.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteForwards {
+    inner: Arc<
+        Mutex<
+            std::collections::BTreeMap<
+                (String, u32),
+                tokio::sync::mpsc::Sender<russh::Channel<Msg>>,
+            >,
+        >,
+    >,
+}
+
+impl RemoteForwards {
+    /// Accepts channels for `address:port` into `to`, from now on. Call it
+    /// only for a forward the daemon requested on this connection.
+    pub fn register(
+        &self,
+        address: &str,
+        port: u32,
+        to: tokio::sync::mpsc::Sender<russh::Channel<Msg>>,
+    ) {
+        self.inner
+            .lock()
+            .unwrap()
+            .insert((address.to_owned(), port), to);
+    }
+
+    /// Stops accepting channels for `address:port`.
+    pub fn unregister(&self, address: &str, port: u32) {
+        self.inner
+            .lock()
+            .unwrap()
+            .remove(&(address.to_owned(), port));
+    }
+
+    fn route(
+        &self,
+        address: &str,
+        port: u32,
+    ) -> Option<tokio::sync::mpsc::Sender<russh::Channel<Msg>>> {
+        self.inner
+            .lock()
+            .unwrap()
+            .get(&(address.to_owned(), port))
+            .cloned()
+    }
 }
 
 async fn refuse(what: &str, reply: ChannelOpenHandle) {
@@ -153,14 +212,25 @@ impl client::Handler for ClientHandler {
 
     async fn server_channel_open_forwarded_tcpip(
         &mut self,
-        _channel: russh::Channel<Msg>,
-        _connected_address: &str,
-        _connected_port: u32,
+        channel: russh::Channel<Msg>,
+        connected_address: &str,
+        connected_port: u32,
         _originator_address: &str,
         _originator_port: u32,
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        // Only for a remote forward this daemon requested, and only while
+        // its receiver has room (bounded: a flood is refused, not queued).
+        if let Some(to) = self
+            .remote_forwards
+            .route(connected_address, connected_port)
+            && let Ok(permit) = to.try_reserve()
+        {
+            reply.accept().await;
+            permit.send(channel);
+            return Ok(());
+        }
         refuse("forwarded-tcpip", reply).await;
         Ok(())
     }
@@ -347,9 +417,9 @@ pub async fn probe_port(host: &str, port: u16) -> Result<String, String> {
     }
 }
 
-fn ssh_config() -> Arc<client::Config> {
+fn ssh_config(keepalive: Duration) -> Arc<client::Config> {
     Arc::new(client::Config {
-        keepalive_interval: Some(KEEPALIVE),
+        keepalive_interval: Some(keepalive),
         keepalive_max: KEEPALIVE_MAX,
         nodelay: true,
         // Larger windows keep bulk copies off the round-trip time.
@@ -366,6 +436,7 @@ pub async fn connect(
     files: &LeaseFiles,
     cred: &Credential,
     stats: &Arc<Stats>,
+    keepalive: Duration,
 ) -> Result<Conn, SshError> {
     let keys = HostKeys::new(&target.lease, files.clone(), target.pin.as_deref())
         .map_err(SshError::HostKey)?;
@@ -390,13 +461,15 @@ pub async fn connect(
         };
         let _ = stream.set_nodelay(true);
         let verdict = Arc::new(Mutex::new(None));
+        let remote_forwards = RemoteForwards::default();
         let handler = ClientHandler {
             keys: keys.clone(),
             verdict: Arc::clone(&verdict),
+            remote_forwards: remote_forwards.clone(),
         };
         let handle = match tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            client::connect_stream(ssh_config(), stream, handler),
+            client::connect_stream(ssh_config(keepalive), stream, handler),
         )
         .await
         {
@@ -447,6 +520,7 @@ pub async fn connect(
             control: Arc::new(Semaphore::new(CONTROL_SESSIONS)),
             rtt_us: AtomicU64::new(0),
             stats: Arc::clone(stats),
+            remote_forwards,
         });
     }
     Err(SshError::Unreachable(format!(

@@ -223,6 +223,10 @@ impl SshManager {
                 default_key: config.ssh_key.clone(),
                 config_dir: config.config_dir.clone(),
                 idle_close: config.ssh_idle_close.unwrap_or(mux::IDLE_CLOSE),
+                keepalive: config
+                    .ssh_keepalive_interval
+                    .unwrap_or(conn::KEEPALIVE)
+                    .max(conn::KEEPALIVE_MIN),
             },
             ends,
             muxes: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),

@@ -128,6 +128,9 @@ pub struct ClientHandler {
     remote_forwards: RemoteForwards,
 }
 
+/// Where the channels of one remote forward go.
+pub type ForwardedTx = tokio::sync::mpsc::Sender<russh::Channel<Msg>>;
+
 /// The remote forwards (`tcpip-forward`) this daemon itself asked a
 /// connection for: only a `forwarded-tcpip` channel for one of these
 /// addresses is accepted (and handed to its receiver); every other one is
@@ -135,14 +138,7 @@ pub struct ClientHandler {
 /// transport), so today every server-opened channel is refused.
 #[derive(Debug, Clone, Default)]
 pub struct RemoteForwards {
-    inner: Arc<
-        Mutex<
-            std::collections::BTreeMap<
-                (String, u32),
-                tokio::sync::mpsc::Sender<russh::Channel<Msg>>,
-            >,
-        >,
-    >,
+    inner: Arc<Mutex<std::collections::BTreeMap<(String, u32), ForwardedTx>>>,
 }
 
 impl RemoteForwards {

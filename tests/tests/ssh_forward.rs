@@ -485,3 +485,65 @@ async fn doctor_checks_the_key_mode_known_hosts_and_the_port() {
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(check(&report, "ssh port")["status"], "fail", "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_ends_with_its_lease() {
+    use crabbox_coordinator::testing::TestCoordinator;
+    use tokio::io::AsyncReadExt as _;
+    require_sshd!();
+    let sshd = TestSshd::start().await;
+    let coord = TestCoordinator::start().await;
+    let lease = "cbx_00000000fe01";
+    let body = serde_json::json!({
+        "provider": "ssh", "target": "linux", "host": "127.0.0.1", "sshUser": sshd.user,
+        "sshPort": sshd.addr.port().to_string(), "sshFallbackPorts": [],
+        "sshHostKey": sshd.host_key, "ttlSeconds": 3600, "idleTimeoutSeconds": 1800,
+    });
+    let (status, v) = coord
+        .request(
+            "PUT",
+            &format!("/v1/leases/{lease}/registration"),
+            &coord.shared_token,
+            &body,
+        )
+        .await
+        .unwrap();
+    assert!(status == 200 || status == 201, "{status} {v}");
+    let d = TestDaemon::builder()
+        .coordinator(&coord.base_url, &coord.shared_token)
+        .start()
+        .await;
+    let dir = d.layout.config.join("crabbox/testboxes").join(lease);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(&sshd.client_key, dir.join("id_ed25519")).unwrap();
+
+    // Forward to the lease's own sshd: its ident line comes back.
+    let remote = format!("127.0.0.1:{}", sshd.addr.port());
+    let f = d
+        .ctl_json(&["forward", "--id", lease, "--remote", &remote, "--json"])
+        .await;
+    let addr: SocketAddr = f["local"].as_str().unwrap().parse().unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut banner = vec![0u8; 8];
+    tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut banner))
+        .await
+        .expect("the ident line through the forward")
+        .unwrap();
+    assert_eq!(&banner, b"SSH-2.0-");
+    drop(s);
+
+    // Lease end (a release through the daemon) ends the forward: stopped,
+    // the port closed, the list empty.
+    let o = d.ctl(&["lease", "release", "--id", lease]).await;
+    assert!(o.status.success(), "{}", show(&o));
+    d.ctl_json_until(
+        &["tasks", "--json", "--kind", "ssh-forward"],
+        "the forward ended",
+        Duration::from_secs(20),
+        |v| v["tasks"][0]["state"] == "stopped",
+    )
+    .await;
+    assert!(std::net::TcpStream::connect(addr).is_err());
+    let list = d.ctl_json(&["forward", "list", "--json"]).await;
+    assert!(list.as_array().unwrap().is_empty(), "{list}");
+}

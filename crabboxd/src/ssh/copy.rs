@@ -120,10 +120,7 @@ impl Write for ChanWriter {
             return Ok(());
         }
         // A fresh buffer of full capacity: no regrowth copies per chunk.
-        let chunk = Bytes::from(std::mem::replace(
-            &mut self.buf,
-            Vec::with_capacity(CHUNK),
-        ));
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
         self.tx
             .blocking_send(chunk)
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the copy was abandoned"))

@@ -547,3 +547,52 @@ async fn a_forward_ends_with_its_lease() {
     let list = d.ctl_json(&["forward", "list", "--json"]).await;
     assert!(list.as_array().unwrap().is_empty(), "{list}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_waiting_for_a_lost_connection_are_bounded() {
+    require_sshd!();
+    let mut sshd = TestSshd::start().await;
+    let d = TestDaemon::builder()
+        .env("CRABBOX_LOG", "info,crabboxd=debug")
+        .toml(&sshd.target_toml("box"))
+        .start()
+        .await;
+    let remote = format!("127.0.0.1:{}", sshd.addr.port());
+    let f = d
+        .ctl_json(&["forward", "--id", "box", "--remote", &remote, "--json"])
+        .await;
+    let addr: SocketAddr = f["local"].as_str().unwrap().parse().unwrap();
+    // The box's sshd is replaced by a tarpit that accepts and never
+    // speaks: the mux's reconnect hangs in its handshake, and new
+    // connections wait for it — at most 32.
+    sshd.kill().await;
+    let tarpit = tokio::net::TcpListener::bind(sshd.addr).await.unwrap();
+    let pit = tokio::spawn(async move {
+        let mut socks = Vec::new();
+        while let Ok((s, _)) = tarpit.accept().await {
+            socks.push(s);
+        }
+    });
+    d.ctl_json_until(
+        &["tasks", "--json", "--kind", "ssh-mux"],
+        "the mux saw the loss",
+        Duration::from_secs(20),
+        |v| v["tasks"][0]["labels"]["state"] != "connected",
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..48 {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let list = d
+        .ctl_json_until(
+            &["forward", "list", "--json"],
+            "48 accepted",
+            Duration::from_secs(20),
+            |v| v[0]["total_connections"] == 48,
+        )
+        .await;
+    assert_eq!(list[0]["refused_connections"], 16, "{list}\n{}", d.stderr());
+    drop(held);
+    pit.abort();
+}

@@ -225,6 +225,9 @@ impl ForwardTask {
                             tracing::warn!(%peer, "forward: too many connections waiting for the SSH connection; closing this one");
                             drop(sock);
                         } else {
+                            // Counted here, not when first polled, so the
+                            // bound holds however fast connections arrive.
+                            self.stats.pending.fetch_add(1, Ordering::SeqCst);
                             conns.push(Arc::clone(&self).carry(sock, peer));
                         }
                     }
@@ -253,11 +256,11 @@ impl ForwardTask {
         }
     }
 
-    /// Carries one accepted connection: waits (bounded) for the mux, opens
+    /// Carries one accepted connection (counted as pending by the caller):
+    /// waits (bounded) for the mux, opens
     /// a tunnel, copies both ways until both sides are done.
     async fn carry(self: Arc<Self>, sock: TcpStream, peer: SocketAddr) {
         let _ = sock.set_nodelay(true);
-        self.stats.pending.fetch_add(1, Ordering::SeqCst);
         let conn = tokio::time::timeout(
             PENDING_WAIT,
             self.manager
@@ -276,10 +279,16 @@ impl ForwardTask {
                 return;
             }
         };
-        let mut tunnel = match super::tunnel::open(conn, &self.spec.remote).await {
-            Ok(t) => t,
-            Err(e) => {
+        let opened =
+            tokio::time::timeout(PENDING_WAIT, super::tunnel::open(conn, &self.spec.remote)).await;
+        let mut tunnel = match opened {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
                 tracing::warn!(%peer, error = %e, "forward: cannot open the tunnel");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "forward: the tunnel did not open within {PENDING_WAIT:?}");
                 return;
             }
         };

@@ -4,11 +4,17 @@
 #   ssh through an OpenSSH ControlMaster, and a fresh ssh per command
 # (p50/p99 over N runs), 64 MiB upload and download (crabboxctl cp vs
 # ssh 'cat > f' / ssh cat), 100 parallel execs (errors, wall time), time to
-# the first command on a cold mux, and the daemon's RSS. Needs root (sshd).
-# Prints a Markdown table.   BENCH_RUNS (default 200), BENCH_PROFILE (release)
+# the first command on a cold mux, and the daemon's RSS with 0, 1 and 11
+# open muxes (the per-mux increment). Transfers run in short interleaved
+# rounds (ours, OpenSSH, ours, OpenSSH…) and report medians and the ratio,
+# so a machine shared with other work skews both sides alike. Needs root
+# (sshd). Prints a Markdown table.
+#   BENCH_RUNS (default 200), BENCH_ROUNDS (transfer rounds, default 5),
+#   BENCH_PROFILE (release), BENCH_NO_BUILD (use the built binaries)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${BENCH_RUNS:-200}"
+ROUNDS="${BENCH_ROUNDS:-5}"
 PROFILE="${BENCH_PROFILE:-release}"
 if [ -n "${BENCH_NO_BUILD:-}" ]; then
     BIN="$PWD/target/$PROFILE"
@@ -62,6 +68,11 @@ user = "$(id -un)"
 port = $PORT
 key = "$T/client"
 TOML
+# Ten more targets on the same sshd: one mux each, for the per-mux RSS.
+for i in $(seq 0 9); do
+    printf '\n[targets.m%s]\nhost = "127.0.0.1"\nuser = "%s"\nport = %s\nkey = "%s"\n' \
+        "$i" "$(id -un)" "$PORT" "$T/client" >>"$XDG_CONFIG_HOME/crabbox/crabboxd.toml"
+done
 CRABBOX_LOG=warn "$BIN/crabboxd" 2>"$T/crabboxd.log" &
 DAEMON_PID=$!
 SOCK="$XDG_RUNTIME_DIR/crabbox/crabboxd.sock"
@@ -85,6 +96,11 @@ percentiles() {
 }
 timed() { local t0; t0=$(now); "$@" >/dev/null; ms $(( $(now) - t0 )); }
 
+rss() { awk '/VmRSS/ { print $2 }' "/proc/$DAEMON_PID/status"; }
+median() { sort -n | awk '{ a[NR] = $1 } END { printf "%.1f", (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+sleep 1
+RSS0=$(rss)
+
 # Cold: the first command starts the mux (connect, host key, auth).
 COLD=$(timed "${CTL[@]}" exec --id box -- true)
 FRESH_FIRST=$(timed "${SSH[@]}" root@127.0.0.1 true)
@@ -96,17 +112,33 @@ read -r FR50 FR99 < <(percentiles "${SSH[@]}" root@127.0.0.1 true)
 
 head -c $((64 << 20)) /dev/urandom >"$T/big"
 mkdir -p "$T/remote"
-UP=$(timed "${CTL[@]}" cp -q "$T/big" "box:$T/remote/up")
-UP_SSH=$(timed sh -c "$(printf '%q ' "${SSH[@]}") -o ControlPath=$T/cm root@127.0.0.1 'cat > $T/remote/up-ssh' < $T/big")
-DOWN=$(timed "${CTL[@]}" cp -q "box:$T/remote/up" "$T/down")
-DOWN_SSH=$(timed sh -c "$(printf '%q ' "${SSH[@]}") -o ControlPath=$T/cm root@127.0.0.1 'cat $T/remote/up' > $T/down-ssh")
-cmp -s "$T/big" "$T/down" || { echo "download differs" >&2; exit 1; }
+SSHCM="$(printf '%q ' "${SSH[@]}") -o ControlPath=$T/cm root@127.0.0.1"
+: >"$T/up"; : >"$T/up-ssh"; : >"$T/down"; : >"$T/down-ssh"
+for _ in $(seq 1 "$ROUNDS"); do
+    timed "${CTL[@]}" cp -q "$T/big" "box:$T/remote/up" >>"$T/up"; echo >>"$T/up"
+    timed sh -c "$SSHCM 'cat > $T/remote/up-ssh' < $T/big" >>"$T/up-ssh"; echo >>"$T/up-ssh"
+    rm -f "$T/dl"
+    timed "${CTL[@]}" cp -q "box:$T/remote/up" "$T/dl" >>"$T/down"; echo >>"$T/down"
+    cmp -s "$T/big" "$T/dl" || { echo "download differs" >&2; exit 1; }
+    timed sh -c "$SSHCM 'cat $T/remote/up' > $T/dl-ssh" >>"$T/down-ssh"; echo >>"$T/down-ssh"
+done
+cmp -s "$T/big" "$T/remote/up" || { echo "upload differs" >&2; exit 1; }
+UP=$(median <"$T/up"); UP_SSH=$(median <"$T/up-ssh")
+DOWN=$(median <"$T/down"); DOWN_SSH=$(median <"$T/down-ssh")
+UP_RATIO=$(awk -v a="$UP" -v b="$UP_SSH" 'BEGIN { printf "%.2f", b / a }')
+DOWN_RATIO=$(awk -v a="$DOWN" -v b="$DOWN_SSH" 'BEGIN { printf "%.2f", b / a }')
+
+# RSS: one mux open now; open ten more.
+RSS1=$(rss)
+for i in $(seq 0 9); do "${CTL[@]}" exec --id "m$i" -- true >/dev/null; done
+sleep 1
+RSS11=$(rss)
+PER_MUX=$(( (RSS11 - RSS1) / 10 ))
 
 export CTL_BIN="$BIN/crabboxctl" SOCK
 t0=$(now)
 ERRORS=$(seq 1 100 | xargs -P 100 -I{} sh -c '"$CTL_BIN" --socket "$SOCK" exec --id box -- true >/dev/null 2>&1 || echo x' | wc -l)
 PAR=$(ms $(( $(now) - t0 )))
-RSS=$(awk '/VmRSS/ { print $2 }' "/proc/$DAEMON_PID/status")
 
 cat <<MD
 SSH plane, $(date -u +%Y-%m-%d), $(ssh -V 2>&1 | cut -d, -f1), loopback, profile $PROFILE, $RUNS runs each, load $(cut -d' ' -f1-3 /proc/loadavg)
@@ -115,8 +147,8 @@ SSH plane, $(date -u +%Y-%m-%d), $(ssh -V 2>&1 | cut -d, -f1), loopback, profile
 |---|---|---|
 | exec \`true\` p50 / p99, warm | $MUX50 / $MUX99 ms | ControlMaster $CM50 / $CM99 ms; fresh ssh $FR50 / $FR99 ms |
 | first command, cold | $COLD ms | fresh ssh $FRESH_FIRST ms |
-| 64 MiB upload | $UP ms (cp) | $UP_SSH ms (ssh 'cat > f', ControlMaster) |
-| 64 MiB download | $DOWN ms (cp) | $DOWN_SSH ms (ssh cat, ControlMaster) |
+| 64 MiB upload, median of $ROUNDS interleaved | $UP ms (cp); OpenSSH ÷ ours = ${UP_RATIO}× | $UP_SSH ms (ssh 'cat > f', ControlMaster) |
+| 64 MiB download, median of $ROUNDS interleaved | $DOWN ms (cp); OpenSSH ÷ ours = ${DOWN_RATIO}× | $DOWN_SSH ms (ssh cat, ControlMaster) |
 | 100 parallel execs | $ERRORS errors, $PAR ms wall | |
-| daemon RSS, one open mux | $RSS KiB | |
+| daemon RSS: 0 / 1 / 11 open muxes | $RSS0 / $RSS1 / $RSS11 KiB; per extra mux $PER_MUX KiB | |
 MD

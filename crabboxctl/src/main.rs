@@ -100,8 +100,10 @@ enum Command {
     Cp(commands::cp::Args),
     /// An rsh-compatible transport over the daemon's SSH connection (rsync -e).
     Rsh(commands::rsh::Args),
-    /// Reach a lease with OpenSSH: --print shows the command line.
+    /// An interactive shell on a lease over the daemon's SSH connection; --print shows the OpenSSH command line.
     Ssh(commands::ssh::Args),
+    /// Forward a local loopback port to an address on a lease (list, stop).
+    Forward(commands::forward::Args),
     /// Print a shell completion script.
     Completions(commands::completions::Args),
     /// Write man pages (used by packaging).
@@ -163,6 +165,7 @@ async fn run(cli: Cli) -> anyhow::Result<Code> {
         Command::Cp(args) => commands::cp::run(&ctx(socket)?, &args).await,
         Command::Rsh(args) => commands::rsh::run(&ctx(socket)?, &args).await,
         Command::Ssh(args) => commands::ssh::run(&ctx(socket)?, &args).await,
+        Command::Forward(args) => commands::forward::run(&ctx(socket)?, &args).await,
     }
 }
 

@@ -13,6 +13,7 @@ pub mod bins;
 pub mod daemon;
 pub mod egress;
 pub mod lease;
+pub mod fakessh;
 pub mod netns;
 pub mod page;
 pub mod proxy;

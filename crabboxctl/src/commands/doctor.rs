@@ -1,6 +1,8 @@
 //! `crabboxctl doctor`: local checks (socket directory and socket modes and
 //! owner, daemon reachable, CLI/daemon versions, installed unit) plus the
-//! daemon's own RunDiagnostics; one line per check, exit 4 on any failure.
+//! daemon's own RunDiagnostics; with `--id L` also the daemon's SSH checks
+//! of that lease (key and mode, known_hosts, agent, the port that answers);
+//! one line per check, exit 4 on any failure.
 
 use std::{
     fs,
@@ -8,7 +10,11 @@ use std::{
     path::Path,
 };
 
-use crabbox_api::{Client, v1::RunDiagnosticsRequest, version::Skew};
+use crabbox_api::{
+    Client,
+    v1::{CheckSshRequest, RunDiagnosticsRequest},
+    version::Skew,
+};
 
 use crate::{
     Ctx, connect, dirs,
@@ -27,6 +33,11 @@ pub struct Args {
     /// Print JSON (for scripts; the format is unstable until promised).
     #[arg(long)]
     json: bool,
+    /// Also check the SSH setup of this lease (or static target): key and
+    /// its mode, known_hosts, the SSH agent when there is no key file, and
+    /// which port answers.
+    #[arg(long = "id", value_name = "LEASE")]
+    lease: Option<String>,
 }
 
 fn check(name: &str, status: Outcome, detail: impl Into<String>) -> CheckJson {
@@ -42,7 +53,12 @@ fn check(name: &str, status: Outcome, detail: impl Into<String>) -> CheckJson {
 pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
     let mut checks = vec![socket_dir_check(&ctx.socket), socket_check(&ctx.socket)];
     match connect::connect(&ctx.socket).await {
-        Ok(client) => daemon_checks(ctx, client, &mut checks).await,
+        Ok(client) => {
+            daemon_checks(ctx, client.clone(), &mut checks).await;
+            if let Some(lease) = &args.lease {
+                ssh_checks(ctx, client, lease, &mut checks).await;
+            }
+        }
         Err(err) => {
             let detail = match err.downcast_ref::<Failure>() {
                 Some(f) => match f.hints.first() {
@@ -131,6 +147,28 @@ async fn daemon_checks(ctx: &Ctx, client: Client, checks: &mut Vec<CheckJson>) {
                 None => format!("{err:#}"),
             };
             checks.push(check("daemon diagnostics", Outcome::Warn, detail));
+        }
+    }
+}
+
+async fn ssh_checks(ctx: &Ctx, client: Client, lease: &str, checks: &mut Vec<CheckJson>) {
+    let req = CheckSshRequest {
+        lease_id: lease.to_owned(),
+        agent_socket: crate::commands::exec::agent_socket(),
+    };
+    match connect::call_coordinator(&ctx.socket, "CheckSsh", client.ssh().check_ssh(req)).await {
+        Ok(reply) => checks.extend(reply.into_inner().checks.into_iter().map(|c| CheckJson {
+            name: c.name,
+            status: output::outcome_of(c.status),
+            detail: c.detail,
+            source: "daemon",
+        })),
+        Err(err) => {
+            let detail = match err.downcast_ref::<Failure>() {
+                Some(f) => f.message.clone(),
+                None => format!("{err:#}"),
+            };
+            checks.push(check("ssh checks", Outcome::Fail, detail));
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod desktop;
 pub mod doctor;
 pub mod egress;
 pub mod exec;
+pub mod forward;
 pub mod heartbeat;
 pub mod lease;
 pub mod log_level;

@@ -39,6 +39,7 @@ enum Kind {
     SshMux,
     AttachFeed,
     Run,
+    SshForward,
 }
 
 impl From<Kind> for TaskKind {
@@ -52,6 +53,7 @@ impl From<Kind> for TaskKind {
             Kind::SshMux => TaskKind::SshMux,
             Kind::AttachFeed => TaskKind::AttachFeed,
             Kind::Run => TaskKind::Run,
+            Kind::SshForward => TaskKind::SshForward,
         }
     }
 }

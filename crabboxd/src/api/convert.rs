@@ -59,6 +59,7 @@ pub fn task_kind(k: TaskKind) -> v1::TaskKind {
         TaskKind::SshMux => v1::TaskKind::SshMux,
         TaskKind::AttachFeed => v1::TaskKind::AttachFeed,
         TaskKind::Run => v1::TaskKind::Run,
+        TaskKind::SshForward => v1::TaskKind::SshForward,
     }
 }
 

@@ -148,13 +148,14 @@ pub async fn within_deadline<T>(
 pub fn ssh(e: SshError) -> Status {
     let msg = e.to_string();
     match e {
-        SshError::NoTarget(_) => Status::not_found(msg),
+        SshError::NoTarget(_) | SshError::NotFound(_) => Status::not_found(msg),
         SshError::Invalid(_) => Status::invalid_argument(msg),
         SshError::HostKey(_)
         | SshError::Auth(_)
         | SshError::NoKey(_)
         | SshError::LeaseEnded(_)
-        | SshError::Copy(_) => Status::failed_precondition(msg),
+        | SshError::Copy(_)
+        | SshError::Forward(_) => Status::failed_precondition(msg),
         SshError::Unreachable(_) | SshError::Lost(_) => Status::unavailable(msg),
         SshError::Channel(_) => Status::aborted(msg),
     }

@@ -1,5 +1,5 @@
-//! The `crabbox.daemon.v1.Ssh` service: exec, copy and OpenSSH details for a
-//! lease. Each RPC converts its request, hands it to the `SshManager` and
+//! The `crabbox.daemon.v1.Ssh` service: exec, shells, copy, forwards,
+//! checks and OpenSSH details for a lease. Each RPC converts its request, hands it to the `SshManager` and
 //! converts what comes back; SSH errors map to gRPC codes in `error.rs`.
 
 use std::{path::PathBuf, pin::Pin};
@@ -8,8 +8,8 @@ use crabbox_api::v1;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::error;
-use crate::{daemon::DaemonState, ssh};
+use super::{convert, error};
+use crate::{daemon::DaemonState, diagnostics, ssh};
 
 /// The service implementation.
 #[derive(Debug, Clone)]
@@ -29,6 +29,37 @@ fn lease_id(raw: &str) -> Result<String, Status> {
 
 fn agent(raw: &str) -> Option<PathBuf> {
     (!raw.is_empty()).then(|| PathBuf::from(raw))
+}
+
+/// A forward's local address: `127.0.0.1:PORT`, `[::1]:PORT`, a bare port
+/// (on 127.0.0.1), or empty (`127.0.0.1:0`). Loopback is checked later.
+fn local_addr(raw: &str) -> Result<std::net::SocketAddr, Status> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    }
+    if let Ok(port) = raw.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    raw.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "the local address {raw:?} is not IP:PORT (for example 127.0.0.1:8080)"
+        ))
+    })
+}
+
+fn forward(f: ssh::forward::ForwardInfo) -> v1::Forward {
+    v1::Forward {
+        id: f.id,
+        lease_id: f.lease,
+        local: f.local.to_string(),
+        remote: f.remote.to_string(),
+        open_connections: f.open,
+        total_connections: f.total,
+        bytes_out: f.bytes_out,
+        bytes_in: f.bytes_in,
+        refused_connections: f.refused,
+    }
 }
 
 fn signal(s: i32) -> ssh::Signal {
@@ -68,6 +99,7 @@ fn output(o: ssh::Output) -> v1::ExecResponse {
     v1::ExecResponse { event: Some(event) }
 }
 
+type ShellStream = Pin<Box<dyn Stream<Item = Result<v1::ShellResponse, Status>> + Send>>;
 type ExecStream = Pin<Box<dyn Stream<Item = Result<v1::ExecResponse, Status>> + Send>>;
 type CopyStream = Pin<Box<dyn Stream<Item = Result<v1::CopyResponse, Status>> + Send>>;
 
@@ -75,6 +107,145 @@ type CopyStream = Pin<Box<dyn Stream<Item = Result<v1::CopyResponse, Status>> + 
 impl v1::ssh_server::Ssh for SshService {
     type ExecStream = ExecStream;
     type CopyStream = CopyStream;
+    type ShellStream = ShellStream;
+
+    async fn shell(
+        &self,
+        req: Request<Streaming<v1::ShellRequest>>,
+    ) -> Result<Response<ShellStream>, Status> {
+        use v1::{shell_request::Msg, shell_response::Event};
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?;
+        let Some(v1::ShellRequest {
+            msg: Some(Msg::Start(start)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "a Shell stream must start with `start`",
+            ));
+        };
+        let size = start.size.unwrap_or_default();
+        let spec = ssh::shell::ShellSpec {
+            lease: lease_id(&start.lease_id)?,
+            command: (!start.command.is_empty()).then_some(start.command),
+            term: start.term,
+            cols: size.cols,
+            rows: size.rows,
+            agent: agent(&start.agent_socket),
+        };
+        tracing::debug!(rpc = "Shell", lease = %spec.lease, "api call");
+        // The stream ends at the first error (the client went away).
+        let input = inbound
+            .take_while(|r| futures::future::ready(r.is_ok()))
+            .filter_map(|r| {
+                futures::future::ready(match r.ok().and_then(|m| m.msg) {
+                    Some(Msg::Stdin(b)) => Some(ssh::shell::ShellInput::Stdin(b.into())),
+                    Some(Msg::Resize(w)) => Some(ssh::shell::ShellInput::Resize {
+                        cols: w.cols,
+                        rows: w.rows,
+                    }),
+                    // A second `start` is ignored: a shell runs once.
+                    Some(Msg::Start(_)) | None => None,
+                })
+            });
+        let out = self.state.ssh().shell(spec, Box::pin(input)).map(|r| {
+            r.map(|o| {
+                let event = match o {
+                    ssh::shell::ShellOutput::Started { port, fallback } => {
+                        Event::Started(v1::ExecStarted {
+                            port: u32::from(port),
+                            fallback_note: fallback.unwrap_or_default(),
+                        })
+                    }
+                    ssh::shell::ShellOutput::Output(b) => Event::Output(b.to_vec()),
+                    ssh::shell::ShellOutput::Exit(e) => Event::Exit(v1::ExecExit {
+                        code: e.code,
+                        signal: e.signal.unwrap_or_default(),
+                    }),
+                };
+                v1::ShellResponse { event: Some(event) }
+            })
+            .map_err(error::ssh)
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn start_forward(
+        &self,
+        req: Request<v1::StartForwardRequest>,
+    ) -> Result<Response<v1::Forward>, Status> {
+        let req = req.into_inner();
+        let lease = lease_id(&req.lease_id)?;
+        let local = local_addr(&req.local)?;
+        let remote = ssh::forward::parse_remote(&req.remote).map_err(error::ssh)?;
+        tracing::debug!(rpc = "StartForward", lease = %lease, local = %local, "api call");
+        let info = self
+            .state
+            .ssh()
+            .start_forward(ssh::forward::ForwardSpec {
+                lease,
+                local,
+                remote,
+                agent: agent(&req.agent_socket),
+            })
+            .await
+            .map_err(error::ssh)?;
+        Ok(Response::new(forward(info)))
+    }
+
+    async fn list_forwards(
+        &self,
+        req: Request<v1::ListForwardsRequest>,
+    ) -> Result<Response<v1::ListForwardsResponse>, Status> {
+        let req = req.into_inner();
+        let lease = req.lease_id.trim();
+        let forwards = self
+            .state
+            .ssh()
+            .list_forwards((!lease.is_empty()).then_some(lease))
+            .await;
+        Ok(Response::new(v1::ListForwardsResponse {
+            forwards: forwards.into_iter().map(forward).collect(),
+        }))
+    }
+
+    async fn stop_forward(
+        &self,
+        req: Request<v1::StopForwardRequest>,
+    ) -> Result<Response<v1::Forward>, Status> {
+        let req = req.into_inner();
+        let id = req.id.trim();
+        let info = if !id.is_empty() {
+            self.state.ssh().stop_forward(Some(id), None).await
+        } else {
+            let lease = lease_id(&req.lease_id).map_err(|_| {
+                Status::invalid_argument(
+                    "name a forward: its id, or a lease id and a local address",
+                )
+            })?;
+            let local = local_addr(&req.local)?;
+            self.state
+                .ssh()
+                .stop_forward(None, Some((lease.as_str(), local)))
+                .await
+        }
+        .map_err(error::ssh)?;
+        Ok(Response::new(forward(info)))
+    }
+
+    async fn check_ssh(
+        &self,
+        req: Request<v1::CheckSshRequest>,
+    ) -> Result<Response<v1::CheckSshResponse>, Status> {
+        let req = req.into_inner();
+        let lease = lease_id(&req.lease_id)?;
+        ssh::target::check_lease_id(&lease).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let agent = agent(&req.agent_socket);
+        let checks = diagnostics::ssh(&self.state, &lease, agent.as_deref()).await;
+        Ok(Response::new(v1::CheckSshResponse {
+            checks: checks.iter().map(convert::check).collect(),
+        }))
+    }
 
     async fn exec(
         &self,

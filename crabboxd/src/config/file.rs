@@ -50,6 +50,10 @@ pub struct SshToml {
     /// How long a connection with no channel stays open, e.g. `"10m"`.
     #[serde(default, with = "humantime_serde")]
     pub idle_close: Option<Duration>,
+    /// How often a keepalive is sent, e.g. `"15s"`; two missed ones end
+    /// the connection.
+    #[serde(default, with = "humantime_serde")]
+    pub keepalive_interval: Option<Duration>,
 }
 
 /// `[targets.<name>]`: a box reached over SSH with no coordinator.
@@ -145,6 +149,7 @@ pub const EXAMPLE: &str = r#"# crabboxd configuration. Every key is optional; un
 [ssh]
 # key = "/home/me/.ssh/id_ed25519"   # when a lease has no per-lease key
 # idle_close = "10m"                   # close a connection unused this long
+# keepalive_interval = "15s"           # dead after two unanswered keepalives
 
 [env]
 # The calling client's variables `crabboxctl run` forwards (default CI and

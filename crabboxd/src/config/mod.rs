@@ -56,6 +56,9 @@ pub struct Config {
     /// `CI`, `NODE_OPTIONS`. A client's `CRABBOX_ENV_ALLOW` replaces it per
     /// run (the client reads it from its own environment and sends it).
     pub env_allow: Option<Vec<String>>,
+    /// How often an SSH keepalive is sent (`[ssh] keepalive_interval`,
+    /// default 15 s); two missed ones end the connection.
+    pub ssh_keepalive_interval: Option<Duration>,
 }
 
 /// How to reach and authenticate to a coordinator.
@@ -266,6 +269,7 @@ struct Merge {
     profiles: BTreeMap<String, Vec<String>>,
     ssh_key: Option<PathBuf>,
     ssh_idle_close: Option<Duration>,
+    ssh_keepalive_interval: Option<Duration>,
     targets: BTreeMap<String, StaticTarget>,
     heartbeat_transport: Option<Layered<String>>,
     control_ping_interval: Option<Duration>,
@@ -396,6 +400,7 @@ impl Merge {
         self.profiles.extend(t.egress.profiles);
         self.ssh_key = t.ssh.key.or(self.ssh_key.take());
         self.ssh_idle_close = t.ssh.idle_close.or(self.ssh_idle_close);
+        self.ssh_keepalive_interval = t.ssh.keepalive_interval.or(self.ssh_keepalive_interval);
         self.targets.extend(t.targets);
         self.env_allow = t.env.allow.or(self.env_allow.take());
     }
@@ -543,6 +548,7 @@ impl Merge {
             ssh_key: self.ssh_key,
             ssh_targets: self.targets,
             ssh_idle_close: self.ssh_idle_close,
+            ssh_keepalive_interval: self.ssh_keepalive_interval,
             coordinator,
             socket: self.socket,
             state_dir: self.state_dir.unwrap_or_else(|| dirs.state.join("crabbox")),

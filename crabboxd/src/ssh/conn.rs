@@ -32,8 +32,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Deadline of authentication.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(20);
-/// Keepalive interval (OpenSSH `ServerAliveInterval=15`).
+/// Keepalive interval (OpenSSH `ServerAliveInterval=15`); `[ssh]
+/// keepalive_interval` changes it.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
+/// The shortest keepalive interval configuration may set.
+pub const KEEPALIVE_MIN: Duration = Duration::from_millis(200);
 /// Missed keepalives before the connection is dead (`ServerAliveCountMax=2`).
 pub const KEEPALIVE_MAX: usize = 2;
 /// Concurrent command channels per connection. OpenSSH's `MaxSessions` is
@@ -51,6 +54,8 @@ pub struct Stats {
     pub bytes_out: AtomicU64,
     /// Channels open now.
     pub channels: AtomicUsize,
+    /// Forwards running now (a mux with one is never idle).
+    pub forwards: AtomicUsize,
     /// Connections made after the first.
     pub reconnects: AtomicU64,
     /// Connections made.
@@ -101,6 +106,8 @@ pub struct Conn {
     pub rtt_us: AtomicU64,
     /// The mux's counters.
     pub stats: Arc<Stats>,
+    /// The remote forwards this connection accepts channels for.
+    pub remote_forwards: RemoteForwards,
 }
 
 impl std::fmt::Debug for Conn {
@@ -118,6 +125,56 @@ impl std::fmt::Debug for Conn {
 pub struct ClientHandler {
     keys: HostKeys,
     verdict: Arc<Mutex<Option<HostKeyError>>>,
+    remote_forwards: RemoteForwards,
+}
+
+/// Where the channels of one remote forward go.
+pub type ForwardedTx = tokio::sync::mpsc::Sender<russh::Channel<Msg>>;
+
+/// The remote forwards (`tcpip-forward`) this daemon itself asked a
+/// connection for: only a `forwarded-tcpip` channel for one of these
+/// addresses is accepted (and handed to its receiver); every other one is
+/// refused. Empty unless a feature registers one (the SSH egress
+/// transport), so today every server-opened channel is refused.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteForwards {
+    inner: Arc<Mutex<std::collections::BTreeMap<(String, u32), ForwardedTx>>>,
+}
+
+impl RemoteForwards {
+    /// Accepts channels for `address:port` into `to`, from now on. Call it
+    /// only for a forward the daemon requested on this connection.
+    pub fn register(
+        &self,
+        address: &str,
+        port: u32,
+        to: tokio::sync::mpsc::Sender<russh::Channel<Msg>>,
+    ) {
+        self.inner
+            .lock()
+            .unwrap()
+            .insert((address.to_owned(), port), to);
+    }
+
+    /// Stops accepting channels for `address:port`.
+    pub fn unregister(&self, address: &str, port: u32) {
+        self.inner
+            .lock()
+            .unwrap()
+            .remove(&(address.to_owned(), port));
+    }
+
+    fn route(
+        &self,
+        address: &str,
+        port: u32,
+    ) -> Option<tokio::sync::mpsc::Sender<russh::Channel<Msg>>> {
+        self.inner
+            .lock()
+            .unwrap()
+            .get(&(address.to_owned(), port))
+            .cloned()
+    }
 }
 
 async fn refuse(what: &str, reply: ChannelOpenHandle) {
@@ -151,14 +208,25 @@ impl client::Handler for ClientHandler {
 
     async fn server_channel_open_forwarded_tcpip(
         &mut self,
-        _channel: russh::Channel<Msg>,
-        _connected_address: &str,
-        _connected_port: u32,
+        channel: russh::Channel<Msg>,
+        connected_address: &str,
+        connected_port: u32,
         _originator_address: &str,
         _originator_port: u32,
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        // Only for a remote forward this daemon requested, and only while
+        // its receiver has room (bounded: a flood is refused, not queued).
+        if let Some(to) = self
+            .remote_forwards
+            .route(connected_address, connected_port)
+            && let Ok(permit) = to.try_reserve()
+        {
+            reply.accept().await;
+            permit.send(channel);
+            return Ok(());
+        }
         refuse("forwarded-tcpip", reply).await;
         Ok(())
     }
@@ -255,10 +323,7 @@ pub fn credential(
         return Ok(Credential::KeyFile(k.clone()));
     }
     if let Some(a) = agent {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        let ok = std::fs::metadata(a)
-            .is_ok_and(|m| m.file_type().is_socket() && m.uid() == nix::unistd::geteuid().as_raw());
-        if ok {
+        if agent_socket_ok(a) {
             return Ok(Credential::Agent(a.to_owned()));
         }
         return Err(SshError::NoKey(format!(
@@ -276,9 +341,81 @@ pub fn credential(
     )))
 }
 
-fn ssh_config() -> Arc<client::Config> {
+/// Whether `sock` is a socket owned by this user (the only agent sockets
+/// the daemon uses).
+pub fn agent_socket_ok(sock: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    std::fs::metadata(sock)
+        .is_ok_and(|m| m.file_type().is_socket() && m.uid() == nix::unistd::geteuid().as_raw())
+}
+
+/// How many keys the agent at `sock` holds (for `doctor`).
+pub async fn agent_keys(sock: &Path) -> Result<usize, String> {
+    if !agent_socket_ok(sock) {
+        return Err(
+            "the SSH agent socket of the calling client is not a socket owned by this user".into(),
+        );
+    }
+    let probe = async {
+        let mut agent = AgentClient::connect_uds(sock)
+            .await
+            .map_err(|e| format!("cannot reach the SSH agent: {e}"))?;
+        agent
+            .request_identities()
+            .await
+            .map(|ids| ids.len())
+            .map_err(|e| format!("the SSH agent failed: {e}"))
+    };
+    tokio::time::timeout(Duration::from_secs(5), probe)
+        .await
+        .unwrap_or_else(|_| Err("the SSH agent did not answer within 5 s".into()))
+}
+
+/// Whether an SSH server answers on `host:port`: its ident line, or why
+/// not (for `doctor`; nothing is authenticated).
+pub async fn probe_port(host: &str, port: u16) -> Result<String, String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut s = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+    };
+    let mut buf = vec![0u8; 256];
+    let mut got = 0;
+    let read = async {
+        while got < buf.len() {
+            let n = s.read(&mut buf[got..]).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+            if buf[..got].contains(&b'\n') {
+                break;
+            }
+        }
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), read).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err("connected, but no SSH ident within 5 s".into()),
+    }
+    let text = String::from_utf8_lossy(&buf[..got]);
+    match text.lines().find(|l| l.starts_with("SSH-")) {
+        Some(l) => Ok(l
+            .trim()
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(80)
+            .collect()),
+        None => Err("connected, but the answer is not SSH".into()),
+    }
+}
+
+fn ssh_config(keepalive: Duration) -> Arc<client::Config> {
     Arc::new(client::Config {
-        keepalive_interval: Some(KEEPALIVE),
+        keepalive_interval: Some(keepalive),
         keepalive_max: KEEPALIVE_MAX,
         nodelay: true,
         // Larger windows keep bulk copies off the round-trip time.
@@ -295,6 +432,7 @@ pub async fn connect(
     files: &LeaseFiles,
     cred: &Credential,
     stats: &Arc<Stats>,
+    keepalive: Duration,
 ) -> Result<Conn, SshError> {
     let keys = HostKeys::new(&target.lease, files.clone(), target.pin.as_deref())
         .map_err(SshError::HostKey)?;
@@ -319,13 +457,15 @@ pub async fn connect(
         };
         let _ = stream.set_nodelay(true);
         let verdict = Arc::new(Mutex::new(None));
+        let remote_forwards = RemoteForwards::default();
         let handler = ClientHandler {
             keys: keys.clone(),
             verdict: Arc::clone(&verdict),
+            remote_forwards: remote_forwards.clone(),
         };
         let handle = match tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            client::connect_stream(ssh_config(), stream, handler),
+            client::connect_stream(ssh_config(keepalive), stream, handler),
         )
         .await
         {
@@ -376,6 +516,7 @@ pub async fn connect(
             control: Arc::new(Semaphore::new(CONTROL_SESSIONS)),
             rtt_us: AtomicU64::new(0),
             stats: Arc::clone(stats),
+            remote_forwards,
         });
     }
     Err(SshError::Unreachable(format!(

@@ -64,8 +64,9 @@ pub struct Progress {
 
 /// The most stderr kept from the remote `tar` for an error message.
 const STDERR_MAX: usize = 4096;
-/// Chunks between the blocking tar thread and the channel.
-const CHUNK: usize = 64 * 1024;
+/// Chunks between the blocking tar thread and the channel (eight are
+/// queued at most: 2 MiB per copy).
+const CHUNK: usize = 256 * 1024;
 
 /// Runs one copy.
 pub async fn run(
@@ -118,7 +119,8 @@ impl Write for ChanWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        // A fresh buffer of full capacity: no regrowth copies per chunk.
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
         self.tx
             .blocking_send(chunk)
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the copy was abandoned"))

@@ -139,7 +139,7 @@ if [ \"$pg\" = \"$$\" ] || ! command -v setsid >/dev/null 2>&1; then exec sh -c 
 }
 
 /// The exit code of a signal name, as a shell reports it (128+n).
-fn signal_code(name: &str) -> i32 {
+pub(crate) fn signal_code(name: &str) -> i32 {
     128 + match name {
         "HUP" => 1,
         "INT" => 2,
@@ -158,7 +158,7 @@ fn signal_code(name: &str) -> i32 {
     }
 }
 
-fn sig_name(s: &russh::Sig) -> String {
+pub(crate) fn sig_name(s: &russh::Sig) -> String {
     let d = format!("{s:?}");
     match d.strip_prefix("Custom(\"") {
         Some(rest) => rest.trim_end_matches("\")").to_owned(),

@@ -72,6 +72,19 @@ pub struct HostKeys {
     pin: Option<PublicKey>,
 }
 
+/// What a known_hosts file holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Audit {
+    /// Whether the file exists.
+    pub exists: bool,
+    /// Entries that parse.
+    pub entries: usize,
+    /// Lines that do not.
+    pub bad_lines: usize,
+    /// Entries that are not the pinned key (when one is pinned).
+    pub not_pinned: usize,
+}
+
 /// What [`HostKeys::check`] decided about an accepted key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
@@ -165,6 +178,43 @@ impl HostKeys {
             }),
             Err(e) => Err(self.file_error(e.to_string())),
         }
+    }
+
+    /// What the per-lease known_hosts holds, for `doctor`: entries that
+    /// parse, lines that do not, and (when pinned) entries that are not the
+    /// pinned key.
+    pub fn audit(&self) -> Audit {
+        let text = match std::fs::read_to_string(&self.files.known_hosts) {
+            Ok(t) => t,
+            Err(_) => return Audit::default(),
+        };
+        let mut a = Audit {
+            exists: true,
+            ..Audit::default()
+        };
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let key = (f.len() >= 3)
+                .then(|| PublicKey::from_openssh(&format!("{} {}", f[1], f[2])).ok())
+                .flatten();
+            match key {
+                None => a.bad_lines += 1,
+                Some(k) => {
+                    a.entries += 1;
+                    if self
+                        .pin
+                        .as_ref()
+                        .is_some_and(|p| p.key_data() != k.key_data())
+                    {
+                        a.not_pinned += 1;
+                    }
+                }
+            }
+        }
+        a
     }
 
     fn entry(&self, key: &PublicKey) -> Result<String, HostKeyError> {

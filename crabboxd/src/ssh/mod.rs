@@ -13,6 +13,9 @@
 //!   process group that cancelling kills.
 //! * [`copy`] — files and directories both ways as tar streams over exec
 //!   channels, atomic on the far side.
+//! * [`forward`] — local forwards: a loopback listener per
+//!   `SshForward{lease:local}` task, each connection a tunnel.
+//! * [`shell`] — interactive shells under a PTY.
 //! * [`tunnel`] — byte streams to a TCP address or Unix socket on the
 //!   lease (`direct-tcpip`, `direct-streamlocal`), for forwards and helpers.
 //! * [`SshManager`] — finds or starts a lease's mux and runs requests on it.
@@ -20,8 +23,10 @@
 pub mod conn;
 pub mod copy;
 pub mod exec;
+pub mod forward;
 pub mod hostkey;
 pub mod mux;
+pub mod shell;
 pub mod target;
 pub mod tunnel;
 
@@ -80,6 +85,12 @@ pub enum SshError {
     /// A copy failed.
     #[error("{0}")]
     Copy(String),
+    /// A forward cannot start (its port is taken, …).
+    #[error("{0}")]
+    Forward(String),
+    /// No such forward.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl SshError {
@@ -94,6 +105,8 @@ impl SshError {
                 | SshError::NoKey(_)
                 | SshError::LeaseEnded(_)
                 | SshError::Invalid(_)
+                | SshError::Forward(_)
+                | SshError::NotFound(_)
         )
     }
 }
@@ -131,6 +144,20 @@ struct Entry {
     handle: TaskHandle,
 }
 
+struct ForwardEntry {
+    lease: String,
+    local: std::net::SocketAddr,
+    remote: tunnel::Endpoint,
+    stats: Arc<forward::ForwardStats>,
+    handle: TaskHandle,
+}
+
+impl ForwardEntry {
+    fn info(&self, id: &str) -> forward::ForwardInfo {
+        forward::ForwardInfo::new(id, &self.lease, self.local, &self.remote, &self.stats)
+    }
+}
+
 /// Finds or starts the `SshMux` of a lease and runs work on it. Cheap to
 /// clone.
 #[derive(Clone)]
@@ -139,6 +166,7 @@ pub struct SshManager {
     resolver: mux::Resolver,
     ends: LeaseEnds,
     muxes: Arc<tokio::sync::Mutex<BTreeMap<String, Entry>>>,
+    forwards: Arc<tokio::sync::Mutex<BTreeMap<String, ForwardEntry>>>,
 }
 
 impl std::fmt::Debug for SshManager {
@@ -195,9 +223,14 @@ impl SshManager {
                 default_key: config.ssh_key.clone(),
                 config_dir: config.config_dir.clone(),
                 idle_close: config.ssh_idle_close.unwrap_or(mux::IDLE_CLOSE),
+                keepalive: config
+                    .ssh_keepalive_interval
+                    .unwrap_or(conn::KEEPALIVE)
+                    .max(conn::KEEPALIVE_MIN),
             },
             ends,
             muxes: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
+            forwards: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
         }
     }
 
@@ -242,11 +275,121 @@ impl SshManager {
         lease: &str,
         agent: Option<PathBuf>,
     ) -> Result<Arc<conn::Conn>, SshError> {
+        self.connection_within(lease, agent, CONNECT_WAIT).await
+    }
+
+    /// A live connection to the lease, waiting at most `wait` for it.
+    pub async fn connection_within(
+        &self,
+        lease: &str,
+        agent: Option<PathBuf>,
+        wait: Duration,
+    ) -> Result<Arc<conn::Conn>, SshError> {
         let shared = self.mux(lease).await?;
         if let Some(a) = agent {
             *shared.agent.lock().unwrap() = Some(a);
         }
-        shared.conn(CONNECT_WAIT).await
+        shared.conn(wait).await
+    }
+
+    /// Starts a local forward as an `SshForward{lease:local}` task, once
+    /// the lease's connection is up (so a wrong lease or key is reported
+    /// here, not on the first connection).
+    pub async fn start_forward(
+        &self,
+        mut spec: forward::ForwardSpec,
+    ) -> Result<forward::ForwardInfo, SshError> {
+        target::check_lease_id(&spec.lease).map_err(|e| SshError::Invalid(e.to_string()))?;
+        forward::check_local(&spec.local)?;
+        let conn = self.connection(&spec.lease, spec.agent.clone()).await?;
+        let listener = tokio::net::TcpListener::bind(spec.local)
+            .await
+            .map_err(|e| SshError::Forward(format!("cannot listen on {}: {e}", spec.local)))?;
+        spec.local = listener
+            .local_addr()
+            .map_err(|e| SshError::Forward(format!("cannot listen on {}: {e}", spec.local)))?;
+        let id = format!("{}:{}", spec.lease, spec.local);
+        let stats = Arc::new(forward::ForwardStats::default());
+        let task = Arc::new(forward::ForwardTask {
+            manager: self.clone(),
+            spec: spec.clone(),
+            listener: std::sync::Mutex::new(Some(listener)),
+            stats: Arc::clone(&stats),
+            mux_stats: Arc::clone(&conn.stats),
+            ends: self.ends.clone(),
+        });
+        drop(conn);
+        let labels = BTreeMap::from([
+            ("lease".to_owned(), spec.lease.clone()),
+            ("local".to_owned(), spec.local.to_string()),
+            ("remote".to_owned(), spec.remote.to_string()),
+        ]);
+        let mut forwards = self.forwards.lock().await;
+        forwards.retain(|_, f| !f.handle.is_finished());
+        let handle = self
+            .supervisor
+            .start(
+                TaskId::new(TaskKind::SshForward, id.clone()),
+                labels,
+                RestartPolicy::Never,
+                move |ctx| Arc::clone(&task).run(ctx),
+            )
+            .await
+            .map_err(|e| SshError::Forward(e.to_string()))?;
+        let entry = ForwardEntry {
+            lease: spec.lease,
+            local: spec.local,
+            remote: spec.remote,
+            stats,
+            handle,
+        };
+        let info = entry.info(&id);
+        forwards.insert(id, entry);
+        Ok(info)
+    }
+
+    /// The running forwards (of one lease, when given), by id.
+    pub async fn list_forwards(&self, lease: Option<&str>) -> Vec<forward::ForwardInfo> {
+        let mut forwards = self.forwards.lock().await;
+        forwards.retain(|_, f| !f.handle.is_finished());
+        forwards
+            .iter()
+            .filter(|(_, f)| lease.is_none_or(|l| f.lease == l))
+            .map(|(id, f)| f.info(id))
+            .collect()
+    }
+
+    /// Stops a forward by id, or by lease and local address.
+    pub async fn stop_forward(
+        &self,
+        id: Option<&str>,
+        by_addr: Option<(&str, std::net::SocketAddr)>,
+    ) -> Result<forward::ForwardInfo, SshError> {
+        let mut forwards = self.forwards.lock().await;
+        forwards.retain(|_, f| !f.handle.is_finished());
+        let key = forwards
+            .iter()
+            .find(|(k, f)| {
+                id.is_some_and(|i| i == k.as_str())
+                    || by_addr.is_some_and(|(l, a)| f.lease == l && f.local == a)
+            })
+            .map(|(k, _)| k.clone());
+        let Some(key) = key else {
+            let what = match (id, by_addr) {
+                (Some(i), _) => format!("no forward {i:?} is running"),
+                (None, Some((l, a))) => format!("no forward of {l} listens on {a}"),
+                (None, None) => "no forward was named".to_owned(),
+            };
+            return Err(SshError::NotFound(format!(
+                "{what} (see `crabboxctl forward list`)"
+            )));
+        };
+        let entry = forwards.remove(&key).expect("found above");
+        drop(forwards);
+        let info = entry.info(&key);
+        entry.handle.stop().await;
+        tracing::info!(forward = %key, "forward stopped");
+        Ok(info)
     }
 
     /// Runs one command; the stream ends after `Output::Exit` or an error.
@@ -274,6 +417,28 @@ impl SshManager {
                 tx,
             )
             .await;
+        };
+        drive(fut, rx)
+    }
+
+    /// Runs an interactive shell under a PTY; the stream ends after
+    /// `ShellOutput::Exit` or an error.
+    pub fn shell(
+        &self,
+        spec: shell::ShellSpec,
+        input: impl Stream<Item = shell::ShellInput> + Send + Unpin + 'static,
+    ) -> impl Stream<Item = Result<shell::ShellOutput, SshError>> + Send + 'static {
+        let (tx, rx) = mpsc::channel(32);
+        let this = self.clone();
+        let fut = async move {
+            let conn = match this.connection(&spec.lease, spec.agent.clone()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            shell::run(conn, spec, input, tx).await;
         };
         drive(fut, rx)
     }
@@ -310,6 +475,18 @@ impl SshManager {
     ) -> Result<tunnel::Tunnel, SshError> {
         let conn = self.connection(lease, agent).await?;
         tunnel::open(conn, to).await
+    }
+
+    /// The per-lease key file of `lease` (used when present).
+    pub fn lease_key_path(&self, lease: &str) -> PathBuf {
+        self.resolver.files(lease).key
+    }
+
+    /// What the per-lease known_hosts holds, checked against the target's
+    /// pin (for `doctor`).
+    pub fn audit_host_keys(&self, target: &Target) -> Result<hostkey::Audit, SshError> {
+        let files = self.resolver.files(&target.lease);
+        Ok(hostkey::HostKeys::new(&target.lease, files, target.pin.as_deref())?.audit())
     }
 
     /// The lease's target and per-lease files, for an OpenSSH command line.

@@ -135,6 +135,8 @@ pub struct Resolver {
     pub config_dir: PathBuf,
     /// How long a connection with no channel stays open.
     pub idle_close: Duration,
+    /// The keepalive interval (dead after two unanswered).
+    pub keepalive: Duration,
 }
 
 impl Resolver {
@@ -202,7 +204,14 @@ impl MuxTask {
             let files = self.resolver.files(&self.shared.lease);
             let agent = self.shared.agent.lock().unwrap().clone();
             let cred = conn::credential(&files, &target, agent.as_deref())?;
-            conn::connect(&target, &files, &cred, &self.shared.stats).await
+            conn::connect(
+                &target,
+                &files,
+                &cred,
+                &self.shared.stats,
+                self.resolver.keepalive,
+            )
+            .await
         };
         let conn = tokio::select! {
             c = connect => c,
@@ -278,6 +287,7 @@ impl MuxTask {
             }
             self.labels(&ctx, &conn);
             let idle = self.shared.stats.channels.load(Ordering::SeqCst) == 0
+                && self.shared.stats.forwards.load(Ordering::SeqCst) == 0
                 && self
                     .shared
                     .stats

@@ -22,11 +22,13 @@ pub enum TaskKind {
     AttachFeed,
     /// One run started through the daemon.
     Run,
+    /// One local port forward to a lease over its SSH mux.
+    SshForward,
 }
 
 impl TaskKind {
     /// Every kind, in display order.
-    pub const ALL: [TaskKind; 8] = [
+    pub const ALL: [TaskKind; 9] = [
         TaskKind::ApiServer,
         TaskKind::ControlChannel,
         TaskKind::LeaseKeeper,
@@ -35,6 +37,7 @@ impl TaskKind {
         TaskKind::SshMux,
         TaskKind::AttachFeed,
         TaskKind::Run,
+        TaskKind::SshForward,
     ];
 
     /// The kebab-case name used in task ids and logs.
@@ -48,6 +51,7 @@ impl TaskKind {
             TaskKind::SshMux => "ssh-mux",
             TaskKind::AttachFeed => "attach-feed",
             TaskKind::Run => "run",
+            TaskKind::SshForward => "ssh-forward",
         }
     }
 }

@@ -5,7 +5,8 @@
 //! Layout: `commands/` holds one file per subcommand; `connect` turns
 //! connection and gRPC failures into instructions; `output` renders human and
 //! `--json` output; `service` drives systemd and launchd; `dirs` knows where
-//! things live; `exit` owns the exit codes.
+//! things live; `exit` owns the exit codes; `mcp` serves the same API as
+//! MCP tools on stdio.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -29,6 +30,7 @@ mod commands;
 mod connect;
 mod dirs;
 mod exit;
+mod mcp;
 mod output;
 mod service;
 
@@ -98,6 +100,8 @@ enum Command {
     Rsh(commands::rsh::Args),
     /// Reach a lease with OpenSSH: --print shows the command line.
     Ssh(commands::ssh::Args),
+    /// Serve the daemon's API to coding agents over MCP on stdin/stdout.
+    Mcp(mcp::Args),
     /// Print a shell completion script.
     Completions(commands::completions::Args),
     /// Write man pages (used by packaging).
@@ -157,6 +161,7 @@ async fn run(cli: Cli) -> anyhow::Result<Code> {
         Command::Cp(args) => commands::cp::run(&ctx(socket)?, &args).await,
         Command::Rsh(args) => commands::rsh::run(&ctx(socket)?, &args).await,
         Command::Ssh(args) => commands::ssh::run(&ctx(socket)?, &args).await,
+        Command::Mcp(args) => mcp::run(&ctx(socket)?, &args).await,
     }
 }
 

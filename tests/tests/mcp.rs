@@ -282,11 +282,16 @@ async fn python_sdk_drives_leases_exec_runs_and_egress_over_stdio() {
 
     // Bad arguments are tool errors that say what is wrong; the session
     // goes on afterwards.
-    assert!(tool_error(&report, "bad_missing").contains("lease_id"));
-    assert!(tool_error(&report, "bad_type").contains("command"));
-    assert!(tool_error(&report, "bad_unknown_field").contains("bogus"));
-    assert!(tool_error(&report, "bad_kind").contains("\"nope\" is not a task kind"));
-    assert!(tool_error(&report, "bad_cursor").contains("not one this tool handed out"));
+    for (step, needle) in [
+        ("bad_missing", "missing field `lease_id`"),
+        ("bad_type", "expected a sequence"),
+        ("bad_unknown_field", "unknown field `bogus`"),
+        ("bad_kind", "\"nope\" is not a task kind"),
+        ("bad_cursor", "not one this tool handed out"),
+    ] {
+        let text = tool_error(&report, step);
+        assert!(text.contains(needle), "{step}: {text}");
+    }
     // An unknown lease: the coordinator's refusal, in crabboxctl's sentence.
     let cli = d.ctl(&["lease", "keep", "--id", "cbx_0000000dead0"]).await;
     let cli_text = String::from_utf8_lossy(&cli.stderr).trim().to_owned();

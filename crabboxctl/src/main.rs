@@ -94,6 +94,8 @@ enum Command {
     Attach(commands::attach::Args),
     /// Run a command on a lease over the daemon's SSH connection.
     Exec(commands::exec::Args),
+    /// Run a command on a lease as a run the daemon owns, recorded at the coordinator.
+    Run(commands::run::Args),
     /// Copy files or directories to or from a lease (LEASE:path).
     Cp(commands::cp::Args),
     /// An rsh-compatible transport over the daemon's SSH connection (rsync -e).
@@ -158,6 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<Code> {
         Command::Egress(args) => commands::egress::run(&ctx(socket)?, &args).await,
         Command::Attach(args) => commands::attach::run(&ctx(socket)?, &args).await,
         Command::Exec(args) => commands::exec::run(&ctx(socket)?, &args).await,
+        Command::Run(args) => commands::run::run(&ctx(socket)?, &args).await,
         Command::Cp(args) => commands::cp::run(&ctx(socket)?, &args).await,
         Command::Rsh(args) => commands::rsh::run(&ctx(socket)?, &args).await,
         Command::Ssh(args) => commands::ssh::run(&ctx(socket)?, &args).await,

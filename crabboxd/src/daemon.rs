@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     attach::AttachManager, config::Config, control::ControlChannel, coordinator,
-    egress::EgressManager, lease::LeaseManager, ssh::SshManager, supervisor::Supervisor,
+    egress::EgressManager, lease::LeaseManager, run::RunManager, ssh::SshManager, supervisor::Supervisor,
 };
 
 /// "Lease end is one event": whoever learns that a lease is over (a
@@ -157,6 +157,7 @@ struct Inner {
     egress: EgressManager,
     attach: AttachManager,
     ssh: SshManager,
+    runs: RunManager,
     phase: Mutex<Phase>,
     shutdown: CancellationToken,
     shutdown_reason: Mutex<Option<String>>,
@@ -208,6 +209,13 @@ impl DaemonState {
             config.egress_profiles.clone(),
             ends,
         );
+        let runs = RunManager::new(
+            coordinator.clone(),
+            ssh.clone(),
+            leases.clone(),
+            supervisor.clone(),
+            config.env_allow.clone(),
+        );
         Ok(DaemonState {
             inner: Arc::new(Inner {
                 config,
@@ -219,6 +227,7 @@ impl DaemonState {
                 egress,
                 attach,
                 ssh,
+                runs,
                 phase: Mutex::new(Phase::Starting),
                 shutdown: CancellationToken::new(),
                 shutdown_reason: Mutex::new(None),
@@ -269,6 +278,11 @@ impl DaemonState {
     /// The egress host bridges.
     pub fn egress(&self) -> &EgressManager {
         &self.inner.egress
+    }
+
+    /// The runs the daemon owns.
+    pub fn runs(&self) -> &RunManager {
+        &self.inner.runs
     }
 
     /// The lifecycle phase.

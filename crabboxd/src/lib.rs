@@ -46,6 +46,7 @@ pub mod diagnostics;
 pub mod egress;
 pub mod lease;
 pub mod platform;
+pub mod run;
 pub mod ssh;
 pub mod statefile;
 pub mod supervisor;

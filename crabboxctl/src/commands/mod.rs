@@ -13,6 +13,7 @@ pub mod lease;
 pub mod log_level;
 pub mod man;
 pub mod rsh;
+pub mod run;
 pub mod ssh;
 pub mod status;
 pub mod tasks;

@@ -63,6 +63,19 @@ pub fn egress(e: EgressError, url: &str) -> Status {
     }
 }
 
+/// Maps a run error to a status.
+pub fn run(e: crate::run::RunError, url: &str) -> Status {
+    use crate::run::RunError;
+    let msg = e.to_string();
+    match e {
+        RunError::NoCoordinator | RunError::NoEgress(_) => Status::failed_precondition(msg),
+        RunError::Invalid(_) => Status::invalid_argument(msg),
+        RunError::NotFound(_) => Status::not_found(msg),
+        RunError::Coordinator(c) => coordinator(&c, msg, url),
+        RunError::Ssh(s) => ssh(s),
+    }
+}
+
 /// Maps an attach error to a status.
 pub fn attach(e: AttachError, url: &str) -> Status {
     let msg = e.to_string();

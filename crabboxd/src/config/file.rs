@@ -27,6 +27,18 @@ pub struct DaemonToml {
     /// `[targets.<name>]`: static SSH targets, usable wherever a lease id is.
     #[serde(default)]
     pub targets: BTreeMap<String, TargetToml>,
+    /// `[env]`
+    #[serde(default)]
+    pub env: EnvToml,
+}
+
+/// `[env]`: environment forwarding for `crabboxctl run`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvToml {
+    /// Names (or `PREFIX*`) of the calling client's variables a run gets;
+    /// replaces the default `["CI", "NODE_OPTIONS"]`.
+    pub allow: Option<Vec<String>>,
 }
 
 /// `[ssh]`: SSH settings for every lease.
@@ -133,6 +145,11 @@ pub const EXAMPLE: &str = r#"# crabboxd configuration. Every key is optional; un
 [ssh]
 # key = "/home/me/.ssh/id_ed25519"   # when a lease has no per-lease key
 # idle_close = "10m"                   # close a connection unused this long
+
+[env]
+# The calling client's variables `crabboxctl run` forwards (default CI and
+# NODE_OPTIONS; a trailing * is a prefix). CRABBOX_ENV_ALLOW replaces it.
+# allow = ["CI", "NODE_OPTIONS", "NPM_CONFIG_*"]
 
 # A box with no coordinator, usable as `--id lab`:
 # [targets.lab]

@@ -51,6 +51,11 @@ pub struct Config {
     /// How long an SSH connection with no channel stays open (`[ssh]
     /// idle_close`, default 10 minutes).
     pub ssh_idle_close: Option<Duration>,
+    /// The run environment allowlist (`[env] allow` in crabboxd.toml, or
+    /// `env.allow` in config.yaml, which wins); `None` means the default
+    /// `CI`, `NODE_OPTIONS`. A client's `CRABBOX_ENV_ALLOW` replaces it per
+    /// run (the client reads it from its own environment and sends it).
+    pub env_allow: Option<Vec<String>>,
 }
 
 /// How to reach and authenticate to a coordinator.
@@ -264,6 +269,7 @@ struct Merge {
     targets: BTreeMap<String, StaticTarget>,
     heartbeat_transport: Option<Layered<String>>,
     control_ping_interval: Option<Duration>,
+    env_allow: Option<Vec<String>>,
 }
 
 impl Config {
@@ -391,6 +397,7 @@ impl Merge {
         self.ssh_key = t.ssh.key.or(self.ssh_key.take());
         self.ssh_idle_close = t.ssh.idle_close.or(self.ssh_idle_close);
         self.targets.extend(t.targets);
+        self.env_allow = t.env.allow.or(self.env_allow.take());
     }
 
     fn apply_yaml(&mut self, y: CrabboxYaml, path: &Path) {
@@ -405,6 +412,7 @@ impl Merge {
             self.token = Some(TokenSource::Literal { token, origin });
         }
         self.profiles.extend(y.egress.profiles);
+        self.env_allow = y.env.allow.or(self.env_allow.take());
     }
 
     fn apply_env(&mut self, env: &dyn Env) -> Result<(), ConfigError> {
@@ -541,6 +549,7 @@ impl Merge {
             log_filter,
             shutdown_grace: self.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             egress_profiles: self.profiles,
+            env_allow: self.env_allow,
             files,
         })
     }

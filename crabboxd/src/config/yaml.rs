@@ -20,6 +20,16 @@ pub struct CrabboxYaml {
     /// `egress:`
     #[serde(default)]
     pub egress: Egress,
+    /// `env:`
+    #[serde(default)]
+    pub env: EnvYaml,
+}
+
+/// `env:` — environment forwarding for runs.
+#[derive(Debug, Default, Deserialize)]
+pub struct EnvYaml {
+    /// `env.allow`: replaces the default allowlist.
+    pub allow: Option<Vec<String>>,
 }
 
 /// `broker:` — the coordinator.

@@ -81,6 +81,14 @@ pub enum CoordinatorError {
         /// What failed.
         message: String,
     },
+    /// The call took longer than its own deadline (run events: 2 s).
+    #[error("coordinator {method} {path}: no answer in time")]
+    Timeout {
+        /// The method.
+        method: &'static str,
+        /// The path.
+        path: String,
+    },
     /// The token command failed; no request was sent.
     #[error("coordinator token: {0}")]
     Token(String),
@@ -124,7 +132,9 @@ impl CoordinatorError {
     /// Classifies the failure (see [`ErrorKind`]).
     pub fn kind(&self) -> ErrorKind {
         match self {
-            CoordinatorError::Network { .. } | CoordinatorError::Bridge { .. } => {
+            CoordinatorError::Network { .. }
+            | CoordinatorError::Bridge { .. }
+            | CoordinatorError::Timeout { .. } => {
                 ErrorKind::Unavailable
             }
             CoordinatorError::Token(_) => ErrorKind::Unauthenticated,

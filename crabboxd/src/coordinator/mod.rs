@@ -5,9 +5,11 @@
 mod client;
 pub mod control;
 mod egress;
+mod runs;
 mod token;
 mod types;
 
 pub use client::{Client, CoordinatorError, ErrorKind, Health, LeaseEnd, install_crypto_provider};
 pub use egress::{Bridge, EgressStatus, Role, Ticket, TicketRequest};
+pub use runs::{EventInput, FinishInput, NewRun, timeouts as runs_timeouts};
 pub use types::{Lease, Run, RunEvent};

@@ -1,0 +1,463 @@
+//! `crabboxctl run` end to end: the real daemon and CLI, our coordinator
+//! in-process, and a real OpenSSH `sshd` on loopback as the lease. Output
+//! byte-exact and apart, exit codes, the events and the finish at the
+//! coordinator, a run that outlives its client with two attach clients
+//! following it, environment forwarding that never shows in a process
+//! list, a slow coordinator that never slows the command, and Ctrl-C
+//! leaving nothing behind.
+
+use std::{
+    process::{Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crabbox_coordinator::testing::TestCoordinator;
+use crabbox_tests::{TestDaemon, TestSshd, bins::bin, proxy::FaultProxy, require_sshd};
+use tokio::io::AsyncReadExt as _;
+
+const LEASE: &str = "cbx_00000000c0de";
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        text(&o.stdout[..o.stdout.len().min(4000)]),
+        text(&o.stderr)
+    )
+}
+
+struct Setup {
+    coord: TestCoordinator,
+    _sshd: TestSshd,
+    d: TestDaemon,
+}
+
+/// Our coordinator with `LEASE` registered, an sshd standing in for the
+/// lease (a static target of the lease's id), and a daemon using both —
+/// through `proxy` when given.
+async fn setup(slow: bool) -> (Setup, Option<std::sync::Arc<FaultProxy>>) {
+    let coord = TestCoordinator::start().await;
+    coord
+        .register_lease(&coord.shared_token, LEASE, "run-crab")
+        .await
+        .unwrap();
+    let sshd = TestSshd::start().await;
+    let proxy = if slow {
+        Some(std::sync::Arc::new(FaultProxy::start(coord.addr).await))
+    } else {
+        None
+    };
+    let url = proxy
+        .as_ref()
+        .map_or(coord.base_url.clone(), |p| p.url.clone());
+    let d = TestDaemon::builder()
+        .env("CRABBOX_LOG", "info,crabboxd=debug")
+        .coordinator(&url, &coord.shared_token)
+        .toml(&sshd.target_toml(LEASE))
+        .start()
+        .await;
+    (
+        Setup {
+            coord,
+            _sshd: sshd,
+            d,
+        },
+        proxy,
+    )
+}
+
+async fn get(coord: &TestCoordinator, path: &str) -> serde_json::Value {
+    let (status, v) = coord
+        .request("GET", path, &coord.shared_token, &serde_json::Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{path}: {v}");
+    v
+}
+
+async fn events(coord: &TestCoordinator, run: &str) -> Vec<serde_json::Value> {
+    get(coord, &format!("/v1/runs/{run}/events?after=0&limit=500")).await["events"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// The newest run the daemon owns.
+async fn newest_run(d: &TestDaemon) -> Option<serde_json::Value> {
+    let v = d.ctl_json(&["run", "list", "--json"]).await;
+    v.as_array().unwrap().first().cloned()
+}
+
+async fn wait_for_run(d: &TestDaemon) -> String {
+    for _ in 0..200 {
+        if let Some(r) = newest_run(d).await {
+            return r["runId"].as_str().unwrap().to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no run appeared:\n{}", d.stderr());
+}
+
+/// The run at the coordinator once it is no longer running.
+async fn finished_run(coord: &TestCoordinator, run: &str) -> serde_json::Value {
+    for _ in 0..300 {
+        let v = get(coord, &format!("/v1/runs/{run}")).await;
+        if v["run"]["state"] != "running" {
+            return v["run"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("run {run} did not finish");
+}
+
+fn stream_data(evs: &[serde_json::Value], stream: &str) -> String {
+    evs.iter()
+        .filter(|e| e["type"] == stream)
+        .map(|e| e["data"].as_str().unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_byte_exact_and_recorded_with_the_exit_code() {
+    require_sshd!();
+    let (s, _) = setup(false).await;
+    let d = &s.d;
+
+    // Binary bytes, then a 3-byte character straddling the 16 KiB event
+    // boundary, on stdout; stderr apart.
+    let script = "printf '\\000\\001\\377\\n'; head -c 16380 /dev/zero | tr '\\000' a; printf '\\342\\202\\254tail\\n'; printf 'err\\n' >&2; exit 7";
+    let o = d
+        .ctl(&["run", "--id", LEASE, "--label", "exact", "--", "sh", "-c", script])
+        .await;
+    let mut want = b"\x00\x01\xff\n".to_vec();
+    want.extend(std::iter::repeat_n(b'a', 16380));
+    want.extend("€tail\n".as_bytes());
+    assert_eq!(o.status.code(), Some(7), "{}\n{}", show(&o), d.stderr());
+    assert!(o.stdout == want, "stdout differs: {}", show(&o));
+    assert_eq!(text(&o.stderr), "err\n");
+
+    let run = newest_run(d).await.unwrap();
+    let id = run["runId"].as_str().unwrap().to_owned();
+    assert_eq!(run["label"], "exact");
+    assert_eq!(run["finished"]["exitCode"], 7, "{run}");
+    let rec = finished_run(&s.coord, &id).await;
+    assert_eq!(rec["exitCode"], 7, "{rec}");
+    assert_eq!(rec["state"], "failed");
+    assert_eq!(rec["leaseID"], LEASE);
+    let evs = events(&s.coord, &id).await;
+    let kinds: Vec<&str> = evs.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"run.started"), "{kinds:?}");
+    assert!(kinds.contains(&"command.started"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"command.finished"), "{kinds:?}");
+    assert_eq!(evs.last().unwrap()["exitCode"], 7);
+    // What the events carry is what the client printed (the binary bytes as
+    // JSON text can carry them), no character split across events.
+    assert_eq!(stream_data(&evs, "stdout"), text(&want));
+    assert_eq!(stream_data(&evs, "stderr"), "err\n");
+    assert!(
+        evs.iter()
+            .filter_map(|e| e["data"].as_str())
+            .all(|d| d.len() <= 16 << 10 && !d.starts_with("\u{fffd}tail"))
+    );
+    // The log at the coordinator has the whole output.
+    let log = rec["logBytes"].as_u64().unwrap();
+    assert!(log >= want.len() as u64 - 4, "{rec}");
+
+    let o = d.ctl(&["run", "--id", LEASE, "--", "true"]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let o = d
+        .ctl(&["run", "--id", "run-crab", "--", "sh", "-c", "kill -TERM $$"])
+        .await;
+    assert_eq!(o.status.code(), Some(143), "{}", show(&o));
+    let id = newest_run(d).await.unwrap()["runId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(finished_run(&s.coord, &id).await["exitCode"], 143);
+
+    // A run keeps its lease: the keeper ran for it and stopped after.
+    assert!(d.stderr().contains("run finished"), "{}", d.stderr());
+}
+
+fn attach(d: &TestDaemon, run: &str, json: bool) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(bin("crabboxctl"));
+    cmd.arg("--socket").arg(&d.socket).arg("attach").arg(run);
+    if json {
+        cmd.arg("--json");
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+fn seqs(stdout: &[u8]) -> Vec<u64> {
+    text(stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("end").is_none())
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_outlives_its_client_and_attach_clients_share_it() {
+    require_sshd!();
+    let (s, _) = setup(false).await;
+    let d = &s.d;
+    let mut starter = d
+        .ctl_command(&[
+            "run",
+            "--id",
+            LEASE,
+            "--",
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5 6 7 8; do echo line $i; sleep 0.4; done; exit 3",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = wait_for_run(d).await;
+    let a = attach(d, &run, true);
+    let b = attach(d, &run, true);
+    // The starting client sees output, then dies mid-run.
+    let mut out = starter.stdout.take().unwrap();
+    let mut first = [0u8; 7];
+    out.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"line 1\n");
+    starter.kill().await.unwrap();
+
+    let (a, b) = (
+        a.wait_with_output().await.unwrap(),
+        b.wait_with_output().await.unwrap(),
+    );
+    assert_eq!(a.status.code(), Some(3), "{}\n{}", show(&a), d.stderr());
+    assert_eq!(b.status.code(), Some(3), "{}", show(&b));
+    assert_eq!(seqs(&a.stdout), seqs(&b.stdout));
+    let rec = finished_run(&s.coord, &run).await;
+    assert_eq!(rec["exitCode"], 3, "{rec}");
+    let listed = newest_run(d).await.unwrap();
+    assert_eq!(listed["finished"]["exitCode"], 3, "{listed}");
+
+    // Attaching afterwards replays it all.
+    let o = attach(d, &run, false).wait_with_output().await.unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    let want: String = (1..=8).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(text(&o.stdout), want);
+}
+
+/// Every `/proc/<pid>/cmdline` that contains `needle`.
+fn cmdlines_with(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(raw) = std::fs::read(entry.path().join("cmdline")) {
+            let line = text(&raw).replace('\0', " ");
+            if line.contains(needle) {
+                out.push(format!("{}: {line}", entry.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_values_arrive_without_a_command_line_and_reserved_names_hold() {
+    require_sshd!();
+    let (s, _) = setup(false).await;
+    let d = &s.d;
+    let secret = format!("v4lue-{}-zq", std::process::id());
+    let mut child = d
+        .ctl_command(&[
+            "run",
+            "--id",
+            LEASE,
+            "--allow-env",
+            "MY_API_TOKEN",
+            "--allow-env",
+            "PFX_*",
+            "--",
+            "sh",
+            "-c",
+            "printf '%s|%s|%s|%s|%s|%s' \"$MY_API_TOKEN\" \"$CI\" \"$PFX_ONE\" \"${OUTSIDE-unset}\" \"$CRABBOX_RUN_ID\" \"$CRABBOX_LEASE_ID\"; sleep 3",
+        ])
+        .env("MY_API_TOKEN", &secret)
+        .env("CI", "yes")
+        .env("PFX_ONE", "1")
+        .env("OUTSIDE", "nope")
+        .env("CRABBOX_RUN_ID", "forged")
+        .env("CRABBOX_LEASE_ID", "forged")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While it runs, no process on the lease (the same machine) shows the
+    // value in its command line.
+    let started = Instant::now();
+    let mut scans = 0;
+    while started.elapsed() < Duration::from_millis(2500) {
+        let hits = cmdlines_with(&secret);
+        assert!(hits.is_empty(), "the value is in a command line: {hits:?}");
+        scans += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(scans > 10);
+    let o = child.wait_with_output().await.unwrap();
+    assert!(o.status.success(), "{}\n{}", show(&o), d.stderr());
+    let got = text(&o.stdout);
+    let parts: Vec<&str> = got.split('|').collect();
+    assert_eq!(&parts[..4], [secret.as_str(), "yes", "1", "unset"], "{got}");
+    assert!(parts[4].starts_with("run_"), "{got}");
+    assert_eq!(parts[5], LEASE);
+    // The summary names the variables, marks the secret one, never a value.
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("env forwarding vars=CI=set,MY_API_TOKEN=set len=") && err.contains("secret=true"),
+        "{err}"
+    );
+    assert!(!err.contains(&secret) && !d.stderr().contains(&secret));
+    // The env file was removed.
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("crabbox-env."))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // CRABBOX_ENV_ALLOW replaces the default: CI no longer travels.
+    let o = d
+        .ctl_command(&["run", "--id", LEASE, "--", "sh", "-c", "printf '%s' \"${CI-unset}\""])
+        .env("CI", "yes")
+        .env("CRABBOX_ENV_ALLOW", "OTHER")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(text(&o.stdout), "unset", "{}", show(&o));
+
+    // A bare `*` is refused with a sentence.
+    let o = d
+        .ctl(&["run", "--id", LEASE, "--allow-env", "*", "--", "true"])
+        .await;
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("bare `*`"), "{}", show(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_leaves_nothing_of_the_command_behind() {
+    require_sshd!();
+    let (s, _) = setup(false).await;
+    let d = &s.d;
+    let marker = format!("{}", 4000 + std::process::id() % 1000);
+    let script = format!("sleep {marker}1 & sleep {marker}2 & wait");
+    let mut child = d
+        .ctl_command(&["run", "--id", LEASE, "--", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while cmdlines_with(&format!("sleep {marker}2")).is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(30), "{}", d.stderr());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let o = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("crabboxctl ends after Ctrl-C")
+        .unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}\n{}", show(&o), d.stderr());
+    let left = cmdlines_with(&format!("sleep {marker}"));
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let run = newest_run(d).await.unwrap();
+    assert_eq!(run["finished"]["exitCode"], 130, "{run}");
+}
+
+/// Peak resident memory of a process, from /proc/<pid>/status.
+fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_coordinator_never_slows_the_command_and_drops_are_reported() {
+    require_sshd!();
+    let (s, proxy) = setup(true).await;
+    let proxy = proxy.unwrap();
+    let d = &s.d;
+    // Many small writes (each its own event), then 10 MiB at once.
+    let script = "i=0; while [ $i -lt 80 ]; do echo line $i; i=$((i+1)); sleep 0.03; done; head -c 10485760 /dev/zero | tr '\\000' x; echo; echo DONE";
+    let mut child = d
+        .ctl_command(&["run", "--id", LEASE, "--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The coordinator stalls every connection the daemon holds, over and
+    // over, until the command's output is all here.
+    let stalling = {
+        let proxy = std::sync::Arc::clone(&proxy);
+        tokio::spawn(async move {
+            loop {
+                proxy.freeze_open_connections();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let mut out = child.stdout.take().unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    while !got.ends_with(b"DONE\n") {
+        let n = out.read(&mut buf).await.unwrap();
+        assert!(n > 0, "stdout ended early:\n{}", d.stderr());
+        got.extend_from_slice(&buf[..n]);
+    }
+    let took = started.elapsed();
+    stalling.abort();
+    // 80 events at a stalled coordinator would take 160 s one by one; the
+    // command (80 × 30 ms plus 10 MiB) is done long before.
+    assert!(took < Duration::from_secs(40), "the command took {took:?}");
+    let lines: usize = (0..80).map(|i: usize| format!("line {i}\n").len()).sum();
+    assert_eq!(got.len(), lines + 10 * 1024 * 1024 + 1 + 5);
+    let o = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("the run finishes")
+        .unwrap();
+    assert!(o.status.success(), "{}\n{}", show(&o), d.stderr());
+    let err = text(&o.stderr);
+    assert!(err.contains("output events of run"), "{err}");
+    let run = newest_run(d).await.unwrap();
+    let dropped = run["finished"]["eventsDropped"].as_u64().unwrap();
+    assert!(dropped > 0, "{run}");
+    let id = run["runId"].as_str().unwrap();
+    let rec = finished_run(&s.coord, id).await;
+    assert_eq!(rec["exitCode"], 0);
+    let evs = events(&s.coord, id).await;
+    assert!(
+        evs.iter().any(|e| e["type"] == "output.dropped"
+            && e["message"].as_str().unwrap().starts_with(&format!("{dropped} output events"))),
+        "{evs:?}"
+    );
+    // Memory stays bounded: 10 MiB passed through, far less stayed.
+    let hwm = vm_hwm_kib(d.pid());
+    assert!(hwm < 120 * 1024, "daemon peak RSS {hwm} KiB");
+}

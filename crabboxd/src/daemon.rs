@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     attach::AttachManager, config::Config, control::ControlChannel, coordinator,
-    egress::EgressManager, lease::LeaseManager, run::RunManager, ssh::SshManager, supervisor::Supervisor,
+    egress::EgressManager, lease::LeaseManager, run::RunManager, ssh::SshManager,
+    supervisor::Supervisor,
 };
 
 /// "Lease end is one event": whoever learns that a lease is over (a

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 
 from mcp import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
@@ -75,6 +76,21 @@ async def main():
                 session, "exec", {"lease_id": lease, "command": ["sleep", "30"], "timeout_seconds": 1}
             )
 
+            # A file to the lease and back.
+            with tempfile.TemporaryDirectory() as work:
+                src = os.path.join(work, "src.txt")
+                with open(src, "w") as f:
+                    f.write("crab\n" * 1000)
+                remote = os.path.join(work, "on-lease.txt")
+                back = os.path.join(work, "back.txt")
+                report["copy_to"] = await call(
+                    session, "copy_to_lease", {"lease_id": lease, "local_path": src, "remote_path": remote}
+                )
+                report["copy_from"] = await call(
+                    session, "copy_from_lease", {"lease_id": lease, "local_path": back, "remote_path": remote}
+                )
+                report["copy_same"] = os.path.exists(back) and open(back).read() == open(src).read()
+
             # The run's output from a cursor, page by page, to its end.
             pages = []
             cursor = 0
@@ -88,6 +104,41 @@ async def main():
                     break
             report["run_pages"] = pages
             report["run_wait"] = await call(session, "run_wait", {"run_id": run_id, "timeout_seconds": 30})
+
+            # A run started here, on the lease: its output from a cursor to the end.
+            started = await call(
+                session,
+                "run_start",
+                {
+                    "lease_id": lease,
+                    "command": ["sh", "-c", "echo start; echo oops >&2; for i in 1 2 3; do echo line $i; done; exit 3"],
+                    "label": "mcp-test",
+                },
+            )
+            report["run_start"] = started
+            if not started["is_error"]:
+                own = started["json"]["run_id"]
+                own_pages = []
+                cursor = 0
+                for _ in range(100):
+                    page = await call(session, "run_output", {"run_id": own, "cursor": cursor, "wait_seconds": 10})
+                    own_pages.append(page)
+                    if page["is_error"]:
+                        break
+                    cursor = page["json"]["next_cursor"]
+                    if page["json"]["end"] is not None:
+                        break
+                report["own_pages"] = own_pages
+                report["own_wait"] = await call(session, "run_wait", {"run_id": own, "timeout_seconds": 30})
+                report["run_list"] = await call(session, "run_list", {})
+            # A long run, stopped.
+            long = await call(session, "run_start", {"lease_id": lease, "command": ["sleep", "300"]})
+            report["long_start"] = long
+            if not long["is_error"]:
+                report["run_stop"] = await call(session, "run_stop", {"run_id": long["json"]["run_id"]})
+                report["long_wait"] = await call(
+                    session, "run_wait", {"run_id": long["json"]["run_id"], "timeout_seconds": 60}
+                )
 
             report["egress_status"] = await call(session, "egress_status", {"lease_id": lease})
             report["tasks"] = await call(session, "tasks_list", {})

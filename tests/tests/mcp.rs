@@ -174,6 +174,9 @@ async fn python_sdk_drives_leases_exec_runs_and_egress_over_stdio() {
         "copy_to_lease",
         "copy_from_lease",
         "tasks_list",
+        "run_start",
+        "run_list",
+        "run_stop",
     ] {
         let t = &tools[name];
         assert!(t["description"].as_str().unwrap().len() > 40, "{name}: {t}");
@@ -192,7 +195,7 @@ async fn python_sdk_drives_leases_exec_runs_and_egress_over_stdio() {
     ] {
         assert_eq!(tools[ro]["read_only"], true, "{ro}");
     }
-    for destructive in ["lease_release", "egress_stop"] {
+    for destructive in ["lease_release", "egress_stop", "run_stop"] {
         assert_eq!(tools[destructive]["destructive"], true, "{destructive}");
     }
 
@@ -232,6 +235,11 @@ async fn python_sdk_drives_leases_exec_runs_and_egress_over_stdio() {
     assert_eq!(e["timed_out"], true, "{e}");
     assert_eq!(e["exit_code"], 143, "{e}");
 
+    // A file to the lease and back, unchanged.
+    assert_eq!(ok(&report, "copy_to")["direction"], "to_lease");
+    assert!(ok(&report, "copy_from")["bytes"].as_u64().unwrap() >= 5000);
+    assert_eq!(report["copy_same"], true, "{}", report["copy_from"]);
+
     // The run read from a cursor to its end: every event once, in order,
     // over more than one bounded page.
     let pages = report["run_pages"].as_array().unwrap();
@@ -265,6 +273,45 @@ async fn python_sdk_drives_leases_exec_runs_and_egress_over_stdio() {
         "{w}"
     );
     assert_eq!(w["stderr_tail"], "warning: unused\n");
+
+    // A run started through MCP: the command's output read from a cursor
+    // to its end, and its exit code.
+    let started = ok(&report, "run_start");
+    let own = started["run_id"].as_str().unwrap();
+    assert!(own.starts_with("run_"), "{started}");
+    assert_eq!(started["egress"], false);
+    let mut out = String::new();
+    let mut err = String::new();
+    for p in report["own_pages"].as_array().unwrap() {
+        assert_eq!(p["is_error"], false, "{p}");
+        for ev in p["json"]["events"].as_array().unwrap() {
+            match ev["stream"].as_str() {
+                Some("stdout") => out.push_str(ev["data"].as_str().unwrap()),
+                Some("stderr") => err.push_str(ev["data"].as_str().unwrap()),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(out, "start\nline 1\nline 2\nline 3\n", "{}", d.stderr());
+    assert_eq!(err, "oops\n");
+    let end = &report["own_pages"].as_array().unwrap().last().unwrap()["json"]["end"];
+    assert_eq!(end["outcome"], "failed", "{end}");
+    assert_eq!(end["exit_code"], 3);
+    let w = ok(&report, "own_wait");
+    assert_eq!(w["end"]["exit_code"], 3, "{w}");
+    assert_eq!(w["stdout_tail"], "start\nline 1\nline 2\nline 3\n");
+    let runs = ok(&report, "run_list")["runs"].as_array().unwrap();
+    let listed = runs
+        .iter()
+        .find(|r| r["run_id"] == own)
+        .expect("run listed");
+    assert_eq!(listed["label"], "mcp-test", "{listed}");
+    // A long run stopped: it ends, killed by SIGTERM.
+    let long = ok(&report, "long_start")["run_id"].as_str().unwrap();
+    assert_eq!(ok(&report, "run_stop")["was_running"], true);
+    let w = ok(&report, "long_wait");
+    assert_eq!(w["run_id"], long);
+    assert_eq!(w["end"]["outcome"], "failed", "{w}");
 
     // Egress status: the coordinator's view, no local bridge.
     let eg = ok(&report, "egress_status");

@@ -131,7 +131,9 @@ async fn output_is_byte_exact_and_recorded_with_the_exit_code() {
     // boundary, on stdout; stderr apart.
     let script = "printf '\\000\\001\\377\\n'; head -c 16380 /dev/zero | tr '\\000' a; printf '\\342\\202\\254tail\\n'; printf 'err\\n' >&2; exit 7";
     let o = d
-        .ctl(&["run", "--id", LEASE, "--label", "exact", "--", "sh", "-c", script])
+        .ctl(&[
+            "run", "--id", LEASE, "--label", "exact", "--", "sh", "-c", script,
+        ])
         .await;
     let mut want = b"\x00\x01\xff\n".to_vec();
     want.extend(std::iter::repeat_n(b'a', 16380));
@@ -321,7 +323,8 @@ async fn forwarded_values_arrive_without_a_command_line_and_reserved_names_hold(
     // The summary names the variables, marks the secret one, never a value.
     let err = text(&o.stderr);
     assert!(
-        err.contains("env forwarding vars=CI=set,MY_API_TOKEN=set len=") && err.contains("secret=true"),
+        err.contains("env forwarding vars=CI=set,MY_API_TOKEN=set len=")
+            && err.contains("secret=true"),
         "{err}"
     );
     assert!(!err.contains(&secret) && !d.stderr().contains(&secret));
@@ -335,7 +338,15 @@ async fn forwarded_values_arrive_without_a_command_line_and_reserved_names_hold(
 
     // CRABBOX_ENV_ALLOW replaces the default: CI no longer travels.
     let o = d
-        .ctl_command(&["run", "--id", LEASE, "--", "sh", "-c", "printf '%s' \"${CI-unset}\""])
+        .ctl_command(&[
+            "run",
+            "--id",
+            LEASE,
+            "--",
+            "sh",
+            "-c",
+            "printf '%s' \"${CI-unset}\"",
+        ])
         .env("CI", "yes")
         .env("CRABBOX_ENV_ALLOW", "OTHER")
         .output()
@@ -367,7 +378,11 @@ async fn ctrl_c_leaves_nothing_of_the_command_behind() {
         .unwrap();
     let started = Instant::now();
     while cmdlines_with(&format!("sleep {marker}2")).is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(30), "{}", d.stderr());
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}",
+            d.stderr()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     nix::sys::signal::kill(
@@ -454,7 +469,10 @@ async fn a_slow_coordinator_never_slows_the_command_and_drops_are_reported() {
     let evs = events(&s.coord, id).await;
     assert!(
         evs.iter().any(|e| e["type"] == "output.dropped"
-            && e["message"].as_str().unwrap().starts_with(&format!("{dropped} output events"))),
+            && e["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{dropped} output events"))),
         "{evs:?}"
     );
     // Memory stays bounded: 10 MiB passed through, far less stayed.

@@ -107,7 +107,8 @@ fn outcome_name(f: &RunFinished) -> &'static str {
     }
 }
 
-fn finished_json(f: &RunFinished) -> serde_json::Value {
+/// A run's end as JSON (`run --json`, `run list --json`).
+pub fn finished_json(f: &RunFinished) -> serde_json::Value {
     serde_json::json!({"outcome": outcome_name(f), "exitCode": f.exit_code, "signal": f.signal,
         "detail": f.detail, "eventsPosted": f.events_posted, "eventsDropped": f.events_dropped,
         "outputTruncated": f.output_truncated, "outputBytes": f.output_bytes})
@@ -115,10 +116,14 @@ fn finished_json(f: &RunFinished) -> serde_json::Value {
 
 async fn list(ctx: &Ctx, json: bool) -> anyhow::Result<Code> {
     let client = connect::connect(&ctx.socket).await?;
-    let runs = connect::call(&ctx.socket, "ListRuns", client.runs().list_runs(ListRunsRequest {}))
-        .await?
-        .into_inner()
-        .runs;
+    let runs = connect::call(
+        &ctx.socket,
+        "ListRuns",
+        client.runs().list_runs(ListRunsRequest {}),
+    )
+    .await?
+    .into_inner()
+    .runs;
     if json {
         let v: Vec<serde_json::Value> = runs
             .iter()
@@ -134,7 +139,9 @@ async fn list(ctx: &Ctx, json: bool) -> anyhow::Result<Code> {
         return Ok(Code::Ok);
     }
     if runs.is_empty() {
-        output::write_stdout(format_args!("no runs (start one with `crabboxctl run --id LEASE -- CMD`)\n"))?;
+        output::write_stdout(format_args!(
+            "no runs (start one with `crabboxctl run --id LEASE -- CMD`)\n"
+        ))?;
         return Ok(Code::Ok);
     }
     let now = output::now_unix_ms();
@@ -180,14 +187,17 @@ async fn stop(ctx: &Ctx, run: &str, kill: bool, json: bool) -> anyhow::Result<Co
     if json {
         output::print_json(&serde_json::json!({"runId": run, "wasRunning": reply.was_running}))?;
     } else if reply.was_running {
-        output::write_stdout(format_args!("stopping run {run}; `crabboxctl attach {run}` shows its end\n"))?;
+        output::write_stdout(format_args!(
+            "stopping run {run}; `crabboxctl attach {run}` shows its end\n"
+        ))?;
     } else {
         output::write_stdout(format_args!("run {run} had already ended\n"))?;
     }
     Ok(Code::Ok)
 }
 
-fn client_env() -> Vec<EnvVar> {
+/// This process's environment, for the daemon's allowlist to choose from.
+pub fn client_env() -> Vec<EnvVar> {
     std::env::vars_os()
         .filter_map(|(k, v)| {
             Some(EnvVar {
@@ -212,9 +222,10 @@ async fn start(ctx: &Ctx, args: &StartArgs) -> anyhow::Result<Code> {
         detach: args.detach,
         agent_socket: super::exec::agent_socket(),
     };
-    let mut replies = connect::call_coordinator(&ctx.socket, "StartRun", client.runs().start_run(req))
-        .await?
-        .into_inner();
+    let mut replies =
+        connect::call_coordinator(&ctx.socket, "StartRun", client.runs().start_run(req))
+            .await?
+            .into_inner();
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut stdout = std::io::stdout().lock();

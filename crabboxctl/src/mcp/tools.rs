@@ -8,9 +8,10 @@ use std::time::Duration;
 use crabbox_api::v1::{
     AttachRequest, CopyDirection, CopyRequest, ExecCancel, ExecRequest, ExecStart,
     GetEgressStatusRequest, HeartbeatRequest, KeepLeaseRequest, ListEgressHostsRequest,
-    ListLeasesRequest, ListTasksRequest, OutputStream, ReleaseLeaseRequest, RunEnd, Signal,
-    StdinEof, StopEgressHostRequest, StopKeepingLeaseRequest, TaskKind, attach_event,
-    exec_request::Msg, exec_response::Event,
+    ListLeasesRequest, ListRunsRequest, ListTasksRequest, OutputStream, ReleaseLeaseRequest,
+    RunEnd, Signal, StartRunRequest, StdinEof, StopEgressHostRequest, StopKeepingLeaseRequest,
+    StopRunRequest, TaskKind, attach_event, exec_request::Msg, exec_response::Event,
+    start_run_response,
 };
 use rmcp::{
     ServerHandler,
@@ -27,7 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::bound::{self, PAYLOAD_BUDGET, RESULT_LIMIT, TailBuffer};
 use crate::{
     Ctx,
-    commands::{attach, cp, egress, exec as exec_cmd, lease},
+    commands::{attach, cp, egress, exec as exec_cmd, lease, run as run_cmd},
     connect,
     exit::{self, Failure},
     output,
@@ -147,6 +148,42 @@ pub struct TasksArgs {
     pub kind: Option<String>,
     /// The `next_cursor` of the previous page; omit for the first page.
     pub cursor: Option<String>,
+}
+
+/// Arguments of `run_start`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunStartArgs {
+    /// The lease id (`cbx_…`) or slug.
+    pub lease_id: String,
+    /// The command as an argv; every word reaches it unchanged. For pipes,
+    /// redirection or `&&`, pass `["sh", "-c", "…"]`.
+    pub command: Vec<String>,
+    /// The remote working directory (default: the login directory).
+    pub cwd: Option<String>,
+    /// A label recorded with the run.
+    pub label: Option<String>,
+    /// Also forward these variables of this process's environment: a name,
+    /// or a prefix ending in `*` (a bare `*` is refused). CI and
+    /// NODE_OPTIONS are forwarded by default.
+    #[serde(default)]
+    pub allow_env: Vec<String>,
+    /// Send the command's HTTP(S) traffic through the lease's running
+    /// egress helper (refused when none runs; start one with egress start).
+    #[serde(default)]
+    pub egress: bool,
+}
+
+/// Arguments of `run_stop`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunStopArgs {
+    /// The run id (`run_…`).
+    pub run_id: String,
+    /// Send SIGKILL at once instead of SIGTERM (SIGKILL follows 2 s later
+    /// anyway).
+    #[serde(default)]
+    pub kill: bool,
 }
 
 /// Arguments of `run_output`.
@@ -583,6 +620,93 @@ impl Crabbox {
     }
 
     #[tool(
+        description = "Start a command on a lease as a run the daemon owns and records at the coordinator, and return its run_id at once; the run goes on without this call. Read its output with run_output (from cursor 0) and its end with run_wait; stop it with run_stop. The lease is kept alive while it runs.",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = true,
+            idempotent_hint = false,
+            open_world_hint = true
+        )
+    )]
+    async fn run_start(&self, Parameters(args): Parameters<RunStartArgs>) -> CallToolResult {
+        reply(self.run_start_inner(args).await)
+    }
+
+    #[tool(
+        description = "List the runs this daemon owns (running, or ended in the last ten minutes), newest first: run_id, lease, command, label, running, start and end times, and the end (outcome, exit_code). Paged: pass next_cursor back as cursor for more.",
+        annotations(read_only_hint = true, open_world_hint = false)
+    )]
+    async fn run_list(&self, Parameters(args): Parameters<PageArgs>) -> CallToolResult {
+        reply(
+            async {
+                let client = connect::connect(&self.ctx.socket).await?;
+                let runs = connect::call(
+                    &self.ctx.socket,
+                    "ListRuns",
+                    client.runs().list_runs(ListRunsRequest {}),
+                )
+                .await?
+                .into_inner()
+                .runs;
+                let items = runs
+                    .iter()
+                    .map(|r| {
+                        json!({
+                            "run_id": r.run_id, "lease_id": r.lease_id, "argv": r.argv,
+                            "label": r.label, "running": r.running,
+                            "started_at": output::timestamp_text(r.started_at.as_ref()),
+                            "ended_at": output::timestamp_text(r.ended_at.as_ref()),
+                            "finished": r.finished.as_ref().map(run_cmd::finished_json),
+                        })
+                    })
+                    .collect();
+                paged("runs", items, args.cursor.as_deref())
+            }
+            .await,
+        )
+    }
+
+    #[tool(
+        description = "Stop a run the daemon owns: its remote process group gets SIGTERM (or SIGKILL with kill=true; SIGKILL follows 2 s later anyway). The run then ends at the coordinator with the command's exit code; run_wait returns it.",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = true,
+            idempotent_hint = true,
+            open_world_hint = true
+        )
+    )]
+    async fn run_stop(&self, Parameters(args): Parameters<RunStopArgs>) -> CallToolResult {
+        reply(
+            async {
+                let run_id = args.run_id.trim().to_owned();
+                if run_id.is_empty() {
+                    return Err(bad_args(
+                        "run_id is empty; run_list shows the daemon's runs",
+                    ));
+                }
+                let sig = if args.kill {
+                    Signal::Kill
+                } else {
+                    Signal::Term
+                };
+                let client = connect::connect(&self.ctx.socket).await?;
+                let r = connect::call(
+                    &self.ctx.socket,
+                    "StopRun",
+                    client.runs().stop_run(StopRunRequest {
+                        run_id: run_id.clone(),
+                        signal: sig as i32,
+                    }),
+                )
+                .await?
+                .into_inner();
+                Ok(json!({"run_id": run_id, "was_running": r.was_running}))
+            }
+            .await,
+        )
+    }
+
+    #[tool(
         description = "Read a run's events from a cursor: stdout/stderr output and other events (run.started, command.finished, …) in order, at most about 60 KiB per call. Pass next_cursor back as cursor to read on; when the run has ended, end holds its outcome and exit_code and there is nothing more to read. Waits up to wait_seconds for a first new event.",
         annotations(read_only_hint = true, open_world_hint = true)
     )]
@@ -759,6 +883,48 @@ impl Crabbox {
         }))
     }
 
+    async fn run_start_inner(&self, args: RunStartArgs) -> anyhow::Result<Value> {
+        let lease_id = lease_arg(&args.lease_id)?;
+        if args.command.is_empty() || args.command[0].is_empty() {
+            return Err(bad_args(
+                "command is empty; pass an argv such as [\"make\", \"test\"] or [\"sh\", \"-c\", \"…\"]",
+            ));
+        }
+        let req = StartRunRequest {
+            lease_id,
+            argv: args.command,
+            cwd: args.cwd.unwrap_or_default(),
+            label: args.label.unwrap_or_default(),
+            client_env: run_cmd::client_env(),
+            env_allow: std::env::var("CRABBOX_ENV_ALLOW").ok(),
+            allow_env: args.allow_env,
+            egress: args.egress,
+            detach: true,
+            agent_socket: exec_cmd::agent_socket(),
+        };
+        let client = connect::connect(&self.ctx.socket).await?;
+        let mut replies =
+            connect::call_coordinator(&self.ctx.socket, "StartRun", client.runs().start_run(req))
+                .await?
+                .into_inner();
+        let first =
+            connect::call_coordinator(&self.ctx.socket, "StartRun", replies.message()).await?;
+        match first.and_then(|m| m.event) {
+            // The proxy URL stays out of the result: `egress` says whether
+            // one is used.
+            Some(start_run_response::Event::Started(s)) => Ok(json!({
+                "run_id": s.run_id,
+                "lease_id": s.lease_id,
+                "slug": s.slug,
+                "egress": !s.proxy.is_empty(),
+                "forwarded_env": s.forwarded.iter().map(|f| &f.name).collect::<Vec<_>>(),
+                "env_summary": s.env_summary,
+                "next": "read its output with run_output (cursor 0) and its end with run_wait",
+            })),
+            _ => Err(Failure::error("crabboxd ended StartRun before the run started").into()),
+        }
+    }
+
     async fn attach(
         &self,
         run_id: &str,
@@ -927,8 +1093,9 @@ impl ServerHandler for Crabbox {
             ))
             .with_instructions(
                 "Crabbox leases remote machines. These tools drive the local crabboxd daemon: \
-                 keep a lease alive (lease_keep), run commands on it (exec), copy files \
-                 (copy_to_lease, copy_from_lease), follow runs (run_output, run_wait), look at \
+                 keep a lease alive (lease_keep), run commands on it (exec, or run_start for a \
+                 recorded run), copy files (copy_to_lease, copy_from_lease), follow runs \
+                 (run_output, run_wait), look at \
                  mediated egress (egress_status) and the daemon's tasks (tasks_list). Results are \
                  JSON of at most 64 KiB; follow next_cursor for more. Errors say what to do next.",
             )
@@ -983,7 +1150,7 @@ mod tests {
         ] {
             assert_eq!(by(ro).read_only_hint, Some(true), "{ro}");
         }
-        for d in ["lease_release", "egress_stop"] {
+        for d in ["lease_release", "egress_stop", "run_stop"] {
             assert_eq!(by(d).destructive_hint, Some(true), "{d}");
             assert_eq!(by(d).read_only_hint, Some(false), "{d}");
         }

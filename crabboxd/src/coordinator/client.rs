@@ -134,9 +134,7 @@ impl CoordinatorError {
         match self {
             CoordinatorError::Network { .. }
             | CoordinatorError::Bridge { .. }
-            | CoordinatorError::Timeout { .. } => {
-                ErrorKind::Unavailable
-            }
+            | CoordinatorError::Timeout { .. } => ErrorKind::Unavailable,
             CoordinatorError::Token(_) => ErrorKind::Unauthenticated,
             CoordinatorError::Decode { .. } => ErrorKind::Other,
             CoordinatorError::Status { status, code, .. } => match *status {

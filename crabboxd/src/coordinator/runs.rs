@@ -91,12 +91,10 @@ fn timed_out(method: &'static str, path: String) -> CoordinatorError {
 impl Client {
     /// `POST /v1/runs` → the new run.
     pub async fn create_run(&self, run: &NewRun<'_>) -> Result<Run, CoordinatorError> {
-        let env: RunEnvelope = tokio::time::timeout(
-            LIFECYCLE_TIMEOUT,
-            self.send("POST", "/v1/runs", Some(run)),
-        )
-        .await
-        .map_err(|_| timed_out("POST", "/v1/runs".into()))??;
+        let env: RunEnvelope =
+            tokio::time::timeout(LIFECYCLE_TIMEOUT, self.send("POST", "/v1/runs", Some(run)))
+                .await
+                .map_err(|_| timed_out("POST", "/v1/runs".into()))??;
         Ok(env.run)
     }
 
@@ -108,9 +106,10 @@ impl Client {
         timeout: Duration,
     ) -> Result<RunEvent, CoordinatorError> {
         let path = format!("/v1/runs/{}/events", encode(run));
-        let env: EventEnvelope = tokio::time::timeout(timeout, self.send("POST", &path, Some(event)))
-            .await
-            .map_err(|_| timed_out("POST", path.clone()))??;
+        let env: EventEnvelope =
+            tokio::time::timeout(timeout, self.send("POST", &path, Some(event)))
+                .await
+                .map_err(|_| timed_out("POST", path.clone()))??;
         Ok(env.event)
     }
 

@@ -43,7 +43,10 @@ pub fn allowlist(
 ) -> Result<Vec<String>, String> {
     let mut out: Vec<String> = match (client_override, config) {
         (Some(o), _) => split(o).collect(),
-        (None, Some(c)) => c.iter().flat_map(|p| split(p).collect::<Vec<_>>()).collect(),
+        (None, Some(c)) => c
+            .iter()
+            .flat_map(|p| split(p).collect::<Vec<_>>())
+            .collect(),
         (None, None) => DEFAULT_ALLOW.iter().map(|s| (*s).to_owned()).collect(),
     };
     out.extend(appended.iter().flat_map(|p| split(p).collect::<Vec<_>>()));
@@ -240,6 +243,9 @@ mod tests {
             .arg(format!("{file}printf '%s|%s' \"$A\" \"$CRABBOX_RUN_ID\""))
             .output()
             .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's $HOME\nline2|run_1");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "it's $HOME\nline2|run_1"
+        );
     }
 }

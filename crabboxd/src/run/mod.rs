@@ -209,7 +209,10 @@ impl std::fmt::Debug for RunManager {
 }
 
 fn display(argv: &[String]) -> String {
-    argv.iter().map(|a| sh_quote(a)).collect::<Vec<_>>().join(" ")
+    argv.iter()
+        .map(|a| sh_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl RunManager {
@@ -295,7 +298,11 @@ impl RunManager {
         .map_err(RunError::Invalid)?;
         let selected = env::select(&allow, &req.client_env);
         if selected.len() > env::MAX_VARS
-            || selected.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>() > env::MAX_BYTES
+            || selected
+                .iter()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>()
+                > env::MAX_BYTES
         {
             return Err(RunError::Invalid(format!(
                 "the allowlist matches more than {} variables or {} KiB; narrow it",
@@ -498,11 +505,14 @@ async fn egress_proxy(
     let url = url::Url::parse(&cur.proxy)
         .ok()
         .filter(|u| u.scheme() == "http" && u.username().is_empty() && u.password().is_none());
-    let loopback = url.as_ref().and_then(|u| u.host()).is_some_and(|h| match h {
-        url::Host::Domain(d) => d == "localhost",
-        url::Host::Ipv4(a) => a.is_loopback(),
-        url::Host::Ipv6(a) => a.is_loopback(),
-    });
+    let loopback = url
+        .as_ref()
+        .and_then(|u| u.host())
+        .is_some_and(|h| match h {
+            url::Host::Domain(d) => d == "localhost",
+            url::Host::Ipv4(a) => a.is_loopback(),
+            url::Host::Ipv6(a) => a.is_loopback(),
+        });
     if !loopback || cur.pid < 2 {
         return Err(refuse(format!(
             "its current.json names {:?} (pid {}), not a loopback http proxy",
@@ -510,7 +520,13 @@ async fn egress_proxy(
             cur.pid
         )));
     }
-    let (alive, _) = capture(ssh, name, agent, &format!("kill -0 {} 2>/dev/null", cur.pid)).await?;
+    let (alive, _) = capture(
+        ssh,
+        name,
+        agent,
+        &format!("kill -0 {} 2>/dev/null", cur.pid),
+    )
+    .await?;
     if alive != 0 {
         return Err(refuse(format!("its pid {} is not running", cur.pid)));
     }
@@ -540,7 +556,9 @@ async fn capture(
             _ => {}
         }
     }
-    Err(SshError::Channel("the command ended without an exit status".into()))
+    Err(SshError::Channel(
+        "the command ended without an exit status".into(),
+    ))
 }
 
 /// One run's work, moved into its task.
@@ -635,7 +653,12 @@ impl Job {
         .await;
         let counts = Arc::new(Counts::default());
         let (ev_tx, ev_rx) = mpsc::channel::<EventInput>(EVENT_QUEUE);
-        let poster = post_events(self.client.clone(), self.run_id.clone(), ev_rx, Arc::clone(&counts));
+        let poster = post_events(
+            self.client.clone(),
+            self.run_id.clone(),
+            ev_rx,
+            Arc::clone(&counts),
+        );
         tokio::pin!(poster);
         let mut argv = vec![
             "sh".to_owned(),

@@ -257,7 +257,10 @@ mod tests {
             .collect();
         assert_eq!(truncated.len(), 1);
         assert_eq!(out.last().unwrap().kind, "output.truncated");
-        assert!(out.iter().all(|e| e.data.as_ref().is_none_or(|d| d.len() <= CHUNK)));
+        assert!(
+            out.iter()
+                .all(|e| e.data.as_ref().is_none_or(|d| d.len() <= CHUNK))
+        );
     }
 
     #[test]
@@ -270,7 +273,11 @@ mod tests {
         let (log, chunks, truncated) = t.finish();
         assert!(truncated);
         assert!(log.len() <= LOG_CHUNK && log.len() > LOG_CHUNK - 4);
-        assert!(chunks.iter().all(|c| c.len() <= LOG_CHUNK && !c.contains('\u{fffd}')));
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.len() <= LOG_CHUNK && !c.contains('\u{fffd}'))
+        );
         assert!(chunks.concat().len() <= LOG_CAP);
     }
 }

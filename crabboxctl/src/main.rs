@@ -90,6 +90,8 @@ enum Command {
     Heartbeat(commands::heartbeat::Args),
     /// Run mediated egress for a lease: host bridges and helper tickets.
     Egress(commands::egress::Args),
+    /// Launch the lease's browser through its egress.
+    Desktop(commands::desktop::Args),
     /// Follow a run's events and exit with its exit code.
     Attach(commands::attach::Args),
     /// Run a command on a lease over the daemon's SSH connection.
@@ -158,6 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<Code> {
         Command::Lease(args) => commands::lease::run(&ctx(socket)?, &args).await,
         Command::Heartbeat(args) => commands::heartbeat::run(&ctx(socket)?, &args).await,
         Command::Egress(args) => commands::egress::run(&ctx(socket)?, &args).await,
+        Command::Desktop(args) => commands::desktop::run(&ctx(socket)?, &args).await,
         Command::Attach(args) => commands::attach::run(&ctx(socket)?, &args).await,
         Command::Exec(args) => commands::exec::run(&ctx(socket)?, &args).await,
         Command::Run(args) => commands::run::run(&ctx(socket)?, &args).await,

@@ -203,12 +203,14 @@ impl DaemonState {
             supervisor.clone(),
             ends.clone(),
         );
-        let egress = EgressManager::new(
+        let egress = EgressManager::with_ssh(
             coordinator.clone(),
             supervisor.clone(),
             config.state_dir.clone(),
             config.egress_profiles.clone(),
             ends,
+            Some(ssh.clone()),
+            config.config_dir.clone(),
         );
         let runs = RunManager::new(
             coordinator.clone(),

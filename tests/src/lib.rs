@@ -12,7 +12,9 @@
 pub mod bins;
 pub mod daemon;
 pub mod egress;
+pub mod lease;
 pub mod netns;
+pub mod page;
 pub mod proxy;
 pub mod sshd;
 

@@ -90,6 +90,7 @@ pub struct TestSshd {
     _tmp: Option<tempfile::TempDir>,
     netns: Option<String>,
     max_sessions: u32,
+    extra_config: String,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -103,6 +104,17 @@ impl TestSshd {
     /// Starts sshd on `addr` inside `netns` (or on a free loopback port when
     /// `None`), with `MaxSessions`.
     pub async fn start_with(netns: Option<(&TestNetns, SocketAddr)>, max_sessions: u32) -> Self {
+        Self::start_with_config(netns, max_sessions, "").await
+    }
+
+    /// Like [`TestSshd::start_with`], with extra `sshd_config` lines (for
+    /// example `SetEnv HOME=… PATH=…` to give the lease's user a home and
+    /// commands of its own).
+    pub async fn start_with_config(
+        netns: Option<(&TestNetns, SocketAddr)>,
+        max_sessions: u32,
+        extra_config: &str,
+    ) -> Self {
         std::fs::create_dir_all("/run/sshd").expect("create /run/sshd");
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
@@ -126,6 +138,7 @@ impl TestSshd {
             _tmp: Some(tmp),
             netns: netns.map(|(n, _)| n.name.clone()),
             max_sessions,
+            extra_config: extra_config.to_owned(),
             child: None,
             log: PathBuf::new(),
         };
@@ -157,9 +170,10 @@ impl TestSshd {
             "ListenAddress {addr}\nHostKey {d}/host_ed25519\nAuthorizedKeysFile {d}/authorized_keys\n\
              PidFile none\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
              KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n\
-             MaxSessions {ms}\nMaxStartups 100:30:200\nLogLevel VERBOSE\nAcceptEnv none\n",
+             MaxSessions {ms}\nMaxStartups 100:30:200\nLogLevel VERBOSE\nAcceptEnv none\n{extra}",
             addr = self.addr,
-            ms = self.max_sessions
+            ms = self.max_sessions,
+            extra = self.extra_config
         )
     }
 

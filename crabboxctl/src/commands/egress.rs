@@ -1,11 +1,17 @@
-//! `crabboxctl egress host|status|stop|list|ticket`: the daemon's egress
-//! host bridges and tickets for the lease-side helper.
+//! `crabboxctl egress start|stop|host|status|list|ticket`: mediated egress
+//! for a lease end to end over SSH (`start`, `stop`), the daemon's host
+//! bridges alone, and tickets for starting the lease-side helper by hand.
 
-use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _, path::PathBuf};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
+    path::PathBuf,
+};
 
 use crabbox_api::v1::{
     EgressHost, EgressRole, GetEgressStatusRequest, GetEgressStatusResponse,
-    ListEgressHostsRequest, MintEgressTicketRequest, StartEgressHostRequest, StopEgressHostRequest,
+    ListEgressHostsRequest, MintEgressTicketRequest, StartEgressHostRequest, StartEgressRequest,
+    StopEgressRequest, start_egress_event::Event,
 };
 use serde::Serialize;
 
@@ -20,6 +26,38 @@ pub struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
+    /// Start egress for a lease end to end: install and start the helper on
+    /// the lease over SSH, start the host bridge here, and keep the pair
+    /// healthy; needs --profile or --allow.
+    Start {
+        /// The lease id or slug.
+        #[arg(long)]
+        id: String,
+        /// Allowlist profile: `discord`, `slack`, or one from configuration. Repeatable.
+        #[arg(long = "profile")]
+        profiles: Vec<String>,
+        /// Allowed hosts: `example.com`, `*.example.com`, IP literals; comma-separated or repeated.
+        #[arg(long, value_delimiter = ',')]
+        allow: Vec<String>,
+        /// The helper's loopback address on the lease.
+        #[arg(long, default_value = "127.0.0.1:3128")]
+        listen: String,
+        /// The coordinator URL as the lease reaches it (default: the daemon's).
+        #[arg(long)]
+        coordinator: Option<String>,
+        /// How the lease's traffic reaches this machine.
+        #[arg(long, default_value = "coordinator")]
+        transport: String,
+        /// Accepted for the reference's scripts: crabboxd always keeps egress running.
+        #[arg(long)]
+        daemon: bool,
+        /// Allow private addresses listed literally in --allow (tests and local demos only).
+        #[arg(long)]
+        allow_private: bool,
+        /// Print JSON (unstable format).
+        #[arg(long)]
+        json: bool,
+    },
     /// Start (or replace) the host bridge of a lease; needs --profile or --allow.
     Host {
         /// The lease id.
@@ -50,11 +88,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stop the local host bridge of a lease.
+    /// Stop egress for a lease: the host bridge and exactly this session's
+    /// helper on the lease (never other sessions' helpers). Idempotent.
     Stop {
         /// The lease id.
         #[arg(long)]
         id: String,
+        /// Print JSON (unstable format).
+        #[arg(long)]
+        json: bool,
     },
     /// List the local host bridges.
     List {
@@ -302,17 +344,83 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
                 }
             }
         }
-        Command::Stop { id } => {
-            let req = StopEgressHostRequest {
-                lease_id: id.clone(),
-            };
-            connect::call(
-                &ctx.socket,
-                "StopEgressHost",
-                client.egress().stop_egress_host(req),
+        Command::Start {
+            id,
+            profiles,
+            allow,
+            listen,
+            coordinator,
+            transport,
+            daemon,
+            allow_private,
+            json,
+        } => {
+            if *daemon && !*json {
+                eprintln!(
+                    "note: --daemon is accepted for existing scripts; crabboxd always keeps egress running in the background"
+                );
+            }
+            return start(
+                ctx,
+                &client,
+                StartEgressRequest {
+                    lease_id: id.clone(),
+                    profiles: profiles.clone(),
+                    allow: allow.clone(),
+                    allow_private: *allow_private,
+                    listen: listen.clone(),
+                    coordinator_url: coordinator.clone().unwrap_or_default(),
+                    transport: transport.clone(),
+                    agent_socket: super::exec::agent_socket(),
+                },
+                *json,
             )
-            .await?;
-            outln!("egress host for {id} stopped")?;
+            .await;
+        }
+        Command::Stop { id, json } => {
+            let req = StopEgressRequest {
+                lease_id: id.clone(),
+                agent_socket: super::exec::agent_socket(),
+            };
+            let r = connect::call_coordinator(
+                &ctx.socket,
+                "StopEgress",
+                client.egress().stop_egress(req),
+            )
+            .await?
+            .into_inner();
+            if *json {
+                output::print_json(&serde_json::json!({
+                    "lease_id": id,
+                    "session_id": r.session_id,
+                    "host_stopped": r.host_stopped,
+                    "helper_stopped": r.helper_stopped,
+                    "helper_pid": r.helper_pid,
+                    "state_removed": r.state_removed,
+                    "lease_error": r.lease_error,
+                }))?;
+            } else if !r.host_stopped {
+                outln!("egress: nothing to stop for {id} (no egress runs for it here)")?;
+            } else {
+                outln!(
+                    "egress host daemon: stopped lease={id} session={}",
+                    r.session_id
+                )?;
+                if r.helper_stopped {
+                    outln!(
+                        "egress remote client: stopped lease={id} pid={}",
+                        r.helper_pid
+                    )?;
+                } else if !r.lease_error.is_empty() {
+                    outln!(
+                        "egress remote client: not stopped (the lease did not answer: {}); it ends with its session",
+                        r.lease_error
+                    )?;
+                }
+                if r.state_removed {
+                    outln!("removed the lease-local egress state")?;
+                }
+            }
         }
         Command::List { json } => {
             let hosts = connect::call(
@@ -382,4 +490,88 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
         }
     }
     Ok(Code::Ok)
+}
+
+/// `egress start`: one line per step on a terminal, then the summary.
+async fn start(
+    ctx: &Ctx,
+    client: &crabbox_api::Client,
+    req: StartEgressRequest,
+    json: bool,
+) -> anyhow::Result<Code> {
+    let lease = req.lease_id.clone();
+    let mut stream = connect::call_coordinator(
+        &ctx.socket,
+        "StartEgress",
+        client.egress().start_egress(req),
+    )
+    .await?
+    .into_inner();
+    let tty = std::io::stderr().is_terminal() && !json;
+    let mut steps = Vec::new();
+    loop {
+        let msg = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => anyhow::bail!("crabboxd ended StartEgress without a result"),
+            Err(status) => {
+                return Err(connect::rpc_failed(&ctx.socket, "StartEgress", &status).into());
+            }
+        };
+        match msg.event {
+            Some(Event::Step(s)) => {
+                if tty {
+                    eprintln!("[{}/7] {}: {}", s.number, s.name, s.detail);
+                }
+                steps.push(
+                    serde_json::json!({"number": s.number, "name": s.name, "detail": s.detail}),
+                );
+            }
+            Some(Event::Started(st)) => {
+                if json {
+                    output::print_json(&serde_json::json!({
+                        "lease_id": st.lease_id,
+                        "session_id": st.session_id,
+                        "summary": st.summary,
+                        "profiles": st.profiles,
+                        "allow": st.allow,
+                        "endpoint": st.endpoint,
+                        "proxy": st.proxy,
+                        "pid": st.pid,
+                        "version": st.version,
+                        "arch": st.arch,
+                        "helper_path": st.helper_path,
+                        "uploaded": st.uploaded,
+                        "state_file": st.state_file,
+                        "steps": steps,
+                    }))?;
+                } else {
+                    let profile = if st.profiles.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        st.profiles.join(",")
+                    };
+                    outln!(
+                        "egress: lease={} session={} profile={profile} allow={}",
+                        st.lease_id,
+                        st.session_id,
+                        st.allow.join(",")
+                    )?;
+                    outln!(
+                        "egress client: lease={} listen={} pid={} version={} state={}",
+                        st.lease_id,
+                        st.endpoint,
+                        st.pid,
+                        st.version,
+                        st.state_file
+                    )?;
+                    outln!("listening: none public; outbound WebSocket only")?;
+                    outln!("proxy for programs on the lease: {}", st.proxy)?;
+                    outln!("status: crabboxctl egress status --id {lease}")?;
+                    outln!("stop:   crabboxctl egress stop --id {lease}")?;
+                }
+                return Ok(Code::Ok);
+            }
+            None => {}
+        }
+    }
 }

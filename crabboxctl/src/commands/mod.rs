@@ -5,6 +5,7 @@ pub mod attach;
 pub mod completions;
 pub mod cp;
 pub mod daemon;
+pub mod desktop;
 pub mod doctor;
 pub mod egress;
 pub mod exec;

@@ -1,7 +1,11 @@
 //! The `crabbox.daemon.v1.Egress` service: host bridges and tickets through
 //! the `EgressManager`.
 
+use std::{path::PathBuf, pin::Pin};
+
 use crabbox_api::v1;
+use futures::Stream;
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -22,8 +26,130 @@ impl EgressService {
     }
 }
 
+fn agent(raw: &str) -> Option<PathBuf> {
+    Some(raw.trim())
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+}
+
+fn started(s: &crate::egress::start::Started) -> v1::EgressStarted {
+    v1::EgressStarted {
+        lease_id: s.host.spec.lease.clone(),
+        session_id: s.host.spec.session.clone().unwrap_or_default(),
+        summary: s.host.summary.clone(),
+        endpoint: s.remote.listen.clone(),
+        proxy: format!("http://{}", s.remote.listen),
+        pid: s.remote.pid,
+        version: s.remote.version.clone(),
+        arch: s.remote.arch.clone(),
+        helper_path: s.remote.helper.clone(),
+        uploaded: s.uploaded,
+        state_file: s.state_file.clone(),
+        host: Some(convert::egress_host(&s.host)),
+        profiles: s.host.spec.profiles.clone(),
+        allow: s.allow.clone(),
+    }
+}
+
+/// The progress stream of `StartEgress`.
+type StartStream = Pin<Box<dyn Stream<Item = Result<v1::StartEgressEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl v1::egress_server::Egress for EgressService {
+    type StartEgressStream = StartStream;
+
+    async fn start_egress(
+        &self,
+        req: Request<v1::StartEgressRequest>,
+    ) -> Result<Response<Self::StartEgressStream>, Status> {
+        let req = req.into_inner();
+        let start = crate::egress::start::StartRequest {
+            lease: lease_id(&req.lease_id)?.to_owned(),
+            profiles: req.profiles,
+            allow: req.allow,
+            allow_private: req.allow_private,
+            listen: req.listen,
+            coordinator_url: req.coordinator_url,
+            transport: req.transport,
+            agent: agent(&req.agent_socket),
+        };
+        let state = self.state.clone();
+        let (tx, rx) = mpsc::channel::<Result<v1::StartEgressEvent, Status>>(16);
+        let (steps_tx, mut steps_rx) = mpsc::channel(16);
+        let url = error::coordinator_url(&state);
+        // The work is driven by the response stream itself (no spawned
+        // task): steps are forwarded as they complete, then the result.
+        let work = async move {
+            let run = state.egress().start_over_ssh(start, &steps_tx);
+            tokio::pin!(run);
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    Some(step) = steps_rx.recv() => {
+                        let _ = tx.send(Ok(step_event(step))).await;
+                    }
+                    r = &mut run => break r,
+                }
+            };
+            while let Ok(step) = steps_rx.try_recv() {
+                let _ = tx.send(Ok(step_event(step))).await;
+            }
+            let last = match result {
+                Ok(s) => Ok(v1::StartEgressEvent {
+                    event: Some(v1::start_egress_event::Event::Started(started(&s))),
+                }),
+                Err(e) => Err(error::egress(e, &url)),
+            };
+            let _ = tx.send(last).await;
+        };
+        Ok(Response::new(Box::pin(drive(work, rx))))
+    }
+
+    async fn stop_egress(
+        &self,
+        req: Request<v1::StopEgressRequest>,
+    ) -> Result<Response<v1::StopEgressResponse>, Status> {
+        let req = req.into_inner();
+        let id = lease_id(&req.lease_id)?;
+        let url = error::coordinator_url(&self.state);
+        let out = self
+            .state
+            .egress()
+            .stop_over_ssh(id, agent(&req.agent_socket))
+            .await
+            .map_err(|e| error::egress(e, &url))?;
+        Ok(Response::new(v1::StopEgressResponse {
+            host_stopped: out.host,
+            helper_stopped: out.helper_pid.is_some(),
+            helper_pid: out.helper_pid.unwrap_or(0),
+            session_id: out.session.unwrap_or_default(),
+            state_removed: out.state_removed,
+            lease_error: out.lease_error.unwrap_or_default(),
+        }))
+    }
+
+    async fn launch_browser(
+        &self,
+        req: Request<v1::LaunchBrowserRequest>,
+    ) -> Result<Response<v1::LaunchBrowserResponse>, Status> {
+        let req = req.into_inner();
+        let id = lease_id(&req.lease_id)?;
+        let url = error::coordinator_url(&self.state);
+        let l = self
+            .state
+            .egress()
+            .launch_browser(id, req.url.trim(), agent(&req.agent_socket))
+            .await
+            .map_err(|e| error::egress(e, &url))?;
+        Ok(Response::new(v1::LaunchBrowserResponse {
+            argv: l.argv,
+            pid: l.pid,
+            proxy: l.proxy,
+            session_id: l.session,
+            profile_dir: l.profile_dir,
+        }))
+    }
+
     async fn start_egress_host(
         &self,
         req: Request<v1::StartEgressHostRequest>,
@@ -35,6 +161,7 @@ impl v1::egress_server::Egress for EgressService {
             allow: req.allow,
             allow_private: req.allow_private,
             session: Some(req.session_id).filter(|s| !s.trim().is_empty()),
+            remote: None,
         };
         let url = error::coordinator_url(&self.state);
         let info = error::within_deadline(&url, async {
@@ -150,4 +277,39 @@ impl v1::egress_server::Egress for EgressService {
             } as i32,
         }))
     }
+}
+
+fn step_event(s: crate::egress::start::Step) -> v1::StartEgressEvent {
+    v1::StartEgressEvent {
+        event: Some(v1::start_egress_event::Event::Step(v1::EgressStep {
+            number: s.number,
+            name: s.name.to_owned(),
+            detail: s.detail,
+        })),
+    }
+}
+
+/// One stream from a driver future and the receiver it sends to: the
+/// future is polled only while the stream is, and dropping the stream
+/// drops the work.
+fn drive<T: Send + 'static>(
+    fut: impl std::future::Future<Output = ()> + Send + 'static,
+    rx: mpsc::Receiver<T>,
+) -> impl Stream<Item = T> + Send + 'static {
+    type BoxFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+    let fut: BoxFuture = Box::pin(fut);
+    futures::stream::unfold((Some(fut), rx), |(mut fut, mut rx)| async move {
+        loop {
+            match fut.as_mut() {
+                Some(f) => {
+                    tokio::select! {
+                        biased;
+                        item = rx.recv() => return item.map(|i| (i, (fut, rx))),
+                        () = f => { fut = None; }
+                    }
+                }
+                None => return rx.recv().await.map(|i| (i, (None, rx))),
+            }
+        }
+    })
 }

@@ -59,6 +59,11 @@ pub fn egress(e: EgressError, url: &str) -> Status {
         EgressError::NotRunning(_) => Status::not_found(msg),
         EgressError::WouldReplace { .. } => Status::failed_precondition(msg),
         EgressError::Persist(_) => Status::internal(msg),
+        EgressError::Invalid(_) => Status::failed_precondition(msg),
+        EgressError::Remote(crate::egress::remote::RemoteError::Ssh(e)) => ssh(e),
+        EgressError::Remote(crate::egress::remote::RemoteError::Lease(_)) => {
+            Status::failed_precondition(msg)
+        }
         EgressError::Coordinator(c) => coordinator(&c, msg, url),
     }
 }

@@ -1,11 +1,17 @@
 //! Egress host bridges: the `EgressHost` task per lease (the operator end of
-//! mediated egress) and the `EgressManager` that starts, replaces, stops,
-//! lists and restores them and mints tickets for the lease side.
+//! mediated egress), the lease side over SSH (`remote`: install, start,
+//! probe, stop the helper; `client`: the `EgressRemoteClient` task that
+//! heals the pair; `start`: `egress start`/`stop` and `desktop launch`
+//! end to end) and the `EgressManager` that starts, replaces, stops, lists
+//! and restores them and mints tickets for the lease side.
 //!
 //! The data plane (policy, dialling, the bridge protocol) is the
 //! `crabbox-egress` crate; this module only supervises it.
 
+pub mod client;
 mod host;
+pub mod remote;
+pub mod start;
 
 use std::{
     collections::BTreeMap,
@@ -43,6 +49,9 @@ pub struct EgressSpec {
     /// The session to join; when starting, `None` asks for a new one.
     #[serde(default)]
     pub session: Option<String>,
+    /// The lease side started by `egress start` (helper, port, paths).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<client::RemoteState>,
 }
 
 /// A running (or ended) host bridge.
@@ -99,6 +108,12 @@ pub enum EgressError {
     /// The desired state could not be saved.
     #[error("cannot save egress state: {0}")]
     Persist(std::io::Error),
+    /// The request is invalid, or the lease cannot take it.
+    #[error("{0}")]
+    Invalid(String),
+    /// A step on the lease failed.
+    #[error(transparent)]
+    Remote(#[from] remote::RemoteError),
 }
 
 struct Entry {
@@ -111,6 +126,8 @@ struct Entry {
     /// lock may be waiting for this very task to end).
     ended: Arc<AtomicBool>,
     _handle: TaskHandle,
+    /// The `EgressRemoteClient` task, when `egress start` started the lease side.
+    remote: Option<TaskHandle>,
 }
 
 /// Starts, replaces, stops and lists host bridges. Cheap to clone.
@@ -128,6 +145,10 @@ pub struct EgressManager {
     /// Destination sockets all host bridges may hold together, sized from
     /// the open-file limit so the API keeps descriptors in reserve.
     sockets: Arc<tokio::sync::Semaphore>,
+    /// The SSH multiplexers, for the lease side.
+    ssh: Option<crate::ssh::SshManager>,
+    /// Where helpers for other CPUs are looked for.
+    config_dir: PathBuf,
 }
 
 impl std::fmt::Debug for EgressManager {
@@ -150,7 +171,23 @@ impl EgressManager {
         profiles: BTreeMap<String, Vec<String>>,
         ends: LeaseEnds,
     ) -> Self {
+        Self::with_ssh(coordinator, supervisor, state_dir, profiles, ends, None, PathBuf::new())
+    }
+
+    /// A manager that can also drive the lease side over SSH, looking for
+    /// helpers of other CPUs under `<config_dir>/crabbox/helpers/<arch>/`.
+    pub fn with_ssh(
+        coordinator: Option<coordinator::Client>,
+        supervisor: Supervisor,
+        state_dir: PathBuf,
+        profiles: BTreeMap<String, Vec<String>>,
+        ends: LeaseEnds,
+        ssh: Option<crate::ssh::SshManager>,
+        config_dir: PathBuf,
+    ) -> Self {
         EgressManager {
+            ssh,
+            config_dir,
             coordinator,
             supervisor,
             store: StateFile::new(state_dir.join("egress.json")),
@@ -267,6 +304,8 @@ impl EgressManager {
             let (entry, _) = self.spawn(client.clone(), spec, policy, None).await;
             hosts.insert(entry.spec.lease.clone(), entry);
         }
+        drop(hosts);
+        self.restore_remotes().await;
     }
 
     async fn spawn(
@@ -317,6 +356,7 @@ impl EgressManager {
                 stats,
                 ended,
                 _handle: handle,
+                remote: None,
             },
             info,
         )

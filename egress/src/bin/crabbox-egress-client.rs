@@ -1,13 +1,19 @@
 //! `crabbox-egress-client`: the lease-side helper. A loopback HTTP proxy whose listener outlives its bridge; fresh tickets arrive over a 0600 Unix control socket so the pair heals.
 //!
-//! The ticket comes from `CRABBOX_EGRESS_TICKET` or `--ticket-file` (0600,
-//! `-` = stdin), never from argv, a URL or a log line.
+//! The ticket comes from `CRABBOX_EGRESS_TICKET`, `--ticket-file` (0600,
+//! `-` = stdin) or the control socket (`ticket <t>`), never from argv, a URL
+//! or a log line. Without any it listens and waits for one on the control
+//! socket, which is how the daemon starts it over SSH. The control socket
+//! also answers `status` (JSON) and `stop` (the helper removes its pid file
+//! and socket and exits 0); `--pid-file` records the pid once the listener
+//! and the control socket are bound.
 
 use std::fmt;
 use std::io::Read as _;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -36,8 +42,11 @@ const TICKET_RETRY_WINDOW: Duration = Duration::from_secs(110);
 )]
 struct Args {
     /// Coordinator base URL (https://… or http://…).
-    #[arg(long)]
-    coordinator: String,
+    #[arg(long, required_unless_present = "coordinator_file")]
+    coordinator: Option<String>,
+    /// A file (0600) holding the coordinator base URL, so it stays out of the process list.
+    #[arg(long, conflicts_with = "coordinator")]
+    coordinator_file: Option<PathBuf>,
     /// Lease id (or slug).
     #[arg(long)]
     id: String,
@@ -53,6 +62,9 @@ struct Args {
     /// Unix control socket for fresh tickets (default: $XDG_RUNTIME_DIR or /tmp, named after the listen port).
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Write the pid here (0600) once the listener and control socket are bound; removed on exit.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
     /// Concurrent proxied connections with a complete request head before answering 503.
     #[arg(long, default_value_t = 512)]
     max_connections: usize,
@@ -116,7 +128,18 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let base = match bridge_url(&args.coordinator, &args.id) {
+    let coordinator = match (&args.coordinator, &args.coordinator_file) {
+        (Some(url), _) => url.clone(),
+        (None, Some(path)) => match read_private(path) {
+            Ok(url) => url,
+            Err(e) => {
+                eprintln!("crabbox-egress-client: {e:#}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        (None, None) => unreachable!("clap requires one of them"),
+    };
+    let base = match bridge_url(&coordinator, &args.id) {
         Ok(url) => url,
         Err(e) => {
             eprintln!("crabbox-egress-client: {e:#}");
@@ -175,6 +198,21 @@ fn bridge_url(coordinator: &str, lease: &str) -> anyhow::Result<url::Url> {
     Ok(url)
 }
 
+/// The trimmed contents of a file nobody else may read.
+fn read_private(path: &Path) -> anyhow::Result<String> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if meta.mode() & 0o077 != 0 {
+        anyhow::bail!(
+            "{} must not be readable by others (chmod 600)",
+            path.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text.trim().to_owned())
+}
+
 fn initial_ticket(file: Option<&Path>) -> anyhow::Result<Option<Ticket>> {
     if let Some(path) = file {
         let raw = if path == Path::new("-") {
@@ -215,11 +253,20 @@ fn default_control(listen_port: u16) -> PathBuf {
     dir.join(format!("crabbox-egress-client-{listen_port}.sock"))
 }
 
+/// What the control socket reports besides the proxy's counters.
+struct Shared {
+    proxy: std::sync::Arc<ProxyServer>,
+    /// Set while the helper waits for a fresh ticket (its bridge is down).
+    waiting: AtomicBool,
+    session: String,
+    listen: std::net::SocketAddr,
+}
+
 async fn run(
     args: Args,
     listen: std::net::SocketAddr,
     url: url::Url,
-    mut ticket: Option<Ticket>,
+    ticket: Option<Ticket>,
 ) -> anyhow::Result<ExitCode> {
     let listener = TcpListener::bind(listen)
         .await
@@ -238,11 +285,66 @@ async fn run(
         .control
         .clone()
         .unwrap_or_else(|| default_control(local.port()));
-    let (ticket_tx, mut ticket_rx) = mpsc::channel::<Ticket>(4);
+    let (ticket_tx, ticket_rx) = mpsc::channel::<Ticket>(4);
+    let (stop_tx, mut stop_rx) = mpsc::channel::<()>(1);
     let control_listener = bind_control(&control)?;
-    tokio::spawn(control_loop(control_listener, ticket_tx, proxy.clone()));
+    let shared = std::sync::Arc::new(Shared {
+        proxy: proxy.clone(),
+        waiting: AtomicBool::new(false),
+        session: args.session.clone(),
+        listen: local,
+    });
+    if let Some(pid_file) = &args.pid_file {
+        write_private(pid_file, &format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing pid file {}", pid_file.display()))?;
+    }
+    tokio::spawn(control_loop(
+        control_listener,
+        ticket_tx,
+        stop_tx,
+        shared.clone(),
+    ));
     info!(lease = %args.id, session = %args.session, listen = %local, control = %control.display(), "egress client: listening");
 
+    let code = tokio::select! {
+        code = bridge_loop(&args, &url, local, &control, ticket, ticket_rx, &shared) => code,
+        _ = stop_rx.recv() => {
+            info!(session = %args.session, "egress client: stopped over the control socket");
+            ExitCode::SUCCESS
+        }
+    };
+    let _ = std::fs::remove_file(&control);
+    if let Some(pid_file) = &args.pid_file {
+        let _ = std::fs::remove_file(pid_file);
+    }
+    Ok(code)
+}
+
+/// Writes `text` to a new 0600 file at `path` (replacing one left behind).
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    std::fs::rename(&tmp, path)
+}
+
+async fn bridge_loop(
+    args: &Args,
+    url: &url::Url,
+    local: std::net::SocketAddr,
+    control: &Path,
+    mut ticket: Option<Ticket>,
+    mut ticket_rx: mpsc::Receiver<Ticket>,
+    shared: &Shared,
+) -> ExitCode {
+    let proxy = &shared.proxy;
     let mut backoff = Duration::from_millis(500);
     let mut received = Instant::now();
     loop {
@@ -255,12 +357,15 @@ async fn run(
             Some(t) => t,
             None => {
                 info!(control = %control.display(), "egress client: waiting for a fresh ticket");
-                match ticket_rx.recv().await {
+                shared.waiting.store(true, Ordering::SeqCst);
+                let next = ticket_rx.recv().await;
+                shared.waiting.store(false, Ordering::SeqCst);
+                match next {
                     Some(t) => {
                         received = Instant::now();
                         t
                     }
-                    None => return Ok(ExitCode::FAILURE),
+                    None => return ExitCode::FAILURE,
                 }
             }
         };
@@ -274,7 +379,7 @@ async fn run(
                         proxy.set_down_reason(
                             "this egress session is over (replaced, or the lease ended)",
                         );
-                        return Ok(ExitCode::from(EXIT_FATAL));
+                        return ExitCode::from(EXIT_FATAL);
                     }
                     Err(e) => warn!(error = %e, "egress client: bridge ended; the proxy stays up"),
                     Ok(()) => warn!("egress client: bridge ended; the proxy stays up"),
@@ -282,7 +387,7 @@ async fn run(
             }
             Err(e) if e.is_fatal() => {
                 error!(error = %e, "egress client: lease unavailable or session replaced");
-                return Ok(ExitCode::from(EXIT_FATAL));
+                return ExitCode::from(EXIT_FATAL);
             }
             Err(ConnectError::TicketRefused(status)) => {
                 warn!(%status, "egress client: ticket refused; need a fresh one")
@@ -319,11 +424,13 @@ fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// One line per connection: `ticket <value>` → `ok`, `status` → a JSON snapshot.
+/// One line per connection: `ticket <value>` → `ok`, `status` → a JSON
+/// snapshot, `stop` → `ok`, then the helper exits.
 async fn control_loop(
     listener: UnixListener,
     tickets: mpsc::Sender<Ticket>,
-    proxy: std::sync::Arc<ProxyServer>,
+    stop: mpsc::Sender<()>,
+    shared: std::sync::Arc<Shared>,
 ) {
     let my_uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
     loop {
@@ -337,7 +444,8 @@ async fn control_loop(
             continue;
         }
         let tickets = tickets.clone();
-        let proxy = proxy.clone();
+        let stop = stop.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
@@ -349,6 +457,7 @@ async fn control_loop(
                 return;
             }
             let line = line.trim();
+            let mut stopping = false;
             let reply = if let Some(t) = line.strip_prefix("ticket ") {
                 let t = t.trim();
                 if t.is_empty() {
@@ -360,13 +469,26 @@ async fn control_loop(
                     "error shutting down\n".to_owned()
                 }
             } else if line == "status" {
-                let mut snap = serde_json::to_value(proxy.stats().snapshot()).unwrap_or_default();
-                snap["bridged"] = proxy.is_bridged().into();
+                let mut snap =
+                    serde_json::to_value(shared.proxy.stats().snapshot()).unwrap_or_default();
+                snap["bridged"] = shared.proxy.is_bridged().into();
+                snap["waiting_ticket"] = shared.waiting.load(Ordering::SeqCst).into();
+                snap["pid"] = std::process::id().into();
+                snap["session"] = shared.session.clone().into();
+                snap["listen"] = shared.listen.to_string().into();
+                snap["version"] = env!("CARGO_PKG_VERSION").into();
                 format!("{snap}\n")
+            } else if line == "stop" {
+                stopping = true;
+                "ok\n".to_owned()
             } else {
                 "error unknown command\n".to_owned()
             };
             let _ = w.write_all(reply.as_bytes()).await;
+            let _ = w.shutdown().await;
+            if stopping {
+                let _ = stop.send(()).await;
+            }
         });
     }
 }

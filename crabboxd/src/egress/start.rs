@@ -1,0 +1,552 @@
+//! `egress start` / `egress stop` / `desktop launch --egress` over SSH: the
+//! manager's end-to-end flows on top of the host bridge ([`super::host`]),
+//! the lease side ([`super::remote`]) and the `EgressRemoteClient` task
+//! ([`super::client`]).
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use tokio::sync::mpsc;
+
+use super::{
+    EgressError, EgressInfo, EgressManager, EgressSpec,
+    client::{RemoteClient, RemoteState},
+    remote::{self, Current, Remote, RemoteError, SessionPaths},
+};
+use crate::{
+    coordinator::{Role, TicketRequest},
+    supervisor::{Backoff, RestartPolicy, TaskHandle, TaskId, TaskKind},
+};
+
+/// The default helper listen address on the lease.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
+/// How long a started helper gets to listen and bridge.
+const READY_WAIT: Duration = Duration::from_secs(20);
+
+/// What `egress start` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct StartRequest {
+    /// The lease id or slug.
+    pub lease: String,
+    /// Profiles.
+    pub profiles: Vec<String>,
+    /// Patterns.
+    pub allow: Vec<String>,
+    /// Private literals allowed.
+    pub allow_private: bool,
+    /// The helper's listen address; empty: the default.
+    pub listen: String,
+    /// The coordinator URL as the lease reaches it; empty: the daemon's.
+    pub coordinator_url: String,
+    /// `coordinator` or empty.
+    pub transport: String,
+    /// The calling client's agent.
+    pub agent: Option<PathBuf>,
+}
+
+/// One completed step.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// 1–7.
+    pub number: u32,
+    /// Short name.
+    pub name: &'static str,
+    /// One line.
+    pub detail: String,
+}
+
+/// What `egress start` started.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// The host bridge.
+    pub host: EgressInfo,
+    /// The lease side.
+    pub remote: RemoteState,
+    /// Whether the helper was uploaded.
+    pub uploaded: bool,
+    /// The lease-local state file.
+    pub state_file: String,
+    /// The merged allowlist.
+    pub allow: Vec<String>,
+}
+
+/// What `egress stop` stopped.
+#[derive(Debug, Clone, Default)]
+pub struct Stopped {
+    /// A host bridge was stopped.
+    pub host: bool,
+    /// The session, when one ran.
+    pub session: Option<String>,
+    /// The helper's pid, when it was stopped.
+    pub helper_pid: Option<u32>,
+    /// `current.json` was removed.
+    pub state_removed: bool,
+    /// Why the lease side could not be reached.
+    pub lease_error: Option<String>,
+}
+
+/// What `desktop launch` launched.
+#[derive(Debug, Clone)]
+pub struct Launched {
+    /// The argv on the lease.
+    pub argv: Vec<String>,
+    /// The browser's pid.
+    pub pid: u32,
+    /// The proxy.
+    pub proxy: String,
+    /// The session.
+    pub session: String,
+    /// The profile directory.
+    pub profile_dir: String,
+}
+
+/// The remote-client task never gives up on SSH trouble (it waits inside);
+/// a crash is retried with backoff; a dead session or lease is fatal.
+const REMOTE_POLICY: RestartPolicy = RestartPolicy::OnFailure(Backoff::NETWORK);
+
+fn lease_err(e: RemoteError) -> EgressError {
+    EgressError::Remote(e)
+}
+
+impl EgressManager {
+    fn remote(&self, lease: &str, agent: Option<PathBuf>) -> Result<Remote, EgressError> {
+        Ok(Remote {
+            ssh: self.ssh.clone().ok_or_else(|| {
+                EgressError::Invalid("this daemon has no SSH multiplexer".into())
+            })?,
+            lease: lease.to_owned(),
+            agent,
+        })
+    }
+
+    /// Starts the `EgressRemoteClient{lease}` task for a pair.
+    pub(super) async fn spawn_remote(
+        &self,
+        remote: Remote,
+        session: String,
+        state: RemoteState,
+    ) -> Result<TaskHandle, EgressError> {
+        let client = self.client()?.clone();
+        let task = RemoteClient {
+            remote: remote.clone(),
+            client,
+            session: session.clone(),
+            state,
+            ends: self.ends.clone(),
+        };
+        Ok(self
+            .supervisor
+            .replace(
+                TaskId::new(TaskKind::EgressRemoteClient, remote.lease.as_str()),
+                BTreeMap::from([
+                    ("lease".to_owned(), remote.lease.clone()),
+                    ("session".to_owned(), session),
+                ]),
+                REMOTE_POLICY,
+                move |ctx| task.clone().run(ctx),
+            )
+            .await)
+    }
+
+    /// `egress start` end to end; each completed step goes to `progress`.
+    pub async fn start_over_ssh(
+        &self,
+        req: StartRequest,
+        progress: &mpsc::Sender<Step>,
+    ) -> Result<Started, EgressError> {
+        let step = |number, name, detail: String| async move {
+            let _ = progress.send(Step { number, name, detail }).await;
+        };
+        // 1. Refuse what is wrong before touching anything.
+        let listen = if req.listen.trim().is_empty() {
+            DEFAULT_LISTEN.to_owned()
+        } else {
+            req.listen.trim().to_owned()
+        };
+        remote::split_listen(&listen).map_err(|e| {
+            EgressError::Invalid(format!(
+                "{e}; the helper listens on the lease's loopback only (for example --listen 127.0.0.1:3128)"
+            ))
+        })?;
+        match req.transport.trim() {
+            "" | "coordinator" => {}
+            other => {
+                return Err(EgressError::Invalid(format!(
+                    "transport {other:?} is not available; use --transport coordinator (the default)"
+                )));
+            }
+        }
+        let mut spec = EgressSpec {
+            lease: req.lease.clone(),
+            profiles: req.profiles.clone(),
+            allow: req.allow.clone(),
+            allow_private: req.allow_private,
+            session: None,
+            remote: None,
+        };
+        let policy = self.policy(&spec)?;
+        let client = self.client()?.clone();
+        let coordinator_url = if req.coordinator_url.trim().is_empty() {
+            client.base().as_str().trim_end_matches('/').to_owned()
+        } else {
+            crate::config::parse_coordinator_url(req.coordinator_url.trim())
+                .map_err(EgressError::Invalid)?
+                .as_str()
+                .trim_end_matches('/')
+                .to_owned()
+        };
+        let lease = self.canonical(&req.lease).await?;
+        spec.lease = lease.clone();
+        step(
+            1,
+            "resolve",
+            format!("lease {lease}; listen {listen}; {}", policy.summary()),
+        )
+        .await;
+
+        // 2. OS and CPU.
+        let remote = self.remote(&lease, req.agent.clone())?;
+        let probe = remote.probe().await.map_err(lease_err)?;
+        if probe.os != "Linux" {
+            return Err(EgressError::Invalid(format!(
+                "egress start supports Linux leases only; lease {lease} runs {} ({})",
+                probe.os, probe.arch
+            )));
+        }
+        step(2, "detect", format!("{} {}", probe.os, probe.arch)).await;
+
+        // 3. The helper for that CPU, installed before any ticket is minted
+        //    (a failure here leaves a running pair alone).
+        let helper = {
+            let (dir, arch) = (self.config_dir.clone(), probe.arch.clone());
+            match self
+                .supervisor
+                .spawn_blocking(move || remote::find_helper(&dir, &arch))
+                .await
+            {
+                Ok(found) => found.map_err(lease_err)?,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        };
+        let (helper_path, uploaded) = remote
+            .install(&probe.home, &helper)
+            .await
+            .map_err(lease_err)?;
+        let version = remote
+            .version(&helper_path, &probe.arch)
+            .await
+            .map_err(lease_err)?;
+        step(
+            3,
+            "install",
+            format!(
+                "{} {version} at {helper_path} ({})",
+                remote::HELPER,
+                if uploaded {
+                    format!("uploaded {} bytes", helper.bytes.len())
+                } else {
+                    "already there".to_owned()
+                }
+            ),
+        )
+        .await;
+
+        // 4. Mint the new session and move the host bridge to it (one
+        //    transition), stop the old session's helper to free the port,
+        //    start ours and hand it its ticket over its control socket.
+        let old = {
+            let hosts = self.hosts.lock().await;
+            hosts
+                .get(&lease)
+                .and_then(|e| e.spec.remote.clone().zip(e.spec.session.clone()))
+        };
+        let host = self.start(spec).await?;
+        let session = host.spec.session.clone().unwrap_or_default();
+        remote::check_session(&session).map_err(lease_err)?;
+        if let Some((old_remote, old_session)) = old
+            && old_session != session
+        {
+            match remote.stop(&old_remote.paths, &old_session).await {
+                Ok((pid, _)) => {
+                    tracing::info!(lease = %lease, old = %old_session, pid = ?pid, "egress start: stopped the replaced session's helper")
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %lease, old = %old_session, error = %e, "egress start: cannot stop the replaced session's helper")
+                }
+            }
+        }
+        let paths = SessionPaths::new(&probe.home, &session);
+        let pid = remote
+            .start(&helper_path, &paths, &session, &listen, &coordinator_url)
+            .await
+            .map_err(lease_err)?;
+        let ticket = client
+            .egress_ticket(
+                &lease,
+                Role::Client,
+                TicketRequest {
+                    session: Some(&session),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        remote
+            .give_ticket(&paths.control, ticket.ticket.expose())
+            .await
+            .map_err(lease_err)?;
+        step(
+            4,
+            "start",
+            format!("pid {pid} (setsid), session {session}; ticket handed over its control socket"),
+        )
+        .await;
+
+        // 5. Its listener accepts (probed through the mux) and its bridge is up.
+        let deadline = tokio::time::Instant::now() + READY_WAIT;
+        loop {
+            let listening = remote.listening(&listen).await.map_err(lease_err)?;
+            let bridged = listening
+                && remote
+                    .status(&paths.control)
+                    .await
+                    .is_ok_and(|s| s.bridged);
+            if bridged {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(EgressError::Remote(RemoteError::Lease(format!(
+                    "the egress helper on lease {lease} {} within {READY_WAIT:?}; its log is {}/helper.log",
+                    if listening {
+                        "listens but its bridge did not come up"
+                    } else {
+                        "did not listen"
+                    },
+                    paths.dir
+                ))));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        step(5, "listen", format!("{listen} accepts; bridge up")).await;
+
+        // 6. Lease-local state for other tools on the lease.
+        let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let current = Current {
+            lease: lease.clone(),
+            session: session.clone(),
+            endpoint: listen.clone(),
+            proxy: format!("http://{listen}"),
+            pid,
+            version: version.clone(),
+            transport: "coordinator".into(),
+            started_at: started_at.clone(),
+        };
+        let state_file = remote.write_current(&current).await.map_err(lease_err)?;
+        step(6, "state", state_file.clone()).await;
+
+        // 7. Supervise the pair and remember it across restarts.
+        let state = RemoteState {
+            listen,
+            coordinator_url,
+            helper: helper_path,
+            home: probe.home,
+            arch: probe.arch,
+            version,
+            pid,
+            paths,
+            started_at,
+        };
+        let handle = self
+            .spawn_remote(remote, session.clone(), state.clone())
+            .await?;
+        {
+            let mut hosts = self.hosts.lock().await;
+            if let Some(e) = hosts.get_mut(&lease)
+                && e.spec.session.as_deref() == Some(session.as_str())
+            {
+                e.spec.remote = Some(state.clone());
+                e.remote = Some(handle);
+            }
+            self.persist(&hosts)?;
+        }
+        let host = self.info(&lease).await.unwrap_or(host);
+        Ok(Started {
+            allow: policy.patterns().iter().map(ToString::to_string).collect(),
+            host,
+            remote: state,
+            uploaded,
+            state_file,
+        })
+    }
+
+    /// `egress stop`: the host bridge, the remote-client task and exactly
+    /// this session's helper. Idempotent.
+    pub async fn stop_over_ssh(
+        &self,
+        name: &str,
+        agent: Option<PathBuf>,
+    ) -> Result<Stopped, EgressError> {
+        let lease = match self.canonical(name).await {
+            Ok(l) => l,
+            Err(EgressError::Coordinator(e)) if e.lease_end().is_some() => name.to_owned(),
+            Err(e) => return Err(e),
+        };
+        let entry = self.hosts.lock().await.remove(&lease);
+        let mut out = Stopped::default();
+        self.supervisor
+            .stop(&TaskId::new(TaskKind::EgressRemoteClient, lease.as_str()))
+            .await;
+        if entry.is_some() {
+            self.supervisor
+                .stop(&TaskId::new(TaskKind::EgressHost, lease.as_str()))
+                .await;
+            out.host = true;
+        }
+        {
+            let hosts = self.hosts.lock().await;
+            self.persist(&hosts)?;
+        }
+        let Some(entry) = entry else {
+            return Ok(out);
+        };
+        out.session = entry.spec.session.clone();
+        if let (Some(state), Some(session)) = (&entry.spec.remote, &entry.spec.session) {
+            let remote = self.remote(&lease, agent)?;
+            match remote.stop(&state.paths, session).await {
+                Ok((pid, removed)) => {
+                    out.helper_pid = pid;
+                    out.state_removed = removed;
+                }
+                Err(e) => out.lease_error = Some(e.to_string()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restarts the remote-client tasks of restored pairs.
+    pub(super) async fn restore_remotes(&self) {
+        let pairs: Vec<(String, String, RemoteState)> = {
+            let hosts = self.hosts.lock().await;
+            hosts
+                .values()
+                .filter_map(|e| {
+                    Some((
+                        e.spec.lease.clone(),
+                        e.spec.session.clone()?,
+                        e.spec.remote.clone()?,
+                    ))
+                })
+                .collect()
+        };
+        for (lease, session, state) in pairs {
+            let Ok(remote) = self.remote(&lease, None) else {
+                return;
+            };
+            tracing::info!(lease = %lease, session = %session, "restoring the egress remote client");
+            match self.spawn_remote(remote, session.clone(), state).await {
+                Ok(handle) => {
+                    let mut hosts = self.hosts.lock().await;
+                    if let Some(e) = hosts.get_mut(&lease) {
+                        e.remote = Some(handle);
+                    }
+                }
+                Err(e) => tracing::warn!(lease = %lease, error = %e, "not restoring the egress remote client"),
+            }
+        }
+    }
+
+    /// `desktop launch --browser --egress`: the lease's browser, detached in
+    /// its display, through the running helper, on a profile of its own per
+    /// egress session.
+    pub async fn launch_browser(
+        &self,
+        name: &str,
+        url: &str,
+        agent: Option<PathBuf>,
+    ) -> Result<Launched, EgressError> {
+        let lease = self.canonical(name).await?;
+        let pair = {
+            let hosts = self.hosts.lock().await;
+            hosts
+                .get(&lease)
+                .filter(|e| !e.ended.load(std::sync::atomic::Ordering::SeqCst))
+                .and_then(|e| e.spec.remote.clone().zip(e.spec.session.clone()))
+        };
+        let Some((state, session)) = pair else {
+            return Err(EgressError::Invalid(format!(
+                "no egress runs for lease {lease}, so a browser would not go through it; start it first: \
+                 crabboxctl egress start --id {lease} --profile <profile>"
+            )));
+        };
+        let remote = self.remote(&lease, agent)?;
+        let st = remote.status(&state.paths.control).await.map_err(|e| {
+            EgressError::Invalid(format!(
+                "the egress helper of lease {lease} does not answer ({e}); the daemon restarts it within seconds — \
+                 try again, or see crabboxctl tasks --kind egress-remote-client"
+            ))
+        })?;
+        if !st.bridged {
+            tracing::info!(lease = %lease, "desktop launch: the helper's bridge is down; the remote client re-tickets it");
+        }
+        const SCRIPT: &str = r#"umask 077
+listen="$1"; session="$2"; url="$3"
+b=
+if [ -r /var/lib/crabbox/browser.env ]; then
+  b=$(sed -n 's/^BROWSER=//p' /var/lib/crabbox/browser.env | head -n 1 | tr -d "\"'")
+  [ -n "$b" ] || b=$(sed -n 's/^CHROME_BIN=//p' /var/lib/crabbox/browser.env | head -n 1 | tr -d "\"'")
+fi
+if [ -z "$b" ]; then
+  for c in chromium google-chrome chromium-browser google-chrome-stable; do
+    if command -v "$c" >/dev/null 2>&1; then b=$c; break; fi
+  done
+fi
+if [ -z "$b" ]; then echo "no browser on the lease (/var/lib/crabbox/browser.env, chromium, google-chrome)" >&2; exit 3; fi
+if [ -z "${DISPLAY:-}" ]; then
+  if [ -r /var/lib/crabbox/desktop.env ]; then d=$(sed -n 's/^DISPLAY=//p' /var/lib/crabbox/desktop.env | head -n 1 | tr -d "\"'"); fi
+  DISPLAY=${d:-:99}; export DISPLAY
+fi
+p="$HOME/.cache/crabbox/browser-profiles/$session"
+mkdir -p "$p" && chmod 700 "$p" || exit 3
+CRABBOX_BROWSER_PROFILE=$p; export CRABBOX_BROWSER_PROFILE
+set -- "$b" "--user-data-dir=$p" "--proxy-server=http://$listen" "--proxy-bypass-list=<-loopback>"
+[ -n "$url" ] && set -- "$@" "$url"
+setsid "$@" </dev/null >>"$p.log" 2>&1 &
+pid=$!
+printf 'pid %s\n' "$pid"
+printf 'profile %s\n' "$p"
+for a in "$@"; do printf 'arg %s\n' "$a"; done
+sleep 1
+if ! kill -0 "$pid" 2>/dev/null; then
+  wait "$pid"; code=$?
+  if [ "$code" != 0 ]; then echo "the browser exited at once with $code:" >&2; tail -n 5 "$p.log" >&2; exit 4; fi
+fi"#;
+        let out = remote
+            .sh(SCRIPT, &[&state.listen, &session, url], None)
+            .await
+            .map_err(lease_err)?;
+        let mut pid = 0;
+        let mut profile_dir = String::new();
+        let mut argv = Vec::new();
+        for line in out.stdout.lines() {
+            if let Some(p) = line.strip_prefix("pid ") {
+                pid = p.trim().parse().unwrap_or(0);
+            } else if let Some(p) = line.strip_prefix("profile ") {
+                profile_dir = p.to_owned();
+            } else if let Some(a) = line.strip_prefix("arg ") {
+                argv.push(a.to_owned());
+            }
+        }
+        if out.code != 0 || pid == 0 {
+            return Err(EgressError::Remote(RemoteError::Lease(format!(
+                "cannot launch the browser on lease {lease}: exit {}, {:?}",
+                out.code,
+                out.stderr.trim()
+            ))));
+        }
+        Ok(Launched {
+            argv,
+            pid,
+            proxy: format!("http://{}", state.listen),
+            session,
+            profile_dir,
+        })
+    }
+}

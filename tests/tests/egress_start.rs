@@ -1,0 +1,427 @@
+//! `egress start` / `egress stop` end to end over SSH, with real parts: the
+//! "lease" is a network namespace running a real OpenSSH sshd whose only
+//! route out goes to the real coordinator; the origin listens on the root
+//! namespace's loopback, out of the lease's reach except through the
+//! bridge; the real daemon installs and starts the real helper over its
+//! SSH mux; curl inside the namespace fetches through the helper.
+
+use std::time::Duration;
+
+use crabbox_coordinator::testing::TestCoordinator;
+use crabbox_tests::{TestDaemon, egress::Origin, lease::TestLease};
+
+const LEASE: &str = "cbx_00000000e511";
+
+struct World {
+    coord: TestCoordinator,
+    lease: TestLease,
+    daemon: TestDaemon,
+    origin: Origin,
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+async fn register(coord: &TestCoordinator, lease: &TestLease, id: &str) {
+    let (status, v) = coord
+        .request(
+            "PUT",
+            &format!("/v1/leases/{id}/registration"),
+            &coord.shared_token,
+            &lease.registration("egress-start"),
+        )
+        .await
+        .unwrap();
+    assert!(status == 200 || status == 201, "registration: {status} {v}");
+}
+
+async fn daemon_in(coord: &TestCoordinator, lease: &TestLease, home: Option<&std::path::Path>) -> TestDaemon {
+    let mut b = TestDaemon::builder()
+        .coordinator(&coord.base_url, &coord.shared_token)
+        .env("CRABBOX_LOG", "info,crabboxd=debug")
+        .toml(&lease.daemon_toml());
+    if let Some(h) = home {
+        b = b.home(h);
+    }
+    b.start().await
+}
+
+async fn world(tag: u8) -> Option<World> {
+    if let Err(why) = TestLease::available() {
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    let coord = TestCoordinator::start().await;
+    let lease = TestLease::start(tag, coord.addr).await;
+    register(&coord, &lease, LEASE).await;
+    let daemon = daemon_in(&coord, &lease, None).await;
+    let origin = Origin::start().await;
+    Some(World {
+        coord,
+        lease,
+        daemon,
+        origin,
+    })
+}
+
+impl World {
+    async fn start(&self, extra: &[&str]) -> std::process::Output {
+        let mut args = vec![
+            "egress",
+            "start",
+            "--id",
+            LEASE,
+            "--allow",
+            "127.0.0.1",
+            "--allow-private",
+            "--coordinator",
+            &self.lease.coordinator_url,
+        ];
+        args.extend(extra);
+        self.daemon.ctl(&args).await
+    }
+
+    async fn start_json(&self) -> serde_json::Value {
+        let out = self.start(&["--json"]).await;
+        assert!(
+            out.status.success(),
+            "egress start: {}{}\n{}",
+            text(&out.stdout),
+            text(&out.stderr),
+            self.daemon.stderr()
+        );
+        serde_json::from_slice(&out.stdout).expect("egress start --json prints JSON")
+    }
+
+    /// Fetches the origin from inside the lease through the helper, until
+    /// it works or `within` passed.
+    async fn fetch_until_ok(&self, path: &str, within: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let (ok, body, err) = self
+                .lease
+                .curl(Some("http://127.0.0.1:3128"), &self.origin.url(path))
+                .await;
+            if ok {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no fetch through the helper within {within:?}: {err}\n{}",
+                self.daemon.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn helper_pid(&self) -> u32 {
+        self.lease.current().expect("current.json")["pid"]
+            .as_u64()
+            .unwrap() as u32
+    }
+}
+
+/// Every `egress_` + 32 hex (the ticket shape) in `text`.
+fn tickets_in(text: &str) -> Vec<String> {
+    let mut out = vec![];
+    let b = text.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("egress_") {
+        let start = i + pos + "egress_".len();
+        let hex = b[start..]
+            .iter()
+            .take_while(|c| c.is_ascii_hexdigit())
+            .count();
+        if hex == 32 {
+            out.push(text[start - 7..start + 32].to_owned());
+        }
+        i = start;
+    }
+    out
+}
+
+/// Tickets in any process's command line or environment.
+fn tickets_in_proc() -> Vec<String> {
+    let mut found = vec![];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if !entry.file_name().to_string_lossy().bytes().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        for f in ["cmdline", "environ"] {
+            let raw = std::fs::read(entry.path().join(f)).unwrap_or_default();
+            for t in tickets_in(&String::from_utf8_lossy(&raw)) {
+                found.push(format!("{}/{f}: {t}", entry.path().display()));
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_start_installs_the_helper_over_ssh_and_the_lease_fetches_through_it() {
+    let Some(w) = world(41).await else { return };
+    // Without a helper the origin is out of the lease's reach.
+    let (ok, _, _) = w.lease.curl(None, &w.origin.url("direct")).await;
+    assert!(!ok, "the lease must not reach the root namespace's loopback");
+    let (ok, _, _) = w
+        .lease
+        .curl(Some("http://127.0.0.1:3128"), &w.origin.url("none"))
+        .await;
+    assert!(!ok, "no proxy listens before egress start");
+
+    // Cold: the helper is uploaded.
+    let v = w.start_json().await;
+    assert_eq!(v["lease_id"], LEASE, "{v}");
+    assert_eq!(v["uploaded"], true, "{v}");
+    assert_eq!(v["arch"], std::env::consts::ARCH, "{v}");
+    assert_eq!(v["endpoint"], "127.0.0.1:3128", "{v}");
+    assert_eq!(v["proxy"], "http://127.0.0.1:3128", "{v}");
+    assert_eq!(v["steps"].as_array().unwrap().len(), 6, "{v}");
+    let session = v["session_id"].as_str().unwrap().to_owned();
+    let helper = v["helper_path"].as_str().unwrap();
+    assert!(
+        helper.starts_with(&format!("{}/.cache/crabbox/bin/", w.lease.home.display())),
+        "{helper}"
+    );
+    // Content-addressed, in private directories.
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    let helper_path = std::path::Path::new(helper);
+    assert_eq!(mode(helper_path.parent().unwrap()), 0o700);
+    assert_eq!(mode(&w.lease.path(".cache/crabbox")), 0o700);
+
+    // The fetch leaves from the daemon's side.
+    let body = w.fetch_until_ok("through", Duration::from_secs(20)).await;
+    assert_eq!(body, w.origin.body);
+    let peers = w.origin.peers.lock().unwrap().clone();
+    assert!(!peers.is_empty() && peers.iter().all(|p| p.ip().is_loopback()), "{peers:?}");
+
+    // The lease-local state says where the proxy is (0600).
+    let current = w.lease.current().expect("current.json");
+    assert_eq!(current["lease"], LEASE);
+    assert_eq!(current["session"], session.as_str());
+    assert_eq!(current["endpoint"], "127.0.0.1:3128");
+    assert_eq!(current["proxy"], "http://127.0.0.1:3128");
+    assert_eq!(current["transport"], "coordinator");
+    assert_eq!(current["version"], env!("CARGO_PKG_VERSION"));
+    let pid = current["pid"].as_u64().unwrap() as u32;
+    assert!(TestLease::alive(pid));
+    assert_eq!(mode(&w.lease.egress_state().join("current.json")), 0o600);
+    assert_eq!(mode(&w.lease.egress_state().join(&session)), 0o700);
+
+    // The pair is supervised.
+    let tasks = w.daemon.tasks(Some("egress-remote-client")).await;
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert_eq!(tasks[0]["labels"]["session"], session.as_str(), "{tasks:?}");
+
+    // No ticket in any process's argv or environment, or in a log.
+    assert!(tickets_in_proc().is_empty(), "{:?}", tickets_in_proc());
+    assert!(tickets_in(&w.daemon.stderr()).is_empty());
+    let helper_log =
+        std::fs::read_to_string(w.lease.egress_state().join(&session).join("helper.log")).unwrap();
+    assert!(helper_log.contains("egress client: connected"), "{helper_log}");
+    assert!(tickets_in(&helper_log).is_empty(), "{helper_log}");
+    // Nor the coordinator URL in the helper's command line.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(!text(&cmdline).contains(&w.lease.coordinator_url), "{}", text(&cmdline));
+
+    // Warm: the cached helper is used, and the new session replaces the
+    // old pair as one transition.
+    let out = w.start(&[]).await;
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    let human = text(&out.stdout);
+    assert!(human.contains("listening: none public; outbound WebSocket only"), "{human}");
+    assert!(human.contains(&format!("crabboxctl egress stop --id {LEASE}")), "{human}");
+    assert!(human.contains(&format!("crabboxctl egress status --id {LEASE}")), "{human}");
+    let current2 = w.lease.current().unwrap();
+    assert_ne!(current2["session"], session.as_str());
+    assert!(!TestLease::alive(pid), "the replaced session's helper was stopped");
+    w.fetch_until_ok("warm", Duration::from_secs(20)).await;
+    let v = w.start_json().await;
+    assert_eq!(v["uploaded"], false, "{v}");
+    w.fetch_until_ok("warm2", Duration::from_secs(20)).await;
+
+    // Stop: the helper, its state, the tasks; then again, idempotent.
+    let pid = w.helper_pid();
+    let out = w.daemon.ctl(&["egress", "stop", "--id", LEASE]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("pid={pid}")), "{}", text(&out.stdout));
+    assert!(!TestLease::alive(pid));
+    assert!(w.lease.current().is_none());
+    let remote = w.daemon.tasks(Some("egress-remote-client")).await;
+    assert!(
+        remote.iter().all(|t| t["state"] == "stopped"),
+        "{remote:?}"
+    );
+    let (ok, _, _) = w
+        .lease
+        .curl(Some("http://127.0.0.1:3128"), &w.origin.url("after"))
+        .await;
+    assert!(!ok);
+    let out = w.daemon.ctl(&["egress", "stop", "--id", LEASE]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("nothing to stop"), "{}", text(&out.stdout));
+    drop(w.coord);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_start_refuses_a_public_listen_and_an_empty_allowlist_before_touching_the_lease() {
+    let Some(w) = world(42).await else { return };
+    let out = w
+        .daemon
+        .ctl(&["egress", "start", "--id", LEASE, "--allow", "127.0.0.1", "--listen", "0.0.0.0:3128"])
+        .await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("loopback"), "{}", text(&out.stderr));
+    let out = w.daemon.ctl(&["egress", "start", "--id", LEASE]).await;
+    assert!(!out.status.success());
+    assert!(!w.lease.path(".cache").exists(), "nothing was installed");
+    assert!(w.daemon.tasks(Some("ssh-mux")).await.is_empty(), "SSH was never used");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_of_another_cpu_without_a_helper_is_refused_naming_the_arch_and_the_directory() {
+    let Some(w) = world(43).await else { return };
+    w.lease.shim(
+        "uname",
+        "if [ \"$1\" = -m ]; then echo aarch64; else exec /bin/uname \"$@\"; fi",
+    );
+    let out = w.start(&[]).await;
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(err.contains("aarch64"), "{err}");
+    let dir = w
+        .daemon
+        .layout
+        .config
+        .join("crabbox/helpers/aarch64/crabbox-egress-client");
+    assert!(err.contains(&dir.display().to_string()), "{err}");
+    assert!(!w.lease.path(".cache/crabbox/bin").exists(), "nothing was uploaded");
+    assert!(w.daemon.tasks(Some("egress-host")).await.is_empty(), "no session was minted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_our_helper_and_leaves_another_sessions_helper_running() {
+    let Some(w) = world(44).await else { return };
+    w.start_json().await;
+    let ours = w.helper_pid();
+    // Another session's helper on the same lease (another tool, another
+    // operator): started by hand, waiting for its ticket on port 3129.
+    let bin = std::fs::read_link(format!("/proc/{ours}/exe")).unwrap();
+    let other_dir = w.lease.path("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let mut other = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &w.lease.ns.name])
+        .arg(&bin)
+        .args(["--coordinator", &w.lease.coordinator_url, "--id", LEASE, "--session", "egress_0ther0ther0"])
+        .args(["--listen", "127.0.0.1:3129", "--control"])
+        .arg(other_dir.join("control.sock"))
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let other_pid = other.id().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !other_dir.join("control.sock").exists() {
+        assert!(tokio::time::Instant::now() < deadline, "the other helper did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = w.daemon.ctl(&["egress", "stop", "--id", LEASE]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!TestLease::alive(ours), "our helper was stopped");
+    assert!(TestLease::alive(other_pid), "another session's helper keeps running");
+    assert!(other.try_wait().unwrap().is_none());
+}
+
+async fn wait_gone(pid: u32, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while TestLease::alive(pid) {
+        assert!(tokio::time::Instant::now() < deadline, "pid {pid} still runs after {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pair_heals_after_a_killed_helper_a_daemon_restart_and_a_coordinator_restart() {
+    let Some(mut w) = world(45).await else { return };
+    w.start_json().await;
+    w.fetch_until_ok("first", Duration::from_secs(20)).await;
+
+    // A killed helper is back on the same port, with no command typed.
+    let pid = w.helper_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_gone(pid, Duration::from_secs(10)).await;
+    w.fetch_until_ok("after-kill", Duration::from_secs(40)).await;
+    let pid2 = w.helper_pid();
+    assert_ne!(pid2, pid, "a new helper runs");
+    assert!(TestLease::alive(pid2));
+    let tasks = w.daemon.tasks(Some("egress-remote-client")).await;
+    assert_eq!(tasks[0]["state"], "running", "{tasks:?}");
+
+    // A daemon restart: the same session comes back and the same helper
+    // is re-ticketed (browser settings unchanged).
+    let session = w.lease.current().unwrap()["session"].clone();
+    w.daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    w.daemon.wait_exit().await;
+    let home = w.daemon.home().to_path_buf();
+    let restarted = daemon_in(&w.coord, &w.lease, Some(&home)).await;
+    let _old = std::mem::replace(&mut w.daemon, restarted);
+    w.fetch_until_ok("after-daemon-restart", Duration::from_secs(40)).await;
+    assert_eq!(w.lease.current().unwrap()["session"], session);
+    assert_eq!(w.helper_pid(), pid2, "the helper kept running");
+    assert!(TestLease::alive(pid2));
+
+    // A coordinator restart: both ends come back by themselves.
+    let World {
+        coord,
+        lease,
+        daemon,
+        origin,
+    } = w;
+    let coord = coord.restart().await;
+    let w = World {
+        coord,
+        lease,
+        daemon,
+        origin,
+    };
+    w.fetch_until_ok("after-coordinator-restart", Duration::from_secs(60))
+        .await;
+    assert_eq!(w.lease.current().unwrap()["session"], session);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_release_ends_the_host_the_remote_client_and_the_helper() {
+    let Some(w) = world(46).await else { return };
+    w.start_json().await;
+    w.fetch_until_ok("first", Duration::from_secs(20)).await;
+    let pid = w.helper_pid();
+    let out = w.daemon.ctl(&["lease", "release", "--id", LEASE]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_gone(pid, Duration::from_secs(30)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let host = w.daemon.tasks(Some("egress-host")).await;
+        let remote = w.daemon.tasks(Some("egress-remote-client")).await;
+        let ended = |ts: &[serde_json::Value]| {
+            ts.iter()
+                .all(|t| t["state"] == "stopped" || t["state"] == "failed")
+        };
+        if ended(&host) && ended(&remote) && !remote.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "tasks still run after the release: {host:?} {remote:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -58,7 +58,13 @@ async fn ctl_ok(d: &TestDaemon, args: &[&str]) -> String {
 }
 
 /// One page load; returns the page's load time (ms) from its own clock.
-async fn page_load(prefix: &[&str], chromium: &str, flags: &[String], extra: &[String], url: &str) -> Option<f64> {
+async fn page_load(
+    prefix: &[&str],
+    chromium: &str,
+    flags: &[String],
+    extra: &[String],
+    url: &str,
+) -> Option<f64> {
     let profile = tempfile::tempdir().unwrap();
     let mut cmd = tokio::process::Command::new(prefix.first().copied().unwrap_or(chromium));
     if !prefix.is_empty() {
@@ -75,7 +81,13 @@ async fn page_load(prefix: &[&str], chromium: &str, flags: &[String], extra: &[S
         .await
         .unwrap();
     let dom = String::from_utf8_lossy(&out.stdout);
-    dom.split("loadms=").nth(1)?.split('<').next()?.trim().parse().ok()
+    dom.split("loadms=")
+        .nth(1)?
+        .split('<')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -108,8 +120,15 @@ async fn main() {
     let origin = Origin::start().await;
     let proxy = "http://127.0.0.1:3128";
     let start_args = [
-        "egress", "start", "--id", LEASE, "--allow", "127.0.0.1", "--allow-private",
-        "--coordinator", &lease.coordinator_url,
+        "egress",
+        "start",
+        "--id",
+        LEASE,
+        "--allow",
+        "127.0.0.1",
+        "--allow-private",
+        "--coordinator",
+        &lease.coordinator_url,
     ];
 
     // Cold, then warm rounds (stop in between).
@@ -133,7 +152,20 @@ async fn main() {
 
         // The reference's manual flow with OpenSSH.
         let t = Instant::now();
-        let host = ctl_ok(&d, &["egress", "host", "--id", LEASE, "--allow", "127.0.0.1", "--allow-private", "--json"]).await;
+        let host = ctl_ok(
+            &d,
+            &[
+                "egress",
+                "host",
+                "--id",
+                LEASE,
+                "--allow",
+                "127.0.0.1",
+                "--allow-private",
+                "--json",
+            ],
+        )
+        .await;
         let session = serde_json::from_str::<serde_json::Value>(&host).unwrap()["session_id"]
             .as_str()
             .unwrap()
@@ -142,8 +174,15 @@ async fn main() {
         let helper = crabbox_tests::bins::bin("crabbox-egress-client");
         let target = format!("{}@{}", lease.sshd.user, lease.ns.ns_ip);
         let ssh_opts = [
-            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
-            "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-i",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
         ];
         let scp = tokio::process::Command::new("scp")
             .args(ssh_opts)
@@ -153,7 +192,11 @@ async fn main() {
             .output()
             .await
             .unwrap();
-        assert!(scp.status.success(), "{}", String::from_utf8_lossy(&scp.stderr));
+        assert!(
+            scp.status.success(),
+            "{}",
+            String::from_utf8_lossy(&scp.stderr)
+        );
         let remote = format!(
             "pkill -f '[c]rabbox-egress-client-bench' >/dev/null 2>&1; printf '%s' '{}' > /tmp/cbx-bench-ticket; chmod 600 /tmp/cbx-bench-ticket; nohup /tmp/crabbox-egress-client-bench --coordinator '{}' --id {LEASE} --session {session} --listen 127.0.0.1:3128 --control /tmp/cbx-bench.sock --ticket-file /tmp/cbx-bench-ticket > /tmp/cbx-bench.log 2>&1 < /dev/null &",
             ticket.trim(),
@@ -167,7 +210,11 @@ async fn main() {
             .output()
             .await
             .unwrap();
-        assert!(ssh.status.success(), "{}", String::from_utf8_lossy(&ssh.stderr));
+        assert!(
+            ssh.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ssh.stderr)
+        );
         first_byte(&lease, proxy, &origin.url(&format!("manual{round}"))).await;
         manual.push(ms(t.elapsed()));
         let _ = tokio::process::Command::new("ssh")

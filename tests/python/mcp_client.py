@@ -141,6 +141,8 @@ async def main():
                 )
 
             report["egress_status"] = await call(session, "egress_status", {"lease_id": lease})
+            report["egress_start_no_allowlist"] = await call(session, "egress_start", {"lease_id": lease})
+            report["egress_stop_nothing"] = await call(session, "egress_stop", {"lease_id": lease})
             report["tasks"] = await call(session, "tasks_list", {})
             report["tasks_kind"] = await call(session, "tasks_list", {"kind": "lease-keeper"})
 

@@ -72,13 +72,12 @@ impl TestLease {
             home.display(),
             shim.display()
         );
-        let sshd = TestSshd::start_with_config(
-            Some((&ns, SocketAddr::from((ns.ns_ip, 22)))),
-            10,
-            &extra,
-        )
-        .await;
-        let fwd = tokio::net::TcpListener::bind((ns.host_ip, 0)).await.unwrap();
+        let sshd =
+            TestSshd::start_with_config(Some((&ns, SocketAddr::from((ns.ns_ip, 22)))), 10, &extra)
+                .await;
+        let fwd = tokio::net::TcpListener::bind((ns.host_ip, 0))
+            .await
+            .unwrap();
         let coordinator_url = format!("http://{}", fwd.local_addr().unwrap());
         let forwarder = tokio::spawn(forward(fwd, coordinator));
         TestLease {

@@ -36,7 +36,11 @@ async fn register(coord: &TestCoordinator, lease: &TestLease, id: &str) {
     assert!(status == 200 || status == 201, "registration: {status} {v}");
 }
 
-async fn daemon_in(coord: &TestCoordinator, lease: &TestLease, home: Option<&std::path::Path>) -> TestDaemon {
+async fn daemon_in(
+    coord: &TestCoordinator,
+    lease: &TestLease,
+    home: Option<&std::path::Path>,
+) -> TestDaemon {
     let mut b = TestDaemon::builder()
         .coordinator(&coord.base_url, &coord.shared_token)
         .env("CRABBOX_LOG", "info,crabboxd=debug")
@@ -145,7 +149,12 @@ fn tickets_in(text: &str) -> Vec<String> {
 fn tickets_in_proc() -> Vec<String> {
     let mut found = vec![];
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        if !entry.file_name().to_string_lossy().bytes().all(|c| c.is_ascii_digit()) {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|c| c.is_ascii_digit())
+        {
             continue;
         }
         for f in ["cmdline", "environ"] {
@@ -163,7 +172,10 @@ async fn egress_start_installs_the_helper_over_ssh_and_the_lease_fetches_through
     let Some(w) = world(41).await else { return };
     // Without a helper the origin is out of the lease's reach.
     let (ok, _, _) = w.lease.curl(None, &w.origin.url("direct")).await;
-    assert!(!ok, "the lease must not reach the root namespace's loopback");
+    assert!(
+        !ok,
+        "the lease must not reach the root namespace's loopback"
+    );
     let (ok, _, _) = w
         .lease
         .curl(Some("http://127.0.0.1:3128"), &w.origin.url("none"))
@@ -197,7 +209,10 @@ async fn egress_start_installs_the_helper_over_ssh_and_the_lease_fetches_through
     let body = w.fetch_until_ok("through", Duration::from_secs(20)).await;
     assert_eq!(body, w.origin.body);
     let peers = w.origin.peers.lock().unwrap().clone();
-    assert!(!peers.is_empty() && peers.iter().all(|p| p.ip().is_loopback()), "{peers:?}");
+    assert!(
+        !peers.is_empty() && peers.iter().all(|p| p.ip().is_loopback()),
+        "{peers:?}"
+    );
 
     // The lease-local state says where the proxy is (0600).
     let current = w.lease.current().expect("current.json");
@@ -222,23 +237,47 @@ async fn egress_start_installs_the_helper_over_ssh_and_the_lease_fetches_through
     assert!(tickets_in(&w.daemon.stderr()).is_empty());
     let helper_log =
         std::fs::read_to_string(w.lease.egress_state().join(&session).join("helper.log")).unwrap();
-    assert!(helper_log.contains("egress client: connected"), "{helper_log}");
+    assert!(
+        helper_log.contains("egress client: connected"),
+        "{helper_log}"
+    );
     assert!(tickets_in(&helper_log).is_empty(), "{helper_log}");
     // Nor the coordinator URL in the helper's command line.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    assert!(!text(&cmdline).contains(&w.lease.coordinator_url), "{}", text(&cmdline));
+    assert!(
+        !text(&cmdline).contains(&w.lease.coordinator_url),
+        "{}",
+        text(&cmdline)
+    );
 
     // Warm: the cached helper is used, and the new session replaces the
     // old pair as one transition.
     let out = w.start(&[]).await;
-    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     let human = text(&out.stdout);
-    assert!(human.contains("listening: none public; outbound WebSocket only"), "{human}");
-    assert!(human.contains(&format!("crabboxctl egress stop --id {LEASE}")), "{human}");
-    assert!(human.contains(&format!("crabboxctl egress status --id {LEASE}")), "{human}");
+    assert!(
+        human.contains("listening: none public; outbound WebSocket only"),
+        "{human}"
+    );
+    assert!(
+        human.contains(&format!("crabboxctl egress stop --id {LEASE}")),
+        "{human}"
+    );
+    assert!(
+        human.contains(&format!("crabboxctl egress status --id {LEASE}")),
+        "{human}"
+    );
     let current2 = w.lease.current().unwrap();
     assert_ne!(current2["session"], session.as_str());
-    assert!(!TestLease::alive(pid), "the replaced session's helper was stopped");
+    assert!(
+        !TestLease::alive(pid),
+        "the replaced session's helper was stopped"
+    );
     w.fetch_until_ok("warm", Duration::from_secs(20)).await;
     let v = w.start_json().await;
     assert_eq!(v["uploaded"], false, "{v}");
@@ -248,14 +287,15 @@ async fn egress_start_installs_the_helper_over_ssh_and_the_lease_fetches_through
     let pid = w.helper_pid();
     let out = w.daemon.ctl(&["egress", "stop", "--id", LEASE]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains(&format!("pid={pid}")), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains(&format!("pid={pid}")),
+        "{}",
+        text(&out.stdout)
+    );
     assert!(!TestLease::alive(pid));
     assert!(w.lease.current().is_none());
     let remote = w.daemon.tasks(Some("egress-remote-client")).await;
-    assert!(
-        remote.iter().all(|t| t["state"] == "stopped"),
-        "{remote:?}"
-    );
+    assert!(remote.iter().all(|t| t["state"] == "stopped"), "{remote:?}");
     let (ok, _, _) = w
         .lease
         .curl(Some("http://127.0.0.1:3128"), &w.origin.url("after"))
@@ -263,7 +303,11 @@ async fn egress_start_installs_the_helper_over_ssh_and_the_lease_fetches_through
     assert!(!ok);
     let out = w.daemon.ctl(&["egress", "stop", "--id", LEASE]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("nothing to stop"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("nothing to stop"),
+        "{}",
+        text(&out.stdout)
+    );
     drop(w.coord);
 }
 
@@ -272,14 +316,30 @@ async fn egress_start_refuses_a_public_listen_and_an_empty_allowlist_before_touc
     let Some(w) = world(42).await else { return };
     let out = w
         .daemon
-        .ctl(&["egress", "start", "--id", LEASE, "--allow", "127.0.0.1", "--listen", "0.0.0.0:3128"])
+        .ctl(&[
+            "egress",
+            "start",
+            "--id",
+            LEASE,
+            "--allow",
+            "127.0.0.1",
+            "--listen",
+            "0.0.0.0:3128",
+        ])
         .await;
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("loopback"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("loopback"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = w.daemon.ctl(&["egress", "start", "--id", LEASE]).await;
     assert!(!out.status.success());
     assert!(!w.lease.path(".cache").exists(), "nothing was installed");
-    assert!(w.daemon.tasks(Some("ssh-mux")).await.is_empty(), "SSH was never used");
+    assert!(
+        w.daemon.tasks(Some("ssh-mux")).await.is_empty(),
+        "SSH was never used"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,8 +359,14 @@ async fn a_lease_of_another_cpu_without_a_helper_is_refused_naming_the_arch_and_
         .config
         .join("crabbox/helpers/aarch64/crabbox-egress-client");
     assert!(err.contains(&dir.display().to_string()), "{err}");
-    assert!(!w.lease.path(".cache/crabbox/bin").exists(), "nothing was uploaded");
-    assert!(w.daemon.tasks(Some("egress-host")).await.is_empty(), "no session was minted");
+    assert!(
+        !w.lease.path(".cache/crabbox/bin").exists(),
+        "nothing was uploaded"
+    );
+    assert!(
+        w.daemon.tasks(Some("egress-host")).await.is_empty(),
+        "no session was minted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,7 +382,14 @@ async fn stop_ends_our_helper_and_leaves_another_sessions_helper_running() {
     let mut other = tokio::process::Command::new("ip")
         .args(["netns", "exec", &w.lease.ns.name])
         .arg(&bin)
-        .args(["--coordinator", &w.lease.coordinator_url, "--id", LEASE, "--session", "egress_0ther0ther0"])
+        .args([
+            "--coordinator",
+            &w.lease.coordinator_url,
+            "--id",
+            LEASE,
+            "--session",
+            "egress_0ther0ther0",
+        ])
         .args(["--listen", "127.0.0.1:3129", "--control"])
         .arg(other_dir.join("control.sock"))
         .stdin(std::process::Stdio::null())
@@ -327,20 +400,29 @@ async fn stop_ends_our_helper_and_leaves_another_sessions_helper_running() {
     let other_pid = other.id().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !other_dir.join("control.sock").exists() {
-        assert!(tokio::time::Instant::now() < deadline, "the other helper did not start");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the other helper did not start"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let out = w.daemon.ctl(&["egress", "stop", "--id", LEASE]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(!TestLease::alive(ours), "our helper was stopped");
-    assert!(TestLease::alive(other_pid), "another session's helper keeps running");
+    assert!(
+        TestLease::alive(other_pid),
+        "another session's helper keeps running"
+    );
     assert!(other.try_wait().unwrap().is_none());
 }
 
 async fn wait_gone(pid: u32, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
     while TestLease::alive(pid) {
-        assert!(tokio::time::Instant::now() < deadline, "pid {pid} still runs after {within:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pid {pid} still runs after {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -359,7 +441,8 @@ async fn the_pair_heals_after_a_killed_helper_a_daemon_restart_and_a_coordinator
     )
     .unwrap();
     wait_gone(pid, Duration::from_secs(10)).await;
-    w.fetch_until_ok("after-kill", Duration::from_secs(40)).await;
+    w.fetch_until_ok("after-kill", Duration::from_secs(40))
+        .await;
     let pid2 = w.helper_pid();
     assert_ne!(pid2, pid, "a new helper runs");
     assert!(TestLease::alive(pid2));
@@ -374,7 +457,8 @@ async fn the_pair_heals_after_a_killed_helper_a_daemon_restart_and_a_coordinator
     let home = w.daemon.home().to_path_buf();
     let restarted = daemon_in(&w.coord, &w.lease, Some(&home)).await;
     let _old = std::mem::replace(&mut w.daemon, restarted);
-    w.fetch_until_ok("after-daemon-restart", Duration::from_secs(40)).await;
+    w.fetch_until_ok("after-daemon-restart", Duration::from_secs(40))
+        .await;
     assert_eq!(w.lease.current().unwrap()["session"], session);
     assert_eq!(w.helper_pid(), pid2, "the helper kept running");
     assert!(TestLease::alive(pid2));

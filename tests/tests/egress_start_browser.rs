@@ -72,10 +72,23 @@ async fn desktop_launch_loads_a_many_resource_https_page_through_the_helper() {
 
     // No egress yet: refused with a sentence naming `egress start`.
     let out = d
-        .ctl(&["desktop", "launch", "--id", LEASE, "--browser", "--url", &page.url(), "--egress"])
+        .ctl(&[
+            "desktop",
+            "launch",
+            "--id",
+            LEASE,
+            "--browser",
+            "--url",
+            &page.url(),
+            "--egress",
+        ])
         .await;
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("egress start"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("egress start"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // Chromium alone, inside the lease, cannot load the page.
     let alone = lease.path("alone");
@@ -91,31 +104,70 @@ async fn desktop_launch_loads_a_many_resource_https_page_through_the_helper() {
             ),
         ])
         .await;
-    assert!(!text(&direct.stdout).contains(&loaded_marker()), "{}", text(&direct.stdout));
+    assert!(
+        !text(&direct.stdout).contains(&loaded_marker()),
+        "{}",
+        text(&direct.stdout)
+    );
     assert!(page.served.lock().unwrap().is_empty());
 
     let out = d
         .ctl(&[
-            "egress", "start", "--id", LEASE, "--allow", "127.0.0.1", "--allow-private",
-            "--coordinator", &lease.coordinator_url,
+            "egress",
+            "start",
+            "--id",
+            LEASE,
+            "--allow",
+            "127.0.0.1",
+            "--allow-private",
+            "--coordinator",
+            &lease.coordinator_url,
         ])
         .await;
-    assert!(out.status.success(), "{}{}\n{}", text(&out.stdout), text(&out.stderr), d.stderr());
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        d.stderr()
+    );
 
     let out = d
         .ctl(&[
-            "desktop", "launch", "--id", LEASE, "--browser", "--url", &page.url(), "--egress",
-            "local", "--json",
+            "desktop",
+            "launch",
+            "--id",
+            LEASE,
+            "--browser",
+            "--url",
+            &page.url(),
+            "--egress",
+            "local",
+            "--json",
         ])
         .await;
-    assert!(out.status.success(), "{}\n{}", text(&out.stderr), d.stderr());
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        d.stderr()
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let argv: Vec<String> = serde_json::from_value(v["argv"].clone()).unwrap();
-    assert!(argv.contains(&"--proxy-server=http://127.0.0.1:3128".to_owned()), "{argv:?}");
-    assert!(argv.contains(&"--proxy-bypass-list=<-loopback>".to_owned()), "{argv:?}");
+    assert!(
+        argv.contains(&"--proxy-server=http://127.0.0.1:3128".to_owned()),
+        "{argv:?}"
+    );
+    assert!(
+        argv.contains(&"--proxy-bypass-list=<-loopback>".to_owned()),
+        "{argv:?}"
+    );
     let session = v["session_id"].as_str().unwrap();
     assert!(v["profile_dir"].as_str().unwrap().ends_with(session), "{v}");
-    assert!(argv.iter().any(|a| a.starts_with("--user-data-dir=") && a.ends_with(session)));
+    assert!(
+        argv.iter()
+            .any(|a| a.starts_with("--user-data-dir=") && a.ends_with(session))
+    );
 
     let dom = wait_for_dom(&dom, Duration::from_secs(90)).await;
     assert!(

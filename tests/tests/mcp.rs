@@ -177,6 +177,7 @@ async fn python_sdk_drives_leases_exec_runs_and_egress_over_stdio() {
         "run_start",
         "run_list",
         "run_stop",
+        "egress_start",
     ] {
         let t = &tools[name];
         assert!(t["description"].as_str().unwrap().len() > 40, "{name}: {t}");
@@ -318,6 +319,17 @@ async fn python_sdk_drives_leases_exec_runs_and_egress_over_stdio() {
     assert_eq!(eg["lease_id"], LEASE, "{eg}");
     assert_eq!(eg["coordinator"]["active"], false, "{eg}");
     assert_eq!(eg["local"], Value::Null);
+
+    // Egress start without an allowlist: refused with crabboxctl's sentence.
+    let cli = d.ctl(&["egress", "start", "--id", LEASE]).await;
+    assert!(!cli.status.success());
+    let cli_text = String::from_utf8_lossy(&cli.stderr).trim().to_owned();
+    let text = tool_error(&report, "egress_start_no_allowlist").trim();
+    assert_eq!(text, cli_text);
+    assert!(text.contains("allow"), "{text}");
+    // Stopping egress that does not run is not an error and says so.
+    let stop = ok(&report, "egress_stop_nothing");
+    assert_eq!(stop["host_stopped"], false, "{stop}");
 
     // The task table, whole and by kind.
     let tasks = ok(&report, "tasks")["tasks"].as_array().unwrap();

@@ -49,7 +49,9 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
         return Err(Failure {
             code: Code::Usage,
             message: "desktop launch needs --browser (the browser is what it launches)".into(),
-            hints: vec![format!("crabboxctl desktop launch --id {id} --browser --egress")],
+            hints: vec![format!(
+                "crabboxctl desktop launch --id {id} --browser --egress"
+            )],
         }
         .into());
     }

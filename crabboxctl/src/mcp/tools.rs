@@ -9,9 +9,9 @@ use crabbox_api::v1::{
     AttachRequest, CopyDirection, CopyRequest, ExecCancel, ExecRequest, ExecStart,
     GetEgressStatusRequest, HeartbeatRequest, KeepLeaseRequest, ListEgressHostsRequest,
     ListLeasesRequest, ListRunsRequest, ListTasksRequest, OutputStream, ReleaseLeaseRequest,
-    RunEnd, Signal, StartRunRequest, StdinEof, StopEgressHostRequest, StopKeepingLeaseRequest,
-    StopRunRequest, TaskKind, attach_event, exec_request::Msg, exec_response::Event,
-    start_run_response,
+    RunEnd, Signal, StartEgressRequest, StartRunRequest, StdinEof, StopEgressRequest,
+    StopKeepingLeaseRequest, StopRunRequest, TaskKind, attach_event, exec_request::Msg,
+    exec_response::Event, start_egress_event, start_run_response,
 };
 use rmcp::{
     ServerHandler,
@@ -148,6 +148,28 @@ pub struct TasksArgs {
     pub kind: Option<String>,
     /// The `next_cursor` of the previous page; omit for the first page.
     pub cursor: Option<String>,
+}
+
+/// Arguments of `egress_start`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EgressStartArgs {
+    /// The lease id (`cbx_…`) or slug.
+    pub lease_id: String,
+    /// Allowlist profiles: `discord`, `slack`, or one from crabboxd.toml.
+    /// At least one profile or allow entry is required.
+    #[serde(default)]
+    pub profiles: Vec<String>,
+    /// Allowed hosts: `example.com`, `*.example.com`, IP literals.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Allow private addresses listed literally in `allow` (local demos and
+    /// tests only).
+    #[serde(default)]
+    pub allow_private: bool,
+    /// The helper's loopback listen address on the lease (default
+    /// 127.0.0.1:3128).
+    pub listen: Option<String>,
 }
 
 /// Arguments of `run_start`.
@@ -592,12 +614,25 @@ impl Crabbox {
     }
 
     #[tool(
-        description = "Stop the local egress host bridge of a lease: traffic from the lease through this machine stops, open connections are cut.",
+        description = "Start mediated egress for a lease over its SSH connection: installs the egress helper on the lease, starts the host bridge here and the helper there, and returns once the helper listens (its loopback endpoint on the lease) and is bridged. Programs on the lease then reach only the allowed hosts, exiting from this machine; run_start with egress=true points a run's HTTP(S)_PROXY at it. Needs profiles or allow. Replaces a running egress of the lease.",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false,
+            open_world_hint = true
+        )
+    )]
+    async fn egress_start(&self, Parameters(args): Parameters<EgressStartArgs>) -> CallToolResult {
+        reply(self.egress_start_inner(args).await)
+    }
+
+    #[tool(
+        description = "Stop mediated egress for a lease: the host bridge here, the helper on the lease and its lease-local state. Traffic from the lease through this machine stops and open connections are cut. Says what it stopped; nothing to stop is not an error.",
         annotations(
             read_only_hint = false,
             destructive_hint = true,
             idempotent_hint = true,
-            open_world_hint = false
+            open_world_hint = true
         )
     )]
     async fn egress_stop(&self, Parameters(args): Parameters<LeaseArgs>) -> CallToolResult {
@@ -605,15 +640,25 @@ impl Crabbox {
             async {
                 let lease_id = lease_arg(&args.lease_id)?;
                 let client = connect::connect(&self.ctx.socket).await?;
-                connect::call(
+                let r = connect::call_coordinator(
                     &self.ctx.socket,
-                    "StopEgressHost",
-                    client.egress().stop_egress_host(StopEgressHostRequest {
+                    "StopEgress",
+                    client.egress().stop_egress(StopEgressRequest {
                         lease_id: lease_id.clone(),
+                        agent_socket: exec_cmd::agent_socket(),
                     }),
                 )
-                .await?;
-                Ok(json!({"lease_id": lease_id, "stopped": true}))
+                .await?
+                .into_inner();
+                Ok(json!({
+                    "lease_id": lease_id,
+                    "session_id": r.session_id,
+                    "host_stopped": r.host_stopped,
+                    "helper_stopped": r.helper_stopped,
+                    "helper_pid": r.helper_pid,
+                    "state_removed": r.state_removed,
+                    "lease_error": bound::head(&r.lease_error, 4096).0,
+                }))
             }
             .await,
         )
@@ -881,6 +926,66 @@ impl Crabbox {
             "bytes": bytes,
             "written_path": written,
         }))
+    }
+
+    async fn egress_start_inner(&self, args: EgressStartArgs) -> anyhow::Result<Value> {
+        let lease_id = lease_arg(&args.lease_id)?;
+        let req = StartEgressRequest {
+            lease_id,
+            profiles: args.profiles,
+            allow: args.allow,
+            allow_private: args.allow_private,
+            listen: args.listen.unwrap_or_default(),
+            coordinator_url: String::new(),
+            transport: String::new(),
+            agent_socket: exec_cmd::agent_socket(),
+        };
+        let client = connect::connect(&self.ctx.socket).await?;
+        let mut stream = connect::call_coordinator(
+            &self.ctx.socket,
+            "StartEgress",
+            client.egress().start_egress(req),
+        )
+        .await?
+        .into_inner();
+        let mut steps = Vec::new();
+        loop {
+            let msg = connect::call_coordinator(&self.ctx.socket, "StartEgress", stream.message())
+                .await?
+                .ok_or_else(|| Failure::error("crabboxd ended StartEgress without a result"))?;
+            match msg.event {
+                Some(start_egress_event::Event::Step(s)) => {
+                    // Seven steps; each line cut to 1 KiB.
+                    if steps.len() < 16 {
+                        steps.push(json!({
+                            "number": s.number,
+                            "name": bound::head(&s.name, 64).0,
+                            "detail": bound::head(&s.detail, 1024).0,
+                        }));
+                    }
+                }
+                // The proxy URL stays out of the result; the endpoint is the
+                // helper's listen address on the lease.
+                Some(start_egress_event::Event::Started(st)) => {
+                    let v = json!({
+                        "lease_id": st.lease_id,
+                        "session_id": st.session_id,
+                        "summary": st.summary,
+                        "profiles": st.profiles,
+                        "allow": st.allow,
+                        "endpoint": st.endpoint,
+                        "pid": st.pid,
+                        "version": st.version,
+                        "arch": st.arch,
+                        "uploaded": st.uploaded,
+                        "steps": steps,
+                    });
+                    let (mut items, _) = bound::page(vec![v], None).map_err(bad_args)?;
+                    return Ok(items.remove(0));
+                }
+                None => {}
+            }
+        }
     }
 
     async fn run_start_inner(&self, args: RunStartArgs) -> anyhow::Result<Value> {

@@ -171,7 +171,15 @@ impl EgressManager {
         profiles: BTreeMap<String, Vec<String>>,
         ends: LeaseEnds,
     ) -> Self {
-        Self::with_ssh(coordinator, supervisor, state_dir, profiles, ends, None, PathBuf::new())
+        Self::with_ssh(
+            coordinator,
+            supervisor,
+            state_dir,
+            profiles,
+            ends,
+            None,
+            PathBuf::new(),
+        )
     }
 
     /// A manager that can also drive the lease side over SSH, looking for

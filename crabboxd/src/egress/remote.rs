@@ -227,7 +227,12 @@ impl Remote {
         args: &[&str],
         stdin: Option<Bytes>,
     ) -> Result<ShOut, RemoteError> {
-        let mut argv = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned(), "sh".to_owned()];
+        let mut argv = vec![
+            "sh".to_owned(),
+            "-c".to_owned(),
+            script.to_owned(),
+            "sh".to_owned(),
+        ];
         argv.extend(args.iter().map(|a| (*a).to_owned()));
         let spec = ExecSpec {
             lease: self.lease.clone(),
@@ -335,7 +340,11 @@ echo uploaded"#;
             return Ok((path, false));
         }
         let up = self
-            .sh(SCRIPT, &[&helper.digest, "upload"], Some(helper.bytes.clone()))
+            .sh(
+                SCRIPT,
+                &[&helper.digest, "upload"],
+                Some(helper.bytes.clone()),
+            )
             .await?;
         if up.code != 0 || up.stdout.trim() != "uploaded" {
             return Err(RemoteError::Lease(format!(
@@ -425,13 +434,17 @@ cat "$s/helper.pid""#;
                 .await?;
             t.write_all(format!("{line}\n").as_bytes())
                 .await
-                .map_err(|e| RemoteError::Lease(format!("writing to the helper's control socket: {e}")))?;
+                .map_err(|e| {
+                    RemoteError::Lease(format!("writing to the helper's control socket: {e}"))
+                })?;
             t.flush().await.ok();
             let mut answer = String::new();
             BufReader::new((&mut t).take(CONTROL_REPLY_CAP))
                 .read_line(&mut answer)
                 .await
-                .map_err(|e| RemoteError::Lease(format!("reading the helper's control socket: {e}")))?;
+                .map_err(|e| {
+                    RemoteError::Lease(format!("reading the helper's control socket: {e}"))
+                })?;
             if answer.is_empty() {
                 return Err(RemoteError::Lease(
                     "the helper's control socket closed without an answer".into(),
@@ -452,9 +465,8 @@ cat "$s/helper.pid""#;
     /// The helper's `status` answer.
     pub async fn status(&self, socket: &str) -> Result<HelperStatus, RemoteError> {
         let answer = self.control(socket, "status").await?;
-        serde_json::from_str(&answer).map_err(|e| {
-            RemoteError::Lease(format!("the helper's status is not JSON ({e})"))
-        })
+        serde_json::from_str(&answer)
+            .map_err(|e| RemoteError::Lease(format!("the helper's status is not JSON ({e})")))
     }
 
     /// Hands the helper a ticket over its control socket.
@@ -474,7 +486,11 @@ cat "$s/helper.pid""#;
         let (host, port) = split_listen(listen)?;
         match self
             .ssh
-            .tunnel(&self.lease, self.agent.clone(), &Endpoint::Tcp { host, port })
+            .tunnel(
+                &self.lease,
+                self.agent.clone(),
+                &Endpoint::Tcp { host, port },
+            )
             .await
         {
             Ok(t) => {
@@ -520,7 +536,8 @@ printf '%s\n' "$d/current.json""#;
             .sh("cat \"$1/helper.pid\" 2>/dev/null", &[&paths.dir], None)
             .await?;
         let pid = pid_out.stdout.trim().parse::<u32>().ok();
-        let stopped_by_socket = matches!(self.control(&paths.control, "stop").await, Ok(a) if a == "ok");
+        let stopped_by_socket =
+            matches!(self.control(&paths.control, "stop").await, Ok(a) if a == "ok");
         const SCRIPT: &str = r#"s="$1"; session="$2"; p="$3"; killed=
 if [ -n "$p" ] && [ -r "/proc/$p/cmdline" ]; then
   if tr '\0' '\n' < "/proc/$p/cmdline" | grep -qx -- "$session" && tr '\0' '\n' < "/proc/$p/cmdline" | grep -q 'crabbox-egress-client$'; then

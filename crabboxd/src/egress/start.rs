@@ -110,9 +110,10 @@ fn lease_err(e: RemoteError) -> EgressError {
 impl EgressManager {
     fn remote(&self, lease: &str, agent: Option<PathBuf>) -> Result<Remote, EgressError> {
         Ok(Remote {
-            ssh: self.ssh.clone().ok_or_else(|| {
-                EgressError::Invalid("this daemon has no SSH multiplexer".into())
-            })?,
+            ssh: self
+                .ssh
+                .clone()
+                .ok_or_else(|| EgressError::Invalid("this daemon has no SSH multiplexer".into()))?,
             lease: lease.to_owned(),
             agent,
         })
@@ -154,7 +155,13 @@ impl EgressManager {
         progress: &mpsc::Sender<Step>,
     ) -> Result<Started, EgressError> {
         let step = |number, name, detail: String| async move {
-            let _ = progress.send(Step { number, name, detail }).await;
+            let _ = progress
+                .send(Step {
+                    number,
+                    name,
+                    detail,
+                })
+                .await;
         };
         // 1. Refuse what is wrong before touching anything.
         let listen = if req.listen.trim().is_empty() {
@@ -304,11 +311,7 @@ impl EgressManager {
         let deadline = tokio::time::Instant::now() + READY_WAIT;
         loop {
             let listening = remote.listening(&listen).await.map_err(lease_err)?;
-            let bridged = listening
-                && remote
-                    .status(&paths.control)
-                    .await
-                    .is_ok_and(|s| s.bridged);
+            let bridged = listening && remote.status(&paths.control).await.is_ok_and(|s| s.bridged);
             if bridged {
                 break;
             }
@@ -328,7 +331,8 @@ impl EgressManager {
         step(5, "listen", format!("{listen} accepts; bridge up")).await;
 
         // 6. Lease-local state for other tools on the lease.
-        let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let started_at =
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
         let current = Current {
             lease: lease.clone(),
             session: session.clone(),
@@ -448,7 +452,9 @@ impl EgressManager {
                         e.remote = Some(handle);
                     }
                 }
-                Err(e) => tracing::warn!(lease = %lease, error = %e, "not restoring the egress remote client"),
+                Err(e) => {
+                    tracing::warn!(lease = %lease, error = %e, "not restoring the egress remote client")
+                }
             }
         }
     }

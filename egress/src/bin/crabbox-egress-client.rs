@@ -200,8 +200,7 @@ fn bridge_url(coordinator: &str, lease: &str) -> anyhow::Result<url::Url> {
 
 /// The trimmed contents of a file nobody else may read.
 fn read_private(path: &Path) -> anyhow::Result<String> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     if meta.mode() & 0o077 != 0 {
         anyhow::bail!(
             "{} must not be readable by others (chmod 600)",

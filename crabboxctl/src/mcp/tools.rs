@@ -954,16 +954,15 @@ impl Crabbox {
                 .await?
                 .ok_or_else(|| Failure::error("crabboxd ended StartEgress without a result"))?;
             match msg.event {
-                Some(start_egress_event::Event::Step(s)) => {
-                    // Seven steps; each line cut to 1 KiB.
-                    if steps.len() < 16 {
-                        steps.push(json!({
-                            "number": s.number,
-                            "name": bound::head(&s.name, 64).0,
-                            "detail": bound::head(&s.detail, 1024).0,
-                        }));
-                    }
+                // Seven steps; each line cut to 1 KiB.
+                Some(start_egress_event::Event::Step(s)) if steps.len() < 16 => {
+                    steps.push(json!({
+                        "number": s.number,
+                        "name": bound::head(&s.name, 64).0,
+                        "detail": bound::head(&s.detail, 1024).0,
+                    }));
                 }
+                Some(start_egress_event::Event::Step(_)) => {}
                 // The proxy URL stays out of the result; the endpoint is the
                 // helper's listen address on the lease.
                 Some(start_egress_event::Event::Started(st)) => {

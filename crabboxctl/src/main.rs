@@ -5,7 +5,8 @@
 //! Layout: `commands/` holds one file per subcommand; `connect` turns
 //! connection and gRPC failures into instructions; `output` renders human and
 //! `--json` output; `service` drives systemd and launchd; `dirs` knows where
-//! things live; `exit` owns the exit codes.
+//! things live; `exit` owns the exit codes; `mcp` serves the same API as
+//! MCP tools on stdio.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -29,6 +30,7 @@ mod commands;
 mod connect;
 mod dirs;
 mod exit;
+mod mcp;
 mod output;
 mod service;
 
@@ -104,6 +106,8 @@ enum Command {
     Ssh(commands::ssh::Args),
     /// Forward a local loopback port to an address on a lease (list, stop).
     Forward(commands::forward::Args),
+    /// Serve the daemon's API to coding agents over MCP on stdin/stdout.
+    Mcp(mcp::Args),
     /// Print a shell completion script.
     Completions(commands::completions::Args),
     /// Write man pages (used by packaging).
@@ -166,6 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<Code> {
         Command::Rsh(args) => commands::rsh::run(&ctx(socket)?, &args).await,
         Command::Ssh(args) => commands::ssh::run(&ctx(socket)?, &args).await,
         Command::Forward(args) => commands::forward::run(&ctx(socket)?, &args).await,
+        Command::Mcp(args) => mcp::run(&ctx(socket)?, &args).await,
     }
 }
 

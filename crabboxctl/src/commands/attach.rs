@@ -55,7 +55,7 @@ pub fn run_exit_status(end: &RunEnd) -> u8 {
 }
 
 /// The outcome's display name (`succeeded`, `failed`, `unknown`).
-fn outcome_name(end: &RunEnd) -> &'static str {
+pub fn outcome_name(end: &RunEnd) -> &'static str {
     match end.outcome() {
         RunOutcome::Succeeded => "succeeded",
         RunOutcome::Failed => "failed",

@@ -40,7 +40,9 @@ pub fn split_remote(s: &str) -> Option<(&str, &str)> {
     Some((lease, if path.is_empty() { "." } else { path }))
 }
 
-fn absolute(p: &str) -> anyhow::Result<PathBuf> {
+/// `p` as an absolute path (relative ones against the current directory),
+/// as the daemon needs it.
+pub fn absolute(p: &str) -> anyhow::Result<PathBuf> {
     let p = PathBuf::from(p);
     Ok(if p.is_absolute() {
         p

@@ -9,9 +9,9 @@ use std::{
 };
 
 use crabbox_api::v1::{
-    EgressHost, EgressRole, GetEgressStatusRequest, ListEgressHostsRequest,
-    MintEgressTicketRequest, StartEgressHostRequest, StartEgressRequest, StopEgressRequest,
-    start_egress_event::Event,
+    EgressHost, EgressRole, GetEgressStatusRequest, GetEgressStatusResponse,
+    ListEgressHostsRequest, MintEgressTicketRequest, StartEgressHostRequest, StartEgressRequest,
+    StopEgressRequest, start_egress_event::Event,
 };
 use serde::Serialize;
 
@@ -143,8 +143,9 @@ impl From<Role> for EgressRole {
     }
 }
 
+/// The JSON shape of a local host bridge (`egress list --json`).
 #[derive(Debug, Serialize)]
-struct HostJson {
+pub struct HostJson {
     lease_id: String,
     session_id: String,
     summary: String,
@@ -162,7 +163,8 @@ struct HostJson {
     helper: Option<serde_json::Value>,
 }
 
-fn host_json(h: &EgressHost) -> HostJson {
+/// Builds a host bridge's JSON shape.
+pub fn host_json(h: &EgressHost) -> HostJson {
     let c = h.counters.clone().unwrap_or_default();
     HostJson {
         lease_id: h.lease_id.clone(),
@@ -200,6 +202,32 @@ fn host_json(h: &EgressHost) -> HostJson {
                 "restarts": t.restarts, "last_error": t.last_error,
             })
         }),
+    }
+}
+
+/// The JSON shape of `egress status --json`: the local bridge and the
+/// coordinator's view (in the reference's field names).
+#[derive(Debug, Serialize)]
+pub struct StatusJson {
+    lease_id: String,
+    local: Option<HostJson>,
+    coordinator: Option<serde_json::Value>,
+    coordinator_error: String,
+}
+
+/// Builds `egress status --json` for lease `id`.
+pub fn status_json(id: &str, st: &GetEgressStatusResponse) -> StatusJson {
+    let coordinator = st.coordinator.as_ref().map(|c| {
+        serde_json::json!({
+            "active": c.active, "sessionID": c.session_id, "profile": c.profile,
+            "allow": c.allow, "hostConnected": c.host_connected, "clientConnected": c.client_connected,
+        })
+    });
+    StatusJson {
+        lease_id: id.to_owned(),
+        local: st.local.as_ref().map(host_json),
+        coordinator,
+        coordinator_error: st.coordinator_error.clone(),
     }
 }
 
@@ -306,25 +334,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
             .await?
             .into_inner();
             if *json {
-                #[derive(Serialize)]
-                struct StatusJson {
-                    lease_id: String,
-                    local: Option<HostJson>,
-                    coordinator: Option<serde_json::Value>,
-                    coordinator_error: String,
-                }
-                let coordinator = st.coordinator.as_ref().map(|c| {
-                    serde_json::json!({
-                        "active": c.active, "sessionID": c.session_id, "profile": c.profile,
-                        "allow": c.allow, "hostConnected": c.host_connected, "clientConnected": c.client_connected,
-                    })
-                });
-                output::print_json(&StatusJson {
-                    lease_id: id.clone(),
-                    local: st.local.as_ref().map(host_json),
-                    coordinator,
-                    coordinator_error: st.coordinator_error,
-                })?;
+                output::print_json(&status_json(id, &st))?;
             } else {
                 match &st.coordinator {
                     // The reference's two renderings (protocol doc §3.6).

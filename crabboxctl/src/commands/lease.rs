@@ -91,8 +91,9 @@ impl From<&Lease> for LeaseJson {
     }
 }
 
+/// The JSON shape of a kept lease (`lease list --json`, `lease keep --json`).
 #[derive(Debug, Serialize)]
-struct KeptJson {
+pub struct KeptJson {
     id: String,
     lease: Option<LeaseJson>,
     state: String,
@@ -105,7 +106,8 @@ struct KeptJson {
     via: Option<&'static str>,
 }
 
-fn kept_json(k: &KeptLease) -> KeptJson {
+/// Builds a kept lease's JSON shape.
+pub fn kept_json(k: &KeptLease) -> KeptJson {
     KeptJson {
         id: k.id.clone(),
         lease: k.lease.as_ref().map(LeaseJson::from),

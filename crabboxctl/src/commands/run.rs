@@ -107,7 +107,8 @@ fn outcome_name(f: &RunFinished) -> &'static str {
     }
 }
 
-fn finished_json(f: &RunFinished) -> serde_json::Value {
+/// A run's end as JSON (`run --json`, `run list --json`).
+pub fn finished_json(f: &RunFinished) -> serde_json::Value {
     serde_json::json!({"outcome": outcome_name(f), "exitCode": f.exit_code, "signal": f.signal,
         "detail": f.detail, "eventsPosted": f.events_posted, "eventsDropped": f.events_dropped,
         "outputTruncated": f.output_truncated, "outputBytes": f.output_bytes})
@@ -195,7 +196,8 @@ async fn stop(ctx: &Ctx, run: &str, kill: bool, json: bool) -> anyhow::Result<Co
     Ok(Code::Ok)
 }
 
-fn client_env() -> Vec<EnvVar> {
+/// This process's environment, for the daemon's allowlist to choose from.
+pub fn client_env() -> Vec<EnvVar> {
     std::env::vars_os()
         .filter_map(|(k, v)| {
             Some(EnvVar {

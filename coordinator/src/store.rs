@@ -17,7 +17,8 @@ use serde::de::DeserializeOwned;
 use crate::model::{Lease, Run, RunEvent};
 
 /// Ordered, append-only migrations; `PRAGMA user_version` counts the applied ones.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE leases (
     id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
@@ -49,7 +50,12 @@ CREATE TABLE egress_tombstones (
     session_id TEXT NOT NULL
 );
 CREATE INDEX egress_tombstones_lease ON egress_tombstones(lease_id, session_id);
-"#];
+"#,
+    // The portal lists a lease's recent runs.
+    r#"
+CREATE INDEX runs_lease ON runs(json_extract(record, '$.leaseID'));
+"#,
+];
 
 /// Tombstones kept per lease (oldest evicted first).
 pub const MAX_TOMBSTONES: i64 = 256;
@@ -235,6 +241,15 @@ pub fn put_run(c: &Connection, r: &Run) -> anyhow::Result<()> {
         params![r.id, to_json(r)?],
     )?;
     Ok(())
+}
+
+/// A lease's runs, newest first, at most `limit`.
+pub fn runs_for_lease(c: &Connection, lease_id: &str, limit: i64) -> anyhow::Result<Vec<Run>> {
+    let mut st = c.prepare_cached(
+        "SELECT record FROM runs WHERE json_extract(record, '$.leaseID') = ?1 ORDER BY rowid DESC LIMIT ?2",
+    )?;
+    let rows = st.query_map(params![lease_id, limit], |r| r.get::<_, String>(0))?;
+    rows.map(|r| from_json(&r?)).collect()
 }
 
 /// The next event sequence number of a run.

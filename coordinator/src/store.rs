@@ -55,6 +55,10 @@ CREATE INDEX egress_tombstones_lease ON egress_tombstones(lease_id, session_id);
     r#"
 CREATE INDEX runs_lease ON runs(json_extract(record, '$.leaseID'));
 "#,
+    // Portal sessions signed out before they expire.
+    r#"
+CREATE TABLE portal_revoked (nonce TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL) WITHOUT ROWID;
+"#,
 ];
 
 /// Tombstones kept per lease (oldest evicted first).
@@ -347,6 +351,45 @@ pub fn get_log(c: &Connection, run_id: &str) -> anyhow::Result<String> {
         out.push_str(&r?);
     }
     Ok(out)
+}
+
+// === portal ===
+
+/// Revoked portal sessions kept at most (the soonest to expire go first).
+pub const MAX_REVOKED: i64 = 65_536;
+
+/// Revoke a portal session nonce until `expires_ms`, forgetting expired ones.
+pub fn revoke_portal_session(
+    c: &Connection,
+    nonce: &str,
+    expires_ms: i64,
+    now_ms: i64,
+) -> anyhow::Result<()> {
+    c.execute(
+        "DELETE FROM portal_revoked WHERE expires_ms <= ?1",
+        [now_ms],
+    )?;
+    c.execute(
+        "INSERT OR REPLACE INTO portal_revoked (nonce, expires_ms) VALUES (?1, ?2)",
+        params![nonce, expires_ms],
+    )?;
+    c.execute(
+        "DELETE FROM portal_revoked WHERE nonce NOT IN
+           (SELECT nonce FROM portal_revoked ORDER BY expires_ms DESC LIMIT ?1)",
+        [MAX_REVOKED],
+    )?;
+    Ok(())
+}
+
+/// Whether a portal session nonce was signed out.
+pub fn is_portal_session_revoked(c: &Connection, nonce: &str) -> anyhow::Result<bool> {
+    Ok(c.query_row(
+        "SELECT 1 FROM portal_revoked WHERE nonce = ?1",
+        [nonce],
+        |_| Ok(()),
+    )
+    .optional()?
+    .is_some())
 }
 
 // === egress ===

@@ -34,13 +34,13 @@
     if (live && window.EventSource) {
       var es = new EventSource(live.dataset.live);
       es.addEventListener("replace", replace);
-      es.addEventListener("open", function () { document.body.dataset.live = "open"; });
+      es.addEventListener("open", function () { document.body.dataset.stream = "open"; });
     }
     var run = document.querySelector("[data-run-live]");
     if (run && window.EventSource) {
       var url = run.dataset.runLive + "?after=" + encodeURIComponent(run.dataset.after || "0");
       var rs = new EventSource(url);
-      rs.addEventListener("open", function () { document.body.dataset.live = "open"; });
+      rs.addEventListener("open", function () { document.body.dataset.stream = "open"; });
       rs.addEventListener("replace", replace);
       rs.addEventListener("output", function (ev) {
         var e = JSON.parse(ev.data);
@@ -51,7 +51,7 @@
       });
       rs.addEventListener("end", function () {
         rs.close();
-        document.body.dataset.live = "ended";
+        document.body.dataset.stream = "ended";
       });
     }
   });

@@ -286,8 +286,7 @@ struct CsrfForm {
     csrf: String,
 }
 
-fn cross_site(st: &Shared) -> Response {
-    let _ = st;
+fn cross_site() -> Response {
     message(
         Chrome {
             viewer: String::new(),
@@ -308,7 +307,7 @@ fn form<T: serde::de::DeserializeOwned>(body: &Body<FORM_MAX>) -> Option<T> {
 async fn login(State(st): State<Shared>, headers: HeaderMap, body: Body<FORM_MAX>) -> Response {
     if !session::same_origin(&st.cfg, &headers) {
         tracing::warn!("portal sign-in refused: cross-site request");
-        return cross_site(&st);
+        return cross_site();
     }
     let Some(f) = form::<LoginForm>(&body) else {
         return login_page(
@@ -322,7 +321,7 @@ async fn login(State(st): State<Shared>, headers: HeaderMap, body: Body<FORM_MAX
     let nonce = session::cookie(&headers, LOGIN_COOKIE).unwrap_or("");
     if nonce.is_empty() || !st.portal.key.csrf_ok(&format!("login:{nonce}"), &f.csrf) {
         tracing::warn!("portal sign-in refused: form token missing or stale");
-        return cross_site(&st);
+        return cross_site();
     }
     let token = f.token.trim();
     if token.is_empty() || token.len() > TOKEN_MAX {
@@ -355,11 +354,10 @@ async fn login(State(st): State<Shared>, headers: HeaderMap, body: Body<FORM_MAX
     };
     // A user token's session ends when the token does.
     let mut exp = now + session::SESSION_TTL_MS;
-    if let Some(rest) = token.strip_prefix(crate::auth::USER_TOKEN_PREFIX)
+    if token.starts_with(crate::auth::USER_TOKEN_PREFIX)
         && let Some(secret) = st.cfg.session_secret.as_ref()
         && let Some(claims) = crate::auth::verify_user_token(secret, token, now / 1000)
     {
-        let _ = rest;
         exp = exp.min(claims.exp * 1000);
     }
     let claims = Claims::new(&principal, exp);
@@ -395,8 +393,20 @@ async fn logout(
         && form::<CsrfForm>(&body).is_some_and(|f| st.portal.key.csrf_ok(&v.claims.n, &f.csrf));
     if !ok {
         tracing::warn!("portal sign-out refused: cross-site request or bad form token");
-        return cross_site(&st);
+        return cross_site();
     }
+    // The cookie is stateless; signing out records its nonce as revoked
+    // until it would have expired anyway.
+    let (nonce, exp, now) = (v.claims.n.clone(), v.claims.exp, st.clock.now_ms());
+    if let Err(e) = st
+        .store
+        .call(move |c| crate::store::revoke_portal_session(c, &nonce, exp, now))
+        .await
+    {
+        tracing::error!(err = %format!("{e:#}"), "portal sign-out could not be recorded");
+        return ApiError::internal("internal_error").into_response();
+    }
+    tracing::info!(owner = ?v.principal.owner, "portal sign-out");
     let secure = session::is_https(&st.cfg, &headers);
     let mut r = Redirect::to("/portal/login").into_response();
     *r.status_mut() = StatusCode::SEE_OTHER;

@@ -294,6 +294,15 @@ impl FromRequestParts<Shared> for Viewer {
         let value = cookie(&parts.headers, SESSION_COOKIE).ok_or(SignIn)?;
         let (claims, principal) =
             Claims::open(&st.portal.key, &st.cfg, value, st.clock.now_ms()).ok_or(SignIn)?;
+        let nonce = claims.n.clone();
+        let revoked = st
+            .store
+            .call(move |c| crate::store::is_portal_session_revoked(c, &nonce))
+            .await
+            .unwrap_or(true);
+        if revoked {
+            return Err(SignIn);
+        }
         Ok(Self { principal, claims })
     }
 }

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use crabbox_coordinator::testing::TestCoordinator;
 use fantoccini::{Client, ClientBuilder, Locator};
-use futures::SinkExt;
 use portal_common::*;
 use serde_json::json;
 

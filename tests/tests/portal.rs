@@ -527,3 +527,70 @@ async fn page_source_never_contains_a_token_or_ticket() {
         );
     }
 }
+
+#[tokio::test]
+async fn run_stream_resumes_after_last_event_id_and_ends_with_the_run() {
+    let coord = TestCoordinator::start().await;
+    let http = http();
+    let alice = coord.user_token("alice@example.com", "acme", "alice");
+    coord
+        .register_lease(&alice, ALICE_LEASE, "alpha")
+        .await
+        .unwrap();
+    let run = create_run(&coord, &alice, ALICE_LEASE, &["make"]).await;
+    for line in ["one\n", "two\n", "three\n"] {
+        api(
+            &coord,
+            "POST",
+            &format!("/v1/runs/{run}/events"),
+            &alice,
+            json!({"type": "stdout", "data": line}),
+        )
+        .await;
+    }
+    api(
+        &coord,
+        "POST",
+        &format!("/v1/runs/{run}/finish"),
+        &alice,
+        json!({"exitCode": 3}),
+    )
+    .await;
+    let s = sign_in(&http, &coord, &alice).await;
+    // Events 1 (run.started) and 2 ("one") were seen before the reconnect.
+    let resp = http
+        .get(format!("{}/portal/runs/{run}/live?after=0", coord.base_url))
+        .header("cookie", &s.cookie)
+        .header("last-event-id", "2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    // The stream ends by itself once the finished run's last event is out.
+    let text = tokio::time::timeout(Duration::from_secs(20), resp.text())
+        .await
+        .expect("the stream of a finished run ends")
+        .unwrap();
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    assert_eq!(ids, ["3", "4", "5"], "{text}");
+    assert!(
+        text.contains("\\\"two\\n\\\"") || text.contains("\"text\":\"two\\n\""),
+        "{text}"
+    );
+    assert!(!text.contains("\"text\":\"one\\n\""), "{text}");
+    assert!(text.contains("command.finished"));
+    assert!(text.contains("event: end"));
+    assert!(
+        text.contains("data-state=\\\"failed\\\""),
+        "the header says failed: {text}"
+    );
+}

@@ -51,7 +51,6 @@ fn screenshot_dir() -> PathBuf {
 
 /// chromedriver on a free loopback port, killed when dropped.
 struct Driver {
-    url: String,
     _child: tokio::process::Child,
     _profile: tempfile::TempDir,
 }
@@ -107,7 +106,6 @@ impl Driver {
             .expect("WebDriver session");
         (
             Self {
-                url,
                 _child: child,
                 _profile: profile,
             },
@@ -176,8 +174,7 @@ async fn portal_in_a_real_browser_follows_leases_egress_and_runs_live() {
         .register_lease(&token, LEASE, "ada-box")
         .await
         .unwrap();
-    let (driver, c) = Driver::start().await;
-    let _ = &driver.url;
+    let (_driver, c) = Driver::start().await;
 
     // Unauthenticated: sent to sign-in. Paste the token, sign in.
     c.goto(&format!("{}/portal", coord.base_url)).await.unwrap();

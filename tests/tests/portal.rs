@@ -594,3 +594,49 @@ async fn run_stream_resumes_after_last_event_id_and_ends_with_the_run() {
         "the header says failed: {text}"
     );
 }
+
+#[tokio::test]
+async fn signing_out_ends_open_live_streams() {
+    let coord = TestCoordinator::start().await;
+    let http = http();
+    let alice = coord.user_token("alice@example.com", "acme", "alice");
+    coord
+        .register_lease(&alice, ALICE_LEASE, "alpha")
+        .await
+        .unwrap();
+    let s = sign_in(&http, &coord, &alice).await;
+    let resp = http
+        .get(format!(
+            "{}/portal/leases/{ALICE_LEASE}/live",
+            coord.base_url
+        ))
+        .header("cookie", &s.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let origin = coord.base_url.clone();
+    let out = post_form(
+        &http,
+        &coord,
+        "/portal/logout",
+        Some(&s.cookie),
+        &[("csrf", &s.csrf)],
+        &[("origin", origin.as_str())],
+    )
+    .await;
+    assert_eq!(out.status, 303);
+    // The next change the stream wakes for finds the session gone and ends it.
+    api(
+        &coord,
+        "POST",
+        &format!("/v1/leases/{ALICE_LEASE}/heartbeat"),
+        &alice,
+        json!({}),
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(20), resp.text())
+        .await
+        .expect("a signed-out session's stream ends")
+        .unwrap();
+}

@@ -46,6 +46,9 @@ const END_GRACE: Duration = Duration::from_secs(2);
 
 /// Waits for the next reason to re-render.
 struct Feed {
+    st: Shared,
+    /// The session's nonce: a stream ends at the first wake after sign-out.
+    nonce: String,
     rx: Receiver<Change>,
     deadline: Instant,
     tick: tokio::time::Interval,
@@ -66,6 +69,8 @@ impl Feed {
         let left = (v.claims.exp - st.clock.now_ms()).max(0) as u64;
         let life = STREAM_LIFETIME.min(Duration::from_millis(left));
         Some(Self {
+            st: st.clone(),
+            nonce: v.claims.n.clone(),
             rx: st.changes.subscribe(),
             deadline: Instant::now() + life,
             tick: tokio::time::interval_at(Instant::now() + TICK, TICK),
@@ -73,8 +78,25 @@ impl Feed {
         })
     }
 
-    /// Wait for a change `wanted` accepts, a tick, or the deadline (or `limit`, if sooner).
+    /// Wait for a change `wanted` accepts, a tick, or the deadline (or
+    /// `limit`, if sooner); a session signed out meanwhile ends the stream.
     async fn next(
+        &mut self,
+        wanted: &(dyn Fn(&Change) -> bool + Send + Sync),
+        limit: Option<Duration>,
+    ) -> Wake {
+        let wake = self.wait(wanted, limit).await;
+        let nonce = self.nonce.clone();
+        let revoked = self
+            .st
+            .store
+            .call(move |c| crate::store::is_portal_session_revoked(c, &nonce))
+            .await
+            .unwrap_or(true);
+        if revoked { Wake::End } else { wake }
+    }
+
+    async fn wait(
         &mut self,
         wanted: &(dyn Fn(&Change) -> bool + Send + Sync),
         limit: Option<Duration>,

@@ -33,14 +33,33 @@ pub(crate) struct AppState {
     pub sweeper_wake: Notify,
     /// Request-body bytes that may be held at once (see `body`).
     pub body_budget: Arc<Semaphore>,
+    /// What changed (leases, runs, egress), for the portal's live pages.
+    pub changes: tokio::sync::broadcast::Sender<Change>,
+    /// Portal state: the cookie key and the bound on live page streams.
+    pub portal: crate::portal::PortalState,
 }
 
 pub(crate) type Shared = Arc<AppState>;
+
+/// Changes queued toward each live page before it counts as lagging (a
+/// lagging page re-reads its whole state, so nothing is lost).
+const CHANGE_QUEUE: usize = 256;
+
+/// One change notification: which lease and/or run moved. Pages re-read the
+/// store; the notification itself carries no record.
+#[derive(Debug, Clone)]
+pub(crate) struct Change {
+    /// The lease concerned, when known.
+    pub lease: Option<String>,
+    /// The run concerned, when a run changed.
+    pub run: Option<String>,
+}
 
 impl AppState {
     pub(crate) fn new(cfg: Config, store: Store) -> Shared {
         let clock = cfg.clock.clone();
         let body_budget = Arc::new(Semaphore::new(cfg.limits.body_bytes_in_flight));
+        let cfg_for_portal = cfg.clone();
         Arc::new(Self {
             body_budget,
             cfg,
@@ -49,7 +68,18 @@ impl AppState {
             hub: Hub::default(),
             egress: Egress::default(),
             sweeper_wake: Notify::new(),
+            changes: tokio::sync::broadcast::channel(CHANGE_QUEUE).0,
+            portal: crate::portal::PortalState::new(&cfg_for_portal),
         })
+    }
+
+    /// Tell live portal pages that a lease (and maybe one of its runs) changed.
+    /// Nobody listening is fine; a listener that fell behind re-reads everything.
+    pub(crate) fn changed(&self, lease: Option<&str>, run: Option<&str>) {
+        let _ = self.changes.send(Change {
+            lease: lease.filter(|l| !l.is_empty()).map(str::to_owned),
+            run: run.map(str::to_owned),
+        });
     }
 
     /// Authenticate against the configured tokens at the current clock.
@@ -80,6 +110,7 @@ pub(crate) fn router(state: Shared) -> Router {
         .route("/v1/runs/{id}/finish", post(runs::finish))
         .route("/v1/runs/{id}/logs", get(runs::logs))
         .route("/v1/control", get(control::upgrade))
+        .merge(crate::portal::routes())
         .layer(DefaultBodyLimit::disable())
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
@@ -117,7 +148,8 @@ fn is_bridge_upgrade(req: &Request) -> bool {
 /// `401 {"error":"unauthorized"}` whatever the path, as at the reference edge.
 async fn authenticate(State(state): State<Shared>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if path == "/v1/health" || is_bridge_upgrade(&req) {
+    // The portal authenticates with its own session cookie (see `portal`).
+    if path == "/v1/health" || is_bridge_upgrade(&req) || crate::portal::owns_path(path) {
         return next.run(req).await;
     }
     match state.authenticate(req.headers()) {

@@ -121,6 +121,11 @@ impl<const MAX: usize> FromRequest<Shared> for Body<MAX> {
 }
 
 impl<const MAX: usize> Body<MAX> {
+    /// The raw body (the portal's form posts).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// The body as `T`, honoured only with a JSON content type (as the
     /// reference's `optionalJson`); an empty or non-JSON body is `T::default()`.
     /// Malformed JSON is a 500 as in the reference; a non-object is a 400.

@@ -55,6 +55,14 @@ pub struct Config {
     /// `CRABBOX_ALLOW_QUERY_BRIDGE_TICKETS`: accept `?ticket=` on bridge upgrades.
     /// Off by default because a query string ends up in access logs.
     pub allow_query_bridge_tickets: bool,
+    /// `CRABBOX_PUBLIC_URL`: the URL browsers use to reach this coordinator
+    /// (e.g. `https://crabbox.example.com`). The portal takes its origin for
+    /// cross-site checks from it, and marks its cookies `Secure` when it is https.
+    pub public_url: Option<String>,
+    /// `CRABBOX_TRUST_FORWARDED_PROTO`: believe `X-Forwarded-Proto: https`
+    /// from the reverse proxy in front (only set this behind one that
+    /// overwrites the header); the portal then marks its cookies `Secure`.
+    pub trust_forwarded_proto: bool,
     /// SQLite database file; its parent directory is created 0700.
     pub db_path: PathBuf,
     /// The clock used for every expiry decision.
@@ -109,6 +117,8 @@ impl Config {
             default_org: None,
             session_secret: None,
             allow_query_bridge_tickets: false,
+            public_url: None,
+            trust_forwarded_proto: false,
             db_path: db_path.into(),
             clock: Clock::system(),
             limits: Limits::default(),
@@ -129,6 +139,11 @@ impl Config {
             var("CRABBOX_ALLOW_QUERY_BRIDGE_TICKETS").is_some_and(|v| {
                 matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
             });
+        cfg.public_url =
+            var("CRABBOX_PUBLIC_URL").map(|u| u.trim().trim_end_matches('/').to_owned());
+        cfg.trust_forwarded_proto = var("CRABBOX_TRUST_FORWARDED_PROTO").is_some_and(|v| {
+            matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+        });
         cfg
     }
 
@@ -146,6 +161,11 @@ impl Config {
             && secret == shared
         {
             anyhow::bail!("CRABBOX_SESSION_SECRET must differ from CRABBOX_SHARED_TOKEN");
+        }
+        if let Some(url) = &self.public_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            anyhow::bail!("CRABBOX_PUBLIC_URL must start with https:// or http:// (got {url:?})");
         }
         Ok(())
     }

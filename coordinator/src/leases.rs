@@ -437,6 +437,7 @@ pub(crate) async fn register(
         })
         .await??;
     st.sweeper_wake.notify_one();
+    st.changed(Some(&lease.id), None);
     Ok((status, Json(json!({ "lease": lease }))))
 }
 
@@ -509,6 +510,7 @@ pub(crate) async fn touch(
         .await??;
     // The idle override can move the deadline earlier; let the sweeper re-plan.
     st.sweeper_wake.notify_one();
+    st.changed(Some(&lease.id), None);
     Ok(lease)
 }
 
@@ -684,5 +686,6 @@ pub(crate) async fn release(
         })
         .await??;
     st.egress.end_lease(&lease.id, 1008, "lease ended").await;
+    st.changed(Some(&lease.id), None);
     Ok(Json(json!({ "lease": lease })))
 }

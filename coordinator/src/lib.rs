@@ -14,6 +14,7 @@
 //! * `control` — the `/v1/control` WebSocket and gap-free run-event pushes.
 //! * `egress` — tickets, sessions and tombstones, bridge upgrades, status; `egress::relay` pairs and relays.
 //! * `ws` — writer task and close signalling shared by both WebSocket kinds.
+//! * `portal` — the browser portal under `/portal` (cookie sign-in, pages, live updates).
 //! * `sweeper` — wakes at the soonest lease deadline and expires leases.
 //! * `store` — SQLite schema, migrations and queries.
 //! * `model`, `ids`, `clock`, `error`, `config` — records, identifiers, time, error shape, settings.
@@ -26,7 +27,14 @@ mod tidy {
     #[test]
     fn every_file_starts_with_a_module_doc() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        for dir in ["src", "src/egress", "tests", "tests/common", "benches"] {
+        for dir in [
+            "src",
+            "src/egress",
+            "src/portal",
+            "tests",
+            "tests/common",
+            "benches",
+        ] {
             let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
                 continue;
             };
@@ -56,6 +64,7 @@ pub mod error;
 pub mod ids;
 mod leases;
 pub mod model;
+mod portal;
 mod runs;
 mod store;
 mod sweeper;

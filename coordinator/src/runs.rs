@@ -377,11 +377,13 @@ pub(crate) async fn append_event(
             }
             store::put_run(&tx, &run)?;
             tx.commit()?;
-            Ok(Some(ev))
+            Ok(Some((ev, run.lease_id)))
         })
         .await?
         .ok_or_else(ApiError::not_found)?;
+    let (ev, lease_id) = ev;
     st.hub.push_event(&ev);
+    st.changed(Some(&lease_id), Some(&ev.run_id));
     Ok(ev)
 }
 

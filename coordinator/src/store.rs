@@ -17,7 +17,8 @@ use serde::de::DeserializeOwned;
 use crate::model::{Lease, Run, RunEvent};
 
 /// Ordered, append-only migrations; `PRAGMA user_version` counts the applied ones.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE leases (
     id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
@@ -49,7 +50,16 @@ CREATE TABLE egress_tombstones (
     session_id TEXT NOT NULL
 );
 CREATE INDEX egress_tombstones_lease ON egress_tombstones(lease_id, session_id);
-"#];
+"#,
+    // The portal lists a lease's recent runs.
+    r#"
+CREATE INDEX runs_lease ON runs(json_extract(record, '$.leaseID'));
+"#,
+    // Portal sessions signed out before they expire.
+    r#"
+CREATE TABLE portal_revoked (nonce TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL) WITHOUT ROWID;
+"#,
+];
 
 /// Tombstones kept per lease (oldest evicted first).
 pub const MAX_TOMBSTONES: i64 = 256;
@@ -237,6 +247,15 @@ pub fn put_run(c: &Connection, r: &Run) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A lease's runs, newest first, at most `limit`.
+pub fn runs_for_lease(c: &Connection, lease_id: &str, limit: i64) -> anyhow::Result<Vec<Run>> {
+    let mut st = c.prepare_cached(
+        "SELECT record FROM runs WHERE json_extract(record, '$.leaseID') = ?1 ORDER BY rowid DESC LIMIT ?2",
+    )?;
+    let rows = st.query_map(params![lease_id, limit], |r| r.get::<_, String>(0))?;
+    rows.map(|r| from_json(&r?)).collect()
+}
+
 /// The next event sequence number of a run.
 pub fn next_seq(c: &Connection, run_id: &str) -> anyhow::Result<i64> {
     let max: Option<i64> = c.query_row(
@@ -332,6 +351,45 @@ pub fn get_log(c: &Connection, run_id: &str) -> anyhow::Result<String> {
         out.push_str(&r?);
     }
     Ok(out)
+}
+
+// === portal ===
+
+/// Revoked portal sessions kept at most (the soonest to expire go first).
+pub const MAX_REVOKED: i64 = 65_536;
+
+/// Revoke a portal session nonce until `expires_ms`, forgetting expired ones.
+pub fn revoke_portal_session(
+    c: &Connection,
+    nonce: &str,
+    expires_ms: i64,
+    now_ms: i64,
+) -> anyhow::Result<()> {
+    c.execute(
+        "DELETE FROM portal_revoked WHERE expires_ms <= ?1",
+        [now_ms],
+    )?;
+    c.execute(
+        "INSERT OR REPLACE INTO portal_revoked (nonce, expires_ms) VALUES (?1, ?2)",
+        params![nonce, expires_ms],
+    )?;
+    c.execute(
+        "DELETE FROM portal_revoked WHERE nonce NOT IN
+           (SELECT nonce FROM portal_revoked ORDER BY expires_ms DESC LIMIT ?1)",
+        [MAX_REVOKED],
+    )?;
+    Ok(())
+}
+
+/// Whether a portal session nonce was signed out.
+pub fn is_portal_session_revoked(c: &Connection, nonce: &str) -> anyhow::Result<bool> {
+    Ok(c.query_row(
+        "SELECT 1 FROM portal_revoked WHERE nonce = ?1",
+        [nonce],
+        |_| Ok(()),
+    )
+    .optional()?
+    .is_some())
 }
 
 // === egress ===

@@ -45,6 +45,7 @@ pub(crate) async fn run(st: Shared, mut stop: watch::Receiver<bool>) {
                 for id in expired {
                     tracing::info!(lease = %id, "lease expired");
                     st.egress.end_lease(&id, 1008, "lease expired").await;
+                    st.changed(Some(&id), None);
                 }
                 if let Some(next) = next {
                     let wait = (next - st.clock.now_ms()).max(0) as u64;

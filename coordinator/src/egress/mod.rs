@@ -82,6 +82,8 @@ struct Ticket {
 struct Peer {
     id: u64,
     handle: DirectHandle,
+    /// When this socket registered (server clock, ms), for the portal.
+    since_ms: i64,
 }
 
 /// Host and client sockets of one `(lease, session)`.
@@ -132,16 +134,16 @@ struct Inner {
 /// The persisted active session of a lease.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct SessionRecord {
+pub(crate) struct SessionRecord {
     #[serde(rename = "leaseID")]
-    lease_id: String,
+    pub(crate) lease_id: String,
     #[serde(rename = "sessionID")]
-    session_id: String,
+    pub(crate) session_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    profile: Option<String>,
-    allow: Vec<String>,
-    created_at: String,
-    updated_at: String,
+    pub(crate) profile: Option<String>,
+    pub(crate) allow: Vec<String>,
+    pub(crate) created_at: String,
+    pub(crate) updated_at: String,
 }
 
 impl Egress {
@@ -193,6 +195,24 @@ impl Egress {
             .values()
             .map(|p| p.host.is_some() as usize + p.client.is_some() as usize)
             .sum()
+    }
+
+    /// Since when the host and the client of a session are connected (ms), if they are.
+    pub(crate) fn connected_since(
+        &self,
+        lease_id: &str,
+        session: &str,
+    ) -> (Option<i64>, Option<i64>) {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .pairs
+            .get(&(lease_id.to_owned(), session.to_owned()))
+            .map_or((None, None), |p| {
+                (
+                    p.host.as_ref().map(|h| h.since_ms),
+                    p.client.as_ref().map(|c| c.since_ms),
+                )
+            })
     }
 
     fn connected(&self, lease_id: &str, session: &str) -> (bool, bool) {
@@ -362,6 +382,7 @@ pub(crate) async fn ticket(
         st.egress
             .close_session(&lease_id, &old, 1012, REPLACED_SESSION);
     }
+    st.changed(Some(&lease_id), None);
     let ticket = ids::egress_ticket();
     let expires_ms = now + TICKET_TTL_MS;
     {

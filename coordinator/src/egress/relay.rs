@@ -42,6 +42,7 @@ pub(super) async fn relay(
         let me = Peer {
             id,
             handle: handle.clone(),
+            since_ms: st.clock.now_ms(),
         };
         if let Some(old) = pair.slot(role).replace(me) {
             old.handle.close(
@@ -53,6 +54,7 @@ pub(super) async fn relay(
         pair.epoch.clone()
     };
     drop(op);
+    st.changed(Some(&key.0), None);
     let mut close_rx = handle.watch();
     let (ping_every, write_timeout) = (st.cfg.limits.ping_every, st.cfg.limits.write_timeout);
     // The other end, refreshed only when the pair's epoch moves.
@@ -192,6 +194,7 @@ pub(super) async fn relay(
             inner.pairs.remove(&key);
         }
     }
+    st.changed(Some(&key.0), None);
     if too_big {
         handle.close(1009, "message too big");
         if unread {

@@ -12,8 +12,8 @@
 pub mod bins;
 pub mod daemon;
 pub mod egress;
-pub mod lease;
 pub mod fakessh;
+pub mod lease;
 pub mod netns;
 pub mod page;
 pub mod proxy;

@@ -44,10 +44,7 @@ async fn setup(slow: bool) -> (Setup, Option<std::sync::Arc<FaultProxy>>) {
 }
 
 /// Like [`setup`], with extra `sshd_config` lines for the lease's sshd.
-async fn setup_with(
-    slow: bool,
-    sshd_config: &str,
-) -> (Setup, Option<std::sync::Arc<FaultProxy>>) {
+async fn setup_with(slow: bool, sshd_config: &str) -> (Setup, Option<std::sync::Arc<FaultProxy>>) {
     let coord = TestCoordinator::start().await;
     coord
         .register_lease(&coord.shared_token, LEASE, "run-crab")

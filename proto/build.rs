@@ -6,8 +6,7 @@ use std::{env, fs, path::PathBuf};
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // One file per service (plus the shared task types); the SSH service
-    // joins as one more entry.
+    // One file per service (plus the shared task types).
     let protos = [
         "crabbox/daemon/v1/task.proto",
         "crabbox/daemon/v1/daemon.proto",
@@ -15,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "crabbox/daemon/v1/egress.proto",
         "crabbox/daemon/v1/runs.proto",
         "crabbox/daemon/v1/ssh.proto",
+        "crabbox/daemon/v1/desktop.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed=proto/{proto}");

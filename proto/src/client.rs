@@ -17,8 +17,9 @@ use tonic::{
 
 use crate::{
     v1::{
-        self, daemon_client::DaemonClient, egress_client::EgressClient,
-        leases_client::LeasesClient, runs_client::RunsClient, ssh_client::SshClient,
+        self, daemon_client::DaemonClient, desktop_client::DesktopClient,
+        egress_client::EgressClient, leases_client::LeasesClient, runs_client::RunsClient,
+        ssh_client::SshClient,
     },
     version::{self, Skew},
 };
@@ -161,6 +162,11 @@ impl Client {
     /// The `Ssh` service: commands, copies and OpenSSH details for leases.
     pub fn ssh(&self) -> SshClient<ApiChannel> {
         SshClient::new(self.channel.clone())
+    }
+
+    /// The `Desktop` service: programs launched in a lease's display.
+    pub fn desktop(&self) -> DesktopClient<ApiChannel> {
+        DesktopClient::new(self.channel.clone())
     }
 
     /// The socket path this client is connected to.

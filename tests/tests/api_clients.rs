@@ -50,7 +50,7 @@ async fn python_grpcio_client_discovers_and_calls_the_api() {
             .iter()
             .map(|s| s.as_str().unwrap())
             .collect();
-        for service in ["Daemon", "Leases", "Egress", "Runs"] {
+        for service in ["Daemon", "Leases", "Egress", "Runs", "Ssh", "Desktop"] {
             assert!(
                 services.contains(&format!("crabbox.daemon.v1.{service}").as_str()),
                 "{reflection}: {services:?}"

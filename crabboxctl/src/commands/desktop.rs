@@ -75,7 +75,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
     let l = connect::call_coordinator(
         &ctx.socket,
         "LaunchBrowser",
-        client.egress().launch_browser(req),
+        client.desktop().launch_browser(req),
     )
     .await?
     .into_inner();

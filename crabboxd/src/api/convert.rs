@@ -275,6 +275,14 @@ pub fn run_end(e: &crate::attach::RunEnd) -> v1::RunEnd {
     }
 }
 
+/// The calling client's SSH agent socket from a request field: `None` when
+/// empty. The daemon checks it (a socket owned by its uid) before use.
+pub fn agent_socket(raw: &str) -> Option<std::path::PathBuf> {
+    Some(raw.trim())
+        .filter(|s| !s.is_empty())
+        .map(std::path::PathBuf::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! The `crabbox.daemon.v1.Egress` service: host bridges and tickets through
 //! the `EgressManager`.
 
-use std::{path::PathBuf, pin::Pin};
+use std::pin::Pin;
 
 use crabbox_api::v1;
 use futures::Stream;
@@ -24,12 +24,6 @@ impl EgressService {
     pub fn new(state: DaemonState) -> Self {
         EgressService { state }
     }
-}
-
-fn agent(raw: &str) -> Option<PathBuf> {
-    Some(raw.trim())
-        .filter(|s| !s.is_empty())
-        .map(PathBuf::from)
 }
 
 fn started(s: &crate::egress::start::Started) -> v1::EgressStarted {
@@ -71,7 +65,7 @@ impl v1::egress_server::Egress for EgressService {
             listen: req.listen,
             coordinator_url: req.coordinator_url,
             transport: req.transport,
-            agent: agent(&req.agent_socket),
+            agent: convert::agent_socket(&req.agent_socket),
         };
         let state = self.state.clone();
         let (tx, rx) = mpsc::channel::<Result<v1::StartEgressEvent, Status>>(16);
@@ -115,7 +109,7 @@ impl v1::egress_server::Egress for EgressService {
         let out = self
             .state
             .egress()
-            .stop_over_ssh(id, agent(&req.agent_socket))
+            .stop_over_ssh(id, convert::agent_socket(&req.agent_socket))
             .await
             .map_err(|e| error::egress(e, &url))?;
         Ok(Response::new(v1::StopEgressResponse {
@@ -125,28 +119,6 @@ impl v1::egress_server::Egress for EgressService {
             session_id: out.session.unwrap_or_default(),
             state_removed: out.state_removed,
             lease_error: out.lease_error.unwrap_or_default(),
-        }))
-    }
-
-    async fn launch_browser(
-        &self,
-        req: Request<v1::LaunchBrowserRequest>,
-    ) -> Result<Response<v1::LaunchBrowserResponse>, Status> {
-        let req = req.into_inner();
-        let id = lease_id(&req.lease_id)?;
-        let url = error::coordinator_url(&self.state);
-        let l = self
-            .state
-            .egress()
-            .launch_browser(id, req.url.trim(), agent(&req.agent_socket))
-            .await
-            .map_err(|e| error::egress(e, &url))?;
-        Ok(Response::new(v1::LaunchBrowserResponse {
-            argv: l.argv,
-            pid: l.pid,
-            proxy: l.proxy,
-            session_id: l.session,
-            profile_dir: l.profile_dir,
         }))
     }
 

@@ -8,6 +8,7 @@
 
 mod convert;
 mod daemon;
+mod desktop;
 mod egress;
 mod error;
 mod leases;
@@ -17,8 +18,8 @@ mod ssh;
 
 use crabbox_api::{
     v1::{
-        daemon_server::DaemonServer, egress_server::EgressServer, leases_server::LeasesServer,
-        runs_server::RunsServer, ssh_server::SshServer,
+        daemon_server::DaemonServer, desktop_server::DesktopServer, egress_server::EgressServer,
+        leases_server::LeasesServer, runs_server::RunsServer, ssh_server::SshServer,
     },
     version,
 };
@@ -54,7 +55,8 @@ pub async fn serve(
             state.clone(),
             stop.clone(),
         )))
-        .add_service(SshServer::new(ssh::SshService::new(state)))
+        .add_service(SshServer::new(ssh::SshService::new(state.clone())))
+        .add_service(DesktopServer::new(desktop::DesktopService::new(state)))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())

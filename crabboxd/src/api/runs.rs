@@ -135,7 +135,7 @@ impl v1::runs_server::Runs for RunsService {
             env_allow: req.env_allow,
             allow_env: req.allow_env,
             egress: req.egress,
-            agent: (!req.agent_socket.is_empty()).then(|| req.agent_socket.into()),
+            agent: convert::agent_socket(&req.agent_socket),
         };
         let url = error::coordinator_url(&self.state);
         let (first, rx) = error::within_deadline(&url, async {

@@ -27,10 +27,6 @@ fn lease_id(raw: &str) -> Result<String, Status> {
     error::lease_id(raw).map(str::to_owned)
 }
 
-fn agent(raw: &str) -> Option<PathBuf> {
-    (!raw.is_empty()).then(|| PathBuf::from(raw))
-}
-
 /// A forward's local address: `127.0.0.1:PORT`, `[::1]:PORT`, a bare port
 /// (on 127.0.0.1), or empty (`127.0.0.1:0`). Loopback is checked later.
 fn local_addr(raw: &str) -> Result<std::net::SocketAddr, Status> {
@@ -131,7 +127,7 @@ impl v1::ssh_server::Ssh for SshService {
             term: start.term,
             cols: size.cols,
             rows: size.rows,
-            agent: agent(&start.agent_socket),
+            agent: convert::agent_socket(&start.agent_socket),
         };
         tracing::debug!(rpc = "Shell", lease = %spec.lease, "api call");
         // The stream ends at the first error (the client went away).
@@ -186,7 +182,7 @@ impl v1::ssh_server::Ssh for SshService {
                 lease,
                 local,
                 remote,
-                agent: agent(&req.agent_socket),
+                agent: convert::agent_socket(&req.agent_socket),
             })
             .await
             .map_err(error::ssh)?;
@@ -240,7 +236,7 @@ impl v1::ssh_server::Ssh for SshService {
         let req = req.into_inner();
         let lease = lease_id(&req.lease_id)?;
         ssh::target::check_lease_id(&lease).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let agent = agent(&req.agent_socket);
+        let agent = convert::agent_socket(&req.agent_socket);
         let checks = diagnostics::ssh(&self.state, &lease, agent.as_deref()).await;
         Ok(Response::new(v1::CheckSshResponse {
             checks: checks.iter().map(convert::check).collect(),
@@ -274,7 +270,7 @@ impl v1::ssh_server::Ssh for SshService {
             lease: lease_id(&start.lease_id)?,
             command,
             cwd: (!start.cwd.is_empty()).then_some(start.cwd),
-            agent: agent(&start.agent_socket),
+            agent: convert::agent_socket(&start.agent_socket),
         };
         tracing::debug!(rpc = "Exec", lease = %spec.lease, "api call");
         let inbound = inbound.filter_map(|r| {
@@ -320,7 +316,7 @@ impl v1::ssh_server::Ssh for SshService {
         let spec = ssh::copy::CopySpec {
             lease,
             direction,
-            agent: agent(&req.agent_socket),
+            agent: convert::agent_socket(&req.agent_socket),
         };
         let out = self.state.ssh().copy(spec).map(|r| {
             r.map(|p| v1::CopyResponse {

@@ -145,6 +145,8 @@ async def main():
             report["egress_stop_nothing"] = await call(session, "egress_stop", {"lease_id": lease})
             report["tasks"] = await call(session, "tasks_list", {})
             report["tasks_kind"] = await call(session, "tasks_list", {"kind": "lease-keeper"})
+            report["heartbeat"] = await call(session, "lease_heartbeat", {"lease_id": lease})
+            report["egress_list"] = await call(session, "egress_list", {})
 
             # Bad arguments: tool errors, and the session goes on.
             report["bad_missing"] = await call(session, "exec", {"command": ["true"]})
@@ -154,6 +156,9 @@ async def main():
             report["bad_cursor"] = await call(session, "lease_list", {"cursor": "zzz"})
             report["unknown_lease"] = await call(session, "lease_keep", {"lease_id": "cbx_0000000dead0"})
             report["after_errors"] = await call(session, "lease_list", {})
+            # Last: release the lease; the daemon stops keeping it.
+            report["release"] = await call(session, "lease_release", {"lease_id": lease})
+            report["leases_after_release"] = await call(session, "lease_list", {})
     print(json.dumps(report))
 
 

@@ -358,6 +358,20 @@ async fn python_sdk_drives_leases_exec_runs_and_egress_over_stdio() {
     assert_eq!(tool_error(&report, "unknown_lease").trim(), cli_text);
     ok(&report, "after_errors");
 
+    // One heartbeat, the (empty) host-bridge list, then the release: the
+    // coordinator's record says released and the daemon keeps nothing.
+    let hb = ok(&report, "heartbeat");
+    assert_eq!(hb["id"], LEASE, "{hb}");
+    assert_eq!(hb["slug"], "mcp-crab", "{hb}");
+    assert!(hb["lastTouchedAt"].is_string(), "{hb}");
+    let hosts = ok(&report, "egress_list");
+    assert_eq!(hosts["hosts"], serde_json::json!([]), "{hosts}");
+    let released = ok(&report, "release");
+    assert_eq!(released["id"], LEASE, "{released}");
+    assert_eq!(released["state"], "released", "{released}");
+    let after = ok(&report, "leases_after_release");
+    assert_eq!(after["leases"], serde_json::json!([]), "{after}");
+
     // No secret in any result.
     let all = report.to_string();
     assert!(!all.contains(&coord.shared_token), "the token leaked");

@@ -29,6 +29,7 @@
 //! * [`ssh`] — SSH multiplexers: the `SshMux` task per lease, commands and copies over it.
 //! * [`statefile`] — persisted desired state, restored on start.
 //! * [`diagnostics`] — the checks behind `crabboxctl doctor`.
+//! * [`drive`] — streaming replies whose work runs inside the stream.
 //! * [`platform`] — OS glue: private files, the socket and its lock, systemd
 //!   notifications.
 //! * [`telemetry`] — tracing to journald or stderr, live filter changes.
@@ -43,6 +44,7 @@ pub mod control;
 pub mod coordinator;
 pub mod daemon;
 pub mod diagnostics;
+pub mod drive;
 pub mod egress;
 pub mod lease;
 pub mod platform;

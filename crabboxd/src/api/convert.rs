@@ -283,6 +283,17 @@ pub fn agent_socket(raw: &str) -> Option<std::path::PathBuf> {
         .map(std::path::PathBuf::from)
 }
 
+/// A proto signal as the SSH plane's; unspecified means TERM.
+pub fn signal(s: i32) -> crate::ssh::Signal {
+    use crate::ssh::Signal;
+    match v1::Signal::try_from(s).unwrap_or(v1::Signal::Unspecified) {
+        v1::Signal::Int => Signal::Int,
+        v1::Signal::Hup => Signal::Hup,
+        v1::Signal::Kill => Signal::Kill,
+        v1::Signal::Term | v1::Signal::Unspecified => Signal::Term,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -96,7 +96,7 @@ impl v1::egress_server::Egress for EgressService {
             };
             let _ = tx.send(last).await;
         };
-        Ok(Response::new(Box::pin(drive(work, rx))))
+        Ok(Response::new(Box::pin(crate::drive::drive(work, rx))))
     }
 
     async fn stop_egress(
@@ -259,29 +259,4 @@ fn step_event(s: crate::egress::start::Step) -> v1::StartEgressEvent {
             detail: s.detail,
         })),
     }
-}
-
-/// One stream from a driver future and the receiver it sends to: the
-/// future is polled only while the stream is, and dropping the stream
-/// drops the work.
-fn drive<T: Send + 'static>(
-    fut: impl std::future::Future<Output = ()> + Send + 'static,
-    rx: mpsc::Receiver<T>,
-) -> impl Stream<Item = T> + Send + 'static {
-    type BoxFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-    let fut: BoxFuture = Box::pin(fut);
-    futures::stream::unfold((Some(fut), rx), |(mut fut, mut rx)| async move {
-        loop {
-            match fut.as_mut() {
-                Some(f) => {
-                    tokio::select! {
-                        biased;
-                        item = rx.recv() => return item.map(|i| (i, (fut, rx))),
-                        () = f => { fut = None; }
-                    }
-                }
-                None => return rx.recv().await.map(|i| (i, (None, rx))),
-            }
-        }
-    })
 }

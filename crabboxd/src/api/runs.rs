@@ -17,7 +17,6 @@ use crate::{
     coordinator::RunEvent,
     daemon::DaemonState,
     run::{self, RunOutput},
-    ssh,
 };
 
 /// The service implementation.
@@ -37,15 +36,6 @@ impl RunsService {
 
 type AttachStream = Pin<Box<dyn Stream<Item = Result<v1::AttachEvent, Status>> + Send>>;
 type StartRunStream = Pin<Box<dyn Stream<Item = Result<v1::StartRunResponse, Status>> + Send>>;
-
-fn signal(s: i32) -> ssh::Signal {
-    match v1::Signal::try_from(s).unwrap_or(v1::Signal::Unspecified) {
-        v1::Signal::Int => ssh::Signal::Int,
-        v1::Signal::Hup => ssh::Signal::Hup,
-        v1::Signal::Kill => ssh::Signal::Kill,
-        v1::Signal::Term | v1::Signal::Unspecified => ssh::Signal::Term,
-    }
-}
 
 fn finished(f: &run::Finished) -> v1::RunFinished {
     v1::RunFinished {
@@ -195,7 +185,7 @@ impl v1::runs_server::Runs for RunsService {
         let was_running = self
             .state
             .runs()
-            .stop(&run, signal(req.signal))
+            .stop(&run, convert::signal(req.signal))
             .await
             .map_err(|e| error::run(e, &url))?;
         Ok(Response::new(v1::StopRunResponse { was_running }))

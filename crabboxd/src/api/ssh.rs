@@ -58,21 +58,12 @@ fn forward(f: ssh::forward::ForwardInfo) -> v1::Forward {
     }
 }
 
-fn signal(s: i32) -> ssh::Signal {
-    match v1::Signal::try_from(s).unwrap_or(v1::Signal::Unspecified) {
-        v1::Signal::Int => ssh::Signal::Int,
-        v1::Signal::Hup => ssh::Signal::Hup,
-        v1::Signal::Kill => ssh::Signal::Kill,
-        v1::Signal::Term | v1::Signal::Unspecified => ssh::Signal::Term,
-    }
-}
-
 fn input(msg: v1::ExecRequest) -> Option<ssh::Input> {
     use v1::exec_request::Msg;
     match msg.msg? {
         Msg::Stdin(b) => Some(ssh::Input::Stdin(b.into())),
         Msg::StdinEof(_) => Some(ssh::Input::Eof),
-        Msg::Cancel(c) => Some(ssh::Input::Cancel(signal(c.signal))),
+        Msg::Cancel(c) => Some(ssh::Input::Cancel(convert::signal(c.signal))),
         // A second `start` is ignored: a command runs once.
         Msg::Start(_) => None,
     }

@@ -105,6 +105,20 @@ pub struct Launched {
 /// a crash is retried with backoff; a dead session or lease is fatal.
 const REMOTE_POLICY: RestartPolicy = RestartPolicy::OnFailure(Backoff::NETWORK);
 
+/// The page a browser opens: never something Chromium would take as a
+/// flag (`--proxy-server=direct://` would leave egress behind), never a
+/// control character, bounded.
+fn check_browser_url(url: &str) -> Result<(), EgressError> {
+    if url.starts_with('-') || url.len() > 8192 || url.chars().any(char::is_control) {
+        return Err(EgressError::Invalid(format!(
+            "{:?} is not a page to open: give a URL such as https://example.com (at most 8 KiB, \
+             not starting with '-')",
+            url.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
 fn lease_err(e: RemoteError) -> EgressError {
     EgressError::Remote(e)
 }
@@ -476,6 +490,7 @@ impl EgressManager {
         url: &str,
         agent: Option<PathBuf>,
     ) -> Result<Launched, EgressError> {
+        check_browser_url(url)?;
         let lease = self.canonical(name).await?;
         let pair = {
             let hosts = self.hosts.lock().await;
@@ -562,5 +577,24 @@ fi"#;
             session,
             profile_dir,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_browser_url;
+
+    #[test]
+    fn a_browser_url_is_never_a_flag() {
+        assert!(check_browser_url("").is_ok());
+        assert!(check_browser_url("https://example.com/a?b=-c").is_ok());
+        for bad in [
+            "--proxy-server=direct://",
+            "-renderer-cmd-prefix=sh",
+            "https://x\n--flag",
+        ] {
+            assert!(check_browser_url(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_browser_url(&"a".repeat(8193)).is_err());
     }
 }

@@ -56,8 +56,9 @@ pub const SSH_FAILED: i32 = 255;
 /// The lease-local file the egress helper publishes (see `egress start`).
 pub const EGRESS_CURRENT: &str = "$HOME/.local/state/crabbox/egress/current.json";
 
-/// What a client asks for.
-#[derive(Debug, Clone, Default)]
+/// What a client asks for. Its `Debug` names the client's environment
+/// variables, never their values.
+#[derive(Clone, Default)]
 pub struct RunRequest {
     /// The lease id or slug.
     pub lease: String,
@@ -77,6 +78,24 @@ pub struct RunRequest {
     pub egress: bool,
     /// The client's SSH agent socket.
     pub agent: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for RunRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunRequest")
+            .field("lease", &self.lease)
+            .field("argv", &self.argv)
+            .field("cwd", &self.cwd)
+            .field("label", &self.label)
+            .field(
+                "client_env",
+                &self.client_env.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .field("env_allow", &self.env_allow)
+            .field("allow_env", &self.allow_env)
+            .field("egress", &self.egress)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The run started.
@@ -868,5 +887,21 @@ async fn post_events(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RunRequest;
+
+    #[test]
+    fn a_request_debug_names_the_environment_but_never_its_values() {
+        let r = RunRequest {
+            client_env: vec![("API_TOKEN".into(), "s3cret-value".into())],
+            ..Default::default()
+        };
+        let d = format!("{r:?}");
+        assert!(d.contains("API_TOKEN"), "{d}");
+        assert!(!d.contains("s3cret-value"), "{d}");
     }
 }

@@ -30,9 +30,7 @@ pub mod shell;
 pub mod target;
 pub mod tunnel;
 
-use std::{
-    collections::BTreeMap, future::Future, path::PathBuf, pin::Pin, sync::Arc, time::Duration,
-};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -178,34 +176,6 @@ impl std::fmt::Debug for SshManager {
 /// Muxes reconnect with network backoff (when work arrives); host-key,
 /// authentication and lease-end failures are fatal until the next request.
 const POLICY: RestartPolicy = RestartPolicy::Always(Backoff::NETWORK);
-
-type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Turns a driver future and the receiver it sends to into one stream,
-/// polling the driver only while the stream is polled (no spawned task;
-/// dropping the stream drops the work).
-fn drive<T: Send + 'static>(
-    fut: impl Future<Output = ()> + Send + 'static,
-    rx: mpsc::Receiver<T>,
-) -> impl Stream<Item = T> + Send + 'static {
-    let fut: BoxFuture = Box::pin(fut);
-    futures::stream::unfold((Some(fut), rx), |(mut fut, mut rx)| async move {
-        loop {
-            match fut.as_mut() {
-                Some(f) => {
-                    tokio::select! {
-                        biased;
-                        item = rx.recv() => {
-                            return item.map(|i| (i, (fut, rx)));
-                        }
-                        () = f => { fut = None; }
-                    }
-                }
-                None => return rx.recv().await.map(|i| (i, (None, rx))),
-            }
-        }
-    })
-}
 
 impl SshManager {
     /// A manager for the daemon's configuration.
@@ -418,7 +388,7 @@ impl SshManager {
             )
             .await;
         };
-        drive(fut, rx)
+        crate::drive::drive(fut, rx)
     }
 
     /// Runs an interactive shell under a PTY; the stream ends after
@@ -440,7 +410,7 @@ impl SshManager {
             };
             shell::run(conn, spec, input, tx).await;
         };
-        drive(fut, rx)
+        crate::drive::drive(fut, rx)
     }
 
     /// Copies files or a directory tree to or from a lease.
@@ -462,7 +432,7 @@ impl SshManager {
                 let _ = tx.send(Err(e)).await;
             }
         };
-        drive(fut, rx)
+        crate::drive::drive(fut, rx)
     }
 
     /// Opens a byte stream to `to` as the lease sees it, over the lease's

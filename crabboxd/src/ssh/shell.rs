@@ -140,10 +140,34 @@ async fn run_inner(
             .await
             .map_err(|_| SshError::Channel("the client went away".into()))
     };
+    // Keystrokes and resizes are written concurrently with reading output,
+    // so a paste into a terminal that echoes can never deadlock the
+    // channel's windows (the reader keeps draining while a write waits).
+    let writer = async {
+        while let Some(msg) = input.next().await {
+            match msg {
+                ShellInput::Stdin(b) => {
+                    stats
+                        .bytes_out
+                        .fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    if wr.data_bytes(b).await.is_err() {
+                        break;
+                    }
+                }
+                ShellInput::Resize { cols, rows } => {
+                    let _ = wr.window_change(side(cols, 80), side(rows, 24), 0, 0).await;
+                }
+            }
+        }
+        // The client went away (or the channel refused input): hang the
+        // terminal up, and keep the write half alive until the reader ends.
+        let _ = wr.close().await;
+        std::future::pending::<()>().await;
+    };
+    tokio::pin!(writer);
     // Replies to the two requests, in order: the PTY, then the shell.
     let mut replies = 0;
     let mut exit: Option<Exit> = None;
-    let mut input_open = true;
     loop {
         tokio::select! {
             biased;
@@ -175,22 +199,7 @@ async fn run_inner(
                 }
                 Some(_) => {}
             },
-            msg = input.next(), if input_open => match msg {
-                Some(ShellInput::Stdin(b)) => {
-                    stats.bytes_out.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    if wr.data_bytes(b).await.is_err() {
-                        input_open = false;
-                    }
-                }
-                Some(ShellInput::Resize { cols, rows }) => {
-                    let _ = wr.window_change(side(cols, 80), side(rows, 24), 0, 0).await;
-                }
-                None => {
-                    // The client went away: hang the terminal up.
-                    let _ = wr.close().await;
-                    input_open = false;
-                }
-            },
+            () = &mut writer => {}
         }
     }
     match exit {

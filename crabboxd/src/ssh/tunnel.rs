@@ -13,6 +13,7 @@ use std::{
     pin::Pin,
     sync::{Arc, atomic::Ordering},
     task::{Context, Poll},
+    time::Duration,
 };
 
 use russh::{ChannelStream, client::Msg};
@@ -63,21 +64,34 @@ impl std::fmt::Debug for Tunnel {
     }
 }
 
-/// Opens a tunnel on `conn`. A refusal by the server (nothing listening,
-/// forwarding disabled) is `SshError::Channel` naming the endpoint.
+/// How long the lease's sshd may take to answer a channel open.
+pub const OPEN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Opens a tunnel on `conn`, within [`OPEN_DEADLINE`]. A refusal by the
+/// server (nothing listening, forwarding disabled) is `SshError::Channel`
+/// naming the endpoint; no answer in time is `SshError::Lost`.
 pub async fn open(conn: Arc<Conn>, to: &Endpoint) -> Result<Tunnel, SshError> {
-    let opened = match to {
-        Endpoint::Tcp { host, port } => {
-            conn.handle
-                .channel_open_direct_tcpip(host.as_str(), u32::from(*port), "127.0.0.1", 0)
-                .await
-        }
-        Endpoint::Unix(path) => {
-            conn.handle
-                .channel_open_direct_streamlocal(path.as_str())
-                .await
+    let opening = async {
+        match to {
+            Endpoint::Tcp { host, port } => {
+                conn.handle
+                    .channel_open_direct_tcpip(host.as_str(), u32::from(*port), "127.0.0.1", 0)
+                    .await
+            }
+            Endpoint::Unix(path) => {
+                conn.handle
+                    .channel_open_direct_streamlocal(path.as_str())
+                    .await
+            }
         }
     };
+    let opened = tokio::time::timeout(OPEN_DEADLINE, opening)
+        .await
+        .map_err(|_| {
+            SshError::Lost(format!(
+                "the lease did not answer a channel to {to} within {OPEN_DEADLINE:?}"
+            ))
+        })?;
     let channel = opened.map_err(|e| match e {
         russh::Error::ChannelOpenFailure(reason) => SshError::Channel(format!(
             "the lease refused a channel to {to}: {reason:?} (nothing listening there, or sshd \

@@ -221,16 +221,7 @@ fn initial_ticket(file: Option<&Path>) -> anyhow::Result<Option<Ticket>> {
                 .context("reading the ticket from stdin")?;
             s
         } else {
-            let meta = std::fs::metadata(path)
-                .with_context(|| format!("reading ticket file {}", path.display()))?;
-            if meta.mode() & 0o077 != 0 {
-                anyhow::bail!(
-                    "ticket file {} must not be readable by others (chmod 600)",
-                    path.display()
-                );
-            }
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading ticket file {}", path.display()))?
+            read_private(path).context("the ticket file")?
         };
         let t = raw.trim();
         if t.is_empty() {

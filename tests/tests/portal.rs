@@ -639,4 +639,14 @@ async fn signing_out_ends_open_live_streams() {
         .await
         .expect("a signed-out session's stream ends")
         .unwrap();
+    // The signed-out cookie still verifies, but it is no session: the
+    // sign-in page shows its form instead of bouncing back to /portal
+    // (which would send it straight back here).
+    let login = http
+        .get(format!("{}/portal/login", coord.base_url))
+        .header("cookie", &s.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status().as_u16(), 200, "a redirect loop");
 }

@@ -86,14 +86,11 @@ impl Feed {
         limit: Option<Duration>,
     ) -> Wake {
         let wake = self.wait(wanted, limit).await;
-        let nonce = self.nonce.clone();
-        let revoked = self
-            .st
-            .store
-            .call(move |c| crate::store::is_portal_session_revoked(c, &nonce))
-            .await
-            .unwrap_or(true);
-        if revoked { Wake::End } else { wake }
+        if super::session::is_revoked(&self.st, &self.nonce).await {
+            Wake::End
+        } else {
+            wake
+        }
     }
 
     async fn wait(

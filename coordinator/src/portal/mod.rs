@@ -246,7 +246,7 @@ async fn run_page(State(st): State<Shared>, v: Viewer, Path(id): Path<String>) -
 
 /// A sign-in form bound to this browser by a fresh nonce cookie.
 fn login_page(st: &Shared, headers: &HeaderMap, status: StatusCode, error: &str) -> Response {
-    let nonce = crate::ids::uuid_v4();
+    let nonce = session::login_nonce(st.clock.now_ms());
     let page = LoginPage {
         chrome: Chrome {
             viewer: String::new(),
@@ -265,10 +265,9 @@ fn login_page(st: &Shared, headers: &HeaderMap, status: StatusCode, error: &str)
 }
 
 async fn login_form(State(st): State<Shared>, headers: HeaderMap) -> Response {
-    let signed_in = session::cookie(&headers, SESSION_COOKIE)
-        .and_then(|c| Claims::open(&st.portal.key, &st.cfg, c, st.clock.now_ms()))
-        .is_some();
-    if signed_in {
+    // Signed in means what every portal page checks (signed, unexpired, not
+    // signed out); a stale cookie gets the form, not a redirect loop.
+    if session::signed_in(&st, &headers).await.is_some() {
         return Redirect::to("/portal").into_response();
     }
     login_page(&st, &headers, StatusCode::OK, "")
@@ -321,7 +320,9 @@ async fn login(State(st): State<Shared>, headers: HeaderMap, body: Body<FORM_MAX
     };
     drop(body);
     let nonce = session::cookie(&headers, LOGIN_COOKIE).unwrap_or("");
-    if nonce.is_empty() || !st.portal.key.csrf_ok(&format!("login:{nonce}"), &f.csrf) {
+    if !session::login_nonce_fresh(nonce, st.clock.now_ms())
+        || !st.portal.key.csrf_ok(&format!("login:{nonce}"), &f.csrf)
+    {
         tracing::warn!("portal sign-in refused: form token missing or stale");
         return cross_site();
     }

@@ -291,26 +291,64 @@ impl FromRequestParts<Shared> for Viewer {
     type Rejection = SignIn;
 
     async fn from_request_parts(parts: &mut Parts, st: &Shared) -> Result<Self, Self::Rejection> {
-        let value = cookie(&parts.headers, SESSION_COOKIE).ok_or(SignIn)?;
-        let (claims, principal) =
-            Claims::open(&st.portal.key, &st.cfg, value, st.clock.now_ms()).ok_or(SignIn)?;
-        let nonce = claims.n.clone();
-        let revoked = st
-            .store
-            .call(move |c| crate::store::is_portal_session_revoked(c, &nonce))
-            .await
-            .unwrap_or(true);
-        if revoked {
-            return Err(SignIn);
-        }
+        let (claims, principal) = signed_in(st, &parts.headers).await.ok_or(SignIn)?;
         Ok(Self { principal, claims })
     }
+}
+
+/// The session a request's cookie carries, when it is signed, unexpired and
+/// not signed out.
+pub(crate) async fn signed_in(st: &Shared, headers: &HeaderMap) -> Option<(Claims, Principal)> {
+    let value = cookie(headers, SESSION_COOKIE)?;
+    let (claims, principal) = Claims::open(&st.portal.key, &st.cfg, value, st.clock.now_ms())?;
+    (!is_revoked(st, &claims.n).await).then_some((claims, principal))
+}
+
+/// Whether a session was signed out; a store that cannot answer counts as
+/// signed out.
+pub(crate) async fn is_revoked(st: &Shared, nonce: &str) -> bool {
+    let nonce = nonce.to_owned();
+    st.store
+        .call(move |c| crate::store::is_portal_session_revoked(c, &nonce))
+        .await
+        .unwrap_or(true)
+}
+
+/// A fresh sign-in form nonce: when it was issued, then a random part.
+pub(crate) fn login_nonce(now_ms: i64) -> String {
+    format!("{}.{}", now_ms / 1000, crate::ids::uuid_v4())
+}
+
+/// Whether a sign-in form nonce was issued within [`LOGIN_TTL_S`] (the
+/// cookie's Max-Age is only a request to the browser).
+pub(crate) fn login_nonce_fresh(nonce: &str, now_ms: i64) -> bool {
+    let Some((issued, rest)) = nonce.split_once('.') else {
+        return false;
+    };
+    let Ok(issued) = issued.parse::<i64>() else {
+        return false;
+    };
+    let age = now_ms / 1000 - issued;
+    !rest.is_empty() && (0..=LOGIN_TTL_S).contains(&age)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Secret;
+
+    #[test]
+    fn a_sign_in_nonce_is_fresh_for_ten_minutes_only() {
+        let now = 1_800_000_000_000;
+        let n = login_nonce(now);
+        assert!(login_nonce_fresh(&n, now));
+        assert!(login_nonce_fresh(&n, now + LOGIN_TTL_S * 1000));
+        assert!(!login_nonce_fresh(&n, now + (LOGIN_TTL_S + 1) * 1000));
+        assert!(!login_nonce_fresh(&n, now - 2000), "issued in the future");
+        for bad in ["", "uuid-only", "x.y", "1800000000."] {
+            assert!(!login_nonce_fresh(bad, now), "{bad:?}");
+        }
+    }
 
     fn cfg() -> Config {
         let mut c = Config::new("/tmp/x");

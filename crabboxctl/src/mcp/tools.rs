@@ -242,7 +242,15 @@ fn reply(result: anyhow::Result<Value>) -> CallToolResult {
     match result {
         Ok(v) => {
             let text = v.to_string();
-            debug_assert!(text.len() <= RESULT_LIMIT, "{} bytes", text.len());
+            if text.len() > RESULT_LIMIT {
+                // Every tool trims to its budget; this is the last guard,
+                // so an agent never receives more than it was promised.
+                return CallToolResult::error(vec![ContentBlock::text(format!(
+                    "the result would be {} bytes, over the {RESULT_LIMIT}-byte limit; ask for less \
+                     (a cursor, a smaller page, or the output in a file on the lease)",
+                    text.len()
+                ))]);
+            }
             CallToolResult::success(vec![ContentBlock::text(text)])
         }
         Err(e) => CallToolResult::error(vec![ContentBlock::text(exit::report(&e).0)]),
@@ -320,9 +328,13 @@ fn end_json(end: &RunEnd) -> Value {
     json!({
         "outcome": attach::outcome_name(end),
         "exit_code": end.exit_code,
-        "detail": end.detail,
+        "detail": bound::head(&end.detail, TEXT_FIELD_MAX).0,
     })
 }
+
+/// At most this much of a run event's or end's free text (phase, message,
+/// detail) goes into a result; the data has the rest of the budget.
+const TEXT_FIELD_MAX: usize = 4096;
 
 #[tool_router]
 impl Crabbox {
@@ -1067,10 +1079,12 @@ impl Crabbox {
         let mut more = false;
         let first_deadline = Instant::now() + wait;
         loop {
+            // The first event may take the whole wait; after it, a quiet
+            // spell ends the page, and the wait still bounds the call.
             let until = if events.is_empty() {
                 first_deadline
             } else {
-                Instant::now() + RUN_OUTPUT_QUIET
+                (Instant::now() + RUN_OUTPUT_QUIET).min(first_deadline)
             };
             let msg = match tokio::time::timeout_at(until, stream.message()).await {
                 Err(_) => break,
@@ -1081,7 +1095,7 @@ impl Crabbox {
                     Some(attach_event::Event::RunEvent(e)) => {
                         let mut v = json!({"seq": e.seq, "type": e.r#type});
                         if !e.phase.is_empty() {
-                            v["phase"] = json!(e.phase);
+                            v["phase"] = json!(bound::head(&e.phase, TEXT_FIELD_MAX).0);
                         }
                         match e.stream() {
                             OutputStream::Stdout => v["stream"] = json!("stdout"),
@@ -1089,7 +1103,7 @@ impl Crabbox {
                             OutputStream::Unspecified => {}
                         }
                         if !e.message.is_empty() {
-                            v["message"] = json!(e.message);
+                            v["message"] = json!(bound::head(&e.message, TEXT_FIELD_MAX).0);
                         }
                         if let Some(code) = e.exit_code {
                             v["exit_code"] = json!(code);
@@ -1209,6 +1223,14 @@ impl ServerHandler for Crabbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_result_over_the_limit_is_a_tool_error_not_a_long_answer() {
+        let fits = reply(Ok(json!("x".repeat(RESULT_LIMIT - 16))));
+        assert_ne!(fits.is_error, Some(true));
+        let over = reply(Ok(json!("x".repeat(RESULT_LIMIT))));
+        assert_eq!(over.is_error, Some(true));
+    }
 
     fn server() -> Crabbox {
         Crabbox::new(Ctx {

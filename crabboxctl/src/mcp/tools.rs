@@ -285,8 +285,18 @@ fn to_value(v: &impl serde::Serialize) -> anyhow::Result<Value> {
     Ok(serde_json::to_value(v)?)
 }
 
-/// A page of `items` as `{"<key>": […], "next_cursor": …}`.
-fn paged(key: &str, items: Vec<Value>, cursor: Option<&str>) -> anyhow::Result<Value> {
+/// A page of `items`, each rendered by `json`, as `{"<key>": […],
+/// "next_cursor": …}`.
+fn paged<T, J: serde::Serialize>(
+    key: &str,
+    items: &[T],
+    json: impl Fn(&T) -> J,
+    cursor: Option<&str>,
+) -> anyhow::Result<Value> {
+    let items = items
+        .iter()
+        .map(|i| to_value(&json(i)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let (items, next) = bound::page(items, cursor).map_err(bad_args)?;
     Ok(json!({ key: items, "next_cursor": next }))
 }
@@ -362,11 +372,7 @@ impl Crabbox {
                 .await?
                 .into_inner()
                 .leases;
-                let items = leases
-                    .iter()
-                    .map(|k| to_value(&lease::kept_json(k)))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                paged("leases", items, args.cursor.as_deref())
+                paged("leases", &leases, lease::kept_json, args.cursor.as_deref())
             }
             .await,
         )
@@ -561,11 +567,7 @@ impl Crabbox {
                 .await?
                 .into_inner()
                 .tasks;
-                let items = tasks
-                    .iter()
-                    .map(|t| to_value(&output::task_json(t)))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                paged("tasks", items, args.cursor.as_deref())
+                paged("tasks", &tasks, output::task_json, args.cursor.as_deref())
             }
             .await,
         )
@@ -615,11 +617,7 @@ impl Crabbox {
                 .await?
                 .into_inner()
                 .hosts;
-                let items = hosts
-                    .iter()
-                    .map(|h| to_value(&egress::host_json(h)))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                paged("hosts", items, args.cursor.as_deref())
+                paged("hosts", &hosts, egress::host_json, args.cursor.as_deref())
             }
             .await,
         )
@@ -705,19 +703,16 @@ impl Crabbox {
                 .await?
                 .into_inner()
                 .runs;
-                let items = runs
-                    .iter()
-                    .map(|r| {
-                        json!({
-                            "run_id": r.run_id, "lease_id": r.lease_id, "argv": r.argv,
-                            "label": r.label, "running": r.running,
-                            "started_at": output::timestamp_text(r.started_at.as_ref()),
-                            "ended_at": output::timestamp_text(r.ended_at.as_ref()),
-                            "finished": r.finished.as_ref().map(run_cmd::finished_json),
-                        })
+                let run_json = |r: &crabbox_api::v1::RunInfo| {
+                    json!({
+                        "run_id": r.run_id, "lease_id": r.lease_id, "argv": r.argv,
+                        "label": r.label, "running": r.running,
+                        "started_at": output::timestamp_text(r.started_at.as_ref()),
+                        "ended_at": output::timestamp_text(r.ended_at.as_ref()),
+                        "finished": r.finished.as_ref().map(run_cmd::finished_json),
                     })
-                    .collect();
-                paged("runs", items, args.cursor.as_deref())
+                };
+                paged("runs", &runs, run_json, args.cursor.as_deref())
             }
             .await,
         )

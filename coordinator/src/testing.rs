@@ -146,13 +146,19 @@ impl TestCoordinator {
             "provider": "ssh", "target": "linux", "host": "127.0.0.1", "sshUser": "crabbox",
             "sshPort": "22", "slug": slug, "ttlSeconds": 3600, "idleTimeoutSeconds": 1800,
         });
+        self.register_lease_with(token, id, &body).await
+    }
+
+    /// Registers lease `id` with a registration body of the caller's (a
+    /// real sshd's host, user, ports and pinned key, say); the lease record.
+    pub async fn register_lease_with(
+        &self,
+        token: &str,
+        id: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
         let (status, v) = self
-            .request(
-                "PUT",
-                &format!("/v1/leases/{id}/registration"),
-                token,
-                &body,
-            )
+            .request("PUT", &format!("/v1/leases/{id}/registration"), token, body)
             .await?;
         anyhow::ensure!(
             status == 200 || status == 201,

@@ -102,16 +102,10 @@ async fn main() {
         .unwrap_or(5);
     let coord = TestCoordinator::start().await;
     let lease = TestLease::start(61, coord.addr).await;
-    let (status, _) = coord
-        .request(
-            "PUT",
-            &format!("/v1/leases/{LEASE}/registration"),
-            &coord.shared_token,
-            &lease.registration("bench"),
-        )
+    coord
+        .register_lease_with(&coord.shared_token, LEASE, &lease.registration("bench"))
         .await
         .unwrap();
-    assert!(status == 200 || status == 201);
     let d = TestDaemon::builder()
         .coordinator(&coord.base_url, &coord.shared_token)
         .toml(&lease.daemon_toml())

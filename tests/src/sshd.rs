@@ -107,6 +107,16 @@ impl TestSshd {
         Self::start_with_config(netns, max_sessions, "").await
     }
 
+    /// A coordinator registration body for a lease on this sshd: loopback,
+    /// its port only, its host key pinned, as the test's own user.
+    pub fn registration(&self) -> serde_json::Value {
+        serde_json::json!({
+            "provider": "ssh", "target": "linux", "host": "127.0.0.1", "sshUser": self.user,
+            "sshPort": self.addr.port().to_string(), "sshFallbackPorts": [],
+            "sshHostKey": self.host_key, "ttlSeconds": 3600, "idleTimeoutSeconds": 1800,
+        })
+    }
+
     /// Like [`TestSshd::start_with`], with extra `sshd_config` lines (for
     /// example `SetEnv HOME=… PATH=…` to give the lease's user a home and
     /// commands of its own).

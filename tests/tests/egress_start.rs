@@ -24,16 +24,10 @@ fn text(b: &[u8]) -> String {
 }
 
 async fn register(coord: &TestCoordinator, lease: &TestLease, id: &str) {
-    let (status, v) = coord
-        .request(
-            "PUT",
-            &format!("/v1/leases/{id}/registration"),
-            &coord.shared_token,
-            &lease.registration("egress-start"),
-        )
+    coord
+        .register_lease_with(&coord.shared_token, id, &lease.registration("egress-start"))
         .await
         .unwrap();
-    assert!(status == 200 || status == 201, "registration: {status} {v}");
 }
 
 async fn daemon_in(

@@ -43,16 +43,10 @@ async fn desktop_launch_loads_a_many_resource_https_page_through_the_helper() {
     };
     let coord = TestCoordinator::start().await;
     let lease = TestLease::start(47, coord.addr).await;
-    let (status, v) = coord
-        .request(
-            "PUT",
-            &format!("/v1/leases/{LEASE}/registration"),
-            &coord.shared_token,
-            &lease.registration("browser"),
-        )
+    coord
+        .register_lease_with(&coord.shared_token, LEASE, &lease.registration("browser"))
         .await
         .unwrap();
-    assert!(status == 200 || status == 201, "{status} {v}");
     let d = TestDaemon::builder()
         .coordinator(&coord.base_url, &coord.shared_token)
         .toml(&lease.daemon_toml())

@@ -55,22 +55,12 @@ async fn append(coord: &TestCoordinator, run: &str, stream: &str, data: &str) {
 /// reaches it (with the per-lease key file in place), and a run on it.
 async fn setup(sshd: &TestSshd) -> (TestCoordinator, TestDaemon, String) {
     let coord = TestCoordinator::start().await;
-    let body = json!({
-        "provider": "ssh", "target": "linux", "host": "127.0.0.1", "sshUser": sshd.user,
-        "sshPort": sshd.addr.port().to_string(), "sshFallbackPorts": [],
-        "sshHostKey": sshd.host_key, "ttlSeconds": 3600, "idleTimeoutSeconds": 1800,
-        "slug": "mcp-crab",
-    });
-    let (status, v) = coord
-        .request(
-            "PUT",
-            &format!("/v1/leases/{LEASE}/registration"),
-            &coord.shared_token,
-            &body,
-        )
+    let mut body = sshd.registration();
+    body["slug"] = json!("mcp-crab");
+    coord
+        .register_lease_with(&coord.shared_token, LEASE, &body)
         .await
         .unwrap();
-    assert!(status == 200 || status == 201, "{status} {v}");
     let d = TestDaemon::builder()
         .coordinator(&coord.base_url, &coord.shared_token)
         .start()

@@ -187,21 +187,10 @@ async fn coordinator_lease_with_pinned_key_and_per_lease_key_file() {
     let sshd = TestSshd::start().await;
     let coord = TestCoordinator::start().await;
     let lease = "cbx_00000000bb01";
-    let body = serde_json::json!({
-        "provider": "ssh", "target": "linux", "host": "127.0.0.1", "sshUser": sshd.user,
-        "sshPort": sshd.addr.port().to_string(), "sshFallbackPorts": [],
-        "sshHostKey": sshd.host_key, "ttlSeconds": 3600, "idleTimeoutSeconds": 1800,
-    });
-    let (status, v) = coord
-        .request(
-            "PUT",
-            &format!("/v1/leases/{lease}/registration"),
-            &coord.shared_token,
-            &body,
-        )
+    coord
+        .register_lease_with(&coord.shared_token, lease, &sshd.registration())
         .await
         .unwrap();
-    assert!(status == 200 || status == 201, "{status} {v}");
     let d = TestDaemon::builder()
         .coordinator(&coord.base_url, &coord.shared_token)
         .start()

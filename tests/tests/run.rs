@@ -577,3 +577,114 @@ async fn egress_points_the_proxy_at_a_live_helper_and_refuses_a_stale_one() {
         "{err}"
     );
 }
+
+/// The lease-keeper rows that run.
+async fn live_keepers(d: &TestDaemon) -> Vec<serde_json::Value> {
+    d.tasks(Some("lease-keeper"))
+        .await
+        .into_iter()
+        .filter(|t| t["state"] == "running" || t["state"] == "starting")
+        .collect()
+}
+
+async fn wait_keepers(d: &TestDaemon, want: usize, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let k = live_keepers(d).await;
+        if k.len() == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{why}: {k:?}\n{}", d.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn restart_killed(
+    coord: &TestCoordinator,
+    d: &mut TestDaemon,
+    sshd: &TestSshd,
+) -> TestDaemon {
+    let home = d.home().to_path_buf();
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    d.wait_exit().await;
+    TestDaemon::builder()
+        .home(&home)
+        .env("CRABBOX_LOG", "info,crabboxd=debug")
+        .coordinator(&coord.base_url, &coord.shared_token)
+        .toml(&sshd.target_toml(LEASE))
+        .start()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_holds_its_lease_without_a_keep_and_leaves_the_users_keep_alone() {
+    require_sshd!();
+    let coord = TestCoordinator::start().await;
+    coord
+        .register_lease(&coord.shared_token, LEASE, "run-crab")
+        .await
+        .unwrap();
+    let sshd = TestSshd::start_with_config(None, 10, "").await;
+    let mut d = TestDaemon::builder()
+        .env("CRABBOX_LOG", "info,crabboxd=debug")
+        .coordinator(&coord.base_url, &coord.shared_token)
+        .toml(&sshd.target_toml(LEASE))
+        .start()
+        .await;
+
+    // A run keeps its lease alive while it runs, but that is no user's
+    // keep: `lease stop` says the lease is not kept.
+    let run = d
+        .ctl_command(&["run", "--id", LEASE, "--", "sh", "-c", "sleep 4; echo done"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_run(&d).await;
+    wait_keepers(&d, 1, "the run's lease is kept while it runs").await;
+    let o = d.ctl(&["lease", "stop", "--id", LEASE]).await;
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(text(&o.stderr).contains("not kept"), "{}", show(&o));
+    assert_eq!(live_keepers(&d).await.len(), 1, "the run still holds it");
+
+    // The user keeps the lease during the run; the run's end leaves that
+    // keep running.
+    d.keep_lease_fast(LEASE).await;
+    let o = run.wait_with_output().await.unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(text(&o.stdout), "done\n");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_keepers(&d, 1, "the user's keep outlives the run").await;
+    let list = d.ctl_json(&["lease", "list", "--json"]).await;
+    assert_eq!(list[0]["id"], LEASE, "{list}");
+    assert_eq!(
+        list[0]["interval_seconds"], 5,
+        "the user's keep, unchanged: {list}"
+    );
+
+    // ... and it is still persisted: a killed daemon restores it.
+    // (`d` owns the home directory the restarted daemons use.)
+    let mut d2 = restart_killed(&coord, &mut d, &sshd).await;
+    wait_keepers(&d2, 1, "the user's keep is restored").await;
+    let o = d2.ctl(&["lease", "stop", "--id", LEASE]).await;
+    assert!(o.status.success(), "{}", show(&o));
+    wait_keepers(&d2, 0, "stopped").await;
+
+    // A daemon killed mid-run restores no keep the user did not make.
+    let _run = d2
+        .ctl_command(&["run", "--id", LEASE, "--", "sleep", "30"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for_run(&d2).await;
+    wait_keepers(&d2, 1, "the second run's lease is kept").await;
+    let d3 = restart_killed(&coord, &mut d2, &sshd).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(live_keepers(&d3).await.is_empty(), "{}", d3.stderr());
+    let list = d3.ctl_json(&["lease", "list", "--json"]).await;
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+}

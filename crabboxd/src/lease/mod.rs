@@ -1,6 +1,12 @@
 //! Kept leases: the `LeaseKeeper` task per lease (heartbeats and lease-end
 //! detection) and the `LeaseManager` that starts, stops, lists and persists
 //! them, so a daemon restart keeps the same leases alive.
+//!
+//! A lease is kept for two reasons, counted apart: the user's `lease keep`
+//! (persisted, restored after a restart) and [`LeaseHold`]s that daemon work
+//! such as a run takes for as long as it needs the lease (never persisted).
+//! The keeper runs while either holds; releasing the last hold leaves a
+//! user's keep alone, and `lease stop` leaves the holds alone.
 
 mod keeper;
 mod store;
@@ -72,6 +78,76 @@ struct Kept {
     _handle: TaskHandle,
 }
 
+/// Why a lease is kept: the user's keep (persisted) and the holds of daemon
+/// work (counted, never persisted).
+#[derive(Debug, Default)]
+struct Want {
+    /// `lease keep` (or restored from the persisted set).
+    user: bool,
+    /// The idle-timeout override of the user's keep.
+    idle: Option<Duration>,
+    /// Live [`LeaseHold`]s.
+    holds: usize,
+    /// Bumped when the lease is forgotten, so a hold taken before a release
+    /// never counts against one taken after it.
+    generation: u64,
+}
+
+impl Want {
+    fn wanted(&self) -> bool {
+        self.user || self.holds > 0
+    }
+}
+
+/// Keeps a lease alive while it lives (see [`LeaseManager::hold`]). Release
+/// it with [`LeaseHold::release`]; dropping it releases it too, in the
+/// background.
+#[must_use = "the lease is kept only while the hold lives"]
+pub struct LeaseHold {
+    manager: LeaseManager,
+    id: String,
+    generation: u64,
+    released: bool,
+}
+
+impl std::fmt::Debug for LeaseHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseHold").field("id", &self.id).finish()
+    }
+}
+
+impl LeaseHold {
+    /// The lease held.
+    pub fn lease(&self) -> &str {
+        &self.id
+    }
+
+    /// Gives the hold back; the keeper stops when nothing else keeps the
+    /// lease (no other hold, no user keep), before this returns.
+    pub async fn release(mut self) {
+        self.released = true;
+        if self.manager.unhold(&self.id, self.generation) {
+            self.manager.reconcile(&self.id).await;
+        }
+    }
+}
+
+impl Drop for LeaseHold {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        if self.manager.unhold(&self.id, self.generation) {
+            let (manager, id) = (self.manager.clone(), self.id.clone());
+            self.manager
+                .supervisor
+                .spawn_cleanup("lease hold released", async move {
+                    manager.reconcile(&id).await
+                });
+        }
+    }
+}
+
 /// Starts, stops and lists lease keepers. Cheap to clone.
 #[derive(Clone)]
 pub struct LeaseManager {
@@ -81,6 +157,12 @@ pub struct LeaseManager {
     store: store::Store,
     ends: LeaseEnds,
     kept: Arc<tokio::sync::Mutex<BTreeMap<String, Kept>>>,
+    /// Why each lease is kept. A plain mutex, never held across an await.
+    wants: Arc<Mutex<BTreeMap<String, Want>>>,
+    /// Serialises starting and stopping keepers (never held across network
+    /// I/O): each transition reads the latest `wants`, so concurrent holds,
+    /// releases, keeps and stops always converge.
+    transitions: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for LeaseManager {
@@ -109,6 +191,8 @@ impl LeaseManager {
             store: store::Store::new(state_dir.join("leases.json")),
             ends,
             kept: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
+            wants: Arc::default(),
+            transitions: Arc::default(),
         }
     }
 
@@ -132,11 +216,84 @@ impl LeaseManager {
     pub async fn keep(&self, id: &str, idle: Option<Duration>) -> Result<LeaseStatus, LeaseError> {
         let client = self.client()?.clone();
         let lease = client.heartbeat(id, idle).await?;
-        let status = self
-            .start_keeper(client, &lease.id.clone(), idle, Some(lease))
-            .await;
+        let id = lease.id.clone();
+        let _t = self.transitions.lock().await;
+        {
+            let mut wants = self.wants.lock().unwrap();
+            let w = wants.entry(id.clone()).or_default();
+            w.user = true;
+            w.idle = idle;
+        }
+        let status = self.start_keeper(client, &id, idle, Some(lease)).await;
         self.persist().await?;
         Ok(status)
+    }
+
+    /// Keeps a lease alive for as long as the returned hold lives, without
+    /// making it a user's keep: nothing is persisted, so a daemon killed
+    /// while holding it does not restore it. Holds are counted; a kept
+    /// lease's keeper is shared, not replaced.
+    pub async fn hold(&self, id: &str) -> Result<LeaseHold, LeaseError> {
+        self.client()?;
+        let generation = {
+            let mut wants = self.wants.lock().unwrap();
+            let w = wants.entry(id.to_owned()).or_default();
+            w.holds += 1;
+            w.generation
+        };
+        let hold = LeaseHold {
+            manager: self.clone(),
+            id: id.to_owned(),
+            generation,
+            released: false,
+        };
+        self.reconcile(id).await;
+        Ok(hold)
+    }
+
+    /// Counts a hold off; whether the keeper may have to stop.
+    fn unhold(&self, id: &str, generation: u64) -> bool {
+        let mut wants = self.wants.lock().unwrap();
+        let Some(w) = wants.get_mut(id).filter(|w| w.generation == generation) else {
+            return false;
+        };
+        w.holds = w.holds.saturating_sub(1);
+        if !w.wanted() {
+            wants.remove(id);
+            return true;
+        }
+        false
+    }
+
+    /// Starts or stops the keeper of `id` to match why it is kept now.
+    async fn reconcile(&self, id: &str) {
+        let Ok(client) = self.client().cloned() else {
+            return;
+        };
+        let _t = self.transitions.lock().await;
+        let want = {
+            let wants = self.wants.lock().unwrap();
+            wants.get(id).filter(|w| w.wanted()).map(|w| w.idle)
+        };
+        let running = {
+            let kept = self.kept.lock().await;
+            kept.get(id)
+                .is_some_and(|k| k.status.lock().unwrap().ended.is_none())
+        } && self
+            .supervisor
+            .is_live(&TaskId::new(TaskKind::LeaseKeeper, id));
+        match want {
+            Some(idle) if !running => {
+                tracing::debug!(lease = %id, "keeping a lease for daemon work");
+                self.start_keeper(client, id, idle, None).await;
+            }
+            None => {
+                if let Err(e) = self.stop_keeper(id, "no longer kept").await {
+                    tracing::warn!(lease = %id, error = %e, "cannot update kept leases");
+                }
+            }
+            Some(_) => {}
+        }
     }
 
     /// Restores the leases kept before a daemon restart. Each keeper finds
@@ -152,9 +309,16 @@ impl LeaseManager {
                 return;
             }
         };
+        let _t = self.transitions.lock().await;
         for lease in saved {
             tracing::info!(lease = %lease.id, "restoring kept lease");
             let idle = lease.idle_timeout_seconds.map(Duration::from_secs);
+            {
+                let mut wants = self.wants.lock().unwrap();
+                let w = wants.entry(lease.id.clone()).or_default();
+                w.user = true;
+                w.idle = idle;
+            }
             self.start_keeper(client.clone(), &lease.id, idle, None)
                 .await;
         }
@@ -256,12 +420,28 @@ impl LeaseManager {
     }
 
     /// Stops keeping a lease (named by id or slug) without releasing it.
+    /// Work holding the lease (a run) keeps its keeper going until it ends.
     pub async fn stop(&self, name: &str) -> Result<(), LeaseError> {
         let id = self.kept_id(name).await;
-        if !self.kept.lock().await.contains_key(&id) {
+        let was_kept = {
+            let mut wants = self.wants.lock().unwrap();
+            match wants.get_mut(&id) {
+                Some(w) if w.user => {
+                    w.user = false;
+                    w.idle = None;
+                    if !w.wanted() {
+                        wants.remove(&id);
+                    }
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !was_kept {
             return Err(LeaseError::NotKept(name.to_owned()));
         }
-        self.forget(&id, "no longer kept").await
+        self.reconcile(&id).await;
+        self.persist().await
     }
 
     /// The canonical id of a kept lease named by id or slug (the name
@@ -288,8 +468,26 @@ impl LeaseManager {
         }
     }
 
-    /// Stops a keeper and drops it from the persisted set.
+    /// Stops a keeper whatever keeps it (the lease was released) and drops
+    /// it from the persisted set; holds taken before no longer count.
     async fn forget(&self, id: &str, why: &str) -> Result<(), LeaseError> {
+        let _t = self.transitions.lock().await;
+        {
+            let mut wants = self.wants.lock().unwrap();
+            let generation = wants.get(id).map_or(0, |w| w.generation + 1);
+            wants.insert(
+                id.to_owned(),
+                Want {
+                    generation,
+                    ..Want::default()
+                },
+            );
+        }
+        self.stop_keeper(id, why).await
+    }
+
+    /// Stops a keeper (under the transition lock) and persists.
+    async fn stop_keeper(&self, id: &str, why: &str) -> Result<(), LeaseError> {
         let removed = self.kept.lock().await.remove(id);
         if let Some(kept) = removed {
             kept.status.lock().unwrap().ended = Some(why.to_owned());
@@ -331,14 +529,21 @@ impl LeaseManager {
 
     async fn persist_without(&self, skip: &str) -> Result<(), LeaseError> {
         let kept = self.kept.lock().await;
-        let saved: Vec<store::SavedLease> = kept
-            .iter()
-            .filter(|(id, k)| id.as_str() != skip && k.status.lock().unwrap().ended.is_none())
-            .map(|(id, k)| store::SavedLease {
-                id: id.clone(),
-                idle_timeout_seconds: k.status.lock().unwrap().idle_override.map(|d| d.as_secs()),
-            })
-            .collect();
+        let saved: Vec<store::SavedLease> = {
+            // Only the user's keeps: a hold ends with the work that took it.
+            let wants = self.wants.lock().unwrap();
+            kept.iter()
+                .filter(|(id, k)| {
+                    id.as_str() != skip
+                        && k.status.lock().unwrap().ended.is_none()
+                        && wants.get(id.as_str()).is_some_and(|w| w.user)
+                })
+                .map(|(id, _)| store::SavedLease {
+                    id: id.clone(),
+                    idle_timeout_seconds: wants[id.as_str()].idle.map(|d| d.as_secs()),
+                })
+                .collect()
+        };
         self.store
             .save(&saved)
             .map_err(|source| LeaseError::Persist {

@@ -4,8 +4,9 @@
 //! goes over the channel's stdin into a 0600 file the remote wrapper sources
 //! and removes), sends stdout and stderr to the starting client and, as run
 //! events, to the coordinator (a bounded queue that never slows the command;
-//! what it drops is counted and reported), keeps the lease alive through the
-//! `LeaseManager`, and finishes the run with the exit code and the log tail.
+//! what it drops is counted and reported), keeps the lease alive with a
+//! `LeaseHold` (counted, never persisted: a user's `lease keep` is left
+//! alone), and finishes the run with the exit code and the log tail.
 //! The run does not depend on its client: only `StopRun` ends it early.
 //!
 //! * [`env`] — the allowlist, the summary, the env file and the wrapper.
@@ -218,9 +219,6 @@ pub struct RunManager {
     supervisor: Supervisor,
     env_allow: Option<Vec<String>>,
     runs: Arc<Mutex<BTreeMap<String, Entry>>>,
-    /// Leases kept on behalf of runs (not kept otherwise), with how many
-    /// runs hold each.
-    holds: Arc<tokio::sync::Mutex<BTreeMap<String, usize>>>,
 }
 
 impl std::fmt::Debug for RunManager {
@@ -254,7 +252,6 @@ impl RunManager {
             supervisor,
             env_allow,
             runs: Arc::default(),
-            holds: Arc::default(),
         }
     }
 
@@ -456,45 +453,6 @@ impl RunManager {
             out_rx,
         ))
     }
-
-    /// Keeps the lease alive while a run holds it (through the lease
-    /// manager's keeper), unless it is kept already.
-    async fn hold(&self, lease: &str) {
-        let mut holds = self.holds.lock().await;
-        if let Some(n) = holds.get_mut(lease) {
-            *n += 1;
-            return;
-        }
-        let kept = self
-            .leases
-            .list()
-            .await
-            .iter()
-            .any(|(s, _)| s.id == lease && s.ended.is_none());
-        if kept {
-            return;
-        }
-        match self.leases.keep(lease, None).await {
-            Ok(_) => {
-                holds.insert(lease.to_owned(), 1);
-            }
-            Err(e) => tracing::warn!(lease = %lease, error = %e, "cannot keep the lease for a run"),
-        }
-    }
-
-    async fn unhold(&self, lease: &str) {
-        let mut holds = self.holds.lock().await;
-        let Some(n) = holds.get_mut(lease) else {
-            return;
-        };
-        *n -= 1;
-        if *n == 0 {
-            holds.remove(lease);
-            if let Err(e) = self.leases.stop(lease).await {
-                tracing::debug!(lease = %lease, error = %e, "lease no longer kept");
-            }
-        }
-    }
 }
 
 /// Reads the lease's egress state over the mux and checks the helper is
@@ -636,7 +594,16 @@ impl Job {
         stop: mpsc::Receiver<Signal>,
     ) -> Result<(), TaskError> {
         ctx.running();
-        self.manager.hold(&self.lease_id).await;
+        // Counted and never persisted: the lease is kept while the run
+        // lives, a user's `lease keep` is left alone when it ends, and a
+        // daemon killed mid-run restores no keep the user did not make.
+        let hold = match self.manager.leases.hold(&self.lease_id).await {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(lease = %self.lease_id, error = %e, "cannot keep the lease for a run");
+                None
+            }
+        };
         let (finished, client_out) = self.execute(&ctx, ClientOut(Some(out)), stop).await;
         ctx.set_label(
             "exit",
@@ -652,7 +619,9 @@ impl Job {
         // Listed as ended before the client hears the end.
         let mut client_out = client_out;
         client_out.send(RunOutput::Finished(finished)).await;
-        self.manager.unhold(&self.lease_id).await;
+        if let Some(hold) = hold {
+            hold.release().await;
+        }
         Ok(())
     }
 

@@ -688,3 +688,81 @@ async fn a_run_holds_its_lease_without_a_keep_and_leaves_the_users_keep_alone() 
     let list = d3.ctl_json(&["lease", "list", "--json"]).await;
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_ssh_check_is_not_cut_by_the_coordinator_deadline_and_a_lost_lease_finishes_the_run()
+{
+    require_sshd!();
+    // The lease's `head` answers after 22 s: longer than a coordinator call
+    // may take (20 s), well within what an SSH step may.
+    let home = tempfile::tempdir().unwrap();
+    let shims = home.path().join("shims");
+    std::fs::create_dir_all(&shims).unwrap();
+    let head = shims.join("head");
+    std::fs::write(&head, "#!/bin/sh\nsleep 22\nexec /usr/bin/head \"$@\"\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&head, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let (mut s, _) = setup_with(
+        false,
+        &format!(
+            "SetEnv HOME={} PATH={}:/usr/bin:/bin\n",
+            home.path().display(),
+            shims.display()
+        ),
+    )
+    .await;
+    let mut helper = tokio::process::Command::new("sleep")
+        .arg("90")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let dir = home.path().join(".local/state/crabbox/egress");
+    std::fs::create_dir_all(&dir).unwrap();
+    let proxy = "http://127.0.0.1:3128";
+    std::fs::write(
+        dir.join("current.json"),
+        serde_json::json!({"lease": LEASE, "session": "egress_test", "endpoint": "127.0.0.1:3128",
+            "proxy": proxy, "pid": helper.id().unwrap(), "version": "0.1.0",
+            "transport": "coordinator", "started_at": "2026-12-02T00:00:00Z"})
+        .to_string(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let o =
+        s.d.ctl(&[
+            "run",
+            "--id",
+            LEASE,
+            "--egress",
+            "--",
+            "sh",
+            "-c",
+            "printf %s \"$HTTP_PROXY\"",
+        ])
+        .await;
+    assert!(o.status.success(), "{}\n{}", show(&o), s.d.stderr());
+    assert!(started.elapsed() > Duration::from_secs(20));
+    assert_eq!(text(&o.stdout), proxy);
+    let run = newest_run(&s.d).await.unwrap()["runId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(finished_run(&s.coord, &run).await["exitCode"], 0);
+    helper.kill().await.unwrap();
+
+    // The lease's sshd is gone after the run was created: the run ends
+    // with 255 at the coordinator too, with the reason as an event.
+    s._sshd.kill().await;
+    let o = s.d.ctl(&["run", "--id", LEASE, "--", "true"]).await;
+    assert_eq!(o.status.code(), Some(255), "{}", show(&o));
+    let run = newest_run(&s.d).await.unwrap()["runId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rec = finished_run(&s.coord, &run).await;
+    assert_eq!(rec["exitCode"], 255, "{rec}");
+    let evs = events(&s.coord, &run).await;
+    assert!(evs.iter().any(|e| e["type"] == "run.failed"), "{evs:?}");
+}

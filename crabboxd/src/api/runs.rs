@@ -128,14 +128,16 @@ impl v1::runs_server::Runs for RunsService {
             agent: convert::agent_socket(&req.agent_socket),
         };
         let url = error::coordinator_url(&self.state);
-        let (first, rx) = error::within_deadline(&url, async {
-            self.state
-                .runs()
-                .start(request)
-                .await
-                .map_err(|e| error::run(e, &url))
-        })
-        .await?;
+        // No deadline over the whole start: the coordinator calls have
+        // theirs, the SSH checks theirs (an SSH connect may take longer
+        // than a coordinator answer should), and a run the coordinator
+        // created is finished on every way out.
+        let (first, rx) = self
+            .state
+            .runs()
+            .start(request)
+            .await
+            .map_err(|e| error::run(e, &url))?;
         let head = futures::stream::once(futures::future::ready(Ok(started(first))));
         if detach {
             return Ok(Response::new(Box::pin(head)));

@@ -227,6 +227,17 @@ impl Remote {
         args: &[&str],
         stdin: Option<Bytes>,
     ) -> Result<ShOut, RemoteError> {
+        self.sh_within(COMMAND_DEADLINE, script, args, stdin).await
+    }
+
+    /// [`Remote::sh`] with its own deadline (connecting included).
+    pub async fn sh_within(
+        &self,
+        deadline: Duration,
+        script: &str,
+        args: &[&str],
+        stdin: Option<Bytes>,
+    ) -> Result<ShOut, RemoteError> {
         let mut argv = vec![
             "sh".to_owned(),
             "-c".to_owned(),
@@ -275,11 +286,11 @@ impl Remote {
                 self.lease
             )))
         };
-        tokio::time::timeout(COMMAND_DEADLINE, collect)
+        tokio::time::timeout(deadline, collect)
             .await
             .map_err(|_| {
                 RemoteError::Lease(format!(
-                    "a command on lease {} took longer than {COMMAND_DEADLINE:?}",
+                    "a command on lease {} took longer than {deadline:?}",
                     self.lease
                 ))
             })??;

@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 use crate::{
     attach::AttachManager,
     coordinator::{self, CoordinatorError, ErrorKind, EventInput, FinishInput, NewRun},
+    egress::remote::{self, Remote, RemoteError},
     lease::LeaseManager,
     ssh::{self, Command, ExecSpec, Input, Output, Signal, SshError, SshManager, exec::sh_quote},
     supervisor::{RestartPolicy, Supervisor, TaskCtx, TaskError, TaskHandle, TaskId, TaskKind},
@@ -56,6 +57,12 @@ pub const KEEP_ENDED: Duration = Duration::from_secs(600);
 pub const SSH_FAILED: i32 = 255;
 /// The lease-local file the egress helper publishes (see `egress start`).
 pub const EGRESS_CURRENT: &str = "$HOME/.local/state/crabbox/egress/current.json";
+/// How long each coordinator call of a start may take (the lease lookup;
+/// `create_run` has its own, shorter one). Only the coordinator calls are
+/// bounded by it: the SSH checks between them have their own deadline.
+pub const COORDINATOR_WAIT: Duration = Duration::from_secs(20);
+/// How long each `--egress` check on the lease may take.
+pub const EGRESS_CHECK: Duration = Duration::from_secs(30);
 
 /// What a client asks for. Its `Debug` names the client's environment
 /// variables, never their values.
@@ -336,7 +343,13 @@ impl RunManager {
         } else {
             String::new()
         };
-        let lease = client.lease(req.lease.trim()).await?;
+        let name = req.lease.trim();
+        let lease = tokio::time::timeout(COORDINATOR_WAIT, client.lease(name))
+            .await
+            .map_err(|_| CoordinatorError::Timeout {
+                method: "GET",
+                path: format!("/v1/leases/{name}"),
+            })??;
         if !lease.is_live() {
             return Err(RunError::Invalid(format!(
                 "lease {} is {}; start a new one",
@@ -361,6 +374,16 @@ impl RunManager {
             })
             .await?;
         let run_id = record.id.clone();
+        // From here on the coordinator has a running run: every way out
+        // that does not reach the run's own finish (an error, this request
+        // being dropped, the task never running) posts one.
+        let unfinished = Unfinished {
+            client: client.clone(),
+            supervisor: self.supervisor.clone(),
+            run_id: run_id.clone(),
+            detail: "the daemon created the run but could not start it".into(),
+            armed: true,
+        };
         tracing::info!(run = %run_id, lease = %lease_id, vars = selected.len(), "run created");
         let slug = lease.slug.clone().unwrap_or_default();
         let mut file_env = selected;
@@ -408,6 +431,7 @@ impl RunManager {
             agent: req.agent,
             env_text,
             info: Arc::clone(&info),
+            unfinished,
         };
         let mut once = Some((job, out_tx, stop_rx));
         let labels = BTreeMap::from([
@@ -455,33 +479,41 @@ impl RunManager {
     }
 }
 
-/// Reads the lease's egress state over the mux and checks the helper is
-/// alive; the proxy URL it serves.
+/// Reads the lease's egress state over the mux (the `current.json` that
+/// `egress start` writes, through the same lease-side code) and checks the
+/// helper is alive; the proxy URL it serves.
 async fn egress_proxy(
     ssh: &SshManager,
     name: &str,
     agent: Option<PathBuf>,
     lease: &str,
 ) -> Result<String, RunError> {
-    #[derive(serde::Deserialize)]
-    struct Current {
-        proxy: String,
-        pid: u32,
-    }
     let refuse = |why: String| {
         RunError::NoEgress(format!(
             "no egress helper runs on lease {lease} ({why}); start one with `crabboxctl egress start --id {lease}`, or run without --egress"
         ))
     };
+    let lease_side = |e: RemoteError| match e {
+        RemoteError::Ssh(e) => RunError::Ssh(e),
+        RemoteError::Lease(why) => refuse(why),
+    };
+    let remote = Remote {
+        ssh: ssh.clone(),
+        lease: name.to_owned(),
+        agent,
+    };
     let script = format!("f=\"{EGRESS_CURRENT}\"; [ -f \"$f\" ] || exit 3; head -c 65536 \"$f\"");
-    let (code, out) = capture(ssh, name, agent.clone(), &script).await?;
-    if code == 3 {
+    let out = remote
+        .sh_within(EGRESS_CHECK, &script, &[], None)
+        .await
+        .map_err(lease_side)?;
+    if out.code == 3 {
         return Err(refuse("no current.json".into()));
     }
-    if code != 0 {
-        return Err(refuse(format!("reading its state exited {code}")));
+    if out.code != 0 {
+        return Err(refuse(format!("reading its state exited {}", out.code)));
     }
-    let cur: Current = serde_json::from_slice(&out)
+    let cur: remote::Current = serde_json::from_str(&out.stdout)
         .map_err(|e| refuse(format!("its current.json is not valid: {e}")))?;
     let url = url::Url::parse(&cur.proxy)
         .ok()
@@ -501,45 +533,19 @@ async fn egress_proxy(
             cur.pid
         )));
     }
-    let (alive, _) = capture(
-        ssh,
-        name,
-        agent,
-        &format!("kill -0 {} 2>/dev/null", cur.pid),
-    )
-    .await?;
-    if alive != 0 {
+    let alive = remote
+        .sh_within(
+            EGRESS_CHECK,
+            "kill -0 \"$1\" 2>/dev/null",
+            &[&cur.pid.to_string()],
+            None,
+        )
+        .await
+        .map_err(lease_side)?;
+    if alive.code != 0 {
         return Err(refuse(format!("its pid {} is not running", cur.pid)));
     }
     Ok(cur.proxy)
-}
-
-/// Runs a short shell script over the mux; its exit code and up to 64 KiB
-/// of stdout.
-async fn capture(
-    ssh: &SshManager,
-    name: &str,
-    agent: Option<PathBuf>,
-    script: &str,
-) -> Result<(i32, Vec<u8>), SshError> {
-    let spec = ExecSpec {
-        lease: name.to_owned(),
-        command: Command::Argv(vec!["sh".into(), "-c".into(), script.to_owned()]),
-        cwd: None,
-        agent,
-    };
-    let mut s = Box::pin(ssh.exec(spec, futures::stream::iter([Input::Eof])));
-    let mut out = Vec::new();
-    while let Some(item) = s.next().await {
-        match item? {
-            Output::Stdout(b) if out.len() < 65536 => out.extend_from_slice(&b),
-            Output::Exit(e) => return Ok((e.code, out)),
-            _ => {}
-        }
-    }
-    Err(SshError::Channel(
-        "the command ended without an exit status".into(),
-    ))
 }
 
 /// One run's work, moved into its task.
@@ -555,6 +561,58 @@ struct Job {
     agent: Option<PathBuf>,
     env_text: String,
     info: Arc<Mutex<RunInfo>>,
+    /// Posts a failed finish if this job is dropped before it finished the run.
+    unfinished: Unfinished,
+}
+
+/// A run created at the coordinator that nothing has finished yet: dropped
+/// while armed, it posts `run.failed` with its detail and a `finish` (exit
+/// 255) in the background, bounded by the coordinator calls' own deadlines.
+struct Unfinished {
+    client: coordinator::Client,
+    supervisor: Supervisor,
+    run_id: String,
+    detail: String,
+    armed: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (client, run, detail) = (
+            self.client.clone(),
+            self.run_id.clone(),
+            std::mem::take(&mut self.detail),
+        );
+        tracing::warn!(run = %run, detail = %detail, "finishing a run that could not start");
+        self.supervisor
+            .spawn_cleanup("finish a run that could not start", async move {
+                let ev = EventInput {
+                    kind: "run.failed".into(),
+                    phase: Some("failed".into()),
+                    message: Some(detail),
+                    ..Default::default()
+                };
+                if let Err(e) = client
+                    .post_run_event(&run, &ev, coordinator::runs_timeouts::LIFECYCLE)
+                    .await
+                {
+                    tracing::warn!(run = %run, error = %e, "cannot record a run event");
+                }
+                let body = FinishInput {
+                    exit_code: i64::from(SSH_FAILED),
+                    command_ms: 0,
+                    log: String::new(),
+                    log_chunks: Vec::new(),
+                    log_truncated: false,
+                };
+                if let Err(e) = client.finish_run(&run, &body).await {
+                    tracing::warn!(run = %run, error = %e, "cannot finish the run at the coordinator");
+                }
+            });
+    }
 }
 
 /// Counters shared by the run loop and the event poster.
@@ -562,7 +620,6 @@ struct Job {
 struct Counts {
     queued: AtomicU64,
     posted: AtomicU64,
-    failed: AtomicU64,
     full: AtomicU64,
 }
 
@@ -588,7 +645,7 @@ impl ClientOut {
 
 impl Job {
     async fn run(
-        self,
+        mut self,
         ctx: TaskCtx,
         out: mpsc::Sender<RunOutput>,
         stop: mpsc::Receiver<Signal>,
@@ -636,7 +693,7 @@ impl Job {
     }
 
     async fn execute(
-        &self,
+        &mut self,
         ctx: &TaskCtx,
         mut client_out: ClientOut,
         stop: mpsc::Receiver<Signal>,
@@ -766,6 +823,8 @@ impl Job {
             log_chunks,
             log_truncated,
         };
+        // The finish below is this run's own: nothing else posts one.
+        self.unfinished.armed = false;
         let mut delay = Duration::from_millis(500);
         for attempt in 0..4 {
             match self.client.finish_run(&self.run_id, &body).await {
@@ -833,8 +892,8 @@ async fn post_events(
     let mut warned = false;
     let mut disabled = false;
     while let Some(ev) = rx.recv().await {
+        // What is not posted counts as dropped (queued − posted).
         if disabled {
-            counts.failed.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         match client
@@ -846,7 +905,6 @@ async fn post_events(
                 attach.offer(&run, recorded);
             }
             Err(e) => {
-                counts.failed.fetch_add(1, Ordering::Relaxed);
                 if e.kind() == ErrorKind::NotFound {
                     disabled = true;
                 }

@@ -555,3 +555,145 @@ async fn a_failed_install_leaves_the_running_pair_working() {
     let body = w.fetch_until_ok("after", Duration::from_secs(5)).await;
     assert_eq!(body, w.origin.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_helper_that_cannot_start_leaves_the_running_pair_working() {
+    let Some(w) = world(49).await else { return };
+    let v = w.start_json().await;
+    w.fetch_until_ok("before", Duration::from_secs(20)).await;
+    // The next helper's start fails once, after the install and version
+    // check passed (the lease's `setsid` refuses one time).
+    let marker = w.lease.path(".setsid-broke-once");
+    w.lease.shim(
+        "setsid",
+        &format!(
+            "if [ ! -e '{m}' ]; then : > '{m}'; echo 'setsid: broken once' >&2; exit 1; fi\nexec /usr/bin/setsid \"$@\"",
+            m = marker.display()
+        ),
+    );
+    let out = w.start(&[]).await;
+    assert!(
+        !out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(marker.exists(), "the new helper's start was the one broken");
+    // The running pair carries on: its session is alive, its helper is back
+    // on the same port, and the lease fetches through it.
+    let body = w.fetch_until_ok("after", Duration::from_secs(40)).await;
+    assert_eq!(body, w.origin.body);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if w.lease
+            .current()
+            .is_some_and(|c| c["session"] == v["session_id"])
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "current.json: {:?}\n{}",
+            w.lease.current(),
+            w.daemon.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let st = w
+        .daemon
+        .ctl_json(&["egress", "status", "--id", LEASE, "--json"])
+        .await;
+    assert_eq!(st["local"]["session_id"], v["session_id"], "{st}");
+    let tasks = w.daemon.tasks(Some("egress-remote-client")).await;
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert_eq!(tasks[0]["state"], "running", "{tasks:?}");
+    assert_eq!(tasks[0]["labels"]["session"], v["session_id"], "{tasks:?}");
+}
+
+/// The pids of helpers installed under this lease's home.
+fn helpers_of(lease: &TestLease) -> Vec<String> {
+    let home = lease.home.display().to_string();
+    let mut out = vec![];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let raw = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let line = text(&raw).replace('\0', " ");
+        if line.contains(&home) && line.contains("crabbox-egress-client --") {
+            out.push(format!("{}: {line}", entry.file_name().to_string_lossy()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_cut_off_mid_way_leaves_no_helper_and_the_next_start_takes_the_same_port() {
+    let Some(w) = world(50).await else { return };
+    // The lease cannot reach this coordinator URL: the helper starts and
+    // listens, but its bridge never comes up, so the readiness wait fails.
+    let mut ctl = w
+        .daemon
+        .ctl_command(&[
+            "egress",
+            "start",
+            "--id",
+            LEASE,
+            "--allow",
+            "127.0.0.1",
+            "--allow-private",
+            "--coordinator",
+            "http://127.0.0.1:9",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The client hangs up while the daemon waits for the bridge.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while helpers_of(&w.lease).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no helper started:\n{}",
+            w.daemon.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ctl.kill().await.unwrap();
+    // The start still ends, undoes itself, and says so in the task table.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let row = loop {
+        let tasks = w.daemon.tasks(Some("egress-remote-client")).await;
+        if let Some(t) = tasks.iter().find(|t| t["state"] == "failed") {
+            break t.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no failed start in the task table: {tasks:?}\n{}",
+            w.daemon.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let err = row["last_error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("bridge did not come up")
+            && err.contains(&format!("crabboxctl egress start --id {LEASE}")),
+        "{row}"
+    );
+    assert!(
+        helpers_of(&w.lease).is_empty(),
+        "{:?}",
+        helpers_of(&w.lease)
+    );
+    assert!(
+        w.daemon
+            .tasks(Some("egress-host"))
+            .await
+            .iter()
+            .all(|t| t["state"] == "stopped" || t["state"] == "failed"),
+        "no host bridge is left running"
+    );
+    // The next start takes the same port and works.
+    let v = w.start_json().await;
+    assert_eq!(v["endpoint"], "127.0.0.1:3128", "{v}");
+    w.fetch_until_ok("after", Duration::from_secs(20)).await;
+}

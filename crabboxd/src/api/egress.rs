@@ -4,8 +4,8 @@
 use std::pin::Pin;
 
 use crabbox_api::v1;
-use futures::Stream;
-use tokio::sync::mpsc;
+use futures::{Stream, StreamExt as _};
+use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -67,36 +67,36 @@ impl v1::egress_server::Egress for EgressService {
             transport: req.transport,
             agent: convert::agent_socket(&req.agent_socket),
         };
-        let state = self.state.clone();
-        let (tx, rx) = mpsc::channel::<Result<v1::StartEgressEvent, Status>>(16);
-        let (steps_tx, mut steps_rx) = mpsc::channel(16);
-        let url = error::coordinator_url(&state);
-        // The work is driven by the response stream itself (no spawned
-        // task): steps are forwarded as they complete, then the result.
-        let work = async move {
-            let run = state.egress().start_over_ssh(start, &steps_tx);
-            tokio::pin!(run);
-            let result = loop {
-                tokio::select! {
-                    biased;
-                    Some(step) = steps_rx.recv() => {
-                        let _ = tx.send(Ok(step_event(step))).await;
-                    }
-                    r = &mut run => break r,
-                }
-            };
-            while let Ok(step) = steps_rx.try_recv() {
-                let _ = tx.send(Ok(step_event(step))).await;
-            }
-            let last = match result {
-                Ok(s) => Ok(v1::StartEgressEvent {
+        let (steps_tx, steps_rx) = mpsc::channel(16);
+        let (done_tx, done_rx) = oneshot::channel();
+        let url = error::coordinator_url(&self.state);
+        let egress = self.state.egress().clone();
+        // The start runs beside the request, so a client that hangs up
+        // cannot cut it half way: it ends (or undoes itself) either way, and
+        // a failure after its mint is recorded in the task table. Steps go
+        // to the client on one channel (at most seven, so a client that
+        // stops reading never holds the start), then the outcome.
+        self.state
+            .supervisor()
+            .spawn_cleanup("egress start", async move {
+                let result = egress.start_over_ssh(start, &steps_tx).await;
+                drop(steps_tx);
+                let _ = done_tx.send(result);
+            });
+        let steps =
+            tokio_stream::wrappers::ReceiverStream::new(steps_rx).map(|s| Ok(step_event(s)));
+        let end = futures::stream::once(async move {
+            match done_rx.await {
+                Ok(Ok(s)) => Ok(v1::StartEgressEvent {
                     event: Some(v1::start_egress_event::Event::Started(started(&s))),
                 }),
-                Err(e) => Err(error::egress(e, &url)),
-            };
-            let _ = tx.send(last).await;
-        };
-        Ok(Response::new(Box::pin(crate::drive::drive(work, rx))))
+                Ok(Err(e)) => Err(error::egress(e, &url)),
+                Err(_) => Err(Status::unavailable(
+                    "the daemon stopped during egress start; run it again",
+                )),
+            }
+        });
+        Ok(Response::new(Box::pin(steps.chain(end))))
     }
 
     async fn stop_egress(

@@ -25,8 +25,13 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Checks with the bridge down (and the helper not asking) before a
 /// fresh ticket is pushed anyway.
 const DOWN_CHECKS: u32 = 5;
-/// How long the final stop at lease end may take.
-const STOP_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the final stop at lease end may take: the stop's own steps
+/// are bounded to fit (see `remote::STOP_BUDGET`).
+pub const STOP_DEADLINE: Duration = Duration::from_secs(10);
+const _: () = assert!(
+    super::remote::STOP_BUDGET.as_millis() < STOP_DEADLINE.as_millis(),
+    "a helper stop must fit the remote client's deadline"
+);
 
 /// The lease side of a running pair, as persisted with its host bridge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -140,10 +140,11 @@ pub struct EgressManager {
     store: StateFile<EgressSpec>,
     profiles: BTreeMap<String, Vec<String>>,
     ends: LeaseEnds,
-    // An async mutex held across "mint, then replace": two starts for one
-    // lease can never interleave so that the task left running belongs to
-    // the session that was replaced.
+    // Never held across network I/O; transitions of a lease serialise on
+    // `transitions` instead.
     hosts: Arc<tokio::sync::Mutex<BTreeMap<String, Entry>>>,
+    /// One transition lock per lease (see [`EgressManager::transition`]).
+    transitions: Arc<Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     /// Destination sockets all host bridges may hold together, sized from
     /// the open-file limit so the API keeps descriptors in reserve.
     sockets: Arc<tokio::sync::Semaphore>,
@@ -204,6 +205,7 @@ impl EgressManager {
             profiles,
             ends,
             hosts: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
+            transitions: Arc::default(),
             sockets: Arc::new(tokio::sync::Semaphore::new(
                 crate::platform::nofile::egress_socket_budget(),
             )),
@@ -267,7 +269,33 @@ impl EgressManager {
         };
         let client = self.client()?.clone();
         spec.lease = self.canonical(&spec.lease).await?;
-        let mut hosts = self.hosts.lock().await;
+        let _t = self.transition(&spec.lease).await;
+        self.start_locked(client, spec, policy).await
+    }
+
+    /// The lease's transition lock: starts and stops of one lease never
+    /// interleave (so the task left running belongs to the session that
+    /// replaced the other). It is held across network I/O, but only other
+    /// transitions of the same lease wait for it — never the hosts map,
+    /// which lists, status and the host tasks use.
+    pub(super) async fn transition(&self, lease: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.transitions.lock().unwrap();
+            // Locks nobody holds or waits for are dropped as others are made.
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            Arc::clone(locks.entry(lease.to_owned()).or_default())
+        };
+        lock.lock_owned().await
+    }
+
+    /// [`EgressManager::start`] under the lease's transition lock: the mint
+    /// and the task replacement run with no lock of the hosts map held.
+    pub(super) async fn start_locked(
+        &self,
+        client: coordinator::Client,
+        mut spec: EgressSpec,
+        policy: Arc<Policy>,
+    ) -> Result<EgressInfo, EgressError> {
         let allow: Vec<String> = policy.patterns().iter().map(ToString::to_string).collect();
         let profile = policy.profiles().join(",");
         let ticket = client
@@ -283,6 +311,7 @@ impl EgressManager {
             .await?;
         spec.session = Some(ticket.session_id.clone());
         let (entry, info) = self.spawn(client, spec, policy, Some(ticket)).await;
+        let mut hosts = self.hosts.lock().await;
         hosts.insert(entry.spec.lease.clone(), entry);
         self.persist(&hosts)?;
         Ok(info)
@@ -380,13 +409,14 @@ impl EgressManager {
             .canonical(name)
             .await
             .map_err(|_| EgressError::NotRunning(name.to_owned()))?;
-        let mut hosts = self.hosts.lock().await;
-        if hosts.remove(&lease).is_none() {
+        let _t = self.transition(&lease).await;
+        if self.hosts.lock().await.remove(&lease).is_none() {
             return Err(EgressError::NotRunning(name.to_owned()));
         }
         self.supervisor
             .stop(&TaskId::new(TaskKind::EgressHost, lease))
             .await;
+        let hosts = self.hosts.lock().await;
         self.persist(&hosts)
     }
 

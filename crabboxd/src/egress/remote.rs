@@ -41,6 +41,18 @@ const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
 const CONTROL_DEADLINE: Duration = Duration::from_secs(5);
 /// The longest control-socket answer read.
 const CONTROL_REPLY_CAP: u64 = 64 * 1024;
+/// [`Remote::stop`]'s steps, each bounded: reading the pid file, `stop` on
+/// the control socket, and the script that waits for (or kills) the
+/// process and removes the session's state. The script waits at most
+/// 2.5 s before SIGKILL, inside its own deadline.
+const STOP_PID_READ: Duration = Duration::from_secs(2);
+const STOP_CONTROL: Duration = Duration::from_secs(2);
+const STOP_SCRIPT: Duration = Duration::from_secs(5);
+/// The longest [`Remote::stop`] takes: the sum of its steps' deadlines.
+/// Callers bounding a stop give it at least this.
+pub const STOP_BUDGET: Duration = STOP_PID_READ
+    .saturating_add(STOP_CONTROL)
+    .saturating_add(STOP_SCRIPT);
 
 /// Why a lease-side step failed. Messages are sentences naming the lease.
 #[derive(Debug, thiserror::Error)]
@@ -434,6 +446,16 @@ cat "$s/helper.pid""#;
     /// One line to the helper's control socket over the mux, and its
     /// one-line answer. The line may carry a ticket: it is never logged.
     pub async fn control(&self, socket: &str, line: &str) -> Result<String, RemoteError> {
+        self.control_within(CONTROL_DEADLINE, socket, line).await
+    }
+
+    /// [`Remote::control`] with its own deadline.
+    pub async fn control_within(
+        &self,
+        deadline: Duration,
+        socket: &str,
+        line: &str,
+    ) -> Result<String, RemoteError> {
         let exchange = async {
             let mut t = self
                 .ssh
@@ -463,11 +485,11 @@ cat "$s/helper.pid""#;
             }
             Ok(answer.trim().to_owned())
         };
-        tokio::time::timeout(CONTROL_DEADLINE, exchange)
+        tokio::time::timeout(deadline, exchange)
             .await
             .map_err(|_| {
                 RemoteError::Lease(format!(
-                    "the helper's control socket on lease {} did not answer within {CONTROL_DEADLINE:?}",
+                    "the helper's control socket on lease {} did not answer within {deadline:?}",
                     self.lease
                 ))
             })?
@@ -537,6 +559,7 @@ printf '%s\n' "$d/current.json""#;
     /// else its pid file's process when that process's command line names
     /// this session; removes the session's directory and `current.json`
     /// when it names this session. Returns (helper pid stopped, state removed).
+    /// Takes at most [`STOP_BUDGET`].
     pub async fn stop(
         &self,
         paths: &SessionPaths,
@@ -544,16 +567,23 @@ printf '%s\n' "$d/current.json""#;
     ) -> Result<(Option<u32>, bool), RemoteError> {
         // The pid first: `stop` removes the pid file.
         let pid_out = self
-            .sh("cat \"$1/helper.pid\" 2>/dev/null", &[&paths.dir], None)
+            .sh_within(
+                STOP_PID_READ,
+                "cat \"$1/helper.pid\" 2>/dev/null",
+                &[&paths.dir],
+                None,
+            )
             .await?;
         let pid = pid_out.stdout.trim().parse::<u32>().ok();
-        let stopped_by_socket =
-            matches!(self.control(&paths.control, "stop").await, Ok(a) if a == "ok");
+        let stopped_by_socket = matches!(
+            self.control_within(STOP_CONTROL, &paths.control, "stop").await,
+            Ok(a) if a == "ok"
+        );
         const SCRIPT: &str = r#"s="$1"; session="$2"; p="$3"; killed=
 if [ -n "$p" ] && [ -r "/proc/$p/cmdline" ]; then
   if tr '\0' '\n' < "/proc/$p/cmdline" | grep -qx -- "$session" && tr '\0' '\n' < "/proc/$p/cmdline" | grep -q 'crabbox-egress-client$'; then
     if [ "$4" = kill ]; then kill "$p" 2>/dev/null && killed=1; fi
-    i=0; while kill -0 "$p" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+    i=0; while kill -0 "$p" 2>/dev/null && [ $i -lt 25 ]; do sleep 0.1; i=$((i+1)); done
     kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null && killed=1
   fi
 fi
@@ -565,7 +595,12 @@ echo "killed=${killed:-no} removed=$removed""#;
         let pid_arg = pid.map(|p| p.to_string()).unwrap_or_default();
         let how = if stopped_by_socket { "wait" } else { "kill" };
         let out = self
-            .sh(SCRIPT, &[&paths.dir, session, &pid_arg, how], None)
+            .sh_within(
+                STOP_SCRIPT,
+                SCRIPT,
+                &[&paths.dir, session, &pid_arg, how],
+                None,
+            )
             .await?;
         if out.code != 0 {
             return Err(RemoteError::Lease(format!(

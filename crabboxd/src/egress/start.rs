@@ -21,8 +21,9 @@ use crate::{
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
 /// How long a started helper gets to listen and bridge.
 const READY_WAIT: Duration = Duration::from_secs(20);
-/// How long `egress stop` waits for the lease side.
-const STOP_WAIT: Duration = Duration::from_secs(20);
+/// How long `egress stop` waits for the lease side (the helper stop's own
+/// steps fit in it).
+const STOP_WAIT: Duration = super::client::STOP_DEADLINE;
 
 /// What `egress start` asks for.
 #[derive(Debug, Clone, Default)]
@@ -121,6 +122,119 @@ fn check_browser_url(url: &str) -> Result<(), EgressError> {
 
 fn lease_err(e: RemoteError) -> EgressError {
     EgressError::Remote(e)
+}
+
+/// A session id of our own, in the coordinator's accepted shape
+/// (`egress_` + 12 lowercase hex, as the coordinator makes them).
+fn new_session_id() -> String {
+    format!("egress_{}", hex::encode(rand::random::<[u8; 6]>()))
+}
+
+/// The `egress start` that would start this again, for a message.
+fn rerun_command(lease: &str, req: &StartRequest) -> String {
+    let mut cmd = format!("crabboxctl egress start --id {lease}");
+    if !req.profiles.is_empty() {
+        cmd.push_str(&format!(" --profile {}", req.profiles.join(",")));
+    }
+    if !req.allow.is_empty() {
+        cmd.push_str(&format!(" --allow {}", req.allow.join(",")));
+    }
+    cmd
+}
+
+/// What an `egress start` changed so far, so a failure at any step is
+/// undone in one place ([`Transition::fail`]).
+struct Transition {
+    manager: EgressManager,
+    remote: Remote,
+    lease: String,
+    rerun: String,
+    /// The running pair this start replaces: its lease side and session.
+    old: Option<(RemoteState, String)>,
+    /// Its remote client was stopped.
+    old_paused: bool,
+    /// Its helper was stopped.
+    old_stopped: bool,
+    /// The new helper (its paths and session), once its start was tried.
+    started: Option<(SessionPaths, String)>,
+    /// The new session was (or may have been) minted: the old one is dead.
+    minted: bool,
+}
+
+impl Transition {
+    /// Undoes what the start did and says what is left. Before the mint the
+    /// old pair comes back (its remote client restarts its helper on the
+    /// same port and re-tickets the same session); after it the old session
+    /// cannot come back, so nothing is left running — no helper, no host
+    /// bridge — and the remote client's row says so and what to run.
+    async fn fail(self, e: EgressError) -> EgressError {
+        let m = &self.manager;
+        if let Some((paths, session)) = &self.started {
+            match self.remote.stop(paths, session).await {
+                Ok((pid, _)) => {
+                    tracing::info!(lease = %self.lease, session = %session, pid = ?pid, "egress start failed: stopped its helper")
+                }
+                Err(err) => {
+                    tracing::warn!(lease = %self.lease, session = %session, error = %err, "egress start failed: cannot stop its helper")
+                }
+            }
+        }
+        let remote_id = TaskId::new(TaskKind::EgressRemoteClient, self.lease.as_str());
+        if !self.minted {
+            if let Some((state, session)) = self.old
+                && self.old_paused
+            {
+                tracing::info!(lease = %self.lease, session = %session, error = %e, "egress start failed before its mint: the running pair carries on");
+                match m
+                    .spawn_remote(self.remote.clone(), session.clone(), state)
+                    .await
+                {
+                    Ok(handle) => {
+                        let mut hosts = m.hosts.lock().await;
+                        if let Some(entry) = hosts.get_mut(&self.lease)
+                            && entry.spec.session.as_deref() == Some(session.as_str())
+                        {
+                            entry.remote = Some(handle);
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(lease = %self.lease, error = %err, "cannot restart the running pair's remote client")
+                    }
+                }
+            }
+            return e;
+        }
+        if let Some((state, session)) = &self.old
+            && !self.old_stopped
+            && let Err(err) = self.remote.stop(&state.paths, session).await
+        {
+            tracing::warn!(lease = %self.lease, error = %err, "cannot stop the replaced session's helper");
+        }
+        let entry = m.hosts.lock().await.remove(&self.lease);
+        m.supervisor
+            .stop(&TaskId::new(TaskKind::EgressHost, self.lease.as_str()))
+            .await;
+        {
+            let hosts = m.hosts.lock().await;
+            if let Err(err) = m.persist(&hosts) {
+                tracing::warn!(error = %err, "cannot update egress state");
+            }
+        }
+        let session = entry.and_then(|e| e.spec.session).unwrap_or_default();
+        let msg = format!(
+            "{e}; egress start had already minted a new session, which replaces any earlier one, \
+             so nothing runs for lease {} now (no helper, no host bridge): run `{}` again",
+            self.lease, self.rerun
+        );
+        tracing::warn!(lease = %self.lease, error = %msg, "egress start failed after its mint");
+        m.supervisor.registry().upsert(&remote_id, |r| {
+            r.state = crate::supervisor::TaskState::Failed;
+            r.last_error = Some(msg.clone());
+            r.labels.insert("lease".into(), self.lease.clone());
+            r.labels.insert("session".into(), session);
+        });
+        EgressError::Invalid(msg)
+    }
 }
 
 impl EgressManager {
@@ -273,128 +387,189 @@ impl EgressManager {
         )
         .await;
 
-        // 4. Mint the new session and move the host bridge to it (one
-        //    transition), stop the old session's helper to free the port,
-        //    start ours and hand it its ticket over its control socket.
+        // 4. The new helper, before any mint: everything that can fail on
+        //    the lease is done while the old pair's session is still alive.
+        //    The old pair's remote client is paused (it would restart its
+        //    helper), its helper stopped when it holds our port, and ours
+        //    started, waiting for a ticket, on a fresh state dir named after
+        //    a session id of our own (as the reference CLI picks its own).
+        //    Every failure from here goes through `Transition::fail`.
+        let _t = self.transition(&lease).await;
         let old = {
             let hosts = self.hosts.lock().await;
             hosts
                 .get(&lease)
+                .filter(|e| !e.ended.load(std::sync::atomic::Ordering::SeqCst))
                 .and_then(|e| e.spec.remote.clone().zip(e.spec.session.clone()))
         };
-        let host = self.start(spec).await?;
-        let session = host.spec.session.clone().unwrap_or_default();
+        let session = new_session_id();
         remote::check_session(&session).map_err(lease_err)?;
-        if let Some((old_remote, old_session)) = old
-            && old_session != session
-        {
-            match remote.stop(&old_remote.paths, &old_session).await {
-                Ok((pid, _)) => {
-                    tracing::info!(lease = %lease, old = %old_session, pid = ?pid, "egress start: stopped the replaced session's helper")
-                }
-                Err(e) => {
-                    tracing::warn!(lease = %lease, old = %old_session, error = %e, "egress start: cannot stop the replaced session's helper")
-                }
-            }
-        }
         let paths = SessionPaths::new(&probe.home, &session);
-        let pid = remote
-            .start(&helper_path, &paths, &session, &listen, &coordinator_url)
-            .await
-            .map_err(lease_err)?;
-        let ticket = client
-            .egress_ticket(
-                &lease,
-                Role::Client,
-                TicketRequest {
-                    session: Some(&session),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        remote
-            .give_ticket(&paths.control, ticket.ticket.expose())
-            .await
-            .map_err(lease_err)?;
-        step(
-            4,
-            "start",
-            format!("pid {pid} (setsid), session {session}; ticket handed over its control socket"),
-        )
-        .await;
-
-        // 5. Its listener accepts (probed through the mux) and its bridge is up.
-        let deadline = tokio::time::Instant::now() + READY_WAIT;
-        loop {
-            let listening = remote.listening(&listen).await.map_err(lease_err)?;
-            let bridged = listening && remote.status(&paths.control).await.is_ok_and(|s| s.bridged);
-            if bridged {
-                break;
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(EgressError::Remote(RemoteError::Lease(format!(
-                    "the egress helper on lease {lease} {} within {READY_WAIT:?}; its log is {}/helper.log",
-                    if listening {
-                        "listens but its bridge did not come up"
-                    } else {
-                        "did not listen"
-                    },
-                    paths.dir
-                ))));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        step(5, "listen", format!("{listen} accepts; bridge up")).await;
-
-        // 6. Lease-local state for other tools on the lease.
-        let started_at =
-            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-        let current = Current {
+        let rerun = rerun_command(&lease, &req);
+        let mut tx = Transition {
+            manager: self.clone(),
+            remote: remote.clone(),
             lease: lease.clone(),
-            session: session.clone(),
-            endpoint: listen.clone(),
-            proxy: format!("http://{listen}"),
-            pid,
-            version: version.clone(),
-            transport: "coordinator".into(),
-            started_at: started_at.clone(),
+            rerun,
+            old,
+            old_paused: false,
+            old_stopped: false,
+            started: None,
+            minted: false,
         };
-        let state_file = remote.write_current(&current).await.map_err(lease_err)?;
-        step(6, "state", state_file.clone()).await;
-
-        // 7. Supervise the pair and remember it across restarts.
-        let state = RemoteState {
-            listen,
-            coordinator_url,
-            helper: helper_path,
-            home: probe.home,
-            arch: probe.arch,
-            version,
-            pid,
-            paths,
-            started_at,
-        };
-        let handle = self
-            .spawn_remote(remote, session.clone(), state.clone())
-            .await?;
-        {
-            let mut hosts = self.hosts.lock().await;
-            if let Some(e) = hosts.get_mut(&lease)
-                && e.spec.session.as_deref() == Some(session.as_str())
-            {
-                e.spec.remote = Some(state.clone());
-                e.remote = Some(handle);
+        let result: Result<Started, EgressError> = async {
+            if let Some((old_state, old_session)) = &tx.old {
+                self.supervisor
+                    .stop(&TaskId::new(TaskKind::EgressRemoteClient, lease.as_str()))
+                    .await;
+                tx.old_paused = true;
+                if old_state.listen == listen {
+                    match remote.stop(&old_state.paths, old_session).await {
+                        Ok((pid, _)) => {
+                            tracing::info!(lease = %lease, old = %old_session, pid = ?pid, "egress start: stopped the running helper to free its port");
+                        }
+                        Err(e) => {
+                            tracing::warn!(lease = %lease, old = %old_session, error = %e, "egress start: cannot stop the running helper");
+                        }
+                    }
+                    tx.old_stopped = true;
+                }
             }
-            self.persist(&hosts)?;
+            // Recorded before it runs, so a failure anywhere stops it.
+            tx.started = Some((paths.clone(), session.clone()));
+            let pid = remote
+                .start(&helper_path, &paths, &session, &listen, &coordinator_url)
+                .await
+                .map_err(lease_err)?;
+
+            // 5. Mint the new session and move the host bridge to it; the
+            //    old session is dead at the coordinator from here on.
+            spec.session = Some(session.clone());
+            let host = match self
+                .start_locked(client.clone(), spec, std::sync::Arc::new(policy.clone()))
+                .await
+            {
+                Ok(host) => {
+                    tx.minted = true;
+                    host
+                }
+                // A refused or failed mint leaves the old session alive; a
+                // failed save comes after the mint.
+                Err(e) => {
+                    tx.minted = matches!(e, EgressError::Persist(_));
+                    return Err(e);
+                }
+            };
+            if let Some((old_state, old_session)) = &tx.old
+                && !tx.old_stopped
+            {
+                if let Err(e) = remote.stop(&old_state.paths, old_session).await {
+                    tracing::warn!(lease = %lease, old = %old_session, error = %e, "egress start: cannot stop the replaced session's helper");
+                }
+                tx.old_stopped = true;
+            }
+            let ticket = client
+                .egress_ticket(
+                    &lease,
+                    Role::Client,
+                    TicketRequest {
+                        session: Some(&session),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            remote
+                .give_ticket(&paths.control, ticket.ticket.expose())
+                .await
+                .map_err(lease_err)?;
+            step(
+                4,
+                "start",
+                format!(
+                    "pid {pid} (setsid), session {session}; ticket handed over its control socket"
+                ),
+            )
+            .await;
+
+            // Its listener accepts (probed through the mux) and its bridge is up.
+            let deadline = tokio::time::Instant::now() + READY_WAIT;
+            loop {
+                let listening = remote.listening(&listen).await.map_err(lease_err)?;
+                let bridged =
+                    listening && remote.status(&paths.control).await.is_ok_and(|s| s.bridged);
+                if bridged {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(EgressError::Remote(RemoteError::Lease(format!(
+                        "the egress helper on lease {lease} {} within {READY_WAIT:?}; its log is {}/helper.log",
+                        if listening {
+                            "listens but its bridge did not come up"
+                        } else {
+                            "did not listen"
+                        },
+                        paths.dir
+                    ))));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            step(5, "listen", format!("{listen} accepts; bridge up")).await;
+
+            // 6. Lease-local state for other tools on the lease.
+            let started_at =
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+            let current = Current {
+                lease: lease.clone(),
+                session: session.clone(),
+                endpoint: listen.clone(),
+                proxy: format!("http://{listen}"),
+                pid,
+                version: version.clone(),
+                transport: "coordinator".into(),
+                started_at: started_at.clone(),
+            };
+            let state_file = remote.write_current(&current).await.map_err(lease_err)?;
+            step(6, "state", state_file.clone()).await;
+
+            // 7. Supervise the pair and remember it across restarts.
+            let state = RemoteState {
+                listen: listen.clone(),
+                coordinator_url: coordinator_url.clone(),
+                helper: helper_path.clone(),
+                home: probe.home.clone(),
+                arch: probe.arch.clone(),
+                version: version.clone(),
+                pid,
+                paths: paths.clone(),
+                started_at,
+            };
+            let handle = self
+                .spawn_remote(remote.clone(), session.clone(), state.clone())
+                .await?;
+            {
+                let mut hosts = self.hosts.lock().await;
+                if let Some(e) = hosts.get_mut(&lease)
+                    && e.spec.session.as_deref() == Some(session.as_str())
+                {
+                    e.spec.remote = Some(state.clone());
+                    e.remote = Some(handle);
+                }
+                self.persist(&hosts)?;
+            }
+            let host = self.info(&lease).await.unwrap_or(host);
+            Ok(Started {
+                allow: policy.patterns().iter().map(ToString::to_string).collect(),
+                host,
+                remote: state,
+                uploaded,
+                state_file,
+            })
         }
-        let host = self.info(&lease).await.unwrap_or(host);
-        Ok(Started {
-            allow: policy.patterns().iter().map(ToString::to_string).collect(),
-            host,
-            remote: state,
-            uploaded,
-            state_file,
-        })
+        .await;
+        match result {
+            Ok(started) => Ok(started),
+            Err(e) => Err(tx.fail(e).await),
+        }
     }
 
     /// `egress stop`: the host bridge, the remote-client task and exactly
@@ -409,6 +584,7 @@ impl EgressManager {
             Err(EgressError::Coordinator(e)) if e.lease_end().is_some() => name.to_owned(),
             Err(e) => return Err(e),
         };
+        let _t = self.transition(&lease).await;
         let entry = self.hosts.lock().await.remove(&lease);
         let mut out = Stopped::default();
         self.supervisor

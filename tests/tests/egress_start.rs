@@ -697,3 +697,60 @@ async fn a_start_cut_off_mid_way_leaves_no_helper_and_the_next_start_takes_the_s
     assert_eq!(v["endpoint"], "127.0.0.1:3128", "{v}");
     w.fetch_until_ok("after", Duration::from_secs(20)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_mint_holds_up_no_listing() {
+    const LONE: &str = "cbx_00000000e512";
+    let coord = TestCoordinator::start().await;
+    coord
+        .register_lease(&coord.shared_token, LONE, "egress-locks")
+        .await
+        .unwrap();
+    let proxy = std::sync::Arc::new(crabbox_tests::proxy::FaultProxy::start(coord.addr).await);
+    let d = TestDaemon::builder()
+        .coordinator(&proxy.url, &coord.shared_token)
+        .start()
+        .await;
+    d.egress_host_private(LONE, "127.0.0.1").await;
+    // From now on the coordinator never answers: every connection to it
+    // is frozen soon after it opens.
+    let freezer = {
+        let proxy = std::sync::Arc::clone(&proxy);
+        tokio::spawn(async move {
+            loop {
+                proxy.freeze_open_connections();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // A replacement's mint hangs on the coordinator ...
+    let mut replacing = d
+        .ctl_command(&[
+            "egress",
+            "host",
+            "--id",
+            LONE,
+            "--allow",
+            "127.0.0.2",
+            "--allow-private",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        replacing.try_wait().unwrap().is_none(),
+        "the mint is still waiting"
+    );
+    // ... while listing the bridges answers at once.
+    let t0 = tokio::time::Instant::now();
+    let list = d.ctl_json(&["egress", "list", "--json"]).await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(5), "egress list took {took:?}");
+    assert!(list.to_string().contains(LONE), "{list}");
+    freezer.abort();
+    let _ = replacing.kill().await;
+}

@@ -3,7 +3,8 @@
 //! half-open path: sockets stay open, nothing more is forwarded either way,
 //! while new connections pass), and counts exact byte strings (request
 //! lines) that clients send. It can also go down (every connection closed,
-//! new ones refused) and come back on the same port.
+//! new ones refused) and come back on the same port, and hold back bytes
+//! that contain a given string for a while (a slow request or answer).
 
 use std::{
     net::SocketAddr,
@@ -34,6 +35,7 @@ struct Inner {
     frozen: Mutex<Vec<Arc<AtomicBool>>>,
     accepted: AtomicUsize,
     needles: Mutex<Vec<(Vec<u8>, Arc<AtomicUsize>)>>,
+    delays: Mutex<Vec<(Vec<u8>, std::time::Duration)>>,
 }
 
 impl FaultProxy {
@@ -46,6 +48,7 @@ impl FaultProxy {
             frozen: Mutex::default(),
             accepted: AtomicUsize::default(),
             needles: Mutex::default(),
+            delays: Mutex::default(),
         });
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
         let (i, t) = (Arc::clone(&inner), Arc::clone(&tasks));
@@ -71,8 +74,9 @@ impl FaultProxy {
                     Arc::clone(&frozen),
                     Some(Arc::clone(&i)),
                     down.clone(),
+                    Arc::clone(&i),
                 ));
-                set.spawn(pump(sr, cw, frozen, None, down));
+                set.spawn(pump(sr, cw, frozen, None, down, Arc::clone(&i)));
             }
         });
         FaultProxy {
@@ -101,6 +105,17 @@ impl FaultProxy {
         self.inner.accepted.load(Ordering::SeqCst)
     }
 
+    /// From now on, a read (from a client or from the upstream) that
+    /// contains `needle` is forwarded only after `by` (later bytes of that
+    /// direction wait too): a slow request or a slow answer.
+    pub fn delay(&self, needle: &str, by: std::time::Duration) {
+        self.inner
+            .delays
+            .lock()
+            .unwrap()
+            .push((needle.as_bytes().to_vec(), by));
+    }
+
     /// Counts from now on how often clients send exactly `needle`.
     pub fn count(&self, needle: &str) -> Arc<AtomicUsize> {
         let n = Arc::new(AtomicUsize::new(0));
@@ -119,6 +134,7 @@ async fn pump(
     frozen: Arc<AtomicBool>,
     scan: Option<Arc<Inner>>,
     mut down: tokio::sync::watch::Receiver<bool>,
+    delays: Arc<Inner>,
 ) {
     let mut buf = vec![0u8; 64 << 10];
     // The bytes before this chunk, so a needle split across reads counts.
@@ -159,6 +175,23 @@ async fn pump(
             }
             let keep = hay.len().min(longest.saturating_sub(1));
             tail = hay[hay.len() - keep..].to_vec();
+        }
+        let wait = {
+            delays
+                .delays
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(needle, _)| {
+                    buf[..n]
+                        .windows(needle.len())
+                        .any(|w| w == needle.as_slice())
+                })
+                .map(|(_, by)| *by)
+                .max()
+        };
+        if let Some(by) = wait {
+            tokio::time::sleep(by).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;

@@ -766,3 +766,67 @@ async fn a_slow_ssh_check_is_not_cut_by_the_coordinator_deadline_and_a_lost_leas
     let evs = events(&s.coord, &run).await;
     assert!(evs.iter().any(|e| e["type"] == "run.failed"), "{evs:?}");
 }
+
+/// Every run the coordinator recorded, read from its database.
+fn coordinator_runs(coord: &TestCoordinator) -> Vec<serde_json::Value> {
+    let db = rusqlite::Connection::open_with_flags(
+        coord.db_path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut q = db.prepare("SELECT record FROM runs").unwrap();
+    q.query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|r| serde_json::from_str(&r.unwrap()).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_during_the_start_leaves_no_run_running_and_runs_no_command() {
+    require_sshd!();
+    let (s, proxy) = setup(true).await;
+    let proxy = proxy.unwrap();
+    let d = &s.d;
+    // The coordinator creates the run at once, but its answer (the run
+    // record) reaches the daemon 3 s late; the client is interrupted after
+    // one, before the daemon knows the run's id.
+    proxy.delay("{\"run\":{", Duration::from_secs(3));
+    let marker = tempfile::tempdir().unwrap();
+    let ran = marker.path().join("ran");
+    let mut starter = d
+        .ctl_command(&["run", "--id", LEASE, "--", "touch", ran.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    starter.kill().await.unwrap();
+    // The coordinator created the run; it is finished, with the reason, and
+    // the command never ran.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let run = loop {
+        let runs = coordinator_runs(&s.coord);
+        if let Some(r) = runs.iter().find(|r| r["state"] != "running") {
+            break r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run is left running at the coordinator: {runs:?}\n{}",
+            d.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(run["exitCode"], 255, "{run}");
+    let evs = events(&s.coord, run["id"].as_str().unwrap()).await;
+    assert!(
+        evs.iter().any(|e| e["type"] == "run.failed"
+            && e["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("went away")),
+        "{evs:?}"
+    );
+    assert!(!ran.exists(), "the command of an abandoned start ran");
+}

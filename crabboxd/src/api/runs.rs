@@ -132,11 +132,23 @@ impl v1::runs_server::Runs for RunsService {
         // theirs, the SSH checks theirs (an SSH connect may take longer
         // than a coordinator answer should), and a run the coordinator
         // created is finished on every way out.
-        let (first, rx) = self
-            .state
-            .runs()
-            .start(request)
+        //
+        // The start runs beside this request, so a client hanging up cannot
+        // cut it between the coordinator's answer and the run's task; the
+        // start sees the client gone and finishes the run it created.
+        let (tx, done) = tokio::sync::oneshot::channel();
+        let runs = self.state.runs().clone();
+        self.state
+            .supervisor()
+            .spawn_cleanup("start a run", async move {
+                let result = runs.start(request, || tx.is_closed()).await;
+                let _ = tx.send(result);
+            });
+        let (first, rx) = done
             .await
+            .map_err(|_| {
+                Status::unavailable("the daemon stopped while starting the run; run it again")
+            })?
             .map_err(|e| error::run(e, &url))?;
         let head = futures::stream::once(futures::future::ready(Ok(started(first))));
         if detach {

@@ -309,9 +309,15 @@ impl RunManager {
     /// (allowlist, lease, egress), then the run is created at the
     /// coordinator and its task started. Returns at once; the output comes
     /// on the receiver, which the run never waits on for long.
+    ///
+    /// `gone` says whether the client that asked has gone away; checked once
+    /// the run exists at the coordinator, so a client that hung up (or was
+    /// interrupted) during the start never has its command run, and the run
+    /// it created is finished with that reason.
     pub async fn start(
         &self,
         req: RunRequest,
+        gone: impl Fn() -> bool + Send,
     ) -> Result<(Started, mpsc::Receiver<RunOutput>), RunError> {
         let client = self.coordinator.clone().ok_or(RunError::NoCoordinator)?;
         if req.argv.is_empty() {
@@ -385,6 +391,15 @@ impl RunManager {
             armed: true,
         };
         tracing::info!(run = %run_id, lease = %lease_id, vars = selected.len(), "run created");
+        if gone() {
+            let mut unfinished = unfinished;
+            unfinished.detail =
+                "the client that started the run went away before its command started".into();
+            return Err(RunError::Invalid(format!(
+                "run {run_id}: {}",
+                unfinished.detail
+            )));
+        }
         let slug = lease.slug.clone().unwrap_or_default();
         let mut file_env = selected;
         if let Some(p) = &proxy {

@@ -139,6 +139,15 @@ fn rerun_command(lease: &str, req: &StartRequest) -> String {
     if !req.allow.is_empty() {
         cmd.push_str(&format!(" --allow {}", req.allow.join(",")));
     }
+    if req.allow_private {
+        cmd.push_str(" --allow-private");
+    }
+    if !req.listen.trim().is_empty() {
+        cmd.push_str(&format!(" --listen {}", req.listen.trim()));
+    }
+    if !req.coordinator_url.trim().is_empty() {
+        cmd.push_str(&format!(" --coordinator {}", req.coordinator_url.trim()));
+    }
     cmd
 }
 

@@ -44,7 +44,7 @@ pub fn lease(e: LeaseError, url: &str) -> Status {
     let msg = e.to_string();
     match e {
         LeaseError::NoCoordinator => Status::failed_precondition(msg),
-        LeaseError::NotKept(_) => Status::not_found(msg),
+        LeaseError::NotKept(_) | LeaseError::HeldOnly(_) => Status::not_found(msg),
         LeaseError::Persist { .. } => Status::internal(msg),
         LeaseError::Coordinator(c) => coordinator(&c, msg, url),
     }

@@ -127,7 +127,12 @@ impl RemoteClient {
                         last_problem = why;
                     }
                 }
-                Err(Problem::Fatal(e)) => return Err(TaskError::fatal(e)),
+                Err(Problem::Fatal(e)) => {
+                    // The session is over (replaced, refused): its helper can
+                    // never bridge again and would hold the port.
+                    self.stop_helper().await;
+                    return Err(TaskError::fatal(e));
+                }
                 Err(Problem::LeaseOver(reason)) => {
                     let over = self.ends.learned(&lease, &reason);
                     self.stop_helper().await;

@@ -163,6 +163,8 @@ impl std::fmt::Debug for EgressManager {
 /// Host bridges reconnect with network backoff; replaced sessions, lease
 /// end and refusals are fatal.
 const POLICY: RestartPolicy = RestartPolicy::OnFailure(Backoff::NETWORK);
+/// How long a stop waits behind a transition of the same lease.
+const STOP_QUEUE: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl EgressManager {
     /// A manager persisting to `<state_dir>/egress.json`, with the named
@@ -288,6 +290,22 @@ impl EgressManager {
         lock.lock_owned().await
     }
 
+    /// The lease's transition lock for a stop, which does not queue behind a
+    /// start for long (a start may take minutes): refused after a moment.
+    pub(super) async fn transition_for_stop(
+        &self,
+        lease: &str,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, EgressError> {
+        tokio::time::timeout(STOP_QUEUE, self.transition(lease))
+            .await
+            .map_err(|_| {
+                EgressError::Invalid(format!(
+                    "an egress start for lease {lease} is in progress; stop it again when it has ended \
+                     (see crabboxctl egress status --id {lease})"
+                ))
+            })
+    }
+
     /// [`EgressManager::start`] under the lease's transition lock: the mint
     /// and the task replacement run with no lock of the hosts map held.
     pub(super) async fn start_locked(
@@ -409,7 +427,7 @@ impl EgressManager {
             .canonical(name)
             .await
             .map_err(|_| EgressError::NotRunning(name.to_owned()))?;
-        let _t = self.transition(&lease).await;
+        let _t = self.transition_for_stop(&lease).await?;
         if self.hosts.lock().await.remove(&lease).is_none() {
             return Err(EgressError::NotRunning(name.to_owned()));
         }
@@ -422,13 +440,26 @@ impl EgressManager {
 
     /// Called by a host task whose lease or session is over (after it set
     /// its `ended` flag): drop it from the persisted set so a restart does
-    /// not bring it back. If a transition holds the lock, that transition
-    /// persists when it finishes, and it skips ended entries.
+    /// not bring it back (ended entries are never persisted).
     fn over(&self) {
-        if let Ok(hosts) = self.hosts.try_lock()
-            && let Err(e) = self.persist(&hosts)
-        {
-            tracing::warn!(error = %e, "cannot update egress state");
+        match self.hosts.try_lock() {
+            Ok(hosts) => {
+                if let Err(e) = self.persist(&hosts) {
+                    tracing::warn!(error = %e, "cannot update egress state");
+                }
+            }
+            // Held for a moment (it is never held across network I/O):
+            // persist once it is free, without making the task wait.
+            Err(_) => {
+                let me = self.clone();
+                self.supervisor
+                    .spawn_cleanup("persist egress state", async move {
+                        let hosts = me.hosts.lock().await;
+                        if let Err(e) = me.persist(&hosts) {
+                            tracing::warn!(error = %e, "cannot update egress state");
+                        }
+                    });
+            }
         }
     }
 

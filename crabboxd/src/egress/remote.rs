@@ -41,13 +41,14 @@ const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
 const CONTROL_DEADLINE: Duration = Duration::from_secs(5);
 /// The longest control-socket answer read.
 const CONTROL_REPLY_CAP: u64 = 64 * 1024;
-/// [`Remote::stop`]'s steps, each bounded: reading the pid file, `stop` on
-/// the control socket, and the script that waits for (or kills) the
-/// process and removes the session's state. The script waits at most
-/// 2.5 s before SIGKILL, inside its own deadline.
-const STOP_PID_READ: Duration = Duration::from_secs(2);
-const STOP_CONTROL: Duration = Duration::from_secs(2);
-const STOP_SCRIPT: Duration = Duration::from_secs(5);
+/// [`Remote::stop`]'s steps, each bounded: reading the pid file (which
+/// includes connecting to the lease, so it gets the largest share), `stop`
+/// on the control socket, and the script that waits for (or kills) the
+/// process and removes the session's state. The script waits at most 2 s
+/// before SIGKILL, inside its own deadline.
+const STOP_PID_READ: Duration = Duration::from_secs(4);
+const STOP_CONTROL: Duration = Duration::from_millis(1500);
+const STOP_SCRIPT: Duration = Duration::from_millis(3500);
 /// The longest [`Remote::stop`] takes: the sum of its steps' deadlines.
 /// Callers bounding a stop give it at least this.
 pub const STOP_BUDGET: Duration = STOP_PID_READ
@@ -566,15 +567,23 @@ printf '%s\n' "$d/current.json""#;
         session: &str,
     ) -> Result<(Option<u32>, bool), RemoteError> {
         // The pid first: `stop` removes the pid file.
-        let pid_out = self
+        // A failed read (a slow connect) does not end the stop: the control
+        // socket and the script are still tried.
+        let pid = match self
             .sh_within(
                 STOP_PID_READ,
                 "cat \"$1/helper.pid\" 2>/dev/null",
                 &[&paths.dir],
                 None,
             )
-            .await?;
-        let pid = pid_out.stdout.trim().parse::<u32>().ok();
+            .await
+        {
+            Ok(out) => out.stdout.trim().parse::<u32>().ok(),
+            Err(e) => {
+                tracing::debug!(lease = %self.lease, error = %e, "cannot read the helper's pid file");
+                None
+            }
+        };
         let stopped_by_socket = matches!(
             self.control_within(STOP_CONTROL, &paths.control, "stop").await,
             Ok(a) if a == "ok"
@@ -583,7 +592,7 @@ printf '%s\n' "$d/current.json""#;
 if [ -n "$p" ] && [ -r "/proc/$p/cmdline" ]; then
   if tr '\0' '\n' < "/proc/$p/cmdline" | grep -qx -- "$session" && tr '\0' '\n' < "/proc/$p/cmdline" | grep -q 'crabbox-egress-client$'; then
     if [ "$4" = kill ]; then kill "$p" 2>/dev/null && killed=1; fi
-    i=0; while kill -0 "$p" 2>/dev/null && [ $i -lt 25 ]; do sleep 0.1; i=$((i+1)); done
+    i=0; while kill -0 "$p" 2>/dev/null && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done
     kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null && killed=1
   fi
 fi

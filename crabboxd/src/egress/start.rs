@@ -130,6 +130,14 @@ fn new_session_id() -> String {
     format!("egress_{}", hex::encode(rand::random::<[u8; 6]>()))
 }
 
+/// Whether two listen addresses are the same socket address.
+fn same_listen(a: &str, b: &str) -> bool {
+    match (remote::split_listen(a), remote::split_listen(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 /// The `egress start` that would start this again, for a message.
 fn rerun_command(lease: &str, req: &StartRequest) -> String {
     let mut cmd = format!("crabboxctl egress start --id {lease}");
@@ -160,6 +168,9 @@ struct Transition {
     rerun: String,
     /// The running pair this start replaces: its lease side and session.
     old: Option<(RemoteState, String)>,
+    /// Whether its host bridge still runs (its session is alive), so that
+    /// it can be brought back.
+    old_alive: bool,
     /// Its remote client was stopped.
     old_paused: bool,
     /// Its helper was stopped.
@@ -192,6 +203,7 @@ impl Transition {
         if !self.minted {
             if let Some((state, session)) = self.old
                 && self.old_paused
+                && self.old_alive
             {
                 tracing::info!(lease = %self.lease, session = %session, error = %e, "egress start failed before its mint: the running pair carries on");
                 match m
@@ -404,12 +416,15 @@ impl EgressManager {
         //    a session id of our own (as the reference CLI picks its own).
         //    Every failure from here goes through `Transition::fail`.
         let _t = self.transition(&lease).await;
-        let old = {
+        // A pair whose host ended (its session replaced elsewhere) still
+        // has a helper to stop; only a live one can be brought back.
+        let (old, old_alive) = {
             let hosts = self.hosts.lock().await;
-            hosts
-                .get(&lease)
-                .filter(|e| !e.ended.load(std::sync::atomic::Ordering::SeqCst))
-                .and_then(|e| e.spec.remote.clone().zip(e.spec.session.clone()))
+            let e = hosts.get(&lease);
+            (
+                e.and_then(|e| e.spec.remote.clone().zip(e.spec.session.clone())),
+                e.is_some_and(|e| !e.ended.load(std::sync::atomic::Ordering::SeqCst)),
+            )
         };
         let session = new_session_id();
         remote::check_session(&session).map_err(lease_err)?;
@@ -421,6 +436,7 @@ impl EgressManager {
             lease: lease.clone(),
             rerun,
             old,
+            old_alive,
             old_paused: false,
             old_stopped: false,
             started: None,
@@ -432,7 +448,7 @@ impl EgressManager {
                     .stop(&TaskId::new(TaskKind::EgressRemoteClient, lease.as_str()))
                     .await;
                 tx.old_paused = true;
-                if old_state.listen == listen {
+                if same_listen(&old_state.listen, &listen) {
                     match remote.stop(&old_state.paths, old_session).await {
                         Ok((pid, _)) => {
                             tracing::info!(lease = %lease, old = %old_session, pid = ?pid, "egress start: stopped the running helper to free its port");
@@ -451,9 +467,27 @@ impl EgressManager {
                 .await
                 .map_err(lease_err)?;
 
+            // The pair as it will be persisted: saved with the new session
+            // from the mint on, so a daemon killed before the end still
+            // supervises (or, next time, stops) this helper.
+            let started_at =
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+            let state = RemoteState {
+                listen: listen.clone(),
+                coordinator_url: coordinator_url.clone(),
+                helper: helper_path.clone(),
+                home: probe.home.clone(),
+                arch: probe.arch.clone(),
+                version: version.clone(),
+                pid,
+                paths: paths.clone(),
+                started_at: started_at.clone(),
+            };
+
             // 5. Mint the new session and move the host bridge to it; the
             //    old session is dead at the coordinator from here on.
             spec.session = Some(session.clone());
+            spec.remote = Some(state.clone());
             let host = match self
                 .start_locked(client.clone(), spec, std::sync::Arc::new(policy.clone()))
                 .await
@@ -462,10 +496,16 @@ impl EgressManager {
                     tx.minted = true;
                     host
                 }
-                // A refused or failed mint leaves the old session alive; a
-                // failed save comes after the mint.
+                // Only a definite refusal (a 4xx answer) leaves the old
+                // session alive; a timeout or a lost connection may come
+                // after the coordinator committed the mint, and a failed
+                // save comes after it.
                 Err(e) => {
-                    tx.minted = matches!(e, EgressError::Persist(_));
+                    tx.minted = !matches!(
+                        &e,
+                        EgressError::Coordinator(crate::coordinator::CoordinatorError::Status { status, .. })
+                            if (400..500).contains(status)
+                    );
                     return Err(e);
                 }
             };
@@ -525,8 +565,6 @@ impl EgressManager {
             step(5, "listen", format!("{listen} accepts; bridge up")).await;
 
             // 6. Lease-local state for other tools on the lease.
-            let started_at =
-                humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
             let current = Current {
                 lease: lease.clone(),
                 session: session.clone(),
@@ -540,18 +578,7 @@ impl EgressManager {
             let state_file = remote.write_current(&current).await.map_err(lease_err)?;
             step(6, "state", state_file.clone()).await;
 
-            // 7. Supervise the pair and remember it across restarts.
-            let state = RemoteState {
-                listen: listen.clone(),
-                coordinator_url: coordinator_url.clone(),
-                helper: helper_path.clone(),
-                home: probe.home.clone(),
-                arch: probe.arch.clone(),
-                version: version.clone(),
-                pid,
-                paths: paths.clone(),
-                started_at,
-            };
+            // 7. Supervise the pair (it was remembered with the mint).
             let handle = self
                 .spawn_remote(remote.clone(), session.clone(), state.clone())
                 .await?;
@@ -593,7 +620,7 @@ impl EgressManager {
             Err(EgressError::Coordinator(e)) if e.lease_end().is_some() => name.to_owned(),
             Err(e) => return Err(e),
         };
-        let _t = self.transition(&lease).await;
+        let _t = self.transition_for_stop(&lease).await?;
         let entry = self.hosts.lock().await.remove(&lease);
         let mut out = Stopped::default();
         self.supervisor

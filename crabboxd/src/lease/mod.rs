@@ -60,6 +60,11 @@ pub enum LeaseError {
     /// The lease is not kept by this daemon.
     #[error("lease {0} is not kept by this daemon (see `crabboxctl lease list`)")]
     NotKept(String),
+    /// The lease is kept only while daemon work (a run) holds it.
+    #[error(
+        "lease {0} was not kept with `lease keep`: it is kept only while a run uses it, and that ends with the run (see `crabboxctl run list`)"
+    )]
+    HeldOnly(String),
     /// The coordinator refused or failed.
     #[error(transparent)]
     Coordinator(#[from] CoordinatorError),
@@ -275,15 +280,21 @@ impl LeaseManager {
             let wants = self.wants.lock().unwrap();
             wants.get(id).filter(|w| w.wanted()).map(|w| w.idle)
         };
+        // The running keeper's idle override, if one runs.
         let running = {
             let kept = self.kept.lock().await;
-            kept.get(id)
-                .is_some_and(|k| k.status.lock().unwrap().ended.is_none())
-        } && self
-            .supervisor
-            .is_live(&TaskId::new(TaskKind::LeaseKeeper, id));
+            kept.get(id).and_then(|k| {
+                let s = k.status.lock().unwrap();
+                s.ended.is_none().then_some(s.idle_override)
+            })
+        }
+        .filter(|_| {
+            self.supervisor
+                .is_live(&TaskId::new(TaskKind::LeaseKeeper, id))
+        });
         match want {
-            Some(idle) if !running => {
+            // Not running, or running with an override the user removed.
+            Some(idle) if running != Some(idle) => {
                 tracing::debug!(lease = %id, "keeping a lease for daemon work");
                 self.start_keeper(client, id, idle, None).await;
             }
@@ -432,14 +443,13 @@ impl LeaseManager {
                     if !w.wanted() {
                         wants.remove(&id);
                     }
-                    true
+                    Ok(())
                 }
-                _ => false,
+                Some(w) if w.holds > 0 => Err(LeaseError::HeldOnly(name.to_owned())),
+                _ => Err(LeaseError::NotKept(name.to_owned())),
             }
         };
-        if !was_kept {
-            return Err(LeaseError::NotKept(name.to_owned()));
-        }
+        was_kept?;
         self.reconcile(&id).await;
         self.persist().await
     }

@@ -754,3 +754,43 @@ async fn a_slow_mint_holds_up_no_listing() {
     freezer.abort();
     let _ = replacing.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_whose_session_was_replaced_elsewhere_frees_its_port() {
+    let Some(w) = world(51).await else { return };
+    w.start_json().await;
+    w.fetch_until_ok("before", Duration::from_secs(20)).await;
+    // Another tool mints a host ticket for a new session of this lease:
+    // the coordinator tombstones ours, which can never bridge again.
+    let (status, v) = w
+        .coord
+        .request(
+            "POST",
+            &format!("/v1/leases/{LEASE}/egress/ticket"),
+            &w.coord.shared_token,
+            &serde_json::json!({"role": "host"}),
+        )
+        .await
+        .unwrap();
+    assert!((200..300).contains(&status), "{status} {v}");
+    // The remote client gives up on the dead session and stops its
+    // helper, rather than leaving one that holds the port.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let tasks = w.daemon.tasks(Some("egress-remote-client")).await;
+        if tasks.iter().all(|t| t["state"] == "failed") && helpers_of(&w.lease).is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{tasks:?} {:?}\n{}",
+            helpers_of(&w.lease),
+            w.daemon.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The next start takes the same port.
+    let v = w.start_json().await;
+    assert_eq!(v["endpoint"], "127.0.0.1:3128", "{v}");
+    w.fetch_until_ok("after", Duration::from_secs(20)).await;
+}

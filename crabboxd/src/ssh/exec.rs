@@ -197,6 +197,36 @@ pub(crate) async fn open_session(
     )))
 }
 
+/// Sends one item to a client, waiting at most the connection's stall
+/// deadline for room: a client that stops reading gets its channel closed
+/// (a warning names the lease and `what`), so it cannot hold the channel's
+/// queue — and with it the whole connection — for longer than that.
+pub(crate) async fn send_within<T>(
+    out: &mpsc::Sender<Result<T, SshError>>,
+    item: T,
+    conn: &Conn,
+    what: &str,
+) -> Result<(), SshError> {
+    match out.send_timeout(Ok(item), conn.stall).await {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            tracing::warn!(
+                lease = %conn.target.lease,
+                channel = what,
+                stall = ?conn.stall,
+                "the client stopped reading; closing the channel"
+            );
+            Err(SshError::Channel(format!(
+                "the client of {what} on {} read nothing for {:?}; the channel was closed",
+                conn.target.lease, conn.stall
+            )))
+        }
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => {
+            Err(SshError::Channel("the client went away".into()))
+        }
+    }
+}
+
 /// Kills a remote process group over a control channel: `sig`, then
 /// SIGKILL after two seconds if anything is left.
 pub async fn kill_group(conn: &Conn, pgid: u32, sig: Signal) -> Result<(), SshError> {
@@ -268,7 +298,7 @@ pub async fn run(
 ) {
     let result = run_inner(supervisor, Arc::clone(&conn), command, cwd, input, &out).await;
     if let Err(e) = result {
-        let _ = out.send(Err(e)).await;
+        let _ = out.send_timeout(Err(e), conn.stall).await;
     }
 }
 
@@ -406,11 +436,7 @@ async fn handle(
     conn: &Arc<Conn>,
     out: &mpsc::Sender<Result<Output, SshError>>,
 ) -> Result<bool, SshError> {
-    let send = |o: Output| async move {
-        out.send(Ok(o))
-            .await
-            .map_err(|_| SshError::Channel("the client went away".into()))
-    };
+    let send = |o: Output| send_within(out, o, conn, "a command");
     match msg {
         None | Some(ChannelMsg::Close) => return Ok(false),
         Some(ChannelMsg::Data { data }) => {
@@ -491,7 +517,7 @@ async fn finish(
 ) -> Result<(), SshError> {
     match exit {
         Some(e) => {
-            let _ = out.send(Ok(Output::Exit(e))).await;
+            let _ = out.send_timeout(Ok(Output::Exit(e)), conn.stall).await;
             Ok(())
         }
         None if conn.handle.is_closed() => Err(SshError::Lost(format!(

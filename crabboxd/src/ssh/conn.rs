@@ -429,8 +429,24 @@ pub async fn probe_port(host: &str, port: u16) -> Result<String, String> {
     }
 }
 
+/// Ciphers in order of preference: AES-GCM first (ring and OpenSSH both use
+/// the CPU's AES instructions, several times faster than ChaCha20 on
+/// x86-64 and arm64 for bulk copies), then russh's own order.
+const CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_GCM,
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
+
 fn ssh_config(keepalive: Duration) -> Arc<client::Config> {
     Arc::new(client::Config {
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(CIPHERS),
+            ..Default::default()
+        },
         keepalive_interval: Some(keepalive),
         keepalive_max: KEEPALIVE_MAX,
         nodelay: true,

@@ -9,10 +9,11 @@
 use std::{
     net::SocketAddr,
     process::{Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crabbox_tests::{TestDaemon, TestSshd, require_sshd};
+use tokio::time::Instant;
 
 /// The stall deadline the tests configure.
 const STALL: &str = "2s";
@@ -48,14 +49,17 @@ async fn daemon(sshd: &TestSshd) -> TestDaemon {
 /// `exec --id box -- echo alive` answers within [`PROMPT`].
 async fn exec_answers(d: &TestDaemon, why: &str) {
     let t0 = Instant::now();
-    let o = tokio::time::timeout(PROMPT, d.ctl(&["exec", "--id", "box", "--", "echo", "alive"]))
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "exec on the same lease did not answer within {PROMPT:?} while {why}\n{}",
-                d.stderr()
-            )
-        });
+    let o = tokio::time::timeout(
+        PROMPT,
+        d.ctl(&["exec", "--id", "box", "--", "echo", "alive"]),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "exec on the same lease did not answer within {PROMPT:?} while {why}\n{}",
+            d.stderr()
+        )
+    });
     assert!(o.status.success(), "{}\n{}", show(&o), d.stderr());
     assert_eq!(text(&o.stdout), "alive\n", "{}", show(&o));
     eprintln!("exec answered in {:?} while {why}", t0.elapsed());

@@ -373,7 +373,12 @@ printf '%s\n' "$final""#;
         .await
         .map_err(|e| copy_err(format!("reading the local file failed: {e}")))?;
     let (stdout, _) = remote_result?;
-    read.map_err(|e| copy_err(format!("cannot read {}: {e}", PathBuf::from(&name).display())))?;
+    read.map_err(|e| {
+        copy_err(format!(
+            "cannot read {}: {e}",
+            PathBuf::from(&name).display()
+        ))
+    })?;
     let sent = sent_result?;
     let final_path = String::from_utf8_lossy(&stdout).trim().to_owned();
     let _ = out

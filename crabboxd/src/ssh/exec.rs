@@ -608,7 +608,10 @@ mod tests {
         let text = String::from_utf8_lossy(&out.stdout);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");
-        assert_eq!(lines[0], lines[1], "the command runs in the shell's own process");
+        assert_eq!(
+            lines[0], lines[1],
+            "the command runs in the shell's own process"
+        );
         assert_eq!(out.status.code(), Some(4));
     }
 }

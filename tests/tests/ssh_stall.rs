@@ -169,8 +169,15 @@ async fn a_forward_whose_peer_stops_reading_is_closed_and_the_mux_keeps_answerin
         .unwrap();
     assert!(n > 0);
     drop(s);
-    let tasks = d.tasks(Some("ssh-forward")).await;
-    assert_eq!(tasks[0]["state"], "running", "{tasks:?}");
+    let tasks = d
+        .ctl_json_until(
+            &["tasks", "--json", "--kind", "ssh-forward"],
+            "the stalled connection is counted",
+            Duration::from_secs(10),
+            |v| v["tasks"][0]["labels"]["stalled"] == "1",
+        )
+        .await;
+    assert_eq!(tasks["tasks"][0]["state"], "running", "{tasks}");
 }
 
 /// Starts `crabboxctl ssh --id box -- CMD` under a pseudo-terminal whose

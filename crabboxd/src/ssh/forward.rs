@@ -206,7 +206,7 @@ impl ForwardTask {
         tokio::pin!(ended);
         let mut conns = FuturesUnordered::new();
         let mut tick = tokio::time::interval(TICK);
-        let mut last = (u64::MAX, u64::MAX, u64::MAX, u64::MAX);
+        let mut last = (u64::MAX, u64::MAX, u64::MAX, u64::MAX, u64::MAX);
         ctx.running();
         tracing::info!(lease = %self.spec.lease, local = %self.spec.local, remote = %self.spec.remote, "forward listening");
         loop {
@@ -248,6 +248,7 @@ impl ForwardTask {
                 self.stats.total.load(Ordering::SeqCst),
                 self.stats.bytes_out.load(Ordering::Relaxed),
                 self.stats.bytes_in.load(Ordering::Relaxed),
+                self.stats.stalled.load(Ordering::SeqCst),
             );
             if now != last {
                 last = now;
@@ -255,6 +256,7 @@ impl ForwardTask {
                 ctx.set_label("total", now.1.to_string());
                 ctx.set_label("bytes_out", now.2.to_string());
                 ctx.set_label("bytes_in", now.3.to_string());
+                ctx.set_label("stalled", now.4.to_string());
             }
         }
     }

@@ -1,10 +1,10 @@
 //! Stall deadlines of the SSH mux, end to end against a real OpenSSH
 //! `sshd`: a reader that stops reading (a forward's local peer, an
-//! interactive `crabboxctl ssh`, a `crabboxctl exec` whose stdout nobody
-//! reads) while the lease writes a lot must not stall the lease's one
-//! connection: another command on the same lease still answers, and the
-//! stalled channel is closed after the deadline (`[ssh] stall_timeout`,
-//! short here) with a warning naming it.
+//! interactive `crabboxctl ssh`) while the lease writes a lot must not
+//! stall the lease's one connection: another command on the same lease
+//! still answers, and the stalled channel is closed after the deadline
+//! (`[ssh] stall_timeout`, short here) with a warning naming it. And an
+//! upload whose far side fails early ends with an error, never a hang.
 
 use std::{
     net::SocketAddr,
@@ -221,45 +221,20 @@ async fn a_shell_whose_terminal_stops_reading_is_closed_and_the_mux_keeps_answer
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_exec_whose_stdout_is_not_read_is_closed_and_the_mux_keeps_answering() {
+async fn an_upload_whose_far_side_fails_early_ends_with_an_error() {
     require_sshd!();
     let sshd = TestSshd::start().await;
     let d = daemon(&sshd).await;
-    exec_answers(&d, "nothing else runs").await;
-    // `yes` into a pipe nobody reads; tagged, to find it on the lease.
-    let tag = format!("stall-{}", std::process::id());
-    let mut hog = d
-        .ctl_command(&["exec", "--id", "box", "--", "yes", &tag])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("crabboxctl exec");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    exec_answers(&d, "an exec's stdout is not read").await;
-    log_has(&d, "channel=\"a command\"").await;
-    // Its remote `yes` was ended with the channel.
-    let gone = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let o = d
-                .ctl(&[
-                    "exec",
-                    "--id",
-                    "box",
-                    "--",
-                    "sh",
-                    "-c",
-                    &format!("pgrep -f '^yes [s]{}' || true", &tag[1..]),
-                ])
-                .await;
-            if text(&o.stdout).trim().is_empty() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
-    assert!(gone.is_ok(), "the stalled command's `yes` is still running");
-    let _ = hog.start_kill();
-    let _ = hog.wait().await;
+    // Larger than the server's window, so the sender would wait for a
+    // window that never opens again.
+    let big = d.layout.home.join("big");
+    std::fs::write(&big, vec![7u8; 16 << 20]).unwrap();
+    let o = tokio::time::timeout(
+        PROMPT,
+        d.ctl(&["cp", "-q", big.to_str().unwrap(), "box:/no/such/dir/big"]),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the failed upload did not end\n{}", d.stderr()));
+    assert!(!o.status.success(), "{}", show(&o));
+    exec_answers(&d, "after a failed upload").await;
 }

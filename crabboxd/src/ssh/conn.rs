@@ -45,11 +45,12 @@ pub const COMMAND_SESSIONS: usize = 8;
 /// Concurrent control channels (process-group kills) per connection.
 pub const CONTROL_SESSIONS: usize = 2;
 /// How long a channel's output may wait for a reader that stopped reading
-/// (a forward's local peer, an exec or shell client) before the channel is
-/// closed; `[ssh] stall_timeout` changes it.
+/// (a forward's local peer, an interactive shell's client) before the
+/// channel is closed; `[ssh] stall_timeout` changes it. Commands (`exec`,
+/// runs) have none: a run outlives its client.
 pub const STALL: Duration = Duration::from_secs(10);
 /// The shortest stall deadline configuration may set.
-pub const STALL_MIN: Duration = Duration::from_millis(200);
+pub const STALL_MIN: Duration = Duration::from_secs(1);
 /// Messages russh queues per channel before its connection waits for the
 /// channel's reader. russh grants window on receipt, not on consumption, so
 /// this queue is the only backpressure: while one channel's queue is full,

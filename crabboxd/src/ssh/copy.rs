@@ -221,9 +221,9 @@ printf '%s\n' "$final""#;
         w.flush()
     });
     let stats = Arc::clone(&conn.stats);
-    let mut sent: u64 = 0;
-    let mut last_report: u64 = 0;
-    let send = async {
+    let send = async move {
+        let mut sent: u64 = 0;
+        let mut last_report: u64 = 0;
         while let Some(chunk) = rx.recv().await {
             sent += chunk.len() as u64;
             stats
@@ -246,13 +246,17 @@ printf '%s\n' "$final""#;
             .map_err(|e| SshError::Lost(format!("the copy's channel failed: {e}")))?;
         Ok::<_, SshError>(sent)
     };
-    let (sent_result, remote_result) = tokio::join!(send, collect(&mut rd, &conn));
+    let (sent_result, remote_result) = upload_both(send, collect(&mut rd, &conn)).await;
     let packed = packer
         .await
         .map_err(|e| copy_err(format!("the local tar failed: {e}")))?;
     let (stdout, _) = remote_result?;
     packed.map_err(|e| copy_err(format!("cannot read the local files: {e}")))?;
-    let sent = sent_result?;
+    let sent = sent_result.unwrap_or_else(|| {
+        Err(copy_err(
+            "the far side ended before the copy was sent (its exit status was 0)",
+        ))
+    })?;
     let final_path = String::from_utf8_lossy(&stdout).trim().to_owned();
     let _ = out
         .send(Ok(Progress {
@@ -343,9 +347,9 @@ printf '%s\n' "$final""#;
         }
     });
     let stats = Arc::clone(&conn.stats);
-    let mut sent: u64 = 0;
-    let mut last_report: u64 = 0;
-    let send = async {
+    let send = async move {
+        let mut sent: u64 = 0;
+        let mut last_report: u64 = 0;
         while let Some(chunk) = rx.recv().await {
             sent += chunk.len() as u64;
             stats
@@ -368,7 +372,7 @@ printf '%s\n' "$final""#;
             .map_err(|e| SshError::Lost(format!("the copy's channel failed: {e}")))?;
         Ok::<_, SshError>(sent)
     };
-    let (sent_result, remote_result) = tokio::join!(send, collect(&mut rd, &conn));
+    let (sent_result, remote_result) = upload_both(send, collect(&mut rd, &conn)).await;
     let read = reader
         .await
         .map_err(|e| copy_err(format!("reading the local file failed: {e}")))?;
@@ -379,7 +383,11 @@ printf '%s\n' "$final""#;
             PathBuf::from(&name).display()
         ))
     })?;
-    let sent = sent_result?;
+    let sent = sent_result.unwrap_or_else(|| {
+        Err(copy_err(
+            "the far side ended before the copy was sent (its exit status was 0)",
+        ))
+    })?;
     let final_path = String::from_utf8_lossy(&stdout).trim().to_owned();
     let _ = out
         .send(Ok(Progress {
@@ -389,6 +397,26 @@ printf '%s\n' "$final""#;
         }))
         .await;
     Ok(())
+}
+
+/// Runs an upload's sender beside the reader of its channel. When the far
+/// side ends first (it failed: no such directory, …) the sender is dropped,
+/// not awaited — its window would never open again — which also ends the
+/// local reading thread (its queue is gone).
+async fn upload_both<S, C>(send: S, collecting: C) -> (Option<Result<u64, SshError>>, C::Output)
+where
+    S: std::future::Future<Output = Result<u64, SshError>>,
+    C: std::future::Future,
+{
+    tokio::pin!(send);
+    tokio::pin!(collecting);
+    let mut sent = None;
+    loop {
+        tokio::select! {
+            r = &mut send, if sent.is_none() => sent = Some(r),
+            r = &mut collecting => return (sent, r),
+        }
+    }
 }
 
 /// Reads a copy channel to its end: stdout, and the exit status (a

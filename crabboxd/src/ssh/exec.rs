@@ -214,8 +214,8 @@ pub(crate) async fn open_session(
     )))
 }
 
-/// Sends one item to a client, waiting at most the connection's stall
-/// deadline for room: a client that stops reading gets its channel closed
+/// Sends one item to a shell's client, waiting at most the connection's
+/// stall deadline for room: a client that stops reading gets its channel closed
 /// (a warning names the lease and `what`), so it cannot hold the channel's
 /// queue — and with it the whole connection — for longer than that.
 pub(crate) async fn send_within<T>(
@@ -315,7 +315,7 @@ pub async fn run(
 ) {
     let result = run_inner(supervisor, Arc::clone(&conn), command, cwd, input, &out).await;
     if let Err(e) = result {
-        let _ = out.send_timeout(Err(e), conn.stall).await;
+        let _ = out.send(Err(e)).await;
     }
 }
 
@@ -453,7 +453,13 @@ async fn handle(
     conn: &Arc<Conn>,
     out: &mpsc::Sender<Result<Output, SshError>>,
 ) -> Result<bool, SshError> {
-    let send = |o: Output| send_within(out, o, conn, "a command");
+    // No stall deadline for commands: a run outlives its client, and a
+    // paused reader (`exec -- cat log | less`) must not kill the command.
+    let send = |o: Output| async move {
+        out.send(Ok(o))
+            .await
+            .map_err(|_| SshError::Channel("the client went away".into()))
+    };
     match msg {
         None | Some(ChannelMsg::Close) => return Ok(false),
         Some(ChannelMsg::Data { data }) => {
@@ -534,7 +540,7 @@ async fn finish(
 ) -> Result<(), SshError> {
     match exit {
         Some(e) => {
-            let _ = out.send_timeout(Ok(Output::Exit(e)), conn.stall).await;
+            let _ = out.send(Ok(Output::Exit(e))).await;
             Ok(())
         }
         None if conn.handle.is_closed() => Err(SshError::Lost(format!(

@@ -114,7 +114,7 @@ pub fn wrap(command: &Command, cwd: Option<&str>) -> String {
     // one process start fewer per command than the general path below.
     let mut direct = String::from("printf '%s\\n' \"$$\"; ");
     if let Some(dir) = cwd {
-        direct.push_str(&format!("cd -- {} || exit 1; ", sh_quote(dir)));
+        direct.push_str(&format!("CDPATH= cd -- {} || exit 1; ", sh_quote(dir)));
     }
     match command {
         Command::Argv(argv) => {

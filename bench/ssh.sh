@@ -10,13 +10,16 @@
 # so a machine shared with other work skews both sides alike. Needs root
 # (sshd). Prints a Markdown table.
 #   BENCH_RUNS (default 200), BENCH_ROUNDS (transfer rounds, default 5),
-#   BENCH_PROFILE (release), BENCH_NO_BUILD (use the built binaries)
+#   BENCH_PROFILE (release), BENCH_NO_BUILD (use the built binaries),
+#   BENCH_BIN (a directory holding crabboxd and crabboxctl to measure instead)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${BENCH_RUNS:-200}"
 ROUNDS="${BENCH_ROUNDS:-5}"
 PROFILE="${BENCH_PROFILE:-release}"
-if [ -n "${BENCH_NO_BUILD:-}" ]; then
+if [ -n "${BENCH_BIN:-}" ]; then
+    BIN="$BENCH_BIN"
+elif [ -n "${BENCH_NO_BUILD:-}" ]; then
     BIN="$PWD/target/$PROFILE"
 elif [ "$PROFILE" = release ]; then
     cargo build --release -p crabboxd -p crabboxctl --bins --quiet
@@ -83,16 +86,16 @@ SSH=(ssh -i "$T/client" -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyC
 
 now() { date +%s%N; }
 ms() { awk -v ns="$1" 'BEGIN { printf "%.1f", ns / 1e6 }'; }
-# Runs "$@" RUNS times; prints "p50 p99" in ms.
-percentiles() {
-    local f="$T/times" t0
-    : >"$f"
-    for _ in $(seq 1 "$RUNS"); do
-        t0=$(now); "$@" >/dev/null; echo $(( $(now) - t0 )) >>"$f"
-    done
-    sort -n "$f" | awk '{ a[NR] = $1 } END {
+# p50 and p99 (ms) of the nanosecond samples in file $1.
+pcts() {
+    sort -n "$1" | awk '{ a[NR] = $1 } END {
         p50 = a[int(NR * 0.50) > 0 ? int(NR * 0.50) : 1]; p99 = a[int(NR * 0.99) > 0 ? int(NR * 0.99) : 1]
         printf "%.1f %.1f\n", p50 / 1e6, p99 / 1e6 }'
+}
+# One sample of "$@" (nanoseconds) appended to file $1.
+sample() {
+    local f="$1" t0; shift
+    t0=$(now); "$@" >/dev/null </dev/null; echo $(( $(now) - t0 )) >>"$f"
 }
 timed() { local t0; t0=$(now); "$@" >/dev/null; ms $(( $(now) - t0 )); }
 
@@ -106,14 +109,23 @@ COLD=$(timed "${CTL[@]}" exec --id box -- true)
 FRESH_FIRST=$(timed "${SSH[@]}" root@127.0.0.1 true)
 
 "${SSH[@]}" -o ControlMaster=yes -o ControlPath="$T/cm" -o ControlPersist=600 -fN root@127.0.0.1
-read -r MUX50 MUX99 < <(percentiles "${CTL[@]}" exec --id box -- true)
-read -r CM50 CM99 < <(percentiles "${SSH[@]}" -o ControlPath="$T/cm" root@127.0.0.1 true)
-read -r FR50 FR99 < <(percentiles "${SSH[@]}" root@127.0.0.1 true)
+# Interleaved: ours, ControlMaster, fresh ssh, ours, … so load shifts on
+# a shared machine hit all three rows alike.
+: >"$T/t-mux"; : >"$T/t-cm"; : >"$T/t-fresh"
+for _ in $(seq 1 "$RUNS"); do
+    sample "$T/t-mux" "${CTL[@]}" exec --id box -- true
+    sample "$T/t-cm" "${SSH[@]}" -o ControlPath="$T/cm" root@127.0.0.1 true
+    sample "$T/t-fresh" "${SSH[@]}" root@127.0.0.1 true
+done
+read -r MUX50 MUX99 < <(pcts "$T/t-mux")
+read -r CM50 CM99 < <(pcts "$T/t-cm")
+read -r FR50 FR99 < <(pcts "$T/t-fresh")
+EXEC_RATIO=$(awk -v a="$MUX50" -v b="$CM50" 'BEGIN { printf "%.2f", a / b }')
 
 head -c $((64 << 20)) /dev/urandom >"$T/big"
 mkdir -p "$T/remote"
 SSHCM="$(printf '%q ' "${SSH[@]}") -o ControlPath=$T/cm root@127.0.0.1"
-: >"$T/up"; : >"$T/up-ssh"; : >"$T/down"; : >"$T/down-ssh"
+: >"$T/up"; : >"$T/up-ssh"; : >"$T/down"; : >"$T/down-ssh"; : >"$T/up-exec"
 for _ in $(seq 1 "$ROUNDS"); do
     timed "${CTL[@]}" cp -q "$T/big" "box:$T/remote/up" >>"$T/up"; echo >>"$T/up"
     timed sh -c "$SSHCM 'cat > $T/remote/up-ssh' < $T/big" >>"$T/up-ssh"; echo >>"$T/up-ssh"
@@ -121,12 +133,16 @@ for _ in $(seq 1 "$ROUNDS"); do
     timed "${CTL[@]}" cp -q "box:$T/remote/up" "$T/dl" >>"$T/down"; echo >>"$T/down"
     cmp -s "$T/big" "$T/dl" || { echo "download differs" >&2; exit 1; }
     timed sh -c "$SSHCM 'cat $T/remote/up' > $T/dl-ssh" >>"$T/down-ssh"; echo >>"$T/down-ssh"
+    timed sh -c "$(printf '%q ' "${CTL[@]}") exec --id box -- sh -c 'cat > $T/remote/up-exec' < $T/big" >>"$T/up-exec"; echo >>"$T/up-exec"
 done
+cmp -s "$T/big" "$T/remote/up-exec" || { echo "exec upload differs" >&2; exit 1; }
 cmp -s "$T/big" "$T/remote/up" || { echo "upload differs" >&2; exit 1; }
 UP=$(median <"$T/up"); UP_SSH=$(median <"$T/up-ssh")
 DOWN=$(median <"$T/down"); DOWN_SSH=$(median <"$T/down-ssh")
 UP_RATIO=$(awk -v a="$UP" -v b="$UP_SSH" 'BEGIN { printf "%.2f", b / a }')
 DOWN_RATIO=$(awk -v a="$DOWN" -v b="$DOWN_SSH" 'BEGIN { printf "%.2f", b / a }')
+UP_EXEC=$(median <"$T/up-exec")
+UP_EXEC_RATIO=$(awk -v a="$UP_EXEC" -v b="$UP_SSH" 'BEGIN { printf "%.2f", b / a }')
 
 # RSS: one mux open now; open ten more.
 RSS1=$(rss)
@@ -145,9 +161,10 @@ SSH plane, $(date -u +%Y-%m-%d), $(ssh -V 2>&1 | cut -d, -f1), loopback, profile
 
 | what | crabboxd | OpenSSH |
 |---|---|---|
-| exec \`true\` p50 / p99, warm | $MUX50 / $MUX99 ms | ControlMaster $CM50 / $CM99 ms; fresh ssh $FR50 / $FR99 ms |
+| exec \`true\` p50 / p99, warm, interleaved | $MUX50 / $MUX99 ms; ours ÷ ControlMaster at p50 = ${EXEC_RATIO}× | ControlMaster $CM50 / $CM99 ms; fresh ssh $FR50 / $FR99 ms |
 | first command, cold | $COLD ms | fresh ssh $FRESH_FIRST ms |
 | 64 MiB upload, median of $ROUNDS interleaved | $UP ms (cp); OpenSSH ÷ ours = ${UP_RATIO}× | $UP_SSH ms (ssh 'cat > f', ControlMaster) |
+| 64 MiB upload as exec stdin, median of $ROUNDS interleaved | $UP_EXEC ms (exec 'cat > f'); OpenSSH ÷ ours = ${UP_EXEC_RATIO}× | $UP_SSH ms (ssh 'cat > f', ControlMaster) |
 | 64 MiB download, median of $ROUNDS interleaved | $DOWN ms (cp); OpenSSH ÷ ours = ${DOWN_RATIO}× | $DOWN_SSH ms (ssh cat, ControlMaster) |
 | 100 parallel execs | $ERRORS errors, $PAR ms wall | |
 | daemon RSS: 0 / 1 / 11 open muxes | $RSS0 / $RSS1 / $RSS11 KiB; per extra mux $PER_MUX KiB | |

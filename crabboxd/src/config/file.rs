@@ -54,6 +54,11 @@ pub struct SshToml {
     /// the connection.
     #[serde(default, with = "humantime_serde")]
     pub keepalive_interval: Option<Duration>,
+    /// How long a channel's output may wait for a reader that does not
+    /// read (a forward's local peer, a shell or exec client) before that
+    /// channel is closed, e.g. `"10s"`.
+    #[serde(default, with = "humantime_serde")]
+    pub stall_timeout: Option<Duration>,
 }
 
 /// `[targets.<name>]`: a box reached over SSH with no coordinator.
@@ -150,6 +155,7 @@ pub const EXAMPLE: &str = r#"# crabboxd configuration. Every key is optional; un
 # key = "/home/me/.ssh/id_ed25519"   # when a lease has no per-lease key
 # idle_close = "10m"                   # close a connection unused this long
 # keepalive_interval = "15s"           # dead after two unanswered keepalives
+# stall_timeout = "10s"                # close a channel whose reader stops reading
 
 [env]
 # The calling client's variables `crabboxctl run` forwards (default CI and

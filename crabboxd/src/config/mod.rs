@@ -59,6 +59,10 @@ pub struct Config {
     /// How often an SSH keepalive is sent (`[ssh] keepalive_interval`,
     /// default 15 s); two missed ones end the connection.
     pub ssh_keepalive_interval: Option<Duration>,
+    /// How long a channel's output may wait for a reader that stopped
+    /// reading before the channel is closed (`[ssh] stall_timeout`,
+    /// default 10 s).
+    pub ssh_stall_timeout: Option<Duration>,
 }
 
 /// How to reach and authenticate to a coordinator.
@@ -270,6 +274,7 @@ struct Merge {
     ssh_key: Option<PathBuf>,
     ssh_idle_close: Option<Duration>,
     ssh_keepalive_interval: Option<Duration>,
+    ssh_stall_timeout: Option<Duration>,
     targets: BTreeMap<String, StaticTarget>,
     heartbeat_transport: Option<Layered<String>>,
     control_ping_interval: Option<Duration>,
@@ -401,6 +406,7 @@ impl Merge {
         self.ssh_key = t.ssh.key.or(self.ssh_key.take());
         self.ssh_idle_close = t.ssh.idle_close.or(self.ssh_idle_close);
         self.ssh_keepalive_interval = t.ssh.keepalive_interval.or(self.ssh_keepalive_interval);
+        self.ssh_stall_timeout = t.ssh.stall_timeout.or(self.ssh_stall_timeout);
         self.targets.extend(t.targets);
         self.env_allow = t.env.allow.or(self.env_allow.take());
     }
@@ -549,6 +555,7 @@ impl Merge {
             ssh_targets: self.targets,
             ssh_idle_close: self.ssh_idle_close,
             ssh_keepalive_interval: self.ssh_keepalive_interval,
+            ssh_stall_timeout: self.ssh_stall_timeout,
             coordinator,
             socket: self.socket,
             state_dir: self.state_dir.unwrap_or_else(|| dirs.state.join("crabbox")),

@@ -1,8 +1,10 @@
-//! `cp` over the mux: a file or a directory tree travels as a tar stream
-//! over one exec channel (the `tar` crate here, `tar` on the lease; no scp
-//! or sftp needed on either side). Modes are kept. The far side is atomic:
-//! the tree is unpacked into a temporary directory next to the destination
-//! and renamed into place only once it is complete.
+//! `cp` over the mux: an upload of one regular file travels as its raw
+//! bytes (`cat` on the lease, like `ssh … 'cat > f'`, with the size checked
+//! and the mode and mtime set after); a directory tree, and every download,
+//! as a tar stream (the `tar` crate here, `tar` on the lease). Each uses one
+//! exec channel; no scp or sftp needed on either side. Modes are kept. The
+//! far side is atomic: the file or tree is written under a temporary name
+//! next to the destination and renamed into place only once it is complete.
 
 use std::{
     io::{self, Read, Write},
@@ -162,6 +164,15 @@ async fn upload(
         .map(|n| n.to_string_lossy().into_owned())
         .ok_or_else(|| copy_err(format!("{} has no file name", local.display())))?;
     let total = total_size(&local);
+    // A regular file travels as its bytes alone (`cat` on the far side,
+    // like `ssh … 'cat > f'`), then gets its mode and mtime; anything else
+    // as a tar stream.
+    let plain = std::fs::symlink_metadata(&local)
+        .map(|m| m.file_type().is_file())
+        .unwrap_or(false);
+    if plain {
+        return upload_file(supervisor, conn, local, remote, name, &meta, out).await;
+    }
     // The remote end: pick the final path (inside DST when it is a
     // directory), unpack next to it, then rename into place.
     let script = r#"set -e
@@ -210,9 +221,9 @@ printf '%s\n' "$final""#;
         w.flush()
     });
     let stats = Arc::clone(&conn.stats);
-    let mut sent: u64 = 0;
-    let mut last_report: u64 = 0;
-    let send = async {
+    let send = async move {
+        let mut sent: u64 = 0;
+        let mut last_report: u64 = 0;
         while let Some(chunk) = rx.recv().await {
             sent += chunk.len() as u64;
             stats
@@ -235,13 +246,17 @@ printf '%s\n' "$final""#;
             .map_err(|e| SshError::Lost(format!("the copy's channel failed: {e}")))?;
         Ok::<_, SshError>(sent)
     };
-    let (sent_result, remote_result) = tokio::join!(send, collect(&mut rd, &conn));
+    let (sent_result, remote_result) = upload_both(send, collect(&mut rd, &conn)).await;
     let packed = packer
         .await
         .map_err(|e| copy_err(format!("the local tar failed: {e}")))?;
     let (stdout, _) = remote_result?;
     packed.map_err(|e| copy_err(format!("cannot read the local files: {e}")))?;
-    let sent = sent_result?;
+    let sent = sent_result.unwrap_or_else(|| {
+        Err(copy_err(
+            "the far side ended before the copy was sent (its exit status was 0)",
+        ))
+    })?;
     let final_path = String::from_utf8_lossy(&stdout).trim().to_owned();
     let _ = out
         .send(Ok(Progress {
@@ -251,6 +266,157 @@ printf '%s\n' "$final""#;
         }))
         .await;
     Ok(())
+}
+
+/// Uploads one regular file as its raw bytes: written to a temporary name
+/// next to the destination, given the local mode and mtime, then renamed
+/// into place.
+async fn upload_file(
+    supervisor: &Supervisor,
+    conn: Arc<Conn>,
+    local: PathBuf,
+    remote: String,
+    name: String,
+    meta: &std::fs::Metadata,
+    out: &mpsc::Sender<Result<Progress, SshError>>,
+) -> Result<(), SshError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let total = meta.len();
+    let mode = format!("{:o}", meta.mode() & 0o7777);
+    let mtime = meta.mtime().to_string();
+    let script = r#"set -e
+dst=$1; name=$2
+if [ -d "$dst" ]; then final="${dst%/}/$name"; else final=$dst; fi
+parent=$(dirname -- "$final")
+tmp=$(mktemp "$parent/.crabbox-cp.XXXXXX")
+trap 'rm -f -- "$tmp"' EXIT
+cat > "$tmp"
+n=$(wc -c < "$tmp" | tr -d ' ')
+[ "$n" = "$5" ] || { echo "received $n of $5 bytes" >&2; exit 1; }
+chmod "$3" "$tmp"
+touch -m -d "@$4" "$tmp" 2>/dev/null || true
+mv -fT -- "$tmp" "$final"
+printf '%s\n' "$final""#;
+    let cmd = format!(
+        "sh -c {} sh {} {} {} {} {total}",
+        sh_quote(script),
+        sh_quote(&remote),
+        sh_quote(&name),
+        sh_quote(&mode),
+        sh_quote(&mtime)
+    );
+    let _permit = conn
+        .sessions
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| SshError::Lost("the connection closed".into()))?;
+    let channel = open_session(&conn).await?;
+    let _guard = ChannelGuard::new(&conn.stats);
+    channel
+        .exec(true, cmd)
+        .await
+        .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
+    let (mut rd, wr) = channel.split();
+    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+    let reader = supervisor.spawn_blocking(move || -> io::Result<()> {
+        // The size announced to the far side, at most: a file that shrinks
+        // fails there; one that grows is cut to its size at the start.
+        let mut f = std::fs::File::open(&local)?.take(total);
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let mut got = 0;
+            while got < CHUNK {
+                match f.read(&mut buf[got..]) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if got == 0 {
+                return Ok(());
+            }
+            buf.truncate(got);
+            if tx.blocking_send(Bytes::from(buf)).is_err() {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the copy was abandoned",
+                ));
+            }
+        }
+    });
+    let stats = Arc::clone(&conn.stats);
+    let send = async move {
+        let mut sent: u64 = 0;
+        let mut last_report: u64 = 0;
+        while let Some(chunk) = rx.recv().await {
+            sent += chunk.len() as u64;
+            stats
+                .bytes_out
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            wr.data_bytes(chunk)
+                .await
+                .map_err(|e| SshError::Lost(format!("the copy's channel failed: {e}")))?;
+            if sent - last_report >= 1 << 20 {
+                last_report = sent;
+                let _ = out.try_send(Ok(Progress {
+                    bytes: sent,
+                    total: Some(total),
+                    done: None,
+                }));
+            }
+        }
+        wr.eof()
+            .await
+            .map_err(|e| SshError::Lost(format!("the copy's channel failed: {e}")))?;
+        Ok::<_, SshError>(sent)
+    };
+    let (sent_result, remote_result) = upload_both(send, collect(&mut rd, &conn)).await;
+    let read = reader
+        .await
+        .map_err(|e| copy_err(format!("reading the local file failed: {e}")))?;
+    let (stdout, _) = remote_result?;
+    read.map_err(|e| {
+        copy_err(format!(
+            "cannot read {}: {e}",
+            PathBuf::from(&name).display()
+        ))
+    })?;
+    let sent = sent_result.unwrap_or_else(|| {
+        Err(copy_err(
+            "the far side ended before the copy was sent (its exit status was 0)",
+        ))
+    })?;
+    let final_path = String::from_utf8_lossy(&stdout).trim().to_owned();
+    let _ = out
+        .send(Ok(Progress {
+            bytes: sent,
+            total: Some(total),
+            done: Some(final_path),
+        }))
+        .await;
+    Ok(())
+}
+
+/// Runs an upload's sender beside the reader of its channel. When the far
+/// side ends first (it failed: no such directory, …) the sender is dropped,
+/// not awaited — its window would never open again — which also ends the
+/// local reading thread (its queue is gone).
+async fn upload_both<S, C>(send: S, collecting: C) -> (Option<Result<u64, SshError>>, C::Output)
+where
+    S: std::future::Future<Output = Result<u64, SshError>>,
+    C: std::future::Future,
+{
+    tokio::pin!(send);
+    tokio::pin!(collecting);
+    let mut sent = None;
+    loop {
+        tokio::select! {
+            r = &mut send, if sent.is_none() => sent = Some(r),
+            r = &mut collecting => return (sent, r),
+        }
+    }
 }
 
 /// Reads a copy channel to its end: stdout, and the exit status (a

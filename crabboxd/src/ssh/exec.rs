@@ -109,6 +109,23 @@ pub fn sh_quote(s: &str) -> String {
 /// The remote command line: print the process group id, change directory,
 /// then `exec` the command in a new process group.
 pub fn wrap(command: &Command, cwd: Option<&str>) -> String {
+    // When the login shell already leads its own process group (sshd's
+    // non-PTY sessions), it prints its pid and `exec`s the command itself:
+    // one process start fewer per command than the general path below.
+    let mut direct = String::from("printf '%s\\n' \"$$\"; ");
+    if let Some(dir) = cwd {
+        direct.push_str(&format!("CDPATH= cd -- {} || exit 1; ", sh_quote(dir)));
+    }
+    match command {
+        Command::Argv(argv) => {
+            direct.push_str("exec");
+            for a in argv {
+                direct.push(' ');
+                direct.push_str(&sh_quote(a));
+            }
+        }
+        Command::Shell(line) => direct.push_str(&format!("exec sh -c {}", sh_quote(line))),
+    }
     let mut body = String::from("printf '%s\\n' \"$$\"; ");
     let mut args: Vec<String> = Vec::new();
     if let Some(dir) = cwd {
@@ -134,7 +151,7 @@ pub fn wrap(command: &Command, cwd: Option<&str>) -> String {
     // message and a raw status, so it is never used.
     format!(
         "pg=; {{ read -r _ _ _ _ pg _ < /proc/$$/stat; }} 2>/dev/null || pg=$(ps -o pgid= -p $$ 2>/dev/null | tr -d ' '); \
-if [ \"$pg\" = \"$$\" ] || ! command -v setsid >/dev/null 2>&1; then exec sh -c {inner}; else exec setsid sh -c {inner}; fi"
+if [ \"$pg\" = \"$$\" ]; then {direct}; elif command -v setsid >/dev/null 2>&1; then exec setsid sh -c {inner}; else exec sh -c {inner}; fi"
     )
 }
 
@@ -195,6 +212,36 @@ pub(crate) async fn open_session(
         "{} refused every new channel for 15 s (sshd MaxSessions?)",
         conn.target.lease
     )))
+}
+
+/// Sends one item to a shell's client, waiting at most the connection's
+/// stall deadline for room: a client that stops reading gets its channel closed
+/// (a warning names the lease and `what`), so it cannot hold the channel's
+/// queue — and with it the whole connection — for longer than that.
+pub(crate) async fn send_within<T>(
+    out: &mpsc::Sender<Result<T, SshError>>,
+    item: T,
+    conn: &Conn,
+    what: &str,
+) -> Result<(), SshError> {
+    match out.send_timeout(Ok(item), conn.stall).await {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            tracing::warn!(
+                lease = %conn.target.lease,
+                channel = what,
+                stall = ?conn.stall,
+                "the client stopped reading; closing the channel"
+            );
+            Err(SshError::Channel(format!(
+                "the client of {what} on {} read nothing for {:?}; the channel was closed",
+                conn.target.lease, conn.stall
+            )))
+        }
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => {
+            Err(SshError::Channel("the client went away".into()))
+        }
+    }
 }
 
 /// Kills a remote process group over a control channel: `sig`, then
@@ -406,6 +453,8 @@ async fn handle(
     conn: &Arc<Conn>,
     out: &mpsc::Sender<Result<Output, SshError>>,
 ) -> Result<bool, SshError> {
+    // No stall deadline for commands: a run outlives its client, and a
+    // paused reader (`exec -- cat log | less`) must not kill the command.
     let send = |o: Output| async move {
         out.send(Ok(o))
             .await
@@ -551,5 +600,24 @@ mod tests {
         assert_eq!(lines.next().unwrap(), "a b");
         assert_eq!(out.status.code(), Some(3));
         assert_eq!(signal_code("TERM"), 143);
+
+        // A shell that already leads its process group (as under sshd)
+        // takes the direct path: the command keeps the shell's pid.
+        let line = wrap(
+            &Command::Argv(vec!["sh".into(), "-c".into(), "echo $$; exit 4".into()]),
+            Some(tmp.path().to_str().unwrap()),
+        );
+        let out = std::process::Command::new("setsid")
+            .args(["sh", "-c", &line])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(
+            lines[0], lines[1],
+            "the command runs in the shell's own process"
+        );
+        assert_eq!(out.status.code(), Some(4));
     }
 }

@@ -10,6 +10,7 @@
 //! keeps its mux from the idle close, and ends when its lease ends.
 
 use std::{
+    future::Future as _,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -66,6 +67,8 @@ pub struct ForwardStats {
     pub total: AtomicU64,
     /// Connections closed at once because too many were waiting.
     pub refused: AtomicU64,
+    /// Connections closed because their local peer stopped reading.
+    pub stalled: AtomicU64,
     /// Bytes sent to the lease.
     pub bytes_out: AtomicU64,
     /// Bytes received from the lease.
@@ -203,7 +206,7 @@ impl ForwardTask {
         tokio::pin!(ended);
         let mut conns = FuturesUnordered::new();
         let mut tick = tokio::time::interval(TICK);
-        let mut last = (u64::MAX, u64::MAX, u64::MAX, u64::MAX);
+        let mut last = (u64::MAX, u64::MAX, u64::MAX, u64::MAX, u64::MAX);
         ctx.running();
         tracing::info!(lease = %self.spec.lease, local = %self.spec.local, remote = %self.spec.remote, "forward listening");
         loop {
@@ -245,6 +248,7 @@ impl ForwardTask {
                 self.stats.total.load(Ordering::SeqCst),
                 self.stats.bytes_out.load(Ordering::Relaxed),
                 self.stats.bytes_in.load(Ordering::Relaxed),
+                self.stats.stalled.load(Ordering::SeqCst),
             );
             if now != last {
                 last = now;
@@ -252,6 +256,7 @@ impl ForwardTask {
                 ctx.set_label("total", now.1.to_string());
                 ctx.set_label("bytes_out", now.2.to_string());
                 ctx.set_label("bytes_in", now.3.to_string());
+                ctx.set_label("stalled", now.4.to_string());
             }
         }
     }
@@ -296,19 +301,61 @@ impl ForwardTask {
         let mut counted = Counted {
             inner: sock,
             stats: Arc::clone(&self.stats),
+            stall: tunnel.stall(),
+            waiting: None,
+            stalled: false,
         };
         let r = tokio::io::copy_bidirectional(&mut counted, &mut tunnel).await;
         self.stats.open.fetch_sub(1, Ordering::SeqCst);
-        if let Err(e) = r {
+        if counted.stalled {
+            self.stats.stalled.fetch_add(1, Ordering::SeqCst);
+            tracing::warn!(
+                lease = %self.spec.lease,
+                local = %self.spec.local,
+                remote = %self.spec.remote,
+                %peer,
+                stall = ?counted.stall,
+                "forward: the local peer stopped reading; closing its connection"
+            );
+        } else if let Err(e) = r {
             tracing::debug!(%peer, error = %e, "forward: a connection ended with an error");
         }
     }
 }
 
 /// The local socket, counting bytes both ways into the forward's counters.
+/// A write that cannot make progress for `stall` fails (and sets
+/// `stalled`): a local peer that stops reading must not keep the tunnel's
+/// channel full, since a full channel pauses the lease's whole connection.
 struct Counted {
     inner: TcpStream,
     stats: Arc<ForwardStats>,
+    stall: Duration,
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+    stalled: bool,
+}
+
+impl Counted {
+    /// Whether a pending write has waited past the deadline (arming the
+    /// deadline on the first pending poll).
+    fn overdue(&mut self, cx: &mut Context<'_>) -> bool {
+        let stall = self.stall;
+        let timer = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.stalled = true;
+            return true;
+        }
+        false
+    }
+
+    fn stalled_error(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the local peer read nothing for {:?}", self.stall),
+        )
+    }
 }
 
 impl AsyncRead for Counted {
@@ -334,8 +381,14 @@ impl AsyncWrite for Counted {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            self.stats.bytes_in.fetch_add(*n as u64, Ordering::Relaxed);
+        match &r {
+            Poll::Ready(Ok(n)) => {
+                self.waiting = None;
+                self.stats.bytes_in.fetch_add(*n as u64, Ordering::Relaxed);
+            }
+            Poll::Ready(Err(_)) => self.waiting = None,
+            Poll::Pending if self.overdue(cx) => return Poll::Ready(Err(self.stalled_error())),
+            Poll::Pending => {}
         }
         r
     }

@@ -197,6 +197,10 @@ impl SshManager {
                     .ssh_keepalive_interval
                     .unwrap_or(conn::KEEPALIVE)
                     .max(conn::KEEPALIVE_MIN),
+                stall: config
+                    .ssh_stall_timeout
+                    .unwrap_or(conn::STALL)
+                    .max(conn::STALL_MIN),
             },
             ends,
             muxes: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
@@ -388,7 +392,23 @@ impl SshManager {
             )
             .await;
         };
-        crate::drive::drive(fut, rx)
+        self.detached("ssh-exec", fut, rx)
+    }
+
+    /// Runs `fut` as a task of its own (not inside the response stream, so
+    /// its stall deadlines run while the client is not reading) and streams
+    /// what it sends; dropping the stream aborts it.
+    fn detached<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        fut: impl std::future::Future<Output = ()> + Send + 'static,
+        rx: mpsc::Receiver<T>,
+    ) -> impl Stream<Item = T> + Send + 'static {
+        let task =
+            tokio_util::task::AbortOnDropHandle::new(self.supervisor.spawn_request(what, fut));
+        futures::stream::unfold((rx, task), |(mut rx, task)| async move {
+            rx.recv().await.map(|item| (item, (rx, task)))
+        })
     }
 
     /// Runs an interactive shell under a PTY; the stream ends after
@@ -410,7 +430,7 @@ impl SshManager {
             };
             shell::run(conn, spec, input, tx).await;
         };
-        crate::drive::drive(fut, rx)
+        self.detached("ssh-shell", fut, rx)
     }
 
     /// Copies files or a directory tree to or from a lease.

@@ -137,6 +137,8 @@ pub struct Resolver {
     pub idle_close: Duration,
     /// The keepalive interval (dead after two unanswered).
     pub keepalive: Duration,
+    /// How long a channel's output may wait for its reader.
+    pub stall: Duration,
 }
 
 impl Resolver {
@@ -210,6 +212,7 @@ impl MuxTask {
                 &cred,
                 &self.shared.stats,
                 self.resolver.keepalive,
+                self.resolver.stall,
             )
             .await
         };

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use super::{
     SshError,
     conn::{ChannelGuard, Conn},
-    exec::{Exit, open_session, sig_name, signal_code},
+    exec::{Exit, open_session, send_within, sig_name, signal_code},
 };
 
 /// The longest TERM accepted from a client.
@@ -96,8 +96,9 @@ pub async fn run(
     input: impl Stream<Item = ShellInput> + Send + Unpin,
     out: mpsc::Sender<Result<ShellOutput, SshError>>,
 ) {
+    let stall = conn.stall;
     if let Err(e) = run_inner(conn, spec, input, &out).await {
-        let _ = out.send(Err(e)).await;
+        let _ = out.send_timeout(Err(e), stall).await;
     }
 }
 
@@ -135,11 +136,7 @@ async fn run_inner(
     .map_err(|e| lost("start the shell", e))?;
     let (mut rd, wr) = channel.split();
     let stats = Arc::clone(&conn.stats);
-    let send = |o: ShellOutput| async move {
-        out.send(Ok(o))
-            .await
-            .map_err(|_| SshError::Channel("the client went away".into()))
-    };
+    let send = |o: ShellOutput| send_within(out, o, &conn, "a shell");
     // Keystrokes and resizes are written concurrently with reading output,
     // so a paste into a terminal that echoes can never deadlock the
     // channel's windows (the reader keeps draining while a write waits).
@@ -185,9 +182,11 @@ async fn run_inner(
                 }
                 Some(ChannelMsg::Data { data }) | Some(ChannelMsg::ExtendedData { data, .. }) => {
                     stats.bytes_in.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    if send(ShellOutput::Output(data)).await.is_err() {
+                    if let Err(e) = send(ShellOutput::Output(data)).await {
+                        // The client went away, or stopped reading for the
+                        // stall deadline: hang the terminal up.
                         let _ = wr.close().await;
-                        return Ok(());
+                        return Err(e);
                     }
                 }
                 Some(ChannelMsg::ExitStatus { exit_status }) => {
@@ -204,7 +203,7 @@ async fn run_inner(
     }
     match exit {
         Some(e) => {
-            let _ = out.send(Ok(ShellOutput::Exit(e))).await;
+            let _ = out.send_timeout(Ok(ShellOutput::Exit(e)), conn.stall).await;
             Ok(())
         }
         None if conn.handle.is_closed() => Err(SshError::Lost(format!(

@@ -111,6 +111,14 @@ pub async fn open(conn: Arc<Conn>, to: &Endpoint) -> Result<Tunnel, SshError> {
     })
 }
 
+impl Tunnel {
+    /// The connection's stall deadline (how long whoever is fed from this
+    /// tunnel may stop reading before it is closed).
+    pub fn stall(&self) -> Duration {
+        self._conn.stall
+    }
+}
+
 impl AsyncRead for Tunnel {
     fn poll_read(
         mut self: Pin<&mut Self>,

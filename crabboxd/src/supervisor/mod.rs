@@ -332,6 +332,19 @@ impl Supervisor {
         self.inner.tracker.spawn(fut.instrument(span));
     }
 
+    /// Runs the work of one streaming request (an SSH command or shell) on
+    /// its own, so it keeps to its deadlines while its client is not
+    /// reading. Tracked, so shutdown waits for it; the caller aborts it when
+    /// the client goes away (`tokio_util::task::AbortOnDropHandle`).
+    pub fn spawn_request(
+        &self,
+        what: &'static str,
+        fut: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let span = tracing::debug_span!("request", what);
+        self.inner.tracker.spawn(fut.instrument(span))
+    }
+
     /// Runs blocking work of a request (packing or unpacking an archive) on
     /// the blocking pool, tracked so shutdown waits for it.
     pub fn spawn_blocking<F, R>(&self, f: F) -> tokio::task::JoinHandle<R>

@@ -3,25 +3,58 @@
 # crabbox-egress-client → crabbox-coordinator → crabboxd's egress host →
 # origin — measured in the same run as direct, squid CONNECT and ssh -D by
 # the egress bench harness (bench/egress). Prints a Markdown table.
-# Options are passed to the harness, e.g. --bulk-mib 256 --small 500.
+# Options are passed to the harness, e.g. --bulk-mib 256 --small 500 --rounds 3.
+# BASE_BIN=<dir of release binaries> also starts a second whole stack from
+# those binaries (e.g. a copy of target/release taken before a change), so
+# "before" and "after" are measured side by side, interleaved, in one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bins --quiet
+# E2E_NO_BUILD=1 skips the build (binaries already in target/release).
+[ -n "${E2E_NO_BUILD:-}" ] || cargo build --release --bins --quiet
 BIN="$PWD/target/release"
 . scripts/lib/loop.sh
-loop_home
-trap loop_cleanup EXIT
 ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
-loop_coordinator
-LEASE=cbx_00000000be00
-loop_register "$LEASE"
-# Quiet logs for the daemon only (the others announce their ports at info).
-CRABBOX_LOG=warn loop_daemon >/dev/null
-loop_egress "$LEASE" --max-connections 4096 >/dev/null
-# Wait until the helper's bridge is paired with the daemon's host.
-for _ in $(seq 1 100); do
-    "$BIN/crabboxctl" egress status --id "$LEASE" --json | grep -q '"clientConnected": *true' && break
-    sleep 0.1
-done
-export EGRESS_BENCH_EXTRA_PROXY="crabbox v2 via crabbox-coordinator + crabboxd=$PROXY"
+
+# Starts coordinator + crabboxd + egress host + helper from binaries in $BIN
+# in a home of its own and prints the helper's proxy address.
+stack() {
+    loop_home
+    loop_coordinator
+    local lease=cbx_00000000be00
+    loop_register "$lease"
+    # Quiet logs for the daemon only (the others announce their ports at info).
+    CRABBOX_LOG=warn loop_daemon >/dev/null
+    loop_egress "$lease" --max-connections 4096 >/dev/null
+    # Wait until the helper's bridge is paired with the daemon's host.
+    for _ in $(seq 1 100); do
+        "$BIN/crabboxctl" egress status --id "$lease" --json | grep -q '"clientConnected": *true' && break
+        sleep 0.1
+    done
+}
+
+EXTRA=""
+BASE_PID=""
+if [ -n "${BASE_BIN:-}" ]; then
+    fifo=$(mktemp -u) && mkfifo "$fifo"
+    (
+        BIN="$BASE_BIN"
+        stack
+        trap loop_cleanup EXIT
+        trap 'exit 0' TERM
+        echo "$PROXY" >"$fifo"
+        sleep infinity &
+        wait
+    ) &
+    BASE_PID=$!
+    read -r base_proxy <"$fifo"
+    rm -f "$fifo"
+    EXTRA="crabbox v2 via crabbox-coordinator + crabboxd (before)=$base_proxy;"
+fi
+cleanup() {
+    if [ -n "$BASE_PID" ]; then kill "$BASE_PID" 2>/dev/null || true; wait "$BASE_PID" 2>/dev/null || true; fi
+    loop_cleanup
+}
+trap cleanup EXIT
+stack
+export EGRESS_BENCH_EXTRA_PROXY="${EXTRA}crabbox v2 via crabbox-coordinator + crabboxd=$PROXY"
 cargo bench -p crabbox-egress --bench egress -- "$@"

@@ -407,7 +407,7 @@ impl std::fmt::Debug for Preview<'_> {
 }
 
 /// The detail shown to the browser: short, and never an address of the operator's network.
-fn reply_message(e: &DialError) -> String {
+pub(crate) fn reply_message(e: &DialError) -> String {
     match e {
         DialError::Connect(_) | DialError::Resolve(_) => e.code().phrase().to_owned(),
         other => other.to_string(),

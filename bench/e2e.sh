@@ -40,9 +40,10 @@ if [ -n "${BASE_BIN:-}" ]; then
         BIN="$BASE_BIN"
         stack
         trap loop_cleanup EXIT
-        trap 'exit 0' TERM
         echo "$PROXY" >"$fifo"
         sleep infinity &
+        # loop_cleanup waits for every child: end the sleep first.
+        trap 'kill $!; exit 0' TERM
         wait
     ) &
     BASE_PID=$!

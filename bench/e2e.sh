@@ -58,4 +58,6 @@ cleanup() {
 trap cleanup EXIT
 stack
 export EGRESS_BENCH_EXTRA_PROXY="${EXTRA}crabbox v2 via crabbox-coordinator + crabboxd=$PROXY"
-cargo bench -p crabbox-egress --bench egress -- "$@"
+# EGRESS_BENCH_EXE=<built harness> runs it directly (no cargo, no build lock).
+if [ -n "${EGRESS_BENCH_EXE:-}" ]; then "$EGRESS_BENCH_EXE" --bench "$@"; else
+    cargo bench -p crabbox-egress --bench egress -- "$@"; fi

@@ -23,7 +23,10 @@ pub(crate) type InboundFn = Box<dyn Fn(MuxStream) + Send + Sync>;
 
 /// An open request: the stream's first bytes, and where to send the stream
 /// with how many of those bytes the driver already wrote.
-type OpenReq = (Vec<u8>, oneshot::Sender<Result<(yamux::Stream, usize), String>>);
+type OpenReq = (
+    Vec<u8>,
+    oneshot::Sender<Result<(yamux::Stream, usize), String>>,
+);
 
 /// Cloneable way to open outbound streams on a running session.
 #[derive(Clone)]

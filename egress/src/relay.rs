@@ -17,8 +17,8 @@ const FIRST_CHUNK: usize = 8 * 1024;
 /// writes and frames.
 const MAX_CHUNK: usize = 64 * 1024;
 
-/// Reads once into `buf`, growing it when the previous read filled it.
-async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Option<usize> {
+/// Reads once into `buf`; `None` at EOF or on an error.
+async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option<usize> {
     match r.read(buf).await {
         Ok(0) | Err(_) => None,
         Ok(n) => Some(n),

@@ -153,7 +153,11 @@ impl futures::io::AsyncWrite for MuxIo {
         if out.wbuf.is_empty() {
             // Bulk (a large first write) gets room for a whole message at
             // once; a small exchange only what it needs.
-            let want = if n >= 16 * 1024 { MAX_BINARY_MESSAGE } else { n.max(4096) };
+            let want = if n >= 16 * 1024 {
+                MAX_BINARY_MESSAGE
+            } else {
+                n.max(4096)
+            };
             out.wbuf.reserve(want);
         }
         out.wbuf.extend_from_slice(&buf[..n]);

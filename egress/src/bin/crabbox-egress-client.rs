@@ -153,15 +153,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    // One thread: the helper's work is a relay between the browser's sockets
-    // and one WebSocket, and with a single worker every hand-off between its
-    // tasks is a local queue push, never a wake-up of another thread (on a
-    // busy lease those cross-thread wake-ups were most of a small request's
-    // latency). A multi-threaded runtime bought no throughput here.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("crabbox-egress-client: cannot start runtime: {e}");

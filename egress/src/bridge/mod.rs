@@ -376,16 +376,21 @@ where
         };
         // The protocol is unknown (0) until the peer's first frame says which.
         inner.stats.set_connected(true, 0);
+        // Polled in this order on every wake-up, so a message read is handed
+        // to yamux, and what yamux writes in answer is handed to the writer
+        // and flushed, in one pass (a branch waking its own task would
+        // instead wait behind every other runnable task).
         let res = tokio::select! {
+            biased;
             res = reader.run(stream) => res,
-            res = writer => Err(match res {
-                Ok(()) => BridgeError::ConnectionLost,
-                Err(e) => BridgeError::Transport(e.to_string()),
-            }),
             res = mux => Err(BridgeError::Mux(match res {
                 Ok(()) => "peer closed the multiplexer".into(),
                 Err(e) => e,
             })),
+            res = writer => Err(match res {
+                Ok(()) => BridgeError::ConnectionLost,
+                Err(e) => BridgeError::Transport(e.to_string()),
+            }),
         };
         inner.stats.set_connected(false, 0);
         inner.v1.clear();

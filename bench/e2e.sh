@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # E2E_NO_BUILD=1 skips the build (binaries already in target/release).
 [ -n "${E2E_NO_BUILD:-}" ] || cargo build --release --bins --quiet
-BIN="$PWD/target/release"
+# E2E_BIN=<dir> takes the "after" stack's binaries from elsewhere than target/release.
+BIN="${E2E_BIN:-$PWD/target/release}"
 . scripts/lib/loop.sh
 ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
 

@@ -154,8 +154,10 @@ impl Future for MuxDriver {
                 Poll::Pending => {}
             }
             if !progressed {
-                // yamux wrote every frame it had queued (its poll above is
-                // pending): now the coalesced bytes go out as one message.
+                // yamux's poll above is pending: it wrote every frame it had
+                // queued, or tokio's cooperative budget ran out (the task is
+                // woken again at once). Either way, the coalesced bytes go
+                // out now as one message.
                 // Pending here means the write queue is full; the channel
                 // wakes this task when it has room.
                 if let Poll::Ready(Err(e)) = this.flush.poll_flush(cx) {

@@ -19,8 +19,15 @@ pub(crate) const MAX_BINARY_MESSAGE: usize = 256 * 1024;
 
 /// How many outgoing messages may wait for the socket. Senders (stream tasks,
 /// the yamux driver) wait when it is full, which is the backpressure that
-/// keeps a fast local socket from queueing unbounded frames.
-pub(crate) const WRITE_QUEUE: usize = 64;
+/// keeps a fast local socket from queueing unbounded frames. At
+/// [`MAX_BINARY_MESSAGE`] each this holds at most 4 MiB per bridge (the
+/// bound docs/security.md lists), so a small response waits behind at most
+/// that much bulk.
+pub(crate) const WRITE_QUEUE: usize = 16;
+
+/// The per-bridge outgoing queue's byte bound, checked when this builds.
+pub(crate) const WRITE_QUEUE_BYTES: usize = WRITE_QUEUE * MAX_BINARY_MESSAGE;
+const _: () = assert!(WRITE_QUEUE_BYTES <= 4 * 1024 * 1024);
 
 /// Runs until the channel closes or the sink fails. Batches whatever is
 /// queued before flushing so small frames share a syscall.

@@ -361,13 +361,18 @@ where
             hellos_sent: 0,
             peer_spoke: false,
         };
-        // The read loop, the writer and (after negotiation) the yamux driver
-        // run in this one task, polled together: a message handed from one
-        // to the other wakes no other task (and, on a busy machine, waits for
-        // no other thread), which is most of a small request's latency. They
-        // still progress independently: a read loop waiting for room in the
-        // driver's queue does not stop the driver draining it.
-        let writer = ws_io::write_loop(sink, out_rx);
+        // The writer runs in a task of its own, so it is scheduled (and
+        // flushes the socket) independently of the read loop and the yamux
+        // driver; in one task with them, under bulk load, tokio's cooperative
+        // budget was spent by the reader and the driver before the writer's
+        // turn, which held back window updates and let bursts pile up.
+        let writer = tokio::spawn(ws_io::write_loop(sink, out_rx));
+        let writer = tokio_util::task::AbortOnDropHandle::new(writer);
+        // The read loop and (after negotiation) the yamux driver share this
+        // task, polled together: a message read is handed to yamux in the
+        // same pass, with no wake-up of another task. They still progress
+        // independently: a read loop waiting for room in the driver's queue
+        // does not stop the driver draining it.
         let mux = async move {
             match mux_driver.await {
                 Ok(driver) => driver.await,
@@ -376,10 +381,6 @@ where
         };
         // The protocol is unknown (0) until the peer's first frame says which.
         inner.stats.set_connected(true, 0);
-        // Polled in this order on every wake-up, so a message read is handed
-        // to yamux, and what yamux writes in answer is handed to the writer
-        // and flushed, in one pass (a branch waking its own task would
-        // instead wait behind every other runnable task).
         let res = tokio::select! {
             biased;
             res = reader.run(stream) => res,
@@ -388,7 +389,8 @@ where
                 Err(e) => e,
             })),
             res = writer => Err(match res {
-                Ok(()) => BridgeError::ConnectionLost,
+                Ok(Ok(())) => BridgeError::ConnectionLost,
+                Ok(Err(e)) => BridgeError::Transport(e.to_string()),
                 Err(e) => BridgeError::Transport(e.to_string()),
             }),
         };

@@ -27,7 +27,7 @@ pub(super) struct Reader {
     pub(super) incoming: Option<IncomingFn>,
     pub(super) mux_in: Option<mpsc::Sender<Bytes>>,
     /// Where the yamux driver goes once v2 is negotiated: the bridge's own
-    /// task polls it beside this loop and the writer (see `bridge::start`).
+    /// task polls it beside this loop (see `bridge::start`).
     pub(super) mux_slot: Option<oneshot::Sender<MuxDriver>>,
     /// `hello`s sent so far (repeated until the peer answers or shows it is v1-only).
     pub(super) hellos_sent: u32,

@@ -12,10 +12,11 @@ use crate::stats::SessionStats;
 /// First read buffer of each direction: small, so the many short-lived or
 /// idle streams hold little.
 const FIRST_CHUNK: usize = 8 * 1024;
-/// A direction whose reads keep filling its buffer doubles it up to this
-/// (one yamux frame, `mux::SPLIT_SEND_SIZE`): bulk moves in fewer reads,
-/// writes and frames.
-const MAX_CHUNK: usize = 64 * 1024;
+/// A direction whose reads keep filling its buffer doubles it up to this:
+/// bulk moves in fewer reads, writes and frames, and a stream holds at most
+/// 2 × 32 KiB of relay buffer however long it lives (512 busy connections:
+/// 32 MiB), the bound docs/security.md lists.
+pub(crate) const MAX_CHUNK: usize = 32 * 1024;
 
 /// Reads once into `buf`; `None` at EOF or on an error.
 async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option<usize> {
@@ -128,6 +129,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_buffers_grow_while_reads_fill_them_and_stop_at_32_kib() {
+        let mut buf = vec![0u8; FIRST_CHUNK];
+        grow(&mut buf, 100);
+        assert_eq!(
+            buf.len(),
+            FIRST_CHUNK,
+            "a short read does not grow the buffer"
+        );
+        for _ in 0..16 {
+            let n = buf.len();
+            grow(&mut buf, n);
+        }
+        assert_eq!(buf.len(), 32 * 1024, "full reads grow it only to the cap");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn idle_streams_time_out_and_traffic_resets_the_clock() {

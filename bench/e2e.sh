@@ -35,12 +35,22 @@ stack() {
 
 EXTRA=""
 BASE_PID=""
+fifo=""
+# Set before anything starts, so an exit at any point (a failed `stack`, a
+# before stack that never answers) ends what was started.
+cleanup() {
+    if [ -n "$BASE_PID" ]; then kill "$BASE_PID" 2>/dev/null || true; wait "$BASE_PID" 2>/dev/null || true; fi
+    if [ -n "$fifo" ]; then rm -f "$fifo"; fi
+    if [ -n "${DEMO:-}" ]; then loop_cleanup; fi
+}
+trap cleanup EXIT
 if [ -n "${BASE_BIN:-}" ]; then
-    fifo=$(mktemp -u) && mkfifo "$fifo"
+    fifo=$(mktemp -u) && mkfifo -m 600 "$fifo"
     (
         BIN="$BASE_BIN"
+        DEMO=""
+        trap '[ -z "$DEMO" ] || loop_cleanup' EXIT
         stack
-        trap loop_cleanup EXIT
         echo "$PROXY" >"$fifo"
         sleep infinity &
         # loop_cleanup waits for every child: end the sleep first.
@@ -48,15 +58,16 @@ if [ -n "${BASE_BIN:-}" ]; then
         wait
     ) &
     BASE_PID=$!
-    read -r base_proxy <"$fifo"
-    rm -f "$fifo"
+    # Opened read-write so the open never blocks; the read gives up after
+    # 60 s if the before stack died before answering.
+    exec 3<>"$fifo"
+    if ! read -r -t 60 base_proxy <&3; then
+        echo "the before stack ($BASE_BIN) did not start within 60 s" >&2
+        exit 1
+    fi
+    exec 3<&-
     EXTRA="crabbox v2 via crabbox-coordinator + crabboxd (before)=$base_proxy;"
 fi
-cleanup() {
-    if [ -n "$BASE_PID" ]; then kill "$BASE_PID" 2>/dev/null || true; wait "$BASE_PID" 2>/dev/null || true; fi
-    loop_cleanup
-}
-trap cleanup EXIT
 stack
 export EGRESS_BENCH_EXTRA_PROXY="${EXTRA}crabbox v2 via crabbox-coordinator + crabboxd=$PROXY"
 # EGRESS_BENCH_EXE=<built harness> runs it directly (no cargo, no build lock).

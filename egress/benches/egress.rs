@@ -33,6 +33,10 @@ struct Opts {
     bulk: u64,
     small_runs: usize,
     concurrent: usize,
+    /// Interleaved rounds; each printed figure is the median.
+    rounds: usize,
+    /// Whether to run the stalled-stream column (`--no-fairness` skips it).
+    fairness: bool,
 }
 
 fn main() {
@@ -58,6 +62,8 @@ fn main() {
         bulk: arg("--bulk-mib", 1024) << 20,
         small_runs: arg("--small", 500) as usize,
         concurrent: arg("--concurrent", 1000) as usize,
+        rounds: arg("--rounds", 1).max(1) as usize,
+        fairness: !args.iter().any(|a| a == "--no-fairness"),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -69,51 +75,143 @@ fn main() {
 async fn run(opts: Opts) {
     let origin = start_origin().await;
     let dir = tempfile::tempdir().unwrap();
+    // Every path is set up first and stays up, so rounds can interleave:
+    // round 1 measures every path, then round 2, ... (a burst of load from
+    // another process then hits every row alike). Each figure printed is the
+    // median over the rounds.
+    let mut paths: Vec<(String, Via)> = vec![("direct".into(), Via::Direct)];
+    let mut children = Vec::new();
+    let mut skipped = Vec::new();
+    let squid = if wanted(&opts, "squid CONNECT") {
+        start_squid(dir.path()).await
+    } else {
+        None
+    };
+    match squid {
+        Some((child, addr)) => {
+            paths.push(("squid CONNECT".into(), Via::Connect(addr)));
+            children.push(child);
+        }
+        None => skipped.push("| squid CONNECT | skipped (squid not installed) | | | | | |"),
+    }
+    let ssh = if wanted(&opts, "ssh -D (OpenSSH, loopback)") {
+        start_ssh(dir.path()).await
+    } else {
+        None
+    };
+    match ssh {
+        Some((c, addr)) => {
+            paths.push(("ssh -D (OpenSSH, loopback)".into(), Via::Socks5(addr)));
+            children.extend(c);
+        }
+        None => skipped.push("| ssh -D | skipped (openssh-server not installed) | | | | | |"),
+    }
+    for v2 in [false, true] {
+        let name = if v2 {
+            "crabbox v2 (yamux) via WS relay"
+        } else {
+            "crabbox v1 (JSON) via WS relay"
+        };
+        if !wanted(&opts, name) {
+            continue;
+        }
+        let (c, proxy) = start_ours(dir.path(), v2).await;
+        paths.push((name.into(), Via::Connect(proxy)));
+        children.extend(c);
+    }
+    // Proxies set up outside this bench, measured in the same run: e.g. the
+    // whole daemon path started by `bench/e2e.sh` (`NAME=127.0.0.1:PORT`,
+    // several separated by `;`).
+    if let Ok(extra) = std::env::var("EGRESS_BENCH_EXTRA_PROXY") {
+        for entry in extra.split(';') {
+            if let Some((name, addr)) = entry.rsplit_once('=')
+                && let Ok(addr) = addr.parse::<SocketAddr>()
+            {
+                paths.push((name.to_owned(), Via::Connect(addr)));
+            }
+        }
+    }
+    paths.retain(|(name, _)| wanted(&opts, name));
+    let mut rows: Vec<Vec<Row>> = paths.iter().map(|_| Vec::new()).collect();
+    for round in 0..opts.rounds {
+        for (i, (name, via)) in paths.iter().enumerate() {
+            let row = measure(*via, origin, &opts).await;
+            if opts.rounds > 1 {
+                eprintln!("round {}: {}", round + 1, row.render(name));
+            }
+            rows[i].push(row);
+        }
+    }
     println!(
         "| path | bulk {} MiB (MiB/s) | small 1 KiB p50 (ms) | p99 (ms) | {} streams: errors | time (s) | stalled stream: others' loss |",
         opts.bulk >> 20,
         opts.concurrent
     );
     println!("| --- | --- | --- | --- | --- | --- | --- |");
-    measure("direct", Via::Direct, origin, &opts).await;
+    for ((name, _), rows) in paths.iter().zip(&rows) {
+        println!("{}", Row::median(rows).render(name));
+    }
+    for line in skipped {
+        println!("{line}");
+    }
+    children.into_iter().for_each(kill);
+}
 
-    match start_squid(dir.path()).await {
-        Some((child, addr)) => {
-            measure("squid CONNECT", Via::Connect(addr), origin, &opts).await;
-            kill(child);
+fn wanted(opts: &Opts, name: &str) -> bool {
+    // `--only a,b` keeps the paths whose name contains any of the parts.
+    opts.only
+        .as_ref()
+        .is_none_or(|o| o.split(',').any(|part| name.contains(part)))
+}
+
+/// One path's figures in one round.
+#[derive(Clone, Default)]
+struct Row {
+    bulk: Option<f64>,
+    p50: f64,
+    p99: f64,
+    small_errors: usize,
+    errors: usize,
+    secs: f64,
+    fair: Option<f64>,
+}
+
+impl Row {
+    /// Per-column median over the rounds (a failed bulk or fairness counts as missing).
+    fn median(rows: &[Row]) -> Row {
+        fn mid(mut v: Vec<f64>) -> Option<f64> {
+            v.retain(|x| x.is_finite());
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            (!v.is_empty()).then(|| v[v.len() / 2])
         }
-        None => println!("| squid CONNECT | skipped (squid not installed) | | | | | |"),
-    }
-    match start_ssh(dir.path()).await {
-        Some((children, addr)) => {
-            measure(
-                "ssh -D (OpenSSH, loopback)",
-                Via::Socks5(addr),
-                origin,
-                &opts,
-            )
-            .await;
-            children.into_iter().for_each(kill);
+        let col = |f: &dyn Fn(&Row) -> Option<f64>| mid(rows.iter().filter_map(f).collect());
+        Row {
+            bulk: col(&|r| r.bulk),
+            p50: col(&|r| Some(r.p50)).unwrap_or(f64::NAN),
+            p99: col(&|r| Some(r.p99)).unwrap_or(f64::NAN),
+            small_errors: rows.iter().map(|r| r.small_errors).max().unwrap_or(0),
+            errors: rows.iter().map(|r| r.errors).max().unwrap_or(0),
+            secs: col(&|r| Some(r.secs)).unwrap_or(f64::NAN),
+            fair: col(&|r| r.fair),
         }
-        None => println!("| ssh -D | skipped (openssh-server not installed) | | | | | |"),
     }
-    for v2 in [false, true] {
-        let (children, proxy) = start_ours(dir.path(), v2).await;
-        let name = if v2 {
-            "crabbox v2 (yamux) via WS relay"
+
+    fn render(&self, name: &str) -> String {
+        let note = if self.small_errors > 0 {
+            format!(" ({} small-fetch errors)", self.small_errors)
         } else {
-            "crabbox v1 (JSON) via WS relay"
+            String::new()
         };
-        measure(name, Via::Connect(proxy), origin, &opts).await;
-        children.into_iter().for_each(kill);
-    }
-    // A proxy set up outside this bench, measured in the same run: e.g. the
-    // whole daemon path started by `bench/e2e.sh` (`NAME=127.0.0.1:PORT`).
-    if let Ok(extra) = std::env::var("EGRESS_BENCH_EXTRA_PROXY")
-        && let Some((name, addr)) = extra.rsplit_once('=')
-        && let Ok(addr) = addr.parse::<SocketAddr>()
-    {
-        measure(name, Via::Connect(addr), origin, &opts).await;
+        format!(
+            "| {name}{note} | {} | {:.3} | {:.3} | {} | {:.2} | {} |",
+            self.bulk.map_or("error".into(), |m| format!("{m:.0}")),
+            self.p50,
+            self.p99,
+            self.errors,
+            self.secs,
+            self.fair
+                .map_or("error".into(), |f| format!("{:.1} %", f * 100.0)),
+        )
     }
 }
 
@@ -122,14 +220,7 @@ fn kill(mut child: Child) {
     let _ = child.wait();
 }
 
-async fn measure(name: &str, via: Via, origin: SocketAddr, opts: &Opts) {
-    if opts
-        .only
-        .as_ref()
-        .is_some_and(|o| !name.contains(o.as_str()))
-    {
-        return;
-    }
+async fn measure(via: Via, origin: SocketAddr, opts: &Opts) -> Row {
     let bulk = bulk(via, origin, opts.bulk).await;
     let mut lat = Vec::with_capacity(opts.small_runs);
     for _ in 0..opts.small_runs {
@@ -143,20 +234,25 @@ async fn measure(name: &str, via: Via, origin: SocketAddr, opts: &Opts) {
         lat.get(((lat.len() as f64 - 1.0) * p) as usize)
             .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
     };
-    let small_errors = opts.small_runs - lat.len();
-    let (errors, secs) = concurrent(via, origin, opts.concurrent).await;
-    let fair = fairness(via, origin, (opts.bulk / 4).max(64 << 20)).await;
-    let mut note = String::new();
-    if small_errors > 0 {
-        note = format!(" ({small_errors} small-fetch errors)");
+    let (errors, secs) = if opts.concurrent > 0 {
+        concurrent(via, origin, opts.concurrent).await
+    } else {
+        (0, f64::NAN)
+    };
+    let fair = if opts.fairness {
+        fairness(via, origin, (opts.bulk / 4).max(64 << 20)).await
+    } else {
+        None
+    };
+    Row {
+        bulk,
+        p50: pct(0.5),
+        p99: pct(0.99),
+        small_errors: opts.small_runs - lat.len(),
+        errors,
+        secs,
+        fair,
     }
-    println!(
-        "| {name}{note} | {} | {:.3} | {:.3} | {errors} | {secs:.2} | {} |",
-        bulk.map_or("error".into(), |m| format!("{m:.0}")),
-        pct(0.5),
-        pct(0.99),
-        fair.map_or("error".into(), |f| format!("{:.1} %", f * 100.0)),
-    );
 }
 
 // === origin ===
@@ -348,7 +444,9 @@ async fn fairness(via: Via, origin: SocketAddr, n: u64) -> Option<f64> {
         with = with.max(bulk(via, origin, n).await?);
         drop(stalled);
     }
-    Some((1.0 - with / alone).max(0.0))
+    // Not clamped: a negative figure means the stalled run happened to be
+    // faster (noise on a shared machine), and is reported as such.
+    Some(1.0 - with / alone)
 }
 
 // === the systems under test ===

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::bridge::{self, Bridge, BridgeConfig, Role};
 use crate::error::BridgeError;
-use crate::proxy::{self, text_response};
+use crate::proxy::{self, ConnLimits, ViaBridge, text_response};
 use crate::stats::SessionStats;
 
 /// Lease-side settings.
@@ -178,6 +178,12 @@ async fn accept_loop(
 ) {
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let heads = Arc::new(Semaphore::new(cfg.max_pending_heads.max(1)));
+    let limits = ConnLimits {
+        first_byte_timeout: cfg.first_byte_timeout,
+        head_timeout: cfg.head_timeout,
+        max_head_bytes: cfg.max_head_bytes,
+        idle_timeout: cfg.idle_timeout,
+    };
     loop {
         let (mut sock, _) = match listener.accept().await {
             Ok(conn) => conn,
@@ -202,12 +208,14 @@ async fn accept_loop(
             });
             continue;
         };
-        let slot = slot.clone();
-        let cfg = cfg.clone();
+        let _ = sock.set_nodelay(true);
+        let upstream = ViaBridge {
+            slot: slot.clone(),
+            down: down.clone(),
+        };
         let limit = limit.clone();
-        let down = down.clone();
         tokio::spawn(async move {
-            proxy::serve_connection(sock, slot, cfg, limit, permit, down).await;
+            proxy::serve_connection(sock, &upstream, limits, &limit, permit).await;
         });
     }
 }

@@ -12,7 +12,7 @@
 //! * [`frame_v2`] — the `hello`/`stats` control frames and the binary open header of v2 streams.
 //! * `bridge` — one WebSocket: negotiation, v1 stream registry, yamux session, keepalive.
 //! * `stream_v1`, `mux`, `ws_io` — the two stream transports and the WebSocket plumbing below them.
-//! * [`proxy`] — request-head parsing, CONNECT / absolute-form handling, loopback listen rule.
+//! * [`proxy`] — request-head parsing, CONNECT / absolute-form handling over any byte stream, loopback listen rule, and [`proxy::local::serve`]: one connection served with a direct policy-checked dial (no bridge).
 //! * [`connect`] — the one bridge dialler both ends use, with its fatal/refused/retryable classification.
 //! * [`client`] — the lease side: [`ProxyServer`], whose listener outlives any one bridge.
 //! * [`host`] — the operator side: [`Policy`], public-address rules, resolve-and-pin dialer, [`run_host`].

@@ -39,6 +39,9 @@ struct State {
     next: u64,
     host: Option<Slot>,
     client: Option<Slot>,
+    /// Binary messages and their bytes relayed from each role's socket.
+    binary_from_host: (u64, u64),
+    binary_from_client: (u64, u64),
 }
 
 struct Slot {
@@ -81,6 +84,16 @@ impl MemoryRelay {
         let relay = Self::default();
         relay.state.lock().unwrap().drop_first = n;
         relay
+    }
+
+    /// Binary messages relayed from `role`'s sockets so far, and their total bytes
+    /// (how well a sender coalesces its v2 frames).
+    pub fn binary_sent_by(&self, role: Role) -> (u64, u64) {
+        let state = self.state.lock().unwrap();
+        match role {
+            Role::Host => state.binary_from_host,
+            Role::Client => state.binary_from_client,
+        }
     }
 
     /// Whether a socket of `role` is currently registered.
@@ -145,6 +158,14 @@ impl MemoryRelay {
                                 .is_some_and(|slot| slot.generation == generation);
                             if !me_current {
                                 break;
+                            }
+                            if let Message::Binary(b) = &msg {
+                                let count = match role {
+                                    Role::Host => &mut s.binary_from_host,
+                                    Role::Client => &mut s.binary_from_client,
+                                };
+                                count.0 += 1;
+                                count.1 += b.len() as u64;
                             }
                             s.slot(peer_of(role)).as_ref().map(|slot| slot.tx.clone())
                         };

@@ -8,11 +8,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use futures::io::AsyncWrite;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 use yamux::{Config, Connection, Mode};
 
-use crate::ws_io::MuxIo;
+use crate::ws_io::{MuxFlush, MuxIo};
 
 /// A yamux stream with tokio's I/O traits.
 pub(crate) type MuxStream = Compat<yamux::Stream>;
@@ -20,7 +21,12 @@ pub(crate) type MuxStream = Compat<yamux::Stream>;
 /// Called with each inbound stream (host side).
 pub(crate) type InboundFn = Box<dyn Fn(MuxStream) + Send + Sync>;
 
-type OpenReq = oneshot::Sender<Result<yamux::Stream, String>>;
+/// An open request: the stream's first bytes, and where to send the stream
+/// with how many of those bytes the driver already wrote.
+type OpenReq = (
+    Vec<u8>,
+    oneshot::Sender<Result<(yamux::Stream, usize), String>>,
+);
 
 /// Cloneable way to open outbound streams on a running session.
 #[derive(Clone)]
@@ -29,22 +35,41 @@ pub(crate) struct MuxHandle {
 }
 
 impl MuxHandle {
-    pub(crate) async fn open(&self) -> Result<MuxStream, String> {
+    /// Opens a stream whose first bytes are `first`. The driver writes them
+    /// as it creates the stream, so they leave in the same poll as the
+    /// stream's SYN instead of after a round of wake-ups through this task;
+    /// whatever it could not write at once is written here.
+    pub(crate) async fn open(&self, first: Vec<u8>) -> Result<MuxStream, String> {
+        use tokio::io::AsyncWriteExt;
         let (tx, rx) = oneshot::channel();
         self.open_tx
-            .send(tx)
+            .send((first.clone(), tx))
             .await
             .map_err(|_| "bridge multiplexer stopped".to_owned())?;
-        let stream = rx
+        let (stream, written) = rx
             .await
             .map_err(|_| "bridge multiplexer stopped".to_owned())??;
-        Ok(stream.compat())
+        let mut stream = stream.compat();
+        if written < first.len() {
+            stream
+                .write_all(&first[written..])
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(stream)
     }
 }
+
+/// Largest yamux data frame we send. yamux's default (16 KiB) cost a frame
+/// header, a channel send from the stream task and a copy per 16 KiB; the
+/// relays read 64 KiB at a time, so one read is one frame. Every yamux peer
+/// accepts bodies up to 1 MiB.
+pub(crate) const SPLIT_SEND_SIZE: usize = 64 * 1024;
 
 /// yamux settings for a bridge allowing `max_streams` concurrent streams.
 pub(crate) fn config(max_streams: usize) -> Config {
     let mut cfg = Config::default();
+    cfg.set_split_send_size(SPLIT_SEND_SIZE);
     // Each stream may buffer up to its 256 KiB window (auto-tuned upwards on
     // a slow path); the connection cap must allow every stream its base window.
     let window = (max_streams * 256 * 1024).max(1 << 30);
@@ -55,7 +80,7 @@ pub(crate) fn config(max_streams: usize) -> Config {
 
 /// Starts a session; the returned driver must be polled for anything to happen.
 pub(crate) fn start(
-    io: MuxIo,
+    (io, flush): (MuxIo, MuxFlush),
     mode: Mode,
     max_streams: usize,
     inbound: Option<InboundFn>,
@@ -63,6 +88,7 @@ pub(crate) fn start(
     let (open_tx, open_rx) = mpsc::channel(16);
     let driver = MuxDriver {
         conn: Connection::new(io, config(max_streams), mode),
+        flush,
         open_rx,
         open_closed: false,
         pending: None,
@@ -74,6 +100,8 @@ pub(crate) fn start(
 /// Drives the yamux connection; resolves when the session ends.
 pub(crate) struct MuxDriver {
     conn: Connection<MuxIo>,
+    /// Sends what yamux wrote into [`MuxIo`] once it has nothing more to write.
+    flush: MuxFlush,
     open_rx: mpsc::Receiver<OpenReq>,
     open_closed: bool,
     pending: Option<OpenReq>,
@@ -97,8 +125,17 @@ impl Future for MuxDriver {
             if this.pending.is_some() {
                 match this.conn.poll_new_outbound(cx) {
                     Poll::Ready(res) => {
-                        let req = this.pending.take().unwrap();
-                        let _ = req.send(res.map_err(|e| e.to_string()));
+                        let (first, reply) = this.pending.take().unwrap();
+                        let res = res.map(|mut stream| {
+                            // A fresh stream has a full send window and an empty
+                            // queue, so this is normally all of it at once.
+                            let written = match Pin::new(&mut stream).poll_write(cx, &first) {
+                                Poll::Ready(Ok(n)) => n,
+                                _ => 0,
+                            };
+                            (stream, written)
+                        });
+                        let _ = reply.send(res.map_err(|e| e.to_string()));
                         progressed = true;
                     }
                     Poll::Pending => {}
@@ -117,6 +154,15 @@ impl Future for MuxDriver {
                 Poll::Pending => {}
             }
             if !progressed {
+                // yamux's poll above is pending: it wrote every frame it had
+                // queued, or tokio's cooperative budget ran out (the task is
+                // woken again at once). Either way, the coalesced bytes go
+                // out now as one message.
+                // Pending here means the write queue is full; the channel
+                // wakes this task when it has room.
+                if let Poll::Ready(Err(e)) = this.flush.poll_flush(cx) {
+                    return Poll::Ready(Err(e.to_string()));
+                }
                 return Poll::Pending;
             }
         }

@@ -9,7 +9,28 @@ use tokio::time::Instant;
 
 use crate::stats::SessionStats;
 
-const CHUNK: usize = 32 * 1024;
+/// First read buffer of each direction: small, so the many short-lived or
+/// idle streams hold little.
+const FIRST_CHUNK: usize = 8 * 1024;
+/// A direction whose reads keep filling its buffer doubles it up to this:
+/// bulk moves in fewer reads, writes and frames, and a stream holds at most
+/// 2 × 32 KiB of relay buffer however long it lives (512 busy connections:
+/// 32 MiB), the bound docs/security.md lists.
+pub(crate) const MAX_CHUNK: usize = 32 * 1024;
+
+/// Reads once into `buf`; `None` at EOF or on an error.
+async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option<usize> {
+    match r.read(buf).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => Some(n),
+    }
+}
+
+fn grow(buf: &mut Vec<u8>, n: usize) {
+    if n == buf.len() && buf.len() < MAX_CHUNK {
+        buf.resize(buf.len() * 2, 0);
+    }
+}
 
 /// How a relay behaves at the end of one direction.
 #[derive(Debug, Clone, Copy)]
@@ -41,12 +62,11 @@ where
         |last: &AtomicU64| last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
 
     let up = async {
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = vec![0u8; FIRST_CHUNK];
         let mut total = 0u64;
         loop {
-            let n = match lr.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
+            let Some(n) = read_chunk(&mut lr, &mut buf).await else {
+                break;
             };
             if bw.write_all(&buf[..n]).await.is_err() {
                 break;
@@ -54,17 +74,17 @@ where
             total += n as u64;
             stats.add_out(n);
             touch(&last);
+            grow(&mut buf, n);
         }
         let _ = bw.shutdown().await;
         total
     };
     let down = async {
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = vec![0u8; FIRST_CHUNK];
         let mut total = 0u64;
         loop {
-            let n = match br.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
+            let Some(n) = read_chunk(&mut br, &mut buf).await else {
+                break;
             };
             if lw.write_all(&buf[..n]).await.is_err() {
                 break;
@@ -72,6 +92,7 @@ where
             total += n as u64;
             stats.add_in(n);
             touch(&last);
+            grow(&mut buf, n);
         }
         let _ = lw.shutdown().await;
         total
@@ -108,6 +129,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_buffers_grow_while_reads_fill_them_and_stop_at_32_kib() {
+        let mut buf = vec![0u8; FIRST_CHUNK];
+        grow(&mut buf, 100);
+        assert_eq!(
+            buf.len(),
+            FIRST_CHUNK,
+            "a short read does not grow the buffer"
+        );
+        for _ in 0..16 {
+            let n = buf.len();
+            grow(&mut buf, n);
+        }
+        assert_eq!(buf.len(), 32 * 1024, "full reads grow it only to the cap");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn idle_streams_time_out_and_traffic_resets_the_clock() {

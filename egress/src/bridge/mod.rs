@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Sink, Stream, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::BridgeError;
 use crate::frame_v1::TextFrame;
 use crate::frame_v2::{OpenCode, OpenReply, OpenRequest};
-use crate::mux::{MuxHandle, MuxStream};
+use crate::mux::{MuxDriver, MuxHandle, MuxStream};
 use crate::stats::SessionStats;
 use crate::stream_v1::{V1Registry, V1Stream};
 use crate::ws_io::{self, WRITE_QUEUE};
@@ -27,7 +27,7 @@ use crate::ws_io::{self, WRITE_QUEUE};
 mod reader;
 use reader::Reader;
 
-/// Largest v2 binary message accepted (the sender's limit is 64 KiB).
+/// Largest v2 binary message accepted (our sender's limit is `ws_io::MAX_BINARY_MESSAGE`, 256 KiB).
 const MAX_BINARY_IN: usize = 1 << 20;
 
 /// Which end of the bridge this is.
@@ -139,6 +139,10 @@ pub(crate) enum Incoming {
     V2(MuxStream),
 }
 
+/// Called with every open request that reaches the host end, in the bridge's
+/// own task: it must hand the work off at once (spawn it, or queue it).
+pub(crate) type IncomingFn = Arc<dyn Fn(Incoming) + Send + Sync>;
+
 /// A stream the client end opened.
 pub(crate) enum Opened {
     V1(V1Stream),
@@ -242,14 +246,16 @@ impl Bridge {
     }
 
     async fn open_v2(&self, mux: MuxHandle, host: &str, port: u16) -> Result<Opened, OpenFailure> {
-        let mut stream = mux.open().await.map_err(|_| OpenFailure::BridgeDown)?;
         let req = OpenRequest {
             host: host.to_owned(),
             port,
         };
+        // The open request travels with the stream's SYN (see `MuxHandle::open`).
+        let mut stream = mux
+            .open(req.encode())
+            .await
+            .map_err(|_| OpenFailure::BridgeDown)?;
         let exchange = async {
-            stream.write_all(&req.encode()).await?;
-            stream.flush().await?;
             // Read exactly the reply: bytes after it are the destination's and
             // must stay queued until the proxy has answered the browser.
             let mut head = [0u8; 2];
@@ -318,7 +324,7 @@ pub(crate) fn start<W>(
     role: Role,
     cfg: BridgeConfig,
     stats: Arc<SessionStats>,
-    incoming: Option<mpsc::UnboundedSender<Incoming>>,
+    incoming: Option<IncomingFn>,
 ) -> (Bridge, impl Future<Output = Result<(), BridgeError>> + Send)
 where
     W: Stream<Item = Result<Message, WsError>>
@@ -346,19 +352,48 @@ where
     };
     let fut = async move {
         let (sink, stream) = ws.split();
-        let writer = tokio::spawn(ws_io::write_loop(sink, out_rx));
-        let writer = tokio_util::task::AbortOnDropHandle::new(writer);
+        let (mux_slot, mux_driver) = tokio::sync::oneshot::channel::<MuxDriver>();
         let mut reader = Reader {
             inner: inner.clone(),
             incoming,
             mux_in: None,
-            mux_task: None,
+            mux_slot: Some(mux_slot),
             hellos_sent: 0,
             peer_spoke: false,
         };
+        // The writer runs in a task of its own, so it is scheduled (and
+        // flushes the socket) independently of the read loop and the yamux
+        // driver; in one task with them, under bulk load, tokio's cooperative
+        // budget was spent by the reader and the driver before the writer's
+        // turn, which held back window updates and let bursts pile up.
+        let writer = tokio::spawn(ws_io::write_loop(sink, out_rx));
+        let writer = tokio_util::task::AbortOnDropHandle::new(writer);
+        // The read loop and (after negotiation) the yamux driver share this
+        // task, polled together: a message read is handed to yamux in the
+        // same pass, with no wake-up of another task. They still progress
+        // independently: a read loop waiting for room in the driver's queue
+        // does not stop the driver draining it.
+        let mux = async move {
+            match mux_driver.await {
+                Ok(driver) => driver.await,
+                Err(_) => std::future::pending().await,
+            }
+        };
         // The protocol is unknown (0) until the peer's first frame says which.
         inner.stats.set_connected(true, 0);
-        let res = reader.run(stream, writer).await;
+        let res = tokio::select! {
+            biased;
+            res = reader.run(stream) => res,
+            res = mux => Err(BridgeError::Mux(match res {
+                Ok(()) => "peer closed the multiplexer".into(),
+                Err(e) => e,
+            })),
+            res = writer => Err(match res {
+                Ok(Ok(())) => BridgeError::ConnectionLost,
+                Ok(Err(e)) => BridgeError::Transport(e.to_string()),
+                Err(e) => BridgeError::Transport(e.to_string()),
+            }),
+        };
         inner.stats.set_connected(false, 0);
         inner.v1.clear();
         *inner.mux.lock().unwrap() = None;

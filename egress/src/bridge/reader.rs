@@ -6,17 +6,17 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use tracing::{debug, info, warn};
 
-use super::{Incoming, Inner, MAX_BINARY_IN, Role};
+use super::{Incoming, IncomingFn, Inner, MAX_BINARY_IN, Role};
 use crate::error::BridgeError;
 use crate::frame_v1::{self, DecodeError, TextFrame};
 use crate::frame_v2::{Hello, StatsFrame};
-use crate::mux::{self, MuxStream};
+use crate::mux::{self, MuxDriver, MuxStream};
 use crate::stats::PeerStats;
 use crate::stream_v1::DataOutcome;
 use crate::ws_io::MuxIo;
@@ -24,9 +24,11 @@ use crate::ws_io::MuxIo;
 /// State of the read loop of one bridge.
 pub(super) struct Reader {
     pub(super) inner: Arc<Inner>,
-    pub(super) incoming: Option<mpsc::UnboundedSender<Incoming>>,
+    pub(super) incoming: Option<IncomingFn>,
     pub(super) mux_in: Option<mpsc::Sender<Bytes>>,
-    pub(super) mux_task: Option<tokio_util::task::AbortOnDropHandle<Result<(), String>>>,
+    /// Where the yamux driver goes once v2 is negotiated: the bridge's own
+    /// task polls it beside this loop (see `bridge::start`).
+    pub(super) mux_slot: Option<oneshot::Sender<MuxDriver>>,
     /// `hello`s sent so far (repeated until the peer answers or shows it is v1-only).
     pub(super) hellos_sent: u32,
     /// A v1 frame or our peer's `hello` arrived: stop repeating `hello`.
@@ -34,11 +36,7 @@ pub(super) struct Reader {
 }
 
 impl Reader {
-    pub(super) async fn run<St>(
-        &mut self,
-        mut stream: St,
-        mut writer: tokio_util::task::AbortOnDropHandle<Result<(), WsError>>,
-    ) -> Result<(), BridgeError>
+    pub(super) async fn run<St>(&mut self, mut stream: St) -> Result<(), BridgeError>
     where
         St: Stream<Item = Result<Message, WsError>> + Unpin,
     {
@@ -54,12 +52,6 @@ impl Reader {
         stats_tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut last_rx = Instant::now();
         loop {
-            let mux_done = async {
-                match &mut self.mux_task {
-                    Some(task) => task.await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 msg = stream.next() => {
                     last_rx = Instant::now();
@@ -78,7 +70,7 @@ impl Reader {
                         Some(Ok(Message::Binary(bytes))) => {
                             self.inner.peer_seen.store(true, Ordering::Relaxed);
                             if bytes.len() > MAX_BINARY_IN {
-                                // Our writer never exceeds 64 KiB; a bigger message is not from a well-behaved peer.
+                                // Our writer never exceeds 256 KiB; a bigger message is not from a well-behaved peer.
                                 return Err(BridgeError::Mux(format!("binary message of {} bytes exceeds the v2 limit", bytes.len())));
                             }
                             if self.mux_in.is_none() && cfg.enable_v2 {
@@ -111,21 +103,6 @@ impl Reader {
                     let s = self.inner.stats.snapshot();
                     let frame = TextFrame::Stats(StatsFrame { active: s.active_streams, bytes_in: s.bytes_in, bytes_out: s.bytes_out });
                     let _ = self.inner.out.try_send(Message::text(frame_v1::encode(&frame)));
-                }
-                res = &mut writer => {
-                    return Err(match res {
-                        Ok(Ok(())) => BridgeError::ConnectionLost,
-                        Ok(Err(e)) => BridgeError::Transport(e.to_string()),
-                        Err(e) => BridgeError::Transport(e.to_string()),
-                    });
-                }
-                res = mux_done => {
-                    self.mux_task = None;
-                    return Err(BridgeError::Mux(match res {
-                        Ok(Ok(())) => "peer closed the multiplexer".into(),
-                        Ok(Err(e)) => e,
-                        Err(e) => e.to_string(),
-                    }));
                 }
             }
         }
@@ -247,7 +224,7 @@ impl Reader {
             return;
         }
         let stream = v1.register(&id);
-        let _ = incoming.send(Incoming::V1 { stream, host, port });
+        incoming(Incoming::V1 { stream, host, port });
     }
 
     async fn on_hello(&mut self, hello: Hello) {
@@ -278,13 +255,13 @@ impl Reader {
         };
         let accept = self.incoming.clone().map(|incoming| {
             Box::new(move |s: MuxStream| {
-                let _ = incoming.send(Incoming::V2(s));
+                incoming(Incoming::V2(s));
             }) as mux::InboundFn
         });
         let (handle, driver) = mux::start(io, mode, self.inner.cfg.max_streams, accept);
-        self.mux_task = Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
-            driver,
-        )));
+        if let Some(slot) = self.mux_slot.take() {
+            let _ = slot.send(driver);
+        }
         self.mux_in = Some(tx);
         *self.inner.mux.lock().unwrap() = Some(handle);
         self.inner.stats.set_protocol_version(2);

@@ -7,4 +7,5 @@ mod serve;
 
 pub use dial::{DialError, Resolver, system_resolver};
 pub use policy::{Pattern, Policy, PolicyBuilder, PolicyError, builtin_profile};
+pub(crate) use serve::reply_message;
 pub use serve::{HostConfig, run_host};

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::dial::{self, DialError, Resolver, system_resolver};
 use super::policy::Policy;
-use crate::bridge::{self, Bridge, BridgeConfig, Incoming, Role};
+use crate::bridge::{self, Bridge, BridgeConfig, Incoming, IncomingFn, Role};
 use crate::error::BridgeError;
 use crate::frame_v1::TextFrame;
 use crate::frame_v2::{OpenCode, OpenReply, OpenRequest};
@@ -89,17 +89,43 @@ where
         + 'static,
 {
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let config = Arc::new(config);
+    let pending = Arc::new(Semaphore::new(config.bridge.max_pending_opens.max(1)));
+    let warned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Cancelled when this function returns or is dropped: every stream task ends with it.
+    let streams_end = CancellationToken::new();
+    let _end_streams = streams_end.clone().drop_guard();
+    // A v2 open gets its task straight from the bridge (no hop through the
+    // loop below: one task wake less per request); v1 opens, which need the
+    // bridge handle, are queued to the loop.
+    let accept: IncomingFn = {
+        let (policy, config) = (policy.clone(), config.clone());
+        let (pending, warned, end) = (pending.clone(), warned.clone(), streams_end.clone());
+        Arc::new(move |incoming| match incoming {
+            Incoming::V2(stream) => {
+                let work = serve_incoming(
+                    None,
+                    policy.clone(),
+                    config.clone(),
+                    pending.clone(),
+                    warned.clone(),
+                    Incoming::V2(stream),
+                );
+                tokio::spawn(end.clone().run_until_cancelled_owned(work));
+            }
+            v1 => {
+                let _ = tx.send(v1);
+            }
+        })
+    };
     let (bridge, run) = bridge::start(
         ws,
         Role::Host,
         config.bridge.clone(),
         config.stats.clone(),
-        Some(tx),
+        Some(accept),
     );
-    let config = Arc::new(config);
-    let pending = Arc::new(Semaphore::new(config.bridge.max_pending_opens.max(1)));
-    let warned = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Dropping the set (when this function returns or is cancelled) aborts every stream task.
+    // Dropping the set (when this function returns or is cancelled) aborts every v1 stream task.
     let mut streams = JoinSet::new();
     tokio::pin!(run);
     loop {
@@ -111,33 +137,51 @@ where
                 return Ok(());
             }
             Some(incoming) = rx.recv() => {
-                let (bridge, policy, config) = (bridge.clone(), policy.clone(), config.clone());
-                let pending = pending.clone();
-                let warned = warned.clone();
-                streams.spawn(async move {
-                    // A burst of opens waits briefly for a dial slot (holding no
-                    // descriptor); only then is it refused.
-                    let admitted = admit(&pending, config.socket_budget.as_ref()).await;
-                    let (dialling, socket) = match admitted {
-                        Ok(permits) => permits,
-                        Err(why) => {
-                            config.stats.rejected();
-                            if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                                warn!(limit = %why, "egress host: refusing opens at a limit (logged once per bridge)");
-                            }
-                            refuse(&bridge, incoming, why).await;
-                            return;
-                        }
-                    };
-                    let _socket = socket;
-                    match incoming {
-                        Incoming::V1 { stream, host, port } => serve_v1(bridge, policy, config, stream, host, port, dialling).await,
-                        Incoming::V2(stream) => serve_v2(policy, config, stream, dialling).await,
-                    }
-                });
+                streams.spawn(serve_incoming(
+                    Some(bridge.clone()),
+                    policy.clone(),
+                    config.clone(),
+                    pending.clone(),
+                    warned.clone(),
+                    incoming,
+                ));
             }
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
         }
+    }
+}
+
+/// One open, from admission to the end of its stream. `bridge` is needed
+/// (and given) for v1 opens only.
+async fn serve_incoming(
+    bridge: Option<Bridge>,
+    policy: Arc<Policy>,
+    config: Arc<HostConfig>,
+    pending: Arc<Semaphore>,
+    warned: Arc<std::sync::atomic::AtomicBool>,
+    incoming: Incoming,
+) {
+    // A burst of opens waits briefly for a dial slot (holding no
+    // descriptor); only then is it refused.
+    let admitted = admit(&pending, config.socket_budget.as_ref()).await;
+    let (dialling, socket) = match admitted {
+        Ok(permits) => permits,
+        Err(why) => {
+            config.stats.rejected();
+            if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                warn!(limit = %why, "egress host: refusing opens at a limit (logged once per bridge)");
+            }
+            refuse(bridge.as_ref(), incoming, why).await;
+            return;
+        }
+    };
+    let _socket = socket;
+    match (incoming, bridge) {
+        (Incoming::V1 { stream, host, port }, Some(bridge)) => {
+            serve_v1(bridge, policy, config, stream, host, port, dialling).await
+        }
+        (Incoming::V1 { .. }, None) => {}
+        (Incoming::V2(stream), _) => serve_v2(policy, config, stream, dialling).await,
     }
 }
 
@@ -178,12 +222,14 @@ async fn admit(
 
 /// Answers an open refused at a limit without dialling: a v1 `error` frame,
 /// or a v2 `too many streams` reply (written by a short-lived task).
-async fn refuse(bridge: &Bridge, incoming: Incoming, why: Limit) {
+async fn refuse(bridge: Option<&Bridge>, incoming: Incoming, why: Limit) {
     match incoming {
         Incoming::V1 { stream, .. } => {
             let id = stream.id().to_owned();
             debug!(stream = ?id, %why, "open refused");
-            if bridge.v1().remove(&id) {
+            if let Some(bridge) = bridge
+                && bridge.v1().remove(&id)
+            {
                 bridge.v1().send_control(TextFrame::Error {
                     id,
                     error: why.to_string(),
@@ -361,7 +407,7 @@ impl std::fmt::Debug for Preview<'_> {
 }
 
 /// The detail shown to the browser: short, and never an address of the operator's network.
-fn reply_message(e: &DialError) -> String {
+pub(crate) fn reply_message(e: &DialError) -> String {
     match e {
         DialError::Connect(_) | DialError::Resolve(_) => e.code().phrase().to_owned(),
         other => other.to_string(),

@@ -1,20 +1,24 @@
-//! One browser connection: read the request head under a deadline and size cap, open a bridge stream, answer exactly, then tunnel (`CONNECT`) or forward one request and close.
+//! One browser connection over any byte stream: read the request head under a deadline and size cap, open a stream through an [`Upstream`] (a bridge, or a direct policy-checked dial), answer exactly, then tunnel (`CONNECT`) or forward one request and close.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio_util::either::Either;
 use tracing::{debug, info};
 
 use super::request::{self, Action, BodyFraming, ChunkedScanner, RequestHead};
 use super::{BAD_GATEWAY, BAD_REQUEST, CONNECT_OK, HEAD_TOO_LARGE, REQUEST_TIMEOUT, text_response};
 use crate::bridge::{Bridge, OpenFailure, Opened};
-use crate::client::ClientConfig;
 use crate::frame_v2::OpenCode;
+use crate::mux::MuxStream;
 use crate::relay::{RelayOpts, relay};
 use crate::stats::SessionStats;
+use crate::stream_v1::V1Stream;
 
 enum HeadError {
     TooLarge,
@@ -22,30 +26,133 @@ enum HeadError {
     Closed,
 }
 
+/// The per-connection bounds, the same whichever [`Upstream`] serves it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnLimits {
+    /// A connection that sends no byte at all within this is closed silently.
+    pub first_byte_timeout: Duration,
+    /// Deadline for a complete request head (then `408`).
+    pub head_timeout: Duration,
+    /// Size cap of a request head (then `431`).
+    pub max_head_bytes: usize,
+    /// A tunnel with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// A stream opened to the destination, ready to relay.
+pub(crate) struct Link<S> {
+    pub stream: S,
+    /// The session counters this stream counts in.
+    pub stats: Arc<SessionStats>,
+    /// EOF in one direction shuts down only that direction (v2, TCP), or ends both (v1).
+    pub half_close: bool,
+    /// Resolves when the stream must end early (its bridge ended, a v1 stream was killed).
+    pub ended: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Held for the stream's whole life (e.g. a socket-budget permit).
+    pub guard: Option<OwnedSemaphorePermit>,
+}
+
+/// Where a request goes once its head is parsed.
+pub(crate) trait Upstream {
+    /// The stream to the destination.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send;
+    /// Opens a stream to `host:port`, or returns the exact answer for the
+    /// browser (the refusal already counted and logged).
+    fn open(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> impl Future<Output = Result<Link<Self::Stream>, Vec<u8>>> + Send;
+}
+
+/// The coordinator path: whichever bridge is attached right now.
+pub(crate) struct ViaBridge {
+    pub slot: watch::Receiver<Option<Bridge>>,
+    /// What a request is told while no bridge is up.
+    pub down: Arc<Mutex<String>>,
+}
+
+impl Upstream for ViaBridge {
+    type Stream = Either<V1Stream, MuxStream>;
+
+    async fn open(&self, host: &str, port: u16) -> Result<Link<Self::Stream>, Vec<u8>> {
+        let bridge = self.slot.borrow().clone();
+        let Some(bridge) = bridge else {
+            // Fast and explicit, rather than a browser waiting 20 s for a dead bridge.
+            let why = self.down.lock().unwrap().clone();
+            return Err(text_response("503 Service Unavailable", &why));
+        };
+        let stats = bridge.stats().clone();
+        let opened = match bridge.open(host, port).await {
+            Ok(opened) => opened,
+            Err(failure) => {
+                stats.rejected();
+                info!(host = %host, port = port, reason = %failure_phrase(&failure), "open failed");
+                if not_allowed(&failure) {
+                    return Err(forbidden(host));
+                }
+                return Err(bad_gateway(bridge.version(), &failure));
+            }
+        };
+        let ended = bridge.ended();
+        Ok(match opened {
+            Opened::V1(s) => {
+                // The bridge closes a v1 stream whose browser stopped reading.
+                let killed = s.killed();
+                Link {
+                    stream: Either::Left(s),
+                    stats,
+                    half_close: false,
+                    ended: Some(Box::pin(async move {
+                        let _bridge = bridge;
+                        tokio::select! {
+                            () = killed.cancelled() => {}
+                            () = ended.cancelled() => {}
+                        }
+                    })),
+                    guard: None,
+                }
+            }
+            Opened::V2(s) => Link {
+                stream: Either::Right(s),
+                stats,
+                half_close: true,
+                ended: Some(Box::pin(async move {
+                    let _bridge = bridge;
+                    ended.cancelled().await;
+                })),
+                guard: None,
+            },
+        })
+    }
+}
+
 /// Serves one accepted connection to completion. `streams` is the cap on
 /// connections with a complete request head: one that has not sent its head
 /// yet holds no slot, so idle connections cannot lock real requests out.
-pub(crate) async fn serve_connection(
-    mut sock: TcpStream,
-    slot: watch::Receiver<Option<Bridge>>,
-    cfg: Arc<ClientConfig>,
-    streams: Arc<Semaphore>,
+pub(crate) async fn serve_connection<S, U>(
+    mut sock: S,
+    upstream: &U,
+    limits: ConnLimits,
+    streams: &Semaphore,
     head_permit: OwnedSemaphorePermit,
-    down: Arc<Mutex<String>>,
-) {
-    let _ = sock.set_nodelay(true);
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    U: Upstream,
+{
     let mut buf = BytesMut::with_capacity(4096);
     // A connection that sends nothing at all is dropped quickly and silently.
-    let mut probe = [0u8; 1];
-    match tokio::time::timeout(cfg.first_byte_timeout, sock.peek(&mut probe)).await {
+    let cap = limits.max_head_bytes.max(1);
+    match tokio::time::timeout(
+        limits.first_byte_timeout,
+        sock.read_buf(&mut (&mut buf).limit(cap)),
+    )
+    .await
+    {
         Ok(Ok(n)) if n > 0 => {}
         _ => return,
     }
-    let head = tokio::time::timeout(
-        cfg.head_timeout,
-        read_head(&mut sock, &mut buf, cfg.max_head_bytes),
-    )
-    .await;
+    let head = tokio::time::timeout(limits.head_timeout, read_head(&mut sock, &mut buf, cap)).await;
     let (head, head_len) = match head {
         Err(_) => return answer(&mut sock, REQUEST_TIMEOUT).await,
         Ok(Err(HeadError::TooLarge)) => return answer(&mut sock, HEAD_TOO_LARGE).await,
@@ -72,51 +179,32 @@ pub(crate) async fn serve_connection(
     let dest = match &action {
         Action::Tunnel(d) | Action::Forward { dest: d, .. } => d.clone(),
     };
-    let Ok(_permit) = streams.try_acquire_owned() else {
+    let Ok(_permit) = streams.try_acquire() else {
         let body = text_response("503 Service Unavailable", "too many concurrent connections");
         return answer(&mut sock, &body).await;
     };
-    let bridge = slot.borrow().clone();
-    let Some(bridge) = bridge else {
-        // Fast and explicit, rather than a browser waiting 20 s for a dead bridge.
-        let why = down.lock().unwrap().clone();
-        let body = text_response("503 Service Unavailable", &why);
-        return answer(&mut sock, &body).await;
-    };
-    let stats = bridge.stats().clone();
-    let opened = match bridge.open(&dest.host, dest.port).await {
-        Ok(opened) => opened,
-        Err(failure) => {
-            stats.rejected();
-            info!(host = %dest.host, port = dest.port, reason = %failure_phrase(&failure), "open failed");
-            if not_allowed(&failure) {
-                return answer(&mut sock, &forbidden(&dest.host)).await;
-            }
-            return answer(&mut sock, &bad_gateway(bridge.version(), &failure)).await;
-        }
+    let Link {
+        stream,
+        stats,
+        half_close,
+        ended,
+        guard: _guard,
+    } = match upstream.open(&dest.host, dest.port).await {
+        Ok(link) => link,
+        Err(refusal) => return answer(&mut sock, &refusal).await,
     };
     let _active = stats.stream_opened(&dest.host);
     let opts = RelayOpts {
-        half_close: matches!(opened, Opened::V2(_)),
-        idle_timeout: cfg.idle_timeout,
+        half_close,
+        idle_timeout: limits.idle_timeout,
     };
-    let ended = bridge.ended();
-    let work = async {
-        match opened {
-            Opened::V1(s) => {
-                // The bridge closes a v1 stream whose browser stopped reading.
-                let killed = s.killed();
-                tokio::select! {
-                    r = proceed(sock, s, &head, action, framing, buf, opts, &stats) => r,
-                    () = killed.cancelled() => (0, 0),
-                }
-            }
-            Opened::V2(s) => proceed(sock, s, &head, action, framing, buf, opts, &stats).await,
-        }
-    };
-    let (up, down) = tokio::select! {
-        res = work => res,
-        () = ended.cancelled() => (0, 0),
+    let work = proceed(sock, stream, &head, action, framing, buf, opts, &stats);
+    let (up, down) = match ended {
+        Some(ended) => tokio::select! {
+            res = work => res,
+            () = ended => (0, 0),
+        },
+        None => work.await,
     };
     info!(host = %dest.host, port = dest.port, bytes_out = up, bytes_in = down, "stream closed");
 }
@@ -147,7 +235,7 @@ fn not_allowed(failure: &OpenFailure) -> bool {
 }
 
 /// `403` naming the host and how the operator allows it.
-fn forbidden(host: &str) -> Vec<u8> {
+pub(crate) fn forbidden(host: &str) -> Vec<u8> {
     text_response(
         "403 Forbidden",
         &format!(
@@ -173,13 +261,13 @@ fn bad_gateway(version: u8, failure: &OpenFailure) -> Vec<u8> {
     text_response("502 Bad Gateway", &format!("crabbox egress: {reason}"))
 }
 
-async fn answer(sock: &mut TcpStream, bytes: &[u8]) {
+async fn answer<S: AsyncWrite + Unpin>(sock: &mut S, bytes: &[u8]) {
     let _ = sock.write_all(bytes).await;
     let _ = sock.shutdown().await;
 }
 
-async fn read_head(
-    sock: &mut TcpStream,
+async fn read_head<S: AsyncRead + Unpin>(
+    sock: &mut S,
     buf: &mut BytesMut,
     cap: usize,
 ) -> Result<(RequestHead, usize), HeadError> {
@@ -207,8 +295,8 @@ async fn read_head(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn proceed<S>(
-    mut sock: TcpStream,
+async fn proceed<L, S>(
+    mut sock: L,
     mut stream: S,
     head: &RequestHead,
     action: Action,
@@ -218,6 +306,7 @@ async fn proceed<S>(
     stats: &SessionStats,
 ) -> (u64, u64)
 where
+    L: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
     match action {
@@ -247,8 +336,8 @@ where
 
 /// Sends one request (head + exactly its body) and relays the response until
 /// the destination closes (we asked for `Connection: close`), then closes.
-async fn forward_one<S>(
-    mut sock: TcpStream,
+async fn forward_one<L, S>(
+    sock: L,
     stream: S,
     head: Vec<u8>,
     framing: BodyFraming,
@@ -256,10 +345,11 @@ async fn forward_one<S>(
     stats: &SessionStats,
 ) -> (u64, u64)
 where
+    L: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut sr, mut sw) = tokio::io::split(stream);
-    let (mut lr, mut lw) = sock.split();
+    let (mut lr, mut lw) = tokio::io::split(sock);
     let upload = async {
         let mut sent = head.len() as u64;
         sw.write_all(&head).await?;

@@ -1,12 +1,14 @@
-//! The lease-side HTTP proxy: request-head parsing and rewriting ([`request`]), the chunked-body scanner (`chunked`), the loopback listen rule ([`listen`]) and per-connection handling (`conn`).
+//! The HTTP proxy: request-head parsing and rewriting ([`request`]), the chunked-body scanner (`chunked`), the loopback listen rule ([`listen`]), per-connection handling over any byte stream (`conn`) and serving without a bridge ([`local`]).
 
 mod chunked;
 mod conn;
 pub mod listen;
+pub mod local;
 pub mod request;
 
-pub(crate) use conn::serve_connection;
+pub(crate) use conn::{ConnLimits, ViaBridge, serve_connection};
 pub use listen::{ListenError, validate_listen};
+pub use local::{LocalConfig, LocalProxy, serve};
 
 /// Exact answer to a successful `CONNECT` (byte-identical to the reference).
 pub const CONNECT_OK: &[u8] =

@@ -134,8 +134,8 @@ pub type ForwardedTx = tokio::sync::mpsc::Sender<russh::Channel<Msg>>;
 /// The remote forwards (`tcpip-forward`) this daemon itself asked a
 /// connection for: only a `forwarded-tcpip` channel for one of these
 /// addresses is accepted (and handed to its receiver); every other one is
-/// refused. Empty unless a feature registers one (the SSH egress
-/// transport), so today every server-opened channel is refused.
+/// refused. Only the SSH egress transport registers one
+/// ([`super::remote_forward`]).
 #[derive(Debug, Clone, Default)]
 pub struct RemoteForwards {
     inner: Arc<Mutex<std::collections::BTreeMap<(String, u32), ForwardedTx>>>,
@@ -227,6 +227,9 @@ impl client::Handler for ClientHandler {
             permit.send(channel);
             return Ok(());
         }
+        // Peer text: logged quoted and cut, never raw.
+        let address: String = connected_address.chars().take(64).collect();
+        tracing::warn!(address = ?address, port = connected_port, "refusing a forwarded-tcpip channel for a forward this daemon did not request (or whose queue is full)");
         refuse("forwarded-tcpip", reply).await;
         Ok(())
     }

@@ -57,7 +57,7 @@ async fn start_ssh_egress(d: &TestDaemon, extra: &[&str]) -> std::process::Outpu
 
 /// `curl -sk [-x PROXY] URL` inside the lease: (exit code, stdout, stderr).
 async fn curl(lease: &TestLease, proxy: Option<&str>, url: &str) -> (i32, String, String) {
-    let mut args = vec!["curl", "-sk", "--max-time", "15"];
+    let mut args = vec!["curl", "-sSk", "--max-time", "15"];
     if let Some(p) = proxy {
         args.extend(["-x", p]);
     }

@@ -42,6 +42,10 @@ use crate::{
 
 /// The transport name in `current.json`, status and the task table.
 pub const TRANSPORT: &str = "ssh";
+/// Proxied connections served at once (each holds a channel and a
+/// destination socket; the daemon-wide socket budget still applies). Beyond
+/// this a request gets `503`.
+pub const MAX_STREAMS: usize = 1024;
 /// How often the connection's liveness and the task's labels are checked.
 const TICK: Duration = Duration::from_secs(1);
 /// How long `egress stop` waits for the lease to drop `current.json`.
@@ -335,6 +339,7 @@ impl EgressManager {
         let proxy = Arc::new(LocalProxy::new(
             Arc::clone(&policy),
             LocalConfig {
+                max_streams: MAX_STREAMS,
                 allow_hint: format!(
                     "restart it with the host allowed: `crabboxctl egress start --id {lease} --transport ssh --allow {{host}}` (or a profile that lists it)"
                 ),

@@ -164,7 +164,7 @@ impl RemoteForwards {
             .remove(&(address.to_owned(), port));
     }
 
-    fn route(
+    pub(super) fn route(
         &self,
         address: &str,
         port: u32,

@@ -28,7 +28,7 @@ use super::{
 
 /// Forwarded channels waiting to be served; beyond this the handler refuses
 /// new ones (a flood is refused, not queued).
-pub const CHANNEL_QUEUE: usize = 64;
+pub const CHANNEL_QUEUE: usize = 128;
 /// How long sshd may take to answer a (cancel-)forward request.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(15);
 /// The only address a remote forward is requested on.
@@ -262,6 +262,24 @@ impl AsyncWrite for Forwarded {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_requested_address_and_port_are_routed() {
+        let forwards = super::super::conn::RemoteForwards::default();
+        let (tx, _rx) = mpsc::channel(1);
+        forwards.register(LOOPBACK, 3128, tx);
+        assert!(forwards.route(LOOPBACK, 3128).is_some());
+        for (addr, port) in [
+            (LOOPBACK, 8080),
+            ("0.0.0.0", 3128),
+            ("localhost", 3128),
+            ("127.0.0.2", 3128),
+        ] {
+            assert!(forwards.route(addr, port).is_none(), "{addr}:{port}");
+        }
+        forwards.unregister(LOOPBACK, 3128);
+        assert!(forwards.route(LOOPBACK, 3128).is_none());
+    }
 
     #[test]
     fn finds_listeners_and_tells_loopback_from_wildcard() {

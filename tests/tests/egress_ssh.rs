@@ -426,3 +426,57 @@ async fn a_coordinator_lease_over_ssh_and_run_egress() {
     assert!(out.status.success(), "{}", show(&out));
     assert!(lease.current().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_channels_for_a_port_not_requested_are_refused() {
+    if let Err(why) = crabbox_tests::sshd::available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = crabbox_tests::fakessh::HostileSshd::start_forwarding(dir.path()).await;
+    let key = dir.path().join("client_ed25519");
+    crabbox_tests::sshd::keygen(&key);
+    let toml = format!(
+        "[targets.hostile]\nhost = \"127.0.0.1\"\nuser = \"nobody\"\nport = {}\nfallback_ports = []\nkey = \"{}\"\nhost_key = \"{}\"\n",
+        server.addr.port(),
+        key.display(),
+        server.host_key
+    );
+    let d = TestDaemon::builder().toml(&toml).start().await;
+    let out = d
+        .ctl(&[
+            "egress",
+            "start",
+            "--id",
+            "hostile",
+            "--transport",
+            "ssh",
+            "--allow",
+            "example.com",
+            "--listen",
+            "127.0.0.1:3140",
+        ])
+        .await;
+    assert!(out.status.success(), "{}\n{}", show(&out), d.stderr());
+    let seen = wait_for(Duration::from_secs(10), || async {
+        server.verdicts.lock().unwrap().len() >= 2
+    })
+    .await;
+    let verdicts = server.verdicts.lock().unwrap().clone();
+    assert!(seen, "{verdicts:?}\n{}", d.stderr());
+    assert_eq!(
+        verdicts,
+        [
+            "forwarded-tcpip other port: refused",
+            "forwarded-tcpip requested port: ACCEPTED",
+        ],
+        "{}",
+        d.stderr()
+    );
+    assert!(
+        d.stderr().contains("address=\"127.0.0.1\" port=3141"),
+        "{}",
+        d.stderr()
+    );
+}

@@ -413,6 +413,11 @@ impl EgressManager {
             Err(EgressError::Coordinator(e)) if e.lease_end().is_some() => name.to_owned(),
             Err(e) => return Err(e),
         };
+        if lease != name
+            && let Some(out) = self.stop_ssh_egress(&lease, agent.clone()).await
+        {
+            return Ok(out);
+        }
         let entry = self.hosts.lock().await.remove(&lease);
         let mut out = Stopped::default();
         self.supervisor

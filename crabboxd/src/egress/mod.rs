@@ -157,6 +157,8 @@ pub struct EgressManager {
     /// SSH-transport egress sessions, by lease (never persisted: the
     /// forward lives on a connection).
     ssh_egress: Arc<Mutex<BTreeMap<String, ssh::SshEntry>>>,
+    /// One SSH egress start or stop at a time per lease.
+    ssh_locks: ssh::LeaseLocks,
     /// Where helpers for other CPUs are looked for.
     config_dir: PathBuf,
 }
@@ -206,6 +208,7 @@ impl EgressManager {
         EgressManager {
             ssh,
             ssh_egress: Arc::new(Mutex::new(BTreeMap::new())),
+            ssh_locks: ssh::LeaseLocks::default(),
             config_dir,
             coordinator,
             supervisor,

@@ -35,9 +35,11 @@ use crate::{
     daemon::LeaseEnds,
     ssh::{
         SshError, SshManager,
-        remote_forward::{self, Forwarded, RemoteForward},
+        remote_forward::{self, ForwardError, Forwarded, RemoteForward},
     },
-    supervisor::{Backoff, RestartPolicy, TaskCtx, TaskError, TaskHandle, TaskId, TaskKind},
+    supervisor::{
+        Backoff, RestartPolicy, Supervisor, TaskCtx, TaskError, TaskHandle, TaskId, TaskKind,
+    },
 };
 
 /// The transport name in `current.json`, status and the task table.
@@ -83,6 +85,47 @@ struct SshEgressTask {
     first: Mutex<Option<RemoteForward>>,
     /// The sshd pid holding the listener now.
     pid: Arc<AtomicU32>,
+    /// For the clean-up of a forward dropped before it was cancelled.
+    supervisor: Supervisor,
+}
+
+/// Why a forward could not be established, and whether a retry can help:
+/// a refused key or host key, sshd settings that forbid the forward
+/// (`AllowTcpForwarding`, `PermitListen`, `DisableForwarding`) or expose it
+/// (`GatewayPorts`) are fatal; a lost connection or a port still taken is not.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+struct EstablishError {
+    error: EgressError,
+    fatal: bool,
+}
+
+impl EstablishError {
+    fn fatal(error: EgressError) -> Self {
+        EstablishError { error, fatal: true }
+    }
+
+    fn retry(error: EgressError) -> Self {
+        EstablishError {
+            error,
+            fatal: false,
+        }
+    }
+}
+
+impl From<ForwardError> for EstablishError {
+    fn from(e: ForwardError) -> Self {
+        EstablishError {
+            fatal: e.is_fatal(),
+            error: EgressError::Invalid(e.to_string()),
+        }
+    }
+}
+
+impl From<SshError> for EstablishError {
+    fn from(e: SshError) -> Self {
+        ForwardError::Ssh(e).into()
+    }
 }
 
 /// Finds the sshd process of this connection (an ancestor of the shell,
@@ -108,17 +151,18 @@ impl SshEgressTask {
     }
 
     /// Asks for the forward, verifies it is loopback-only and finds the sshd
-    /// pid that holds it.
-    async fn establish(&self) -> Result<(RemoteForward, u32), EgressError> {
-        let conn = self
-            .ssh
-            .connection(&self.lease, self.agent.clone())
-            .await
-            .map_err(ssh_err)?;
-        let forward = remote_forward::request(conn, self.port)
-            .await
-            .map_err(ssh_err)?;
-        let out = self.remote().sh(VERIFY, &[], None).await?;
+    /// pid that holds it. Every failure after the grant cancels the forward
+    /// (and dropping this future does, through the forward's drop).
+    async fn establish(&self) -> Result<(RemoteForward, u32), EstablishError> {
+        let conn = self.ssh.connection(&self.lease, self.agent.clone()).await?;
+        let forward = remote_forward::request(&self.supervisor, conn, self.port).await?;
+        let out = match self.remote().sh(VERIFY, &[], None).await {
+            Ok(out) => out,
+            Err(e) => {
+                forward.cancel().await;
+                return Err(EstablishError::retry(e.into()));
+            }
+        };
         let pid = out
             .stdout
             .lines()
@@ -131,13 +175,13 @@ impl SshEgressTask {
             .collect();
         if ours.iter().any(|l| !l.is_loopback()) {
             forward.cancel().await;
-            return Err(EgressError::Invalid(format!(
+            return Err(EstablishError::fatal(EgressError::Invalid(format!(
                 "the lease's sshd listens for the forward of {} on a non-loopback address \
                  (GatewayPorts is yes or clientspecified), so anyone who can reach the lease \
                  could exit through this workstation; the forward was cancelled. Set \
                  GatewayPorts no in the lease's sshd_config and reload sshd",
                 self.listen
-            )));
+            ))));
         }
         if ours.is_empty() {
             tracing::warn!(lease = %self.lease, port = self.port, "cannot read the lease's /proc/net/tcp: the forward's loopback-only listener is not verified");
@@ -249,19 +293,32 @@ fn over_result(ctx: &TaskCtx, orderly: bool, reason: String) -> Result<(), TaskE
     Err(TaskError::fatal(anyhow::anyhow!(reason)))
 }
 
-fn ssh_err(e: SshError) -> EgressError {
-    EgressError::Invalid(e.to_string())
+/// A port still taken after a reconnect is worth retrying (the old
+/// connection's listener may still be closing); a refused key or sshd
+/// settings that forbid or expose the forward are not.
+fn task_err(e: EstablishError) -> TaskError {
+    if e.fatal {
+        TaskError::fatal(e.error)
+    } else {
+        TaskError::retryable(e.error)
+    }
 }
 
-/// A refused forward after a reconnect is worth retrying (the old
-/// connection's listener may still be closing); a refused key is not.
-fn task_err(e: EgressError) -> TaskError {
-    let text = e.to_string();
-    let fatal = text.contains("host key") || text.contains("authentication");
-    if fatal {
-        TaskError::fatal(e)
-    } else {
-        TaskError::retryable(e)
+/// Per-lease locks: one SSH egress start or stop at a time for a lease, so
+/// two starts can never both ask for the lease's port.
+#[derive(Clone, Default)]
+pub(super) struct LeaseLocks(Arc<Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>>);
+
+impl LeaseLocks {
+    async fn lock(&self, lease: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut map = self.0.lock().unwrap();
+            // Locks nobody holds or waits for are dropped (the map stays
+            // as small as the leases being started).
+            map.retain(|_, l| Arc::strong_count(l) > 1);
+            Arc::clone(map.entry(lease.to_owned()).or_default())
+        };
+        lock.lock_owned().await
     }
 }
 
@@ -271,8 +328,33 @@ fn new_session() -> String {
 }
 
 impl EgressManager {
+    /// `egress start --transport ssh`, run beside its caller: a client that
+    /// hangs up (or a request future dropped at any await) cannot cut it
+    /// half way, with a forward granted and nothing serving it. Every step
+    /// is bounded, so this is short clean-up-sized work.
+    pub(super) async fn start_ssh_egress_whole(
+        &self,
+        req: StartRequest,
+        listen: String,
+        progress: &mpsc::Sender<Step>,
+    ) -> Result<Started, EgressError> {
+        let this = self.clone();
+        let progress = progress.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        self.supervisor
+            .spawn_cleanup("ssh egress start", async move {
+                let r = this.start_ssh_egress(req, listen, &progress).await;
+                let _ = done_tx.send(r);
+            });
+        done_rx.await.unwrap_or_else(|_| {
+            Err(EgressError::Invalid(
+                "the daemon stopped during egress start; run it again".into(),
+            ))
+        })
+    }
+
     /// `egress start --transport ssh` end to end.
-    pub(super) async fn start_ssh_egress(
+    async fn start_ssh_egress(
         &self,
         req: StartRequest,
         listen: String,
@@ -327,7 +409,9 @@ impl EgressManager {
             ),
         )
         .await;
-        // One forward per port: a running SSH egress of this lease goes first.
+        // One start per lease at a time, and one forward per port: a running
+        // SSH egress of this lease goes first.
+        let _locked = self.ssh_locks.lock(&lease).await;
         self.stop_ssh_task(&lease).await;
         let remote = Remote {
             ssh: ssh.clone(),
@@ -369,8 +453,9 @@ impl EgressManager {
             ends: self.ends.clone(),
             first: Mutex::new(None),
             pid: Arc::clone(&pid),
+            supervisor: self.supervisor.clone(),
         });
-        let (forward, sshd_pid) = task.establish().await?;
+        let (forward, sshd_pid) = task.establish().await.map_err(|e| e.error)?;
         step(
             3,
             "forward",
@@ -457,7 +542,10 @@ impl EgressManager {
         lease: &str,
         agent: Option<PathBuf>,
     ) -> Option<Stopped> {
-        let session = self.stop_ssh_task(lease).await?;
+        let locked = self.ssh_locks.lock(lease).await;
+        let session = self.stop_ssh_task(lease).await;
+        drop(locked);
+        let session = session?;
         let mut out = Stopped {
             host: true,
             session: Some(session.clone()),

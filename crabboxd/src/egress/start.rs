@@ -192,7 +192,7 @@ impl EgressManager {
         })?;
         match req.transport.trim() {
             "" | "coordinator" => {}
-            "ssh" => return self.start_ssh_egress(req, listen, progress).await,
+            "ssh" => return self.start_ssh_egress_whole(req, listen, progress).await,
             other => {
                 return Err(EgressError::Invalid(format!(
                     "transport {other:?} is not available; use --transport coordinator (the default) or --transport ssh"

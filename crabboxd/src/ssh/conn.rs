@@ -138,42 +138,53 @@ pub type ForwardedTx = tokio::sync::mpsc::Sender<russh::Channel<Msg>>;
 /// ([`super::remote_forward`]).
 #[derive(Debug, Clone, Default)]
 pub struct RemoteForwards {
-    inner: Arc<Mutex<std::collections::BTreeMap<(String, u32), ForwardedTx>>>,
+    inner: Arc<Mutex<RemoteForwardsInner>>,
 }
+
+#[derive(Debug, Default)]
+struct RemoteForwardsInner {
+    /// The receiver of each forward, with the registration it belongs to.
+    routes: std::collections::BTreeMap<(String, u32), (u64, ForwardedTx)>,
+    next: u64,
+}
+
+/// One registration of [`RemoteForwards::register`]: only it can remove its
+/// entry again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registration(u64);
 
 impl RemoteForwards {
     /// Accepts channels for `address:port` into `to`, from now on. Call it
-    /// only for a forward the daemon requested on this connection.
-    pub fn register(
-        &self,
-        address: &str,
-        port: u32,
-        to: tokio::sync::mpsc::Sender<russh::Channel<Msg>>,
-    ) {
-        self.inner
-            .lock()
-            .unwrap()
-            .insert((address.to_owned(), port), to);
+    /// only for a forward the daemon requested on this connection. `None`
+    /// when `address:port` is registered already (one forward per address).
+    pub fn register(&self, address: &str, port: u32, to: ForwardedTx) -> Option<Registration> {
+        let mut inner = self.inner.lock().unwrap();
+        let key = (address.to_owned(), port);
+        if inner.routes.contains_key(&key) {
+            return None;
+        }
+        inner.next += 1;
+        let id = inner.next;
+        inner.routes.insert(key, (id, to));
+        Some(Registration(id))
     }
 
-    /// Stops accepting channels for `address:port`.
-    pub fn unregister(&self, address: &str, port: u32) {
-        self.inner
-            .lock()
-            .unwrap()
-            .remove(&(address.to_owned(), port));
+    /// Stops accepting channels for `address:port`, if `reg` still holds it.
+    pub fn unregister(&self, address: &str, port: u32, reg: Registration) {
+        let mut inner = self.inner.lock().unwrap();
+        let key = (address.to_owned(), port);
+        if inner.routes.get(&key).is_some_and(|(id, _)| *id == reg.0) {
+            inner.routes.remove(&key);
+        }
     }
 
-    pub(super) fn route(
-        &self,
-        address: &str,
-        port: u32,
-    ) -> Option<tokio::sync::mpsc::Sender<russh::Channel<Msg>>> {
+    pub(super) fn route(&self, address: &str, port: u32) -> Option<ForwardedTx> {
         self.inner
             .lock()
             .unwrap()
+            .routes
             .get(&(address.to_owned(), port))
-            .cloned()
+            .map(|(_, tx)| tx.clone())
     }
 }
 

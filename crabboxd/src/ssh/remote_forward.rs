@@ -22,9 +22,10 @@ use tokio::{
 
 use super::{
     SshError,
-    conn::{ChannelGuard, Conn, Stats},
+    conn::{ChannelGuard, Conn, Registration, Stats},
     tunnel::{self, Endpoint},
 };
+use crate::supervisor::Supervisor;
 
 /// Forwarded channels waiting to be served; beyond this the handler refuses
 /// new ones (a flood is refused, not queued).
@@ -34,11 +35,46 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(15);
 /// The only address a remote forward is requested on.
 pub const LOOPBACK: &str = "127.0.0.1";
 
-/// A granted remote forward. Dropping it stops accepting its channels;
-/// [`RemoteForward::cancel`] also asks sshd to close the listener.
+/// Why a remote forward was refused, typed by whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// Something already listens on the port (on the lease, or another
+    /// forward of this daemon): it may be free later.
+    #[error("{0}")]
+    InUse(String),
+    /// The lease's sshd settings forbid it (`AllowTcpForwarding`,
+    /// `PermitListen`, `DisableForwarding`): retrying cannot help.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The connection failed or the request is invalid.
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+}
+
+impl ForwardError {
+    /// Whether retrying cannot help.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            ForwardError::InUse(_) => false,
+            ForwardError::Forbidden(_) => true,
+            ForwardError::Ssh(e) => !matches!(e, SshError::Lost(_)) && e.is_fatal(),
+        }
+    }
+}
+
+/// A granted remote forward. [`RemoteForward::cancel`] asks sshd to close
+/// the listener and waits for the answer; dropping it without that (an error
+/// path, a cancelled future) stops accepting its channels at once and sends
+/// the same request as a short, bounded clean-up, so sshd never keeps
+/// listening on the lease for a forward nobody serves.
 pub struct RemoteForward {
     conn: Arc<Conn>,
     port: u16,
+    registration: Registration,
+    supervisor: Supervisor,
+    /// sshd may be listening for this forward (granted, or asked and not
+    /// refused): dropping it must cancel.
+    live: bool,
     /// Channels for this forward, one per connection to the listener.
     pub channels: mpsc::Receiver<Channel<Msg>>,
 }
@@ -62,18 +98,30 @@ impl RemoteForward {
         &self.conn
     }
 
-    /// Sends `cancel-tcpip-forward` (bounded), then drops the forward.
-    pub async fn cancel(self) {
-        let r = tokio::time::timeout(
-            REQUEST_DEADLINE,
-            self.conn
-                .handle
-                .cancel_tcpip_forward(LOOPBACK, u32::from(self.port)),
-        )
-        .await;
-        if !matches!(r, Ok(Ok(()))) {
-            tracing::debug!(port = self.port, "cancel-tcpip-forward not acknowledged");
-        }
+    /// Sends `cancel-tcpip-forward` (bounded), then drops the forward. If
+    /// this future is dropped before the answer, the drop sends it again.
+    pub async fn cancel(mut self) {
+        self.conn
+            .remote_forwards
+            .unregister(LOOPBACK, u32::from(self.port), self.registration);
+        cancel_on(&self.conn, self.port).await;
+        self.live = false;
+    }
+}
+
+/// `cancel-tcpip-forward` of `127.0.0.1:port`, bounded by [`REQUEST_DEADLINE`].
+async fn cancel_on(conn: &Conn, port: u16) {
+    if conn.handle.is_closed() {
+        // The listener went with the connection.
+        return;
+    }
+    let r = tokio::time::timeout(
+        REQUEST_DEADLINE,
+        conn.handle.cancel_tcpip_forward(LOOPBACK, u32::from(port)),
+    )
+    .await;
+    if !matches!(r, Ok(Ok(()))) {
+        tracing::debug!(port, "cancel-tcpip-forward not acknowledged");
     }
 }
 
@@ -81,27 +129,53 @@ impl Drop for RemoteForward {
     fn drop(&mut self) {
         self.conn
             .remote_forwards
-            .unregister(LOOPBACK, u32::from(self.port));
+            .unregister(LOOPBACK, u32::from(self.port), self.registration);
         self.conn.stats.forwards.fetch_sub(1, Ordering::SeqCst);
+        if self.live {
+            let conn = Arc::clone(&self.conn);
+            let port = self.port;
+            tracing::info!(
+                port,
+                "a remote forward was dropped without a cancel; asking the lease's sshd to close its listener"
+            );
+            self.supervisor
+                .spawn_cleanup("cancel-remote-forward", async move {
+                    cancel_on(&conn, port).await;
+                });
+        }
     }
 }
 
 /// Asks the lease's sshd to listen on `127.0.0.1:port` for us. A refusal
 /// is `SshError::Forward` naming why: the port is taken on the lease (probed
 /// through a `direct-tcpip` tunnel), or the sshd settings that forbid it.
-pub async fn request(conn: Arc<Conn>, port: u16) -> Result<RemoteForward, SshError> {
+pub async fn request(
+    supervisor: &Supervisor,
+    conn: Arc<Conn>,
+    port: u16,
+) -> Result<RemoteForward, ForwardError> {
     if port == 0 {
-        return Err(SshError::Invalid(
+        return Err(ForwardError::Ssh(SshError::Invalid(
             "a remote forward needs a fixed port (the lease's programs are told it), not 0".into(),
-        ));
+        )));
     }
     let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
     // Registered first: the first channel may arrive right after the reply.
-    conn.remote_forwards.register(LOOPBACK, u32::from(port), tx);
+    let Some(registration) = conn.remote_forwards.register(LOOPBACK, u32::from(port), tx) else {
+        return Err(ForwardError::InUse(format!(
+            "port in use: this daemon already holds a remote forward of {LOOPBACK}:{port} on this lease; \
+             stop that egress first, or pick another port with --listen {LOOPBACK}:PORT"
+        )));
+    };
     conn.stats.forwards.fetch_add(1, Ordering::SeqCst);
-    let forward = RemoteForward {
+    // From the request on, sshd may listen for us (even if its answer is
+    // late): a drop before a refusal cancels.
+    let mut forward = RemoteForward {
         conn: Arc::clone(&conn),
         port,
+        registration,
+        supervisor: supervisor.clone(),
+        live: true,
         channels: rx,
     };
     let asked = tokio::time::timeout(
@@ -111,13 +185,15 @@ pub async fn request(conn: Arc<Conn>, port: u16) -> Result<RemoteForward, SshErr
     .await;
     match asked {
         Ok(Ok(_)) => Ok(forward),
-        Err(_) => Err(SshError::Lost(format!(
+        Err(_) => Err(ForwardError::Ssh(SshError::Lost(format!(
             "the lease's sshd did not answer a remote forward of {LOOPBACK}:{port} within {REQUEST_DEADLINE:?}"
-        ))),
-        Ok(Err(_)) if conn.handle.is_closed() => Err(SshError::Lost(format!(
+        )))),
+        Ok(Err(_)) if conn.handle.is_closed() => Err(ForwardError::Ssh(SshError::Lost(format!(
             "the SSH connection was lost asking for a remote forward of {LOOPBACK}:{port}"
-        ))),
+        )))),
         Ok(Err(_)) => {
+            // Refused: sshd holds no listener for us.
+            forward.live = false;
             drop(forward);
             Err(diagnose(conn, port).await)
         }
@@ -126,7 +202,7 @@ pub async fn request(conn: Arc<Conn>, port: u16) -> Result<RemoteForward, SshErr
 
 /// sshd answers a refused forward with a bare failure: tell a port that is
 /// taken from forwarding that is switched off.
-async fn diagnose(conn: Arc<Conn>, port: u16) -> SshError {
+async fn diagnose(conn: Arc<Conn>, port: u16) -> ForwardError {
     let probe = tunnel::open(
         conn,
         &Endpoint::Tcp {
@@ -136,10 +212,10 @@ async fn diagnose(conn: Arc<Conn>, port: u16) -> SshError {
     )
     .await;
     match probe {
-        Ok(_) => SshError::Forward(format!(
+        Ok(_) => ForwardError::InUse(format!(
             "port in use: something on the lease already listens on {LOOPBACK}:{port}; stop it, or pick another port with --listen {LOOPBACK}:PORT"
         )),
-        Err(_) => SshError::Forward(format!(
+        Err(_) => ForwardError::Forbidden(format!(
             "the lease's sshd refused a remote forward of {LOOPBACK}:{port}: its sshd_config forbids it \
              (AllowTcpForwarding must be yes or remote, PermitListen must allow {LOOPBACK}:{port} or {port}, \
              and DisableForwarding must be no), or the port is reserved; change sshd_config on the lease and \
@@ -267,7 +343,7 @@ mod tests {
     fn only_the_requested_address_and_port_are_routed() {
         let forwards = super::super::conn::RemoteForwards::default();
         let (tx, _rx) = mpsc::channel(1);
-        forwards.register(LOOPBACK, 3128, tx);
+        let reg = forwards.register(LOOPBACK, 3128, tx).unwrap();
         assert!(forwards.route(LOOPBACK, 3128).is_some());
         for (addr, port) in [
             (LOOPBACK, 8080),
@@ -277,8 +353,40 @@ mod tests {
         ] {
             assert!(forwards.route(addr, port).is_none(), "{addr}:{port}");
         }
-        forwards.unregister(LOOPBACK, 3128);
+        forwards.unregister(LOOPBACK, 3128, reg);
         assert!(forwards.route(LOOPBACK, 3128).is_none());
+    }
+
+    #[test]
+    fn a_second_registration_is_refused_and_cannot_remove_the_first() {
+        let forwards = super::super::conn::RemoteForwards::default();
+        let (first_tx, mut first_rx) = mpsc::channel::<Channel<Msg>>(1);
+        let first = forwards.register(LOOPBACK, 3128, first_tx).unwrap();
+        let (second_tx, _second_rx) = mpsc::channel::<Channel<Msg>>(1);
+        assert!(
+            forwards
+                .register(LOOPBACK, 3128, second_tx.clone())
+                .is_none(),
+            "a second forward of the same port must not replace the first's receiver"
+        );
+        let routed = forwards.route(LOOPBACK, 3128).unwrap();
+        assert!(routed.same_channel(&forwards.route(LOOPBACK, 3128).unwrap()));
+        assert!(!routed.same_channel(&second_tx));
+        drop(routed);
+        // An old registration of the key (a forward already gone) removes nothing.
+        let (other_tx, _other_rx) = mpsc::channel::<Channel<Msg>>(1);
+        let other = forwards.register(LOOPBACK, 8080, other_tx).unwrap();
+        forwards.unregister(LOOPBACK, 3128, other);
+        assert!(forwards.route(LOOPBACK, 3128).is_some());
+        forwards.unregister(LOOPBACK, 3128, first);
+        assert!(forwards.route(LOOPBACK, 3128).is_none());
+        // The key is free again, and a stale registration cannot remove the new one.
+        let (again_tx, _again_rx) = mpsc::channel::<Channel<Msg>>(1);
+        let again = forwards.register(LOOPBACK, 3128, again_tx).unwrap();
+        forwards.unregister(LOOPBACK, 3128, first);
+        assert!(forwards.route(LOOPBACK, 3128).is_some());
+        forwards.unregister(LOOPBACK, 3128, again);
+        assert!(first_rx.try_recv().is_err());
     }
 
     #[test]

@@ -480,3 +480,91 @@ async fn forwarded_channels_for_a_port_not_requested_are_refused() {
         d.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_cut_by_a_hung_up_client_leaves_no_listener_behind() {
+    if let Err(why) = TestLease::available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lease = TestLease::start_alone(66, "").await;
+    let d = daemon_for(&lease).await;
+    let page = PageOrigin::start().await;
+    // The client is killed at points spread over a start (connect, probe,
+    // forward, verify, current.json): however far it got, the next start
+    // gets the port (no forward left behind in sshd with nobody serving it).
+    for cut_ms in (0..=360).step_by(30) {
+        let mut cut = d
+            .ctl_command(&[
+                "egress",
+                "start",
+                "--id",
+                BOX,
+                "--transport",
+                "ssh",
+                "--allow",
+                "127.0.0.1",
+                "--allow-private",
+                "--json",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(cut_ms)).await;
+        let _ = cut.start_kill();
+        let _ = cut.wait().await;
+        let out = start_ssh_egress(&d, &[]).await;
+        assert!(
+            out.status.success(),
+            "after a start cut at {cut_ms} ms: {}\n{}",
+            show(&out),
+            d.stderr()
+        );
+        // The cut start may still finish after this one and take over the
+        // lease's egress (the last start wins): traffic flows either way.
+        let ok = wait_for(Duration::from_secs(30), || async {
+            curl(&lease, Some(PROXY), &page.url()).await.0 == 0
+        })
+        .await;
+        assert!(
+            ok,
+            "no egress after a start cut at {cut_ms} ms\n{}",
+            d.stderr()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_forbidden_after_a_reconnect_is_fatal_not_retried() {
+    if let Err(why) = TestLease::available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let mut lease = TestLease::start_alone(67, "").await;
+    let d = daemon_for(&lease).await;
+    let out = start_ssh_egress(&d, &[]).await;
+    assert!(out.status.success(), "{}\n{}", show(&out), d.stderr());
+    // sshd comes back with forwarding switched off: asking again cannot help.
+    lease.sshd.add_config("AllowTcpForwarding no\n");
+    lease.sshd.restart().await;
+    let failed = wait_for(Duration::from_secs(60), || async {
+        d.tasks(Some("ssh-egress"))
+            .await
+            .iter()
+            .any(|t| t["state"] == "failed")
+    })
+    .await;
+    let tasks = d.tasks(Some("ssh-egress")).await;
+    assert!(
+        failed,
+        "the task kept retrying a refusal no retry can change: {tasks:?}\n{}",
+        d.stderr()
+    );
+    assert!(
+        serde_json::to_string(&tasks)
+            .unwrap()
+            .contains("AllowTcpForwarding"),
+        "{tasks:?}"
+    );
+}

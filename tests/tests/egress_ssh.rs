@@ -493,7 +493,7 @@ async fn a_start_cut_by_a_hung_up_client_leaves_no_listener_behind() {
     // The client is killed at points spread over a start (connect, probe,
     // forward, verify, current.json): however far it got, the next start
     // gets the port (no forward left behind in sshd with nobody serving it).
-    for cut_ms in (0..=360).step_by(30) {
+    for cut_ms in (0..=300).step_by(10) {
         let mut cut = d
             .ctl_command(&[
                 "egress",

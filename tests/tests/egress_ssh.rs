@@ -494,6 +494,9 @@ async fn a_start_cut_by_a_hung_up_client_leaves_no_listener_behind() {
     // forward, verify, current.json): however far it got, the next start
     // gets the port (no forward left behind in sshd with nobody serving it).
     for cut_ms in (0..=300).step_by(10) {
+        // Nothing holds the port, so the cut start can be granted it.
+        // (The first time none runs, and the stop says so.)
+        d.ctl(&["egress", "stop", "--id", BOX]).await;
         let mut cut = d
             .ctl_command(&[
                 "egress",

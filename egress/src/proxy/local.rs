@@ -366,3 +366,22 @@ impl AsyncWrite for Guarded {
         Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Preview;
+
+    #[test]
+    fn a_refused_host_is_logged_quoted_and_cut() {
+        let long = format!("evil\n{}", "a".repeat(64 * 1024));
+        let shown = Preview(&long).to_string();
+        assert!(shown.starts_with("\"evil\\n"), "{shown}");
+        assert!(shown.ends_with('…'), "{shown}");
+        assert!(
+            shown.chars().count() < 100,
+            "{} chars",
+            shown.chars().count()
+        );
+        assert_eq!(Preview("example.com").to_string(), "\"example.com\"");
+    }
+}

@@ -213,6 +213,22 @@ impl Row {
                 .map_or("error".into(), |f| format!("{:.1} %", f * 100.0)),
         )
     }
+    // More such proxies, `;`-separated `NAME=ADDR` with `socks5:ADDR` for a
+    // SOCKS5 one (bench/egress_ssh.sh: `ssh -R` and `--transport ssh`).
+    if let Ok(list) = std::env::var("EGRESS_BENCH_EXTRA_PROXIES") {
+        for entry in list.split(';').filter(|e| !e.trim().is_empty()) {
+            let Some((name, addr)) = entry.rsplit_once('=') else {
+                continue;
+            };
+            let via = match addr.strip_prefix("socks5:") {
+                Some(a) => a.parse().map(Via::Socks5),
+                None => addr.parse().map(Via::Connect),
+            };
+            if let Ok(via) = via {
+                measure(name, via, origin, &opts).await;
+            }
+        }
+    }
 }
 
 fn kill(mut child: Child) {

@@ -266,3 +266,62 @@ async fn the_socket_budget_is_shared_and_refuses_with_503() {
     drop(first);
     support::wait_until(|| budget.available_permits() == 1).await;
 }
+
+#[tokio::test]
+async fn an_upload_into_a_destination_that_never_reads_is_closed_after_the_stall_deadline() {
+    // A destination that accepts and never reads: its socket buffers fill.
+    let sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = sink.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((s, _)) = sink.accept().await {
+            kept.push(s);
+        }
+    });
+    let echo = echo_origin().await;
+    let stats = Arc::new(SessionStats::new());
+    let proxy = proxy_with(loopback_policy(), |c| {
+        c.stall = Some(Duration::from_millis(300));
+        // Far beyond the test: only the stall deadline can close the stream.
+        c.idle_timeout = Duration::from_secs(600);
+        c.stats = stats.clone();
+    });
+    let mut upload = duplex_conn(&proxy);
+    upload
+        .write_all(format!("CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        read_head(&mut upload).await.as_bytes(),
+        crabbox_egress::proxy::CONNECT_OK
+    );
+    let (mut down, mut up) = tokio::io::split(upload);
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0u64;
+        // Bounded, so a broken deadline cannot make the test write forever.
+        while sent < 1 << 30 {
+            if up.write_all(&chunk).await.is_err() {
+                break;
+            }
+            sent += chunk.len() as u64;
+        }
+        sent
+    });
+    // While the upload is stalled another connection still tunnels.
+    let mut other = duplex_conn(&proxy);
+    connect_echo(&mut other, echo).await;
+    // The stalled stream is closed: the browser sees EOF well within WAIT.
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, down.read_to_end(&mut rest))
+        .await
+        .expect("the stalled upload was closed")
+        .unwrap();
+    let sent = tokio::time::timeout(WAIT, writer)
+        .await
+        .expect("the upload's writer ended")
+        .unwrap();
+    assert!(sent < 1 << 30, "the writer never blocked ({sent} bytes)");
+    support::wait_until(|| stats.snapshot().active_streams <= 1).await;
+    held.abort();
+}

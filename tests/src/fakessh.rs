@@ -41,7 +41,14 @@ impl Drop for HostileSshd {
 #[derive(Clone)]
 struct Handler {
     verdicts: Verdicts,
+    /// [`HostileSshd::start_forwarding`]: grant remote forwards, then open
+    /// `forwarded-tcpip` channels for another port and for the granted one.
+    forwarding: bool,
 }
+
+/// What every `exec` prints in forwarding mode after the wrapper's lines:
+/// enough for `uname -s; uname -m; $HOME`.
+const FORWARDING_EXEC_OUT: &[u8] = b"4242\nLinux\nx86_64\n/nonexistent-hostile-home\n";
 
 async fn verdict(kind: &str, r: Result<Channel<Msg>, russh::Error>, to: &Verdicts) {
     let v = match r {
@@ -53,6 +60,41 @@ async fn verdict(kind: &str, r: Result<Channel<Msg>, russh::Error>, to: &Verdict
 
 impl server::Handler for Handler {
     type Error = russh::Error;
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        if !self.forwarding {
+            return Ok(false);
+        }
+        let (h, to, address, port) = (
+            session.handle(),
+            Arc::clone(&self.verdicts),
+            address.to_owned(),
+            *port,
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            verdict(
+                "forwarded-tcpip other port",
+                h.channel_open_forwarded_tcpip(address.clone(), port + 1, "127.0.0.1", 4444)
+                    .await,
+                &to,
+            )
+            .await;
+            verdict(
+                "forwarded-tcpip requested port",
+                h.channel_open_forwarded_tcpip(address, port, "127.0.0.1", 4445)
+                    .await,
+                &to,
+            )
+            .await;
+        });
+        Ok(true)
+    }
 
     async fn auth_publickey(
         &mut self,
@@ -80,6 +122,17 @@ impl server::Handler for Handler {
     ) -> Result<(), Self::Error> {
         session.channel_success(channel)?;
         let h = session.handle();
+        if self.forwarding {
+            tokio::spawn(async move {
+                let _ = h
+                    .data(channel, bytes::Bytes::from_static(FORWARDING_EXEC_OUT))
+                    .await;
+                let _ = h.exit_status_request(channel, 0).await;
+                let _ = h.eof(channel).await;
+                let _ = h.close(channel).await;
+            });
+            return Ok(());
+        }
         let to = Arc::clone(&self.verdicts);
         tokio::spawn(async move {
             verdict(
@@ -113,6 +166,19 @@ impl server::Handler for Handler {
 impl HostileSshd {
     /// Starts on a free loopback port with a host key made in `dir`.
     pub async fn start(dir: &Path) -> HostileSshd {
+        Self::start_mode(dir, false).await
+    }
+
+    /// A server that grants every remote forward (`tcpip-forward`) and,
+    /// 300 ms later, opens a `forwarded-tcpip` channel for the granted port
+    /// plus one (`"forwarded-tcpip other port: …"`) and then one for the
+    /// granted port (`"forwarded-tcpip requested port: …"`); every `exec`
+    /// answers like a Linux box.
+    pub async fn start_forwarding(dir: &Path) -> HostileSshd {
+        Self::start_mode(dir, true).await
+    }
+
+    async fn start_mode(dir: &Path, forwarding: bool) -> HostileSshd {
         let key_path = dir.join("hostile_host_ed25519");
         let host_key = crate::sshd::keygen(&key_path);
         let key = russh::keys::load_secret_key(&key_path, None).expect("host key");
@@ -129,6 +195,7 @@ impl HostileSshd {
             while let Ok((sock, _)) = listener.accept().await {
                 let handler = Handler {
                     verdicts: Arc::clone(&v),
+                    forwarding,
                 };
                 let config = Arc::clone(&config);
                 tokio::spawn(async move {

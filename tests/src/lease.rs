@@ -27,7 +27,7 @@ pub struct TestLease {
     /// The coordinator as the lease reaches it (`http://<host_ip>:<port>`).
     pub coordinator_url: String,
     _tmp: tempfile::TempDir,
-    forwarder: tokio::task::JoinHandle<()>,
+    forwarder: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Forwards every connection accepted on `listen` to `to`.
@@ -58,6 +58,19 @@ impl TestLease {
 
     /// Creates the lease in namespace `tag`, routing only to `coordinator`.
     pub async fn start(tag: u8, coordinator: SocketAddr) -> TestLease {
+        let mut lease = Self::start_alone(tag, "").await;
+        let fwd = tokio::net::TcpListener::bind((lease.ns.host_ip, 0))
+            .await
+            .unwrap();
+        lease.coordinator_url = format!("http://{}", fwd.local_addr().unwrap());
+        lease.forwarder = Some(tokio::spawn(forward(fwd, coordinator)));
+        lease
+    }
+
+    /// Creates the lease in namespace `tag` with no route to anything (no
+    /// coordinator; `coordinator_url` is empty), its sshd configured with
+    /// the extra `sshd_config` lines `extra_sshd` (e.g. `AllowTcpForwarding no`).
+    pub async fn start_alone(tag: u8, extra_sshd: &str) -> TestLease {
         let ns = TestNetns::create(tag).expect("create the lease namespace");
         let tmp = tempfile::tempdir().unwrap();
         let home = tmp.path().join("home");
@@ -68,26 +81,21 @@ impl TestLease {
         }
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let extra = format!(
-            "SetEnv HOME={} PATH={}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n",
+            "SetEnv HOME={} PATH={}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n{extra_sshd}",
             home.display(),
             shim.display()
         );
         let sshd =
             TestSshd::start_with_config(Some((&ns, SocketAddr::from((ns.ns_ip, 22)))), 10, &extra)
                 .await;
-        let fwd = tokio::net::TcpListener::bind((ns.host_ip, 0))
-            .await
-            .unwrap();
-        let coordinator_url = format!("http://{}", fwd.local_addr().unwrap());
-        let forwarder = tokio::spawn(forward(fwd, coordinator));
         TestLease {
             ns,
             sshd,
             home,
             shim,
-            coordinator_url,
+            coordinator_url: String::new(),
             _tmp: tmp,
-            forwarder,
+            forwarder: None,
         }
     }
 
@@ -171,7 +179,9 @@ impl TestLease {
 
 impl Drop for TestLease {
     fn drop(&mut self) {
-        self.forwarder.abort();
+        if let Some(f) = &self.forwarder {
+            f.abort();
+        }
         // Helpers the tests started on the lease run in sessions of their
         // own: end every process whose executable lives under this home.
         let home = self.home.display().to_string();

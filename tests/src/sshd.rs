@@ -241,6 +241,11 @@ impl TestSshd {
         }
     }
 
+    /// Appends `sshd_config` lines, in effect from the next [`TestSshd::restart`].
+    pub fn add_config(&mut self, lines: &str) {
+        self.extra_config.push_str(lines);
+    }
+
     /// Starts sshd again on the same address with the same keys.
     pub async fn restart(&mut self) {
         self.kill().await;

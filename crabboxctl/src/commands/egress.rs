@@ -45,7 +45,9 @@ enum Command {
         /// The coordinator URL as the lease reaches it (default: the daemon's).
         #[arg(long)]
         coordinator: Option<String>,
-        /// How the lease's traffic reaches this machine.
+        /// How the lease's traffic reaches this machine: `coordinator` (a helper on the
+        /// lease bridged through the coordinator) or `ssh` (a remote forward on the lease's
+        /// SSH connection, answered by this daemon; no helper, no coordinator).
         #[arg(long, default_value = "coordinator")]
         transport: String,
         /// Accepted for the reference's scripts: crabboxd always keeps egress running.
@@ -161,6 +163,8 @@ pub struct HostJson {
     bytes_out: u64,
     recent_hosts: Vec<(String, u64)>,
     helper: Option<serde_json::Value>,
+    transport: String,
+    port: u32,
 }
 
 /// Builds a host bridge's JSON shape.
@@ -202,6 +206,12 @@ pub fn host_json(h: &EgressHost) -> HostJson {
                 "restarts": t.restarts, "last_error": t.last_error,
             })
         }),
+        transport: if h.transport.is_empty() {
+            "coordinator".to_owned()
+        } else {
+            h.transport.clone()
+        },
+        port: h.port,
     }
 }
 
@@ -233,6 +243,9 @@ pub fn status_json(id: &str, st: &GetEgressStatusResponse) -> StatusJson {
 
 fn host_lines(h: &EgressHost) -> String {
     let j = host_json(h);
+    if j.transport == "ssh" {
+        return ssh_lines(h, &j);
+    }
     let mut s = format!(
         "egress host: lease={} session={} {}\n  state {} (restarts {}), bridge {}, protocol {}\n  streams {} active / {} total / {} refused, bytes in {} out {}",
         j.lease_id,
@@ -274,6 +287,48 @@ fn host_lines(h: &EgressHost) -> String {
             output::state_name(t.state),
             t.labels.get("helper").cloned().unwrap_or_default()
         ));
+    }
+    s
+}
+
+/// `egress status` / `egress list` for the SSH transport.
+fn ssh_lines(h: &EgressHost, j: &HostJson) -> String {
+    let t = h
+        .remote
+        .as_ref()
+        .and_then(|r| r.task.clone())
+        .unwrap_or_default();
+    let listen = h
+        .remote
+        .as_ref()
+        .map(|r| r.listen.clone())
+        .unwrap_or_default();
+    let pid = h.remote.as_ref().map_or(0, |r| r.pid);
+    let mut s = format!(
+        "egress ssh: lease={} session={} {}\n  transport ssh, port {} (listen {listen} on the lease, sshd pid {pid}), forward {}, state {} (restarts {})\n  streams {} active / {} total / {} refused, bytes in {} out {}",
+        j.lease_id,
+        j.session_id,
+        j.summary,
+        j.port,
+        if j.connected { "up" } else { "down" },
+        j.state,
+        j.restarts,
+        j.active_streams,
+        j.total_streams,
+        j.rejected_streams,
+        j.bytes_in,
+        j.bytes_out
+    );
+    if !j.recent_hosts.is_empty() {
+        let hosts: Vec<String> = j
+            .recent_hosts
+            .iter()
+            .map(|(h, n)| format!("{h}×{n}"))
+            .collect();
+        s.push_str(&format!("\n  recent hosts {}", hosts.join(" ")));
+    }
+    if !t.last_error.is_empty() {
+        s.push_str(&format!("\n  last error {}", t.last_error));
     }
     s
 }
@@ -336,7 +391,10 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
             if *json {
                 output::print_json(&status_json(id, &st))?;
             } else {
+                let ssh = st.local.as_ref().is_some_and(|h| h.transport == "ssh");
                 match &st.coordinator {
+                    // The SSH transport involves no coordinator.
+                    None if ssh => {}
                     // The reference's two renderings (protocol doc §3.6).
                     Some(c) => match (c.host_connected, c.client_connected) {
                         (Some(h), Some(cl)) => outln!(
@@ -564,6 +622,7 @@ async fn start(
                         "helper_path": st.helper_path,
                         "uploaded": st.uploaded,
                         "state_file": st.state_file,
+                        "transport": if st.transport.is_empty() { "coordinator" } else { st.transport.as_str() },
                         "steps": steps,
                     }))?;
                 } else {
@@ -578,6 +637,22 @@ async fn start(
                         st.session_id,
                         st.allow.join(",")
                     )?;
+                    if st.transport == "ssh" {
+                        outln!(
+                            "egress ssh: lease={} listen={} (remote forward; sshd pid {}) state={}",
+                            st.lease_id,
+                            st.endpoint,
+                            st.pid,
+                            st.state_file
+                        )?;
+                        outln!(
+                            "listening: 127.0.0.1 of the lease only; no helper, no coordinator"
+                        )?;
+                        outln!("proxy for programs on the lease: {}", st.proxy)?;
+                        outln!("status: crabboxctl egress status --id {lease}")?;
+                        outln!("stop:   crabboxctl egress stop --id {lease}")?;
+                        return Ok(Code::Ok);
+                    }
                     outln!(
                         "egress client: lease={} listen={} pid={} version={} state={}",
                         st.lease_id,

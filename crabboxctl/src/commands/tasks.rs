@@ -40,6 +40,7 @@ enum Kind {
     AttachFeed,
     Run,
     SshForward,
+    SshEgress,
 }
 
 impl From<Kind> for TaskKind {
@@ -54,6 +55,7 @@ impl From<Kind> for TaskKind {
             Kind::AttachFeed => TaskKind::AttachFeed,
             Kind::Run => TaskKind::Run,
             Kind::SshForward => TaskKind::SshForward,
+            Kind::SshEgress => TaskKind::SshEgress,
         }
     }
 }

@@ -60,6 +60,7 @@ pub fn task_kind(k: TaskKind) -> v1::TaskKind {
         TaskKind::AttachFeed => v1::TaskKind::AttachFeed,
         TaskKind::Run => v1::TaskKind::Run,
         TaskKind::SshForward => v1::TaskKind::SshForward,
+        TaskKind::SshEgress => v1::TaskKind::SshEgress,
     }
 }
 
@@ -207,6 +208,13 @@ pub fn egress_host(i: &crate::egress::EgressInfo) -> v1::EgressHost {
             helper_path: r.helper.clone(),
             task: i.remote_task.as_ref().map(task),
         }),
+        transport: i.transport.clone(),
+        port: i
+            .spec
+            .remote
+            .as_ref()
+            .and_then(|r| crate::egress::remote::split_listen(&r.listen).ok())
+            .map_or(0, |(_, p)| u32::from(p)),
     }
 }
 

@@ -42,6 +42,7 @@ fn started(s: &crate::egress::start::Started) -> v1::EgressStarted {
         host: Some(convert::egress_host(&s.host)),
         profiles: s.host.spec.profiles.clone(),
         allow: s.allow.clone(),
+        transport: s.host.transport.clone(),
     }
 }
 
@@ -154,6 +155,14 @@ impl v1::egress_server::Egress for EgressService {
         req: Request<v1::GetEgressStatusRequest>,
     ) -> Result<Response<v1::GetEgressStatusResponse>, Status> {
         let id = lease_id(&req.get_ref().lease_id)?;
+        // The SSH transport involves no coordinator: the local view is all.
+        if let Some(local) = self.state.egress().ssh_info(id) {
+            return Ok(Response::new(v1::GetEgressStatusResponse {
+                local: Some(convert::egress_host(&local)),
+                coordinator: None,
+                coordinator_error: String::new(),
+            }));
+        }
         let url = error::coordinator_url(&self.state);
         let report = error::within_deadline(&url, async {
             self.state

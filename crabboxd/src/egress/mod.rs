@@ -2,7 +2,8 @@
 //! mediated egress), the lease side over SSH (`remote`: install, start,
 //! probe, stop the helper; `client`: the `EgressRemoteClient` task that
 //! heals the pair; `start`: `egress start`/`stop` and `desktop launch`
-//! end to end) and the `EgressManager` that starts, replaces, stops, lists
+//! end to end; `ssh`: the `SshEgress` task of `egress start --transport
+//! ssh`, a remote forward served by the daemon itself) and the `EgressManager` that starts, replaces, stops, lists
 //! and restores them and mints tickets for the lease side.
 //!
 //! The data plane (policy, dialling, the bridge protocol) is the
@@ -11,6 +12,7 @@
 pub mod client;
 mod host;
 pub mod remote;
+mod ssh;
 pub mod start;
 
 use std::{
@@ -65,8 +67,11 @@ pub struct EgressInfo {
     pub stats: StatsSnapshot,
     /// The task's row.
     pub task: Option<TaskRecord>,
-    /// The `EgressRemoteClient` task's row, when the lease side runs.
+    /// The `EgressRemoteClient` task's row, when the lease side runs (the
+    /// `SshEgress` task's row for the SSH transport).
     pub remote_task: Option<TaskRecord>,
+    /// `coordinator` or `ssh`.
+    pub transport: String,
 }
 
 /// The coordinator's view of a lease's egress plus ours.
@@ -150,6 +155,11 @@ pub struct EgressManager {
     sockets: Arc<tokio::sync::Semaphore>,
     /// The SSH multiplexers, for the lease side.
     ssh: Option<crate::ssh::SshManager>,
+    /// SSH-transport egress sessions, by lease (never persisted: the
+    /// forward lives on a connection).
+    ssh_egress: Arc<Mutex<BTreeMap<String, ssh::SshEntry>>>,
+    /// One SSH egress start or stop at a time per lease.
+    ssh_locks: ssh::LeaseLocks,
     /// Where helpers for other CPUs are looked for.
     config_dir: PathBuf,
 }
@@ -200,6 +210,8 @@ impl EgressManager {
     ) -> Self {
         EgressManager {
             ssh,
+            ssh_egress: Arc::new(Mutex::new(BTreeMap::new())),
+            ssh_locks: ssh::LeaseLocks::default(),
             config_dir,
             coordinator,
             supervisor,
@@ -222,7 +234,9 @@ impl EgressManager {
     /// keyed by it, so one lease has one bridge whatever the user typed.
     /// A name that keys a bridge already, or is cached, costs no request.
     async fn canonical(&self, name: &str) -> Result<String, EgressError> {
-        if self.hosts.lock().await.contains_key(name) {
+        if self.hosts.lock().await.contains_key(name)
+            || self.ssh_egress.lock().unwrap().contains_key(name)
+        {
             return Ok(name.to_owned());
         }
         let client = self.client()?;
@@ -406,6 +420,7 @@ impl EgressManager {
             task: self.supervisor.registry().get(&id),
             remote_task: None,
             spec: spec.clone(),
+            transport: "coordinator".to_owned(),
         };
         (
             Entry {
@@ -485,13 +500,19 @@ impl EgressManager {
                     e.spec.lease.as_str(),
                 ))
             }),
+            transport: "coordinator".to_owned(),
         }
     }
 
     /// Every local host bridge.
     pub async fn list(&self) -> Vec<EgressInfo> {
-        let hosts = self.hosts.lock().await;
-        hosts.values().map(|e| self.info_of(e)).collect()
+        let mut all: Vec<EgressInfo> = {
+            let hosts = self.hosts.lock().await;
+            hosts.values().map(|e| self.info_of(e)).collect()
+        };
+        all.extend(self.ssh_list());
+        all.sort_by(|a, b| a.spec.lease.cmp(&b.spec.lease));
+        all
     }
 
     /// The coordinator's status merged with the local bridge's counters.

@@ -40,7 +40,7 @@ pub struct StartRequest {
     pub listen: String,
     /// The coordinator URL as the lease reaches it; empty: the daemon's.
     pub coordinator_url: String,
-    /// `coordinator` or empty.
+    /// `coordinator` (or empty) or `ssh`.
     pub transport: String,
     /// The calling client's agent.
     pub agent: Option<PathBuf>,
@@ -327,9 +327,10 @@ impl EgressManager {
         })?;
         match req.transport.trim() {
             "" | "coordinator" => {}
+            "ssh" => return self.start_ssh_egress_whole(req, listen, progress).await,
             other => {
                 return Err(EgressError::Invalid(format!(
-                    "transport {other:?} is not available; use --transport coordinator (the default)"
+                    "transport {other:?} is not available; use --transport coordinator (the default) or --transport ssh"
                 )));
             }
         }
@@ -615,11 +616,19 @@ impl EgressManager {
         name: &str,
         agent: Option<PathBuf>,
     ) -> Result<Stopped, EgressError> {
+        if let Some(out) = self.stop_ssh_egress(name, agent.clone()).await {
+            return Ok(out);
+        }
         let lease = match self.canonical(name).await {
             Ok(l) => l,
             Err(EgressError::Coordinator(e)) if e.lease_end().is_some() => name.to_owned(),
             Err(e) => return Err(e),
         };
+        if lease != name
+            && let Some(out) = self.stop_ssh_egress(&lease, agent.clone()).await
+        {
+            return Ok(out);
+        }
         let _t = self.transition_for_stop(&lease).await?;
         let entry = self.hosts.lock().await.remove(&lease);
         let mut out = Stopped::default();
@@ -711,13 +720,21 @@ impl EgressManager {
                 .filter(|e| !e.ended.load(std::sync::atomic::Ordering::SeqCst))
                 .and_then(|e| e.spec.remote.clone().zip(e.spec.session.clone()))
         };
+        if pair.is_none()
+            && let Some((listen, session)) = self.ssh_pair(&lease)
+        {
+            // The SSH transport: sshd holds the listener; no helper to ask.
+            return self
+                .launch_with(&lease, &listen, &session, url, agent)
+                .await;
+        }
         let Some((state, session)) = pair else {
             return Err(EgressError::Invalid(format!(
                 "no egress runs for lease {lease}, so a browser would not go through it; start it first: \
                  crabboxctl egress start --id {lease} --profile <profile>"
             )));
         };
-        let remote = self.remote(&lease, agent)?;
+        let remote = self.remote(&lease, agent.clone())?;
         let st = remote.status(&state.paths.control).await.map_err(|e| {
             EgressError::Invalid(format!(
                 "the egress helper of lease {lease} does not answer ({e}); the daemon restarts it within seconds — \
@@ -727,6 +744,20 @@ impl EgressManager {
         if !st.bridged {
             tracing::info!(lease = %lease, "desktop launch: the helper's bridge is down; the remote client re-tickets it");
         }
+        self.launch_with(&lease, &state.listen, &session, url, agent)
+            .await
+    }
+
+    /// Launches the lease's browser through the proxy at `listen`.
+    async fn launch_with(
+        &self,
+        lease: &str,
+        listen: &str,
+        session: &str,
+        url: &str,
+        agent: Option<PathBuf>,
+    ) -> Result<Launched, EgressError> {
+        let remote = self.remote(lease, agent)?;
         const SCRIPT: &str = r#"umask 077
 listen="$1"; session="$2"; url="$3"
 b=
@@ -760,7 +791,7 @@ if ! kill -0 "$pid" 2>/dev/null; then
   if [ "$code" != 0 ]; then echo "the browser exited at once with $code:" >&2; tail -n 5 "$p.log" >&2; exit 4; fi
 fi"#;
         let out = remote
-            .sh(SCRIPT, &[&state.listen, &session, url], None)
+            .sh(SCRIPT, &[listen, session, url], None)
             .await
             .map_err(lease_err)?;
         let mut pid = 0;
@@ -785,8 +816,8 @@ fi"#;
         Ok(Launched {
             argv,
             pid,
-            proxy: format!("http://{}", state.listen),
-            session,
+            proxy: format!("http://{listen}"),
+            session: session.to_owned(),
             profile_dir,
         })
     }

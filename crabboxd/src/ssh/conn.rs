@@ -151,46 +151,57 @@ pub type ForwardedTx = tokio::sync::mpsc::Sender<russh::Channel<Msg>>;
 /// The remote forwards (`tcpip-forward`) this daemon itself asked a
 /// connection for: only a `forwarded-tcpip` channel for one of these
 /// addresses is accepted (and handed to its receiver); every other one is
-/// refused. Empty unless a feature registers one (the SSH egress
-/// transport), so today every server-opened channel is refused.
+/// refused. Only the SSH egress transport registers one
+/// ([`super::remote_forward`]).
 #[derive(Debug, Clone, Default)]
 pub struct RemoteForwards {
-    inner: Arc<Mutex<std::collections::BTreeMap<(String, u32), ForwardedTx>>>,
+    inner: Arc<Mutex<RemoteForwardsInner>>,
 }
+
+#[derive(Debug, Default)]
+struct RemoteForwardsInner {
+    /// The receiver of each forward, with the registration it belongs to.
+    routes: std::collections::BTreeMap<(String, u32), (u64, ForwardedTx)>,
+    next: u64,
+}
+
+/// One registration of [`RemoteForwards::register`]: only it can remove its
+/// entry again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registration(u64);
 
 impl RemoteForwards {
     /// Accepts channels for `address:port` into `to`, from now on. Call it
-    /// only for a forward the daemon requested on this connection.
-    pub fn register(
-        &self,
-        address: &str,
-        port: u32,
-        to: tokio::sync::mpsc::Sender<russh::Channel<Msg>>,
-    ) {
-        self.inner
-            .lock()
-            .unwrap()
-            .insert((address.to_owned(), port), to);
+    /// only for a forward the daemon requested on this connection. `None`
+    /// when `address:port` is registered already (one forward per address).
+    pub fn register(&self, address: &str, port: u32, to: ForwardedTx) -> Option<Registration> {
+        let mut inner = self.inner.lock().unwrap();
+        let key = (address.to_owned(), port);
+        if inner.routes.contains_key(&key) {
+            return None;
+        }
+        inner.next += 1;
+        let id = inner.next;
+        inner.routes.insert(key, (id, to));
+        Some(Registration(id))
     }
 
-    /// Stops accepting channels for `address:port`.
-    pub fn unregister(&self, address: &str, port: u32) {
-        self.inner
-            .lock()
-            .unwrap()
-            .remove(&(address.to_owned(), port));
+    /// Stops accepting channels for `address:port`, if `reg` still holds it.
+    pub fn unregister(&self, address: &str, port: u32, reg: Registration) {
+        let mut inner = self.inner.lock().unwrap();
+        let key = (address.to_owned(), port);
+        if inner.routes.get(&key).is_some_and(|(id, _)| *id == reg.0) {
+            inner.routes.remove(&key);
+        }
     }
 
-    fn route(
-        &self,
-        address: &str,
-        port: u32,
-    ) -> Option<tokio::sync::mpsc::Sender<russh::Channel<Msg>>> {
+    pub(super) fn route(&self, address: &str, port: u32) -> Option<ForwardedTx> {
         self.inner
             .lock()
             .unwrap()
+            .routes
             .get(&(address.to_owned(), port))
-            .cloned()
+            .map(|(_, tx)| tx.clone())
     }
 }
 
@@ -244,6 +255,9 @@ impl client::Handler for ClientHandler {
             permit.send(channel);
             return Ok(());
         }
+        // Peer text: logged quoted and cut, never raw.
+        let address: String = connected_address.chars().take(64).collect();
+        tracing::warn!(address = ?address, port = connected_port, "refusing a forwarded-tcpip channel for a forward this daemon did not request (or whose queue is full)");
         refuse("forwarded-tcpip", reply).await;
         Ok(())
     }

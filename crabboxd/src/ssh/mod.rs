@@ -15,6 +15,9 @@
 //!   channels, atomic on the far side.
 //! * [`forward`] — local forwards: a loopback listener per
 //!   `SshForward{lease:local}` task, each connection a tunnel.
+//! * [`remote_forward`] — remote forwards (`tcpip-forward`) on 127.0.0.1
+//!   of the lease, for the SSH egress transport: refusals diagnosed,
+//!   loopback verified, only requested channels accepted.
 //! * [`shell`] — interactive shells under a PTY.
 //! * [`tunnel`] — byte streams to a TCP address or Unix socket on the
 //!   lease (`direct-tcpip`, `direct-streamlocal`), for forwards and helpers.
@@ -26,6 +29,7 @@ pub mod exec;
 pub mod forward;
 pub mod hostkey;
 pub mod mux;
+pub mod remote_forward;
 pub mod shell;
 pub mod target;
 pub mod tunnel;

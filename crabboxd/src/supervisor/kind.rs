@@ -24,11 +24,13 @@ pub enum TaskKind {
     Run,
     /// One local port forward to a lease over its SSH mux.
     SshForward,
+    /// Egress for one lease over its SSH mux (a remote forward served by the daemon).
+    SshEgress,
 }
 
 impl TaskKind {
     /// Every kind, in display order.
-    pub const ALL: [TaskKind; 9] = [
+    pub const ALL: [TaskKind; 10] = [
         TaskKind::ApiServer,
         TaskKind::ControlChannel,
         TaskKind::LeaseKeeper,
@@ -38,6 +40,7 @@ impl TaskKind {
         TaskKind::AttachFeed,
         TaskKind::Run,
         TaskKind::SshForward,
+        TaskKind::SshEgress,
     ];
 
     /// The kebab-case name used in task ids and logs.
@@ -52,6 +55,7 @@ impl TaskKind {
             TaskKind::AttachFeed => "attach-feed",
             TaskKind::Run => "run",
             TaskKind::SshForward => "ssh-forward",
+            TaskKind::SshEgress => "ssh-egress",
         }
     }
 }

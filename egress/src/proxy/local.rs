@@ -1,12 +1,17 @@
 //! Serving one proxy connection from any byte stream with no bridge: [`serve`] parses the request with the same proxy code, checks the host [`Policy`] and dials with the host side's resolve-and-pin dialer, counting in one [`SessionStats`] (the daemon hands it, e.g., forwarded SSH channels).
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+use tokio::time::Sleep;
 use tracing::{info, warn};
 
 use super::conn::{ConnLimits, Link, Upstream, forbidden, serve_connection};
@@ -42,6 +47,11 @@ pub struct LocalConfig {
     pub stats: Arc<SessionStats>,
     /// How the 403 tells the operator to allow a host (`{host}` is replaced).
     pub allow_hint: String,
+    /// A write toward the destination that makes no progress for this long
+    /// closes that stream (with a warning), so a destination that stops
+    /// reading cannot hold the carrier's data in its queues. `None`: no
+    /// deadline (only `idle_timeout`).
+    pub stall: Option<Duration>,
 }
 
 impl Default for LocalConfig {
@@ -60,6 +70,7 @@ impl Default for LocalConfig {
             socket_budget: None,
             stats: Arc::new(SessionStats::new()),
             allow_hint: String::new(),
+            stall: None,
         }
     }
 }
@@ -87,6 +98,7 @@ impl std::fmt::Debug for LocalConfig {
             .field("head_timeout", &self.head_timeout)
             .field("idle_timeout", &self.idle_timeout)
             .field("dial_budget", &self.dial_budget)
+            .field("stall", &self.stall)
             .finish_non_exhaustive()
     }
 }
@@ -169,9 +181,9 @@ where
 struct Direct<'a>(&'a LocalProxy);
 
 impl Upstream for Direct<'_> {
-    type Stream = TcpStream;
+    type Stream = Guarded;
 
-    async fn open(&self, host: &str, port: u16) -> Result<Link<TcpStream>, Vec<u8>> {
+    async fn open(&self, host: &str, port: u16) -> Result<Link<Guarded>, Vec<u8>> {
         let proxy = self.0;
         let cfg = &proxy.cfg;
         let stats = &cfg.stats;
@@ -207,7 +219,14 @@ impl Upstream for Direct<'_> {
         };
         match dialled {
             Ok(tcp) => Ok(Link {
-                stream: tcp,
+                stream: Guarded {
+                    tcp,
+                    stall: cfg.stall,
+                    timer: None,
+                    stalled: false,
+                    reader: None,
+                    host: Preview(host).to_string(),
+                },
                 stats: stats.clone(),
                 half_close: true,
                 ended: None,
@@ -216,7 +235,7 @@ impl Upstream for Direct<'_> {
             Err(e) => {
                 stats.rejected();
                 // The parsed host is bounded by the head cap; still logged quoted.
-                info!(host = ?host, port, reason = %e, "open refused");
+                info!(host = %Preview(host), port, reason = %e, "open refused");
                 Err(match e {
                     DialError::NotAllowed if cfg.allow_hint.is_empty() => forbidden(host),
                     DialError::NotAllowed => forbidden_with(host, &cfg.allow_hint),
@@ -238,4 +257,131 @@ fn forbidden_with(host: &str, hint: &str) -> Vec<u8> {
             hint.replace("{host}", host)
         ),
     )
+}
+
+/// Peer-supplied text for a log line: at most 64 characters, Debug-escaped
+/// (quotes, `\n`, `\u{1b}`), so it can never forge a line nor fill one.
+struct Preview<'a>(&'a str);
+
+impl std::fmt::Display for Preview<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cut: String = self.0.chars().take(64).collect();
+        if cut.len() < self.0.len() {
+            write!(f, "{cut:?}…")
+        } else {
+            write!(f, "{cut:?}")
+        }
+    }
+}
+
+/// The destination socket with the write-stall deadline: a write that stays
+/// pending for `stall` fails, and so does every read after it (the relay's
+/// other direction, which would otherwise wait for the destination forever).
+pub(crate) struct Guarded {
+    tcp: TcpStream,
+    stall: Option<Duration>,
+    timer: Option<Pin<Box<Sleep>>>,
+    stalled: bool,
+    reader: Option<Waker>,
+    /// The destination, already cut and quoted for the warning.
+    host: String,
+}
+
+impl Guarded {
+    fn stalled_error() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the destination read nothing within the stall deadline",
+        )
+    }
+
+    /// Polls a pending write's deadline: `Ready` once it has passed.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let Some(stall) = self.stall else {
+            return Poll::Pending;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.stalled = true;
+        self.timer = None;
+        warn!(
+            host = %self.host,
+            stall = ?stall,
+            "egress: a write toward the destination made no progress within the stall deadline; closing the stream"
+        );
+        if let Some(w) = self.reader.take() {
+            w.wake();
+        }
+        Poll::Ready(Self::stalled_error())
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.stalled {
+            return Poll::Ready(Err(Self::stalled_error()));
+        }
+        let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        if r.is_pending() {
+            self.reader = Some(cx.waker().clone());
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.stalled {
+            return Poll::Ready(Err(Self::stalled_error()));
+        }
+        match Pin::new(&mut self.tcp).poll_write(cx, buf) {
+            Poll::Pending => self.poll_stall(cx).map(Err),
+            r => {
+                self.timer = None;
+                r
+            }
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.stalled {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Preview;
+
+    #[test]
+    fn a_refused_host_is_logged_quoted_and_cut() {
+        let long = format!("evil\n{}", "a".repeat(64 * 1024));
+        let shown = Preview(&long).to_string();
+        assert!(shown.starts_with("\"evil\\n"), "{shown}");
+        assert!(shown.ends_with('…'), "{shown}");
+        assert!(
+            shown.chars().count() < 100,
+            "{} chars",
+            shown.chars().count()
+        );
+        assert_eq!(Preview("example.com").to_string(), "\"example.com\"");
+    }
 }

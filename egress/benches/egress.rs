@@ -122,12 +122,23 @@ async fn run(opts: Opts) {
     // Proxies set up outside this bench, measured in the same run: e.g. the
     // whole daemon path started by `bench/e2e.sh` (`NAME=127.0.0.1:PORT`,
     // several separated by `;`).
-    if let Ok(extra) = std::env::var("EGRESS_BENCH_EXTRA_PROXY") {
+    // `EGRESS_BENCH_EXTRA_PROXIES` takes the same list, where `socks5:ADDR`
+    // names a SOCKS5 proxy (bench/egress_ssh.sh: `ssh -R` and
+    // `--transport ssh`).
+    for var in ["EGRESS_BENCH_EXTRA_PROXY", "EGRESS_BENCH_EXTRA_PROXIES"] {
+        let Ok(extra) = std::env::var(var) else {
+            continue;
+        };
         for entry in extra.split(';') {
-            if let Some((name, addr)) = entry.rsplit_once('=')
-                && let Ok(addr) = addr.parse::<SocketAddr>()
-            {
-                paths.push((name.to_owned(), Via::Connect(addr)));
+            let Some((name, addr)) = entry.rsplit_once('=') else {
+                continue;
+            };
+            let via = match addr.strip_prefix("socks5:") {
+                Some(a) => a.parse::<SocketAddr>().map(Via::Socks5),
+                None => addr.parse::<SocketAddr>().map(Via::Connect),
+            };
+            if let Ok(via) = via {
+                paths.push((name.to_owned(), via));
             }
         }
     }
@@ -212,22 +223,6 @@ impl Row {
             self.fair
                 .map_or("error".into(), |f| format!("{:.1} %", f * 100.0)),
         )
-    }
-    // More such proxies, `;`-separated `NAME=ADDR` with `socks5:ADDR` for a
-    // SOCKS5 one (bench/egress_ssh.sh: `ssh -R` and `--transport ssh`).
-    if let Ok(list) = std::env::var("EGRESS_BENCH_EXTRA_PROXIES") {
-        for entry in list.split(';').filter(|e| !e.trim().is_empty()) {
-            let Some((name, addr)) = entry.rsplit_once('=') else {
-                continue;
-            };
-            let via = match addr.strip_prefix("socks5:") {
-                Some(a) => a.parse().map(Via::Socks5),
-                None => addr.parse().map(Via::Connect),
-            };
-            if let Ok(via) = via {
-                measure(name, via, origin, &opts).await;
-            }
-        }
     }
 }
 

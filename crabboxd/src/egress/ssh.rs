@@ -48,11 +48,6 @@ pub const TRANSPORT: &str = "ssh";
 /// destination socket; the daemon-wide socket budget still applies). Beyond
 /// this a request gets `503`.
 pub const MAX_STREAMS: usize = 1024;
-/// A write toward a destination that makes no progress for this long closes
-/// that stream: russh queues a channel's data inside the connection loop, so
-/// a destination that stops reading would otherwise pause the whole
-/// connection (every other stream, exec and keepalive).
-pub const STALL: Duration = Duration::from_secs(10);
 /// How often the connection's liveness and the task's labels are checked.
 const TICK: Duration = Duration::from_secs(1);
 /// How long `egress stop` waits for the lease to drop `current.json`.
@@ -429,7 +424,12 @@ impl EgressManager {
             Arc::clone(&policy),
             LocalConfig {
                 max_streams: MAX_STREAMS,
-                stall: Some(STALL),
+                // A write toward a destination that makes no progress for the
+                // SSH stall deadline closes that stream: russh queues a
+                // channel's data inside the connection loop, so a destination
+                // that stops reading would otherwise pause the whole
+                // connection (every other stream, exec and keepalive).
+                stall: Some(ssh.stall_timeout()),
                 allow_hint: format!(
                     "restart it with the host allowed: `crabboxctl egress start --id {lease} --transport ssh --allow {{host}}` (or a profile that lists it)"
                 ),

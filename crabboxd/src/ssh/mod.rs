@@ -459,6 +459,13 @@ impl SshManager {
         crate::drive::drive(fut, rx)
     }
 
+    /// The stall deadline (`[ssh] stall_timeout`): how long a channel's data
+    /// may wait for a reader that stopped reading before that channel is
+    /// closed.
+    pub fn stall_timeout(&self) -> Duration {
+        self.resolver.stall
+    }
+
     /// Opens a byte stream to `to` as the lease sees it, over the lease's
     /// mux (connecting if needed).
     pub async fn tunnel(

@@ -174,7 +174,7 @@ impl std::fmt::Debug for EgressManager {
 /// end and refusals are fatal.
 const POLICY: RestartPolicy = RestartPolicy::OnFailure(Backoff::NETWORK);
 /// How long a stop waits behind a transition of the same lease.
-const STOP_QUEUE: std::time::Duration = std::time::Duration::from_secs(3);
+pub(super) const STOP_QUEUE: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl EgressManager {
     /// A manager persisting to `<state_dir>/egress.json`, with the named

@@ -325,8 +325,10 @@ fn new_session() -> String {
 impl EgressManager {
     /// `egress start --transport ssh`, run beside its caller: a client that
     /// hangs up (or a request future dropped at any await) cannot cut it
-    /// half way, with a forward granted and nothing serving it. Every step
-    /// is bounded, so this is short clean-up-sized work.
+    /// half way, with a forward granted and nothing serving it. Every lease
+    /// command and forward request in it has its own deadline, but the whole
+    /// start can take minutes on a slow lease; a stop waits for it at most
+    /// 3 s, then refuses.
     pub(super) async fn start_ssh_egress_whole(
         &self,
         req: StartRequest,
@@ -536,22 +538,35 @@ impl EgressManager {
 
     /// `egress stop` for an SSH egress: the task (which cancels the
     /// forward) and the lease's `current.json` when it names this session.
-    /// `None` when the lease runs no SSH egress.
+    /// `None` when the lease runs no SSH egress. Behind a running start it
+    /// waits at most [`super::STOP_QUEUE`], then refuses with a sentence, as
+    /// the coordinator transport's stop does.
     pub(super) async fn stop_ssh_egress(
         &self,
         lease: &str,
         agent: Option<PathBuf>,
-    ) -> Option<Stopped> {
-        let locked = self.ssh_locks.lock(lease).await;
+    ) -> Result<Option<Stopped>, EgressError> {
+        let locked = tokio::time::timeout(super::STOP_QUEUE, self.ssh_locks.lock(lease))
+            .await
+            .map_err(|_| {
+                EgressError::Invalid(format!(
+                    "an egress start for lease {lease} is in progress; stop it again when it has ended \
+                     (see crabboxctl egress status --id {lease})"
+                ))
+            })?;
         let session = self.stop_ssh_task(lease).await;
         drop(locked);
-        let session = session?;
+        let Some(session) = session else {
+            return Ok(None);
+        };
         let mut out = Stopped {
             host: true,
             session: Some(session.clone()),
             ..Stopped::default()
         };
-        let ssh = self.ssh.clone()?;
+        let Some(ssh) = self.ssh.clone() else {
+            return Ok(Some(out));
+        };
         let remote = Remote {
             ssh,
             lease: lease.to_owned(),
@@ -567,7 +582,7 @@ exit 0"#;
                 out.lease_error = Some(format!("lease {lease} did not answer within {STOP_WAIT:?}"))
             }
         }
-        Some(out)
+        Ok(Some(out))
     }
 
     fn ssh_info_of(&self, e: &SshEntry) -> EgressInfo {

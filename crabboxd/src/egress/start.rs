@@ -616,7 +616,7 @@ impl EgressManager {
         name: &str,
         agent: Option<PathBuf>,
     ) -> Result<Stopped, EgressError> {
-        if let Some(out) = self.stop_ssh_egress(name, agent.clone()).await {
+        if let Some(out) = self.stop_ssh_egress(name, agent.clone()).await? {
             return Ok(out);
         }
         let lease = match self.canonical(name).await {
@@ -625,7 +625,7 @@ impl EgressManager {
             Err(e) => return Err(e),
         };
         if lease != name
-            && let Some(out) = self.stop_ssh_egress(&lease, agent.clone()).await
+            && let Some(out) = self.stop_ssh_egress(&lease, agent.clone()).await?
         {
             return Ok(out);
         }

@@ -101,9 +101,10 @@ impl RemoteForward {
     /// Sends `cancel-tcpip-forward` (bounded), then drops the forward. If
     /// this future is dropped before the answer, the drop sends it again.
     pub async fn cancel(mut self) {
-        self.conn
-            .remote_forwards
-            .unregister(LOOPBACK, u32::from(self.port), self.registration);
+        // The port stays registered (its channels refused, as nobody reads
+        // them) until sshd has answered: a new forward of the same port on
+        // this connection can be asked for only after the old listener is
+        // gone, so no cancel of ours can close a newer forward's listener.
         cancel_on(&self.conn, self.port).await;
         self.live = false;
     }
@@ -127,22 +128,28 @@ async fn cancel_on(conn: &Conn, port: u16) {
 
 impl Drop for RemoteForward {
     fn drop(&mut self) {
-        self.conn
-            .remote_forwards
-            .unregister(LOOPBACK, u32::from(self.port), self.registration);
         self.conn.stats.forwards.fetch_sub(1, Ordering::SeqCst);
-        if self.live {
-            let conn = Arc::clone(&self.conn);
-            let port = self.port;
-            tracing::info!(
-                port,
-                "a remote forward was dropped without a cancel; asking the lease's sshd to close its listener"
-            );
-            self.supervisor
-                .spawn_cleanup("cancel-remote-forward", async move {
-                    cancel_on(&conn, port).await;
-                });
+        if !self.live {
+            self.conn
+                .remote_forwards
+                .unregister(LOOPBACK, u32::from(self.port), self.registration);
+            return;
         }
+        let conn = Arc::clone(&self.conn);
+        let port = self.port;
+        let registration = self.registration;
+        tracing::info!(
+            port,
+            "a remote forward was dropped without a cancel; asking the lease's sshd to close its listener"
+        );
+        // The port stays registered until sshd has answered (see `cancel`):
+        // a late cancel can then never close a newer forward's listener.
+        self.supervisor
+            .spawn_cleanup("cancel-remote-forward", async move {
+                cancel_on(&conn, port).await;
+                conn.remote_forwards
+                    .unregister(LOOPBACK, u32::from(port), registration);
+            });
     }
 }
 
@@ -215,6 +222,8 @@ async fn diagnose(conn: Arc<Conn>, port: u16) -> ForwardError {
         Ok(_) => ForwardError::InUse(format!(
             "port in use: something on the lease already listens on {LOOPBACK}:{port}; stop it, or pick another port with --listen {LOOPBACK}:PORT"
         )),
+        // The probe's own connection trouble says nothing of sshd_config.
+        Err(e @ SshError::Lost(_)) => ForwardError::Ssh(e),
         Err(_) => ForwardError::Forbidden(format!(
             "the lease's sshd refused a remote forward of {LOOPBACK}:{port}: its sshd_config forbids it \
              (AllowTcpForwarding must be yes or remote, PermitListen must allow {LOOPBACK}:{port} or {port}, \

@@ -35,7 +35,8 @@ use crate::{
     daemon::LeaseEnds,
     ssh::{
         SshError, SshManager,
-        remote_forward::{self, ForwardError, Forwarded, RemoteForward},
+        remote_forward::{self, ForwardError, RemoteForward},
+        tunnel::Tunnel,
     },
     supervisor::{
         Backoff, RestartPolicy, Supervisor, TaskCtx, TaskError, TaskHandle, TaskId, TaskKind,
@@ -241,7 +242,7 @@ impl SshEgressTask {
         loop {
             tokio::select! {
                 Some(channel) = forward.channels.recv() => {
-                    let stream = Forwarded::new(channel, &conn.stats);
+                    let stream = Tunnel::from_channel(channel, Arc::clone(&conn));
                     let proxy = Arc::clone(&self.proxy);
                     serving.push(async move { serve(stream, &proxy).await });
                 }

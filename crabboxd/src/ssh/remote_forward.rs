@@ -7,22 +7,16 @@
 //! `/proc/net/tcp{,6}`.
 
 use std::{
-    io,
-    pin::Pin,
     sync::{Arc, atomic::Ordering},
-    task::{Context, Poll},
     time::Duration,
 };
 
-use russh::{Channel, ChannelStream, client::Msg};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    sync::mpsc,
-};
+use russh::{Channel, client::Msg};
+use tokio::sync::mpsc;
 
 use super::{
     SshError,
-    conn::{ChannelGuard, Conn, Registration, Stats},
+    conn::{Conn, Registration},
     tunnel::{self, Endpoint},
 };
 use crate::supervisor::Supervisor;
@@ -279,69 +273,6 @@ pub fn listeners(proc_net_tcp: &str) -> Vec<Listener> {
             })
         })
         .collect()
-}
-
-/// A forwarded channel as a byte stream: counts as an open channel of the
-/// mux and adds its bytes to the mux's counters.
-pub struct Forwarded {
-    stream: ChannelStream<Msg>,
-    stats: Arc<Stats>,
-    _guard: ChannelGuard,
-}
-
-impl Forwarded {
-    /// Wraps a channel of `conn`'s forward.
-    pub fn new(channel: Channel<Msg>, stats: &Arc<Stats>) -> Self {
-        Forwarded {
-            _guard: ChannelGuard::new(stats),
-            stats: Arc::clone(stats),
-            stream: channel.into_stream(),
-        }
-    }
-}
-
-impl std::fmt::Debug for Forwarded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Forwarded").finish_non_exhaustive()
-    }
-}
-
-impl AsyncRead for Forwarded {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.stream).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Forwarded {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.stream).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            self.stats.bytes_out.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

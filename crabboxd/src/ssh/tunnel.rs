@@ -102,16 +102,22 @@ pub async fn open(conn: Arc<Conn>, to: &Endpoint) -> Result<Tunnel, SshError> {
         }
         other => SshError::Channel(format!("opening a channel to {to}: {other}")),
     })?;
-    let guard = ChannelGuard::new(&conn.stats);
-    Ok(Tunnel {
-        stream: channel.into_stream(),
-        stats: Arc::clone(&conn.stats),
-        _guard: guard,
-        _conn: conn,
-    })
+    Ok(Tunnel::from_channel(channel, conn))
 }
 
 impl Tunnel {
+    /// Wraps an open channel of `conn` (one we opened, or one the lease's
+    /// sshd opened for a remote forward of ours) as a byte stream that
+    /// counts as an open channel of the mux and adds to its counters.
+    pub fn from_channel(channel: russh::Channel<Msg>, conn: Arc<Conn>) -> Self {
+        Tunnel {
+            _guard: ChannelGuard::new(&conn.stats),
+            stats: Arc::clone(&conn.stats),
+            stream: channel.into_stream(),
+            _conn: conn,
+        }
+    }
+
     /// The connection's stall deadline (how long whoever is fed from this
     /// tunnel may stop reading before it is closed).
     pub fn stall(&self) -> Duration {

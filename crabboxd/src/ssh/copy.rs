@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::{
     SshError,
-    conn::{ChannelGuard, Conn},
+    conn::{ChannelGuard, Conn, Stats},
     exec::{open_session, sh_quote},
 };
 use crate::supervisor::Supervisor;
@@ -203,7 +203,7 @@ printf '%s\n' "$final""#;
         .await
         .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
     let (mut rd, wr) = channel.split();
-    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
     let is_dir = meta.is_dir();
     let packer = supervisor.spawn_blocking(move || -> io::Result<()> {
         let mut b = tar::Builder::new(ChanWriter {
@@ -220,32 +220,7 @@ printf '%s\n' "$final""#;
         let mut w = b.into_inner()?;
         w.flush()
     });
-    let stats = Arc::clone(&conn.stats);
-    let send = async move {
-        let mut sent: u64 = 0;
-        let mut last_report: u64 = 0;
-        while let Some(chunk) = rx.recv().await {
-            sent += chunk.len() as u64;
-            stats
-                .bytes_out
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            wr.data_bytes(chunk)
-                .await
-                .map_err(|e| SshError::Lost(format!("the copy's channel failed: {e}")))?;
-            if sent - last_report >= 1 << 20 {
-                last_report = sent;
-                let _ = out.try_send(Ok(Progress {
-                    bytes: sent,
-                    total: Some(total),
-                    done: None,
-                }));
-            }
-        }
-        wr.eof()
-            .await
-            .map_err(|e| SshError::Lost(format!("the copy's channel failed: {e}")))?;
-        Ok::<_, SshError>(sent)
-    };
+    let send = send_chunks(wr, rx, Arc::clone(&conn.stats), out, total);
     let (sent_result, remote_result) = upload_both(send, collect(&mut rd, &conn)).await;
     let packed = packer
         .await
@@ -318,7 +293,7 @@ printf '%s\n' "$final""#;
         .await
         .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
     let (mut rd, wr) = channel.split();
-    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
     let reader = supervisor.spawn_blocking(move || -> io::Result<()> {
         // The size announced to the far side, at most: a file that shrinks
         // fails there; one that grows is cut to its size at the start.
@@ -346,32 +321,7 @@ printf '%s\n' "$final""#;
             }
         }
     });
-    let stats = Arc::clone(&conn.stats);
-    let send = async move {
-        let mut sent: u64 = 0;
-        let mut last_report: u64 = 0;
-        while let Some(chunk) = rx.recv().await {
-            sent += chunk.len() as u64;
-            stats
-                .bytes_out
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            wr.data_bytes(chunk)
-                .await
-                .map_err(|e| SshError::Lost(format!("the copy's channel failed: {e}")))?;
-            if sent - last_report >= 1 << 20 {
-                last_report = sent;
-                let _ = out.try_send(Ok(Progress {
-                    bytes: sent,
-                    total: Some(total),
-                    done: None,
-                }));
-            }
-        }
-        wr.eof()
-            .await
-            .map_err(|e| SshError::Lost(format!("the copy's channel failed: {e}")))?;
-        Ok::<_, SshError>(sent)
-    };
+    let send = send_chunks(wr, rx, Arc::clone(&conn.stats), out, total);
     let (sent_result, remote_result) = upload_both(send, collect(&mut rd, &conn)).await;
     let read = reader
         .await
@@ -397,6 +347,40 @@ printf '%s\n' "$final""#;
         }))
         .await;
     Ok(())
+}
+
+/// Sends an upload's chunks into its channel (counted, with a progress
+/// report every MiB), then end-of-file; the number of bytes sent.
+async fn send_chunks(
+    wr: russh::ChannelWriteHalf<russh::client::Msg>,
+    mut rx: mpsc::Receiver<Bytes>,
+    stats: Arc<Stats>,
+    out: &mpsc::Sender<Result<Progress, SshError>>,
+    total: u64,
+) -> Result<u64, SshError> {
+    let mut sent: u64 = 0;
+    let mut last_report: u64 = 0;
+    while let Some(chunk) = rx.recv().await {
+        sent += chunk.len() as u64;
+        stats
+            .bytes_out
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        wr.data_bytes(chunk)
+            .await
+            .map_err(|e| SshError::Lost(format!("the copy's channel failed: {e}")))?;
+        if sent - last_report >= 1 << 20 {
+            last_report = sent;
+            let _ = out.try_send(Ok(Progress {
+                bytes: sent,
+                total: Some(total),
+                done: None,
+            }));
+        }
+    }
+    wr.eof()
+        .await
+        .map_err(|e| SshError::Lost(format!("the copy's channel failed: {e}")))?;
+    Ok(sent)
 }
 
 /// Runs an upload's sender beside the reader of its channel. When the far

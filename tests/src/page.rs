@@ -181,6 +181,19 @@ impl PageOrigin {
     }
 }
 
+/// The DOM headless Chromium's `--dump-dom` wrote to `path`, once it is
+/// complete (`</html>`) or `within` has passed (whatever is there then).
+pub async fn wait_for_dom(path: &std::path::Path, within: std::time::Duration) -> String {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let dom = std::fs::read_to_string(path).unwrap_or_default();
+        if dom.contains("</html>") || tokio::time::Instant::now() > deadline {
+            return dom;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// The flags every headless Chromium of the tests runs with (the closed
 /// network floods otherwise), trusting `spki`.
 pub fn chromium_flags(spki: &str) -> Vec<String> {

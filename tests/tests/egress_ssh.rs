@@ -12,7 +12,7 @@ use crabbox_coordinator::testing::TestCoordinator;
 use crabbox_tests::{
     TestDaemon,
     lease::TestLease,
-    page::{PageOrigin, chromium, chromium_flags, loaded_marker},
+    page::{PageOrigin, chromium, chromium_flags, loaded_marker, wait_for_dom},
 };
 
 const BOX: &str = "box";
@@ -82,17 +82,6 @@ where
         }
         if tokio::time::Instant::now() > deadline {
             return false;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn wait_for_dom(path: &std::path::Path, within: Duration) -> String {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let dom = std::fs::read_to_string(path).unwrap_or_default();
-        if dom.contains("</html>") || tokio::time::Instant::now() > deadline {
-            return dom;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

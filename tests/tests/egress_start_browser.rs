@@ -11,24 +11,13 @@ use crabbox_coordinator::testing::TestCoordinator;
 use crabbox_tests::{
     TestDaemon,
     lease::TestLease,
-    page::{PageOrigin, chromium, chromium_flags, loaded_marker},
+    page::{PageOrigin, chromium, chromium_flags, loaded_marker, wait_for_dom},
 };
 
 const LEASE: &str = "cbx_00000000e512";
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-async fn wait_for_dom(path: &std::path::Path, within: Duration) -> String {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let dom = std::fs::read_to_string(path).unwrap_or_default();
-        if dom.contains("</html>") || tokio::time::Instant::now() > deadline {
-            return dom;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -227,20 +227,7 @@ printf '%s\n' "$final""#;
         .map_err(|e| copy_err(format!("the local tar failed: {e}")))?;
     let (stdout, _) = remote_result?;
     packed.map_err(|e| copy_err(format!("cannot read the local files: {e}")))?;
-    let sent = sent_result.unwrap_or_else(|| {
-        Err(copy_err(
-            "the far side ended before the copy was sent (its exit status was 0)",
-        ))
-    })?;
-    let final_path = String::from_utf8_lossy(&stdout).trim().to_owned();
-    let _ = out
-        .send(Ok(Progress {
-            bytes: sent,
-            total: Some(total),
-            done: Some(final_path),
-        }))
-        .await;
-    Ok(())
+    report_uploaded(sent_result, &stdout, total, out).await
 }
 
 /// Uploads one regular file as its raw bytes: written to a temporary name
@@ -333,12 +320,23 @@ printf '%s\n' "$final""#;
             PathBuf::from(&name).display()
         ))
     })?;
-    let sent = sent_result.unwrap_or_else(|| {
+    report_uploaded(sent_result, &stdout, total, out).await
+}
+
+/// An upload's last word: the bytes sent and the path the far side printed
+/// (where the file landed), or why nothing was sent.
+async fn report_uploaded(
+    sent: Option<Result<u64, SshError>>,
+    stdout: &[u8],
+    total: u64,
+    out: &mpsc::Sender<Result<Progress, SshError>>,
+) -> Result<(), SshError> {
+    let sent = sent.unwrap_or_else(|| {
         Err(copy_err(
             "the far side ended before the copy was sent (its exit status was 0)",
         ))
     })?;
-    let final_path = String::from_utf8_lossy(&stdout).trim().to_owned();
+    let final_path = String::from_utf8_lossy(stdout).trim().to_owned();
     let _ = out
         .send(Ok(Progress {
             bytes: sent,

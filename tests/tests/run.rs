@@ -804,16 +804,20 @@ async fn a_client_gone_during_the_start_leaves_no_run_running_and_runs_no_comman
     tokio::time::sleep(Duration::from_secs(1)).await;
     starter.kill().await.unwrap();
     // The coordinator created the run; it is finished, with the reason, and
-    // the command never ran.
+    // the command never ran. `run.failed` marks the record failed before the
+    // finish that carries the exit code lands, so wait for the finish.
     let deadline = Instant::now() + Duration::from_secs(30);
     let run = loop {
         let runs = coordinator_runs(&s.coord);
-        if let Some(r) = runs.iter().find(|r| r["state"] != "running") {
+        if let Some(r) = runs
+            .iter()
+            .find(|r| r["state"] != "running" && !r["exitCode"].is_null())
+        {
             break r.clone();
         }
         assert!(
             Instant::now() < deadline,
-            "the run is left running at the coordinator: {runs:?}\n{}",
+            "the run is not finished at the coordinator: {runs:?}\n{}",
             d.stderr()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -270,7 +270,10 @@ async fn measure(via: Via, origin: SocketAddr, opts: &Opts) -> Row {
 
 /// `GET /bytes/<n>` answers n bytes; `GET /stall` streams forever. One request per connection.
 async fn start_origin() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // A 4096-deep accept queue: with `TcpListener::bind`'s 128, 1000
+    // simultaneous dials overflow it and the dropped ones wait out a 1 s SYN
+    // retry, which the 1000-stream column then measured instead of the path.
+    let listener = crabbox_egress::proxy::listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         let chunk: Arc<[u8]> = vec![b'z'; 256 * 1024].into();

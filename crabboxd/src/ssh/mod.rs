@@ -280,8 +280,7 @@ impl SshManager {
         target::check_lease_id(&spec.lease).map_err(|e| SshError::Invalid(e.to_string()))?;
         forward::check_local(&spec.local)?;
         let conn = self.connection(&spec.lease, spec.agent.clone()).await?;
-        let listener = tokio::net::TcpListener::bind(spec.local)
-            .await
+        let listener = crabbox_egress::proxy::listen::bind(spec.local)
             .map_err(|e| SshError::Forward(format!("cannot listen on {}: {e}", spec.local)))?;
         spec.local = listener
             .local_addr()

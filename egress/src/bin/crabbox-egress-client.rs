@@ -22,7 +22,7 @@ use crabbox_egress::{
     BridgeConfig, ClientConfig, ConnectError, ProxyServer, connect_bridge, proxy,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
@@ -258,8 +258,7 @@ async fn run(
     url: url::Url,
     ticket: Option<Ticket>,
 ) -> anyhow::Result<ExitCode> {
-    let listener = TcpListener::bind(listen)
-        .await
+    let listener = crabbox_egress::proxy::listen::bind(listen)
         .with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr()?;
     let mut bridge = BridgeConfig::client();

@@ -1,13 +1,15 @@
-//! WebSocket plumbing under both protocol versions: the single writer task that owns the sink, and [`MuxIo`], the byte pipe yamux runs on (binary messages in and out).
+//! WebSocket plumbing under both protocol versions: the socket's write half ([`Wire`]) shared by the writer task and the yamux driver, and [`MuxIo`], the byte pipe yamux runs on (binary messages in and out).
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::{Sink, SinkExt};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedMutexGuard, mpsc};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::PollSender;
 
@@ -29,24 +31,64 @@ pub(crate) const WRITE_QUEUE: usize = 16;
 pub(crate) const WRITE_QUEUE_BYTES: usize = WRITE_QUEUE * MAX_BINARY_MESSAGE;
 const _: () = assert!(WRITE_QUEUE_BYTES <= 4 * 1024 * 1024);
 
+/// Largest message the yamux driver writes to the socket itself instead of
+/// queueing it for the writer task (when nothing of its own is queued and the
+/// writer is not writing). A small exchange (an open, its reply, a request,
+/// a response, a window update) then leaves without waking another task;
+/// bulk messages still go through the writer task, which writes the socket
+/// in parallel with the driver reading it.
+pub(crate) const DIRECT_MAX: usize = 16 * 1024;
+
+/// The socket's write half of one bridge.
+type BoxSink = Pin<Box<dyn Sink<Message, Error = WsError> + Send>>;
+
+/// The socket's write half, shared by the writer task (everything queued)
+/// and the yamux driver (small messages while the writer is idle).
+pub(crate) struct Wire {
+    sink: Arc<tokio::sync::Mutex<BoxSink>>,
+    /// Binary messages queued for the writer and not yet handed to the sink.
+    /// Only the yamux driver sends binary, and it writes directly only while
+    /// this is zero, so yamux's bytes reach the socket in order.
+    binary_queued: AtomicUsize,
+}
+
+impl Wire {
+    pub(crate) fn new<Si>(sink: Si) -> Arc<Self>
+    where
+        Si: Sink<Message, Error = WsError> + Send + 'static,
+    {
+        Arc::new(Wire {
+            sink: Arc::new(tokio::sync::Mutex::new(Box::pin(sink))),
+            binary_queued: AtomicUsize::new(0),
+        })
+    }
+}
+
 /// Runs until the channel closes or the sink fails. Batches whatever is
 /// queued before flushing so small frames share a syscall.
-pub(crate) async fn write_loop<Si>(
-    mut sink: Si,
+pub(crate) async fn write_loop(
+    wire: Arc<Wire>,
     mut rx: mpsc::Receiver<Message>,
-) -> Result<(), WsError>
-where
-    Si: Sink<Message, Error = WsError> + Unpin,
-{
+) -> Result<(), WsError> {
+    async fn feed(sink: &mut BoxSink, wire: &Wire, msg: Message) -> Result<(), WsError> {
+        let binary = matches!(msg, Message::Binary(_));
+        sink.feed(msg).await?;
+        if binary {
+            // Under the sink's lock: a direct write after this lands behind it.
+            wire.binary_queued.fetch_sub(1, Ordering::Release);
+        }
+        Ok(())
+    }
     while let Some(first) = rx.recv().await {
+        let mut sink = wire.sink.lock().await;
         let closing = matches!(first, Message::Close(_));
-        sink.feed(first).await?;
+        feed(&mut sink, &wire, first).await?;
         if !closing {
             for _ in 0..WRITE_QUEUE {
                 match rx.try_recv() {
                     Ok(msg) => {
                         let closing = matches!(msg, Message::Close(_));
-                        sink.feed(msg).await?;
+                        feed(&mut sink, &wire, msg).await?;
                         if closing {
                             break;
                         }
@@ -69,7 +111,9 @@ where
 /// cost one WebSocket message (and a wake-up of the writer, the relay and the
 /// peer's reader) per 16 KiB frame. The flush is therefore only recorded
 /// here, and the driver, once yamux has drained every queued frame into this
-/// buffer, sends whatever accumulated as one message.
+/// buffer, sends whatever accumulated as one message: a small one
+/// ([`DIRECT_MAX`]) straight to the socket when the writer task is idle and
+/// none of yamux's messages wait in its queue, any other through the queue.
 pub(crate) struct MuxIo {
     rx: mpsc::Receiver<Bytes>,
     rbuf: Bytes,
@@ -79,19 +123,106 @@ pub(crate) struct MuxIo {
 /// The write half shared by [`MuxIo`] (inside yamux) and the driver's [`MuxFlush`].
 struct Out {
     tx: PollSender<Message>,
+    wire: Arc<Wire>,
     wbuf: BytesMut,
+    /// A message the driver is writing to the socket itself: the sink's lock
+    /// (held until the flush completes) and the message if the sink has not
+    /// taken it yet.
+    direct: Option<(OwnedMutexGuard<BoxSink>, Option<Message>)>,
+    /// The buffers of bulk messages sent, oldest first (at most
+    /// [`WRITE_QUEUE`] + 1). Once the writer has copied one into the socket's
+    /// buffer it is ours alone and becomes the next message's buffer: a fresh
+    /// 256 KiB buffer per message cost page faults (glibc hands the pages
+    /// back to the kernel and faults them in again), 70 per MiB sent.
+    sent: VecDeque<Bytes>,
+}
+
+/// A message at least this large is bulk: its buffer is kept for reuse.
+const REUSE_MIN: usize = 64 * 1024;
+
+fn ws_err(e: WsError) -> io::Error {
+    io::Error::other(e.to_string())
 }
 
 impl Out {
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_direct(cx))?;
         if self.wbuf.is_empty() {
             return Poll::Ready(Ok(()));
         }
+        if self.wbuf.len() <= DIRECT_MAX
+            && self.wire.binary_queued.load(Ordering::Acquire) == 0
+            && let Ok(sink) = self.wire.sink.clone().try_lock_owned()
+        {
+            let msg = self.take_message();
+            self.direct = Some((sink, Some(msg)));
+            return self.poll_direct(cx);
+        }
         ready!(self.tx.poll_reserve(cx)).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
-        let msg = Message::Binary(self.wbuf.split().freeze());
+        let msg = self.take_message();
+        self.wire.binary_queued.fetch_add(1, Ordering::AcqRel);
         self.tx
             .send_item(msg)
             .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        Poll::Ready(Ok(()))
+    }
+
+    /// The buffered bytes as a message; a bulk one's buffer is remembered for reuse.
+    fn take_message(&mut self) -> Message {
+        let bytes = std::mem::take(&mut self.wbuf).freeze();
+        if bytes.len() >= REUSE_MIN && self.sent.len() <= WRITE_QUEUE {
+            self.sent.push_back(bytes.clone());
+        }
+        Message::Binary(bytes)
+    }
+
+    /// Gives the empty write buffer room for `want` bytes: a sent bulk
+    /// buffer the writer is done with when there is one, else a new one.
+    fn fresh(&mut self, want: usize) {
+        debug_assert!(self.wbuf.is_empty());
+        if want >= REUSE_MIN {
+            while let Some(oldest) = self.sent.pop_front() {
+                match oldest.try_into_mut() {
+                    Ok(mut buf) => {
+                        buf.clear();
+                        if buf.capacity() >= want {
+                            self.wbuf = buf;
+                            return;
+                        }
+                    }
+                    // Still queued or being written; so are the later ones.
+                    Err(oldest) => {
+                        self.sent.push_front(oldest);
+                        break;
+                    }
+                }
+            }
+        }
+        self.wbuf.reserve(want);
+    }
+
+    /// Frees the sent buffers the writer is done with, keeping one for the
+    /// next bulk message (the driver calls this when it goes idle, so an idle
+    /// bridge holds at most one spare).
+    fn trim(&mut self) {
+        while self.sent.len() > 1 && self.sent.front().is_some_and(Bytes::is_unique) {
+            self.sent.pop_front();
+        }
+    }
+
+    /// Drives a direct write to the end of its flush, then releases the sink.
+    fn poll_direct(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some((sink, msg)) = &mut self.direct else {
+            return Poll::Ready(Ok(()));
+        };
+        if msg.is_some() {
+            ready!(sink.as_mut().poll_ready(cx)).map_err(ws_err)?;
+            sink.as_mut()
+                .start_send(msg.take().unwrap())
+                .map_err(ws_err)?;
+        }
+        ready!(sink.as_mut().poll_flush(cx)).map_err(ws_err)?;
+        self.direct = None;
         Poll::Ready(Ok(()))
     }
 }
@@ -104,16 +235,25 @@ pub(crate) struct MuxFlush {
 impl MuxFlush {
     /// Sends the buffered bytes as one message (pending while the write queue is full).
     pub(crate) fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.out.lock().unwrap().poll_send(cx)
+        let mut out = self.out.lock().unwrap();
+        out.trim();
+        out.poll_send(cx)
     }
 }
 
 impl MuxIo {
-    pub(crate) fn new(rx: mpsc::Receiver<Bytes>, tx: mpsc::Sender<Message>) -> (Self, MuxFlush) {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<Bytes>,
+        tx: mpsc::Sender<Message>,
+        wire: Arc<Wire>,
+    ) -> (Self, MuxFlush) {
         // A std mutex shared by two halves polled by the same task: never contended.
         let out = Arc::new(Mutex::new(Out {
             tx: PollSender::new(tx),
+            wire,
             wbuf: BytesMut::new(),
+            direct: None,
+            sent: VecDeque::new(),
         }));
         let io = MuxIo {
             rx,
@@ -165,7 +305,14 @@ impl futures::io::AsyncWrite for MuxIo {
             } else {
                 n.max(4096)
             };
-            out.wbuf.reserve(want);
+            out.fresh(want);
+        } else if out.wbuf.capacity() - out.wbuf.len() < n {
+            // A message that outgrows a small start (yamux writes a frame's
+            // 12-byte header before its body) moves to a whole message's
+            // room at once, not through a chain of doubling reallocations.
+            let start = std::mem::take(&mut out.wbuf);
+            out.fresh(MAX_BINARY_MESSAGE);
+            out.wbuf.extend_from_slice(&start);
         }
         out.wbuf.extend_from_slice(&buf[..n]);
         Poll::Ready(Ok(n))
@@ -183,5 +330,131 @@ impl futures::io::AsyncWrite for MuxIo {
         ready!(out.poll_send(cx))?;
         out.tx.close();
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::AsyncWriteExt;
+
+    type Socket = futures::channel::mpsc::UnboundedReceiver<Message>;
+
+    /// A [`MuxIo`] over a recording socket, with the writer task not running:
+    /// only a direct write can reach the socket.
+    fn pipe() -> (MuxIo, MuxFlush, Arc<Wire>, Socket, mpsc::Receiver<Message>) {
+        let (sock_tx, socket) = futures::channel::mpsc::unbounded();
+        let wire = Wire::new(sock_tx.sink_map_err(|_| WsError::ConnectionClosed));
+        let (_in_tx, in_rx) = mpsc::channel(1);
+        let (q_tx, queue) = mpsc::channel(WRITE_QUEUE);
+        let (io, flush) = MuxIo::new(in_rx, q_tx, wire.clone());
+        (io, flush, wire, socket, queue)
+    }
+
+    async fn flush(f: &MuxFlush) {
+        futures::future::poll_fn(|cx| f.poll_flush(cx))
+            .await
+            .unwrap();
+    }
+
+    fn binary(b: &[u8]) -> Message {
+        Message::Binary(Bytes::copy_from_slice(b))
+    }
+
+    #[tokio::test]
+    async fn a_small_message_is_written_by_the_driver_while_the_writer_is_idle() {
+        let (mut io, f, _wire, mut socket, mut queue) = pipe();
+        io.write_all(b"open request").await.unwrap();
+        flush(&f).await;
+        assert_eq!(socket.try_recv().ok(), Some(binary(b"open request")));
+        assert!(queue.try_recv().is_err(), "nothing went through the queue");
+    }
+
+    /// Takes the next queued message as the writer task does (its binary count drops).
+    fn writer_takes(queue: &mut mpsc::Receiver<Message>, wire: &Wire) -> Option<Message> {
+        let msg = queue.try_recv().ok()?;
+        if matches!(msg, Message::Binary(_)) {
+            wire.binary_queued.fetch_sub(1, Ordering::Release);
+        }
+        Some(msg)
+    }
+
+    #[tokio::test]
+    async fn bulk_and_a_busy_writer_go_through_the_queue_and_order_is_kept() {
+        let (mut io, f, wire, mut socket, mut queue) = pipe();
+        let big = vec![7u8; DIRECT_MAX + 1];
+        io.write_all(&big).await.unwrap();
+        flush(&f).await;
+        // A small message behind a queued one must not overtake it.
+        io.write_all(b"after").await.unwrap();
+        flush(&f).await;
+        assert!(socket.try_recv().is_err(), "nothing written directly");
+        assert_eq!(writer_takes(&mut queue, &wire), Some(binary(&big)));
+        assert_eq!(writer_takes(&mut queue, &wire), Some(binary(b"after")));
+        // The writer is writing (holds the sink): small messages queue too.
+        let held = wire.sink.clone().lock_owned().await;
+        io.write_all(b"busy").await.unwrap();
+        flush(&f).await;
+        assert_eq!(writer_takes(&mut queue, &wire), Some(binary(b"busy")));
+        drop(held);
+        // Once the writer has fed everything and let go, the driver writes again.
+        io.write_all(b"idle").await.unwrap();
+        flush(&f).await;
+        assert_eq!(socket.try_recv().ok(), Some(binary(b"idle")));
+    }
+
+    #[tokio::test]
+    async fn the_writer_task_hands_queued_messages_to_the_socket_in_order() {
+        let (mut io, f, wire, mut socket, queue) = pipe();
+        let big = vec![1u8; DIRECT_MAX * 2];
+        io.write_all(&big).await.unwrap();
+        flush(&f).await;
+        io.write_all(b"small").await.unwrap();
+        flush(&f).await;
+        assert_eq!(wire.binary_queued.load(Ordering::Acquire), 2);
+        drop((io, f));
+        write_loop(wire.clone(), queue).await.unwrap();
+        assert_eq!(socket.try_recv().ok(), Some(binary(&big)));
+        assert_eq!(socket.try_recv().ok(), Some(binary(b"small")));
+        assert_eq!(wire.binary_queued.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_bulk_buffer_the_writer_is_done_with_carries_the_next_message() {
+        let (mut io, f, _wire, _socket, mut queue) = pipe();
+        let big = vec![3u8; MAX_BINARY_MESSAGE];
+        io.write_all(&big).await.unwrap();
+        flush(&f).await;
+        let Some(Message::Binary(first)) = queue.try_recv().ok() else {
+            panic!("bulk goes through the queue")
+        };
+        let first_at = first.as_ptr();
+        // The writer has written it and let go.
+        drop(first);
+        // Were its buffer freed, this would likely be handed that memory.
+        let blocker = vec![1u8; MAX_BINARY_MESSAGE];
+        io.write_all(&big).await.unwrap();
+        flush(&f).await;
+        let Some(Message::Binary(second)) = queue.try_recv().ok() else {
+            panic!("bulk goes through the queue")
+        };
+        assert_eq!(second.as_ptr(), first_at, "the spent buffer is reused");
+        assert_eq!(&second[..], &big[..]);
+        drop(blocker);
+    }
+
+    #[tokio::test]
+    async fn an_idle_bridge_keeps_at_most_one_spare_buffer() {
+        let (mut io, f, _wire, _socket, mut queue) = pipe();
+        let big = vec![5u8; MAX_BINARY_MESSAGE];
+        // Four messages in flight at once, then all written.
+        for _ in 0..4 {
+            io.write_all(&big).await.unwrap();
+        }
+        flush(&f).await;
+        assert_eq!(f.out.lock().unwrap().sent.len(), 4);
+        while queue.try_recv().is_ok() {}
+        flush(&f).await;
+        assert_eq!(f.out.lock().unwrap().sent.len(), 1);
     }
 }

@@ -175,6 +175,8 @@ struct Inner {
     mux: Mutex<Option<MuxHandle>>,
     stats: Arc<SessionStats>,
     out: mpsc::Sender<Message>,
+    /// The socket's write half: the writer task's, and the yamux driver's for small messages.
+    wire: Arc<ws_io::Wire>,
     id_prefix: u32,
     next_id: AtomicU64,
     peer_seen: AtomicBool,
@@ -334,6 +336,8 @@ where
         + 'static,
 {
     let (out, out_rx) = mpsc::channel(WRITE_QUEUE);
+    let (sink, stream) = ws.split();
+    let wire = ws_io::Wire::new(sink);
     let inner = Arc::new(Inner {
         role,
         v1: V1Registry::new(out.clone(), cfg.v1_queue_cap, cfg.v1_bridge_budget),
@@ -341,6 +345,7 @@ where
         mux: Mutex::new(None),
         stats,
         out,
+        wire: wire.clone(),
         id_prefix: rand::random(),
         next_id: AtomicU64::new(1),
         peer_seen: AtomicBool::new(false),
@@ -351,7 +356,6 @@ where
         inner: inner.clone(),
     };
     let fut = async move {
-        let (sink, stream) = ws.split();
         let (mux_slot, mux_driver) = tokio::sync::oneshot::channel::<MuxDriver>();
         let mut reader = Reader {
             inner: inner.clone(),
@@ -366,7 +370,9 @@ where
         // driver; in one task with them, under bulk load, tokio's cooperative
         // budget was spent by the reader and the driver before the writer's
         // turn, which held back window updates and let bursts pile up.
-        let writer = tokio::spawn(ws_io::write_loop(sink, out_rx));
+        // The yamux driver writes small messages to the socket itself while
+        // this task is idle (`ws_io::DIRECT_MAX`), sparing a wake-up per message.
+        let writer = tokio::spawn(ws_io::write_loop(wire, out_rx));
         let writer = tokio_util::task::AbortOnDropHandle::new(writer);
         // The read loop and (after negotiation) the yamux driver share this
         // task, polled together: a message read is handed to yamux in the

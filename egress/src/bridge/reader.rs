@@ -248,7 +248,7 @@ impl Reader {
 
     fn switch_to_v2(&mut self) {
         let (tx, rx) = mpsc::channel(64);
-        let io = MuxIo::new(rx, self.inner.out.clone());
+        let io = MuxIo::new(rx, self.inner.out.clone(), self.inner.wire.clone());
         let mode = match self.inner.role {
             Role::Client => yamux::Mode::Client,
             Role::Host => yamux::Mode::Server,

@@ -43,6 +43,12 @@ fn main() {
     if std::env::var_os("EGRESS_BENCH_RELAY").is_some() {
         return relay_process();
     }
+    if let Ok(next) = std::env::var("EGRESS_BENCH_FORWARD") {
+        return forward_process(
+            &next,
+            std::env::var_os("EGRESS_BENCH_FORWARD_CONNECT").is_some(),
+        );
+    }
     let arg = |name: &str, default: u64| -> u64 {
         let args: Vec<String> = std::env::args().collect();
         args.iter()
@@ -105,6 +111,23 @@ async fn run(opts: Opts) {
             children.extend(c);
         }
         None => skipped.push("| ssh -D | skipped (openssh-server not installed) | | | | | |"),
+    }
+    // The physical shape of the path without its protocol: processes that
+    // only copy bytes (tokio's `copy_bidirectional`), the first answering
+    // CONNECT. One hop has squid's shape; three have ours (helper,
+    // coordinator relay, daemon host), so the pair shows what the extra
+    // hops alone cost on this machine.
+    for hops in [1, 3] {
+        let name = format!(
+            "bare TCP forwarders (tokio copy), {hops} hop{}",
+            if hops > 1 { "s" } else { "" }
+        );
+        if !wanted(&opts, &name) {
+            continue;
+        }
+        let (c, entry) = start_chain(hops, origin);
+        paths.push((name, Via::Connect(entry)));
+        children.extend(c);
     }
     for v2 in [false, true] {
         let name = if v2 {
@@ -668,6 +691,70 @@ async fn start_ours(dir: &Path, v2: bool) -> (Vec<Child>, SocketAddr) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     (vec![helper, relay], listen)
+}
+
+/// `hops` forwarder processes in a chain ending at `origin`; returns them and the first one's address.
+fn start_chain(hops: usize, origin: SocketAddr) -> (Vec<Child>, SocketAddr) {
+    let mut next = origin;
+    let mut children = Vec::new();
+    for i in (0..hops).rev() {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.env("EGRESS_BENCH_FORWARD", next.to_string())
+            .stdout(Stdio::piped());
+        if i == 0 {
+            cmd.env("EGRESS_BENCH_FORWARD_CONNECT", "1");
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        next = line.trim().parse().unwrap();
+        children.push(child);
+    }
+    (children, next)
+}
+
+/// A process that copies every accepted connection to `next` and back;
+/// with `connect`, it first reads a CONNECT head and answers 200 once its
+/// own dial is up (a lower bound: a real proxy would also parse and check).
+fn forward_process(next: &str, connect: bool) {
+    let next: SocketAddr = next.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = crabbox_egress::proxy::listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        println!("{}", listener.local_addr().unwrap());
+        while let Ok((mut a, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = a.set_nodelay(true);
+                if connect {
+                    let mut head = Vec::with_capacity(256);
+                    let mut buf = [0u8; 256];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match a.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                }
+                let Ok(mut b) = TcpStream::connect(next).await else {
+                    return;
+                };
+                let _ = b.set_nodelay(true);
+                if connect && a.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.is_err() {
+                    return;
+                }
+                let _ =
+                    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 << 10, 64 << 10)
+                        .await;
+            });
+        }
+    });
 }
 
 /// A plain WebSocket relay (no TLS, no auth): pairs the `…/host` and `…/client` sockets and forwards messages verbatim.

@@ -1,4 +1,4 @@
-//! The loopback-only listen rule (reference §3.10) as a table.
+//! The loopback-only listen rule (reference §3.10) as a table, and the accept queue of `listen::bind`.
 
 use crabbox_egress::proxy::{ListenError, validate_listen};
 
@@ -45,4 +45,33 @@ fn loopback_listen_table() {
             .to_string()
             .contains("loopback")
     );
+}
+
+/// `bind`'s accept queue holds a burst far past `TcpListener::bind`'s 128:
+/// 600 dials to a listener that accepts none of them all complete (each
+/// one the kernel queued). With a 128-deep queue the rest are dropped and
+/// their SYN retries are dropped too, so they never connect.
+#[tokio::test]
+async fn bind_queues_a_burst_of_600_connections_without_accepting() {
+    // The kernel caps the queue at net.core.somaxconn (4096 since Linux 5.4).
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if somaxconn < 1024 {
+        eprintln!("skipped: net.core.somaxconn is {somaxconn}, below the 600 this test queues");
+        return;
+    }
+    let listener = crabbox_egress::proxy::listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dials = (0..600).map(|_| {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::net::TcpStream::connect(addr),
+        )
+    });
+    let results = futures::future::join_all(dials).await;
+    let connected = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    assert_eq!(connected, 600, "dials queued without an accept");
+    drop(listener);
 }

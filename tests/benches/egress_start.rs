@@ -8,7 +8,10 @@
 //!   fetches until the first byte;
 //! * headless Chromium loading a many-resource HTTPS page through the bridge
 //!   against the same page direct (no proxy, in the root namespace), rounds
-//!   interleaved, with the page's own `performance.now()` at its load event.
+//!   interleaved, with the page's own `performance.now()` at its load event,
+//!   and the same page through squid (one `CONNECT` hop in the root
+//!   namespace, when squid is installed), which separates the cost of
+//!   Chromium using any proxy from the cost of our path.
 //!
 //! The lease is a network namespace with a real sshd (tests/src/lease.rs).
 
@@ -57,6 +60,49 @@ async fn ctl_ok(d: &TestDaemon, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A squid `CONNECT` proxy on a free loopback port (no cache, no logs),
+/// killed on drop; `None` when squid is not installed.
+async fn squid(dir: &std::path::Path) -> Option<(tokio::process::Child, String)> {
+    let bin = ["/usr/sbin/squid", "/usr/bin/squid"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    // squid drops to its own user when run as root: it must reach the files.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).ok()?;
+    let d = dir.display();
+    let conf = dir.join("squid.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "http_port 127.0.0.1:{port}\nhttp_access allow all\ncache deny all\naccess_log none\n\
+             cache_log {d}/cache.log\npid_filename {d}/squid.pid\ncoredump_dir {d}\nshutdown_lifetime 0 seconds\n"
+        ),
+    )
+    .ok()?;
+    let child = tokio::process::Command::new(bin)
+        .args(["-N", "-f"])
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .ok()?;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Some((child, format!("http://127.0.0.1:{port}")));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
 /// One page load; returns the page's load time (ms) from its own clock.
 async fn page_load(
     prefix: &[&str],
@@ -66,6 +112,15 @@ async fn page_load(
     url: &str,
 ) -> Option<f64> {
     let profile = tempfile::tempdir().unwrap();
+    // CRABBOX_BENCH_NETLOG=<dir>: each load writes Chromium's NetLog there
+    // (per-request DNS/connect/TLS/proxy timings, for chrome://net-export's viewer).
+    let netlog = std::env::var_os("CRABBOX_BENCH_NETLOG").map(|dir| {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let kind = if extra.is_empty() { "direct" } else { "proxy" };
+        let file = std::path::Path::new(&dir).join(format!("{n:02}-{kind}.json"));
+        format!("--log-net-log={}", file.display())
+    });
     let mut cmd = tokio::process::Command::new(prefix.first().copied().unwrap_or(chromium));
     if !prefix.is_empty() {
         cmd.args(&prefix[1..]).arg(chromium);
@@ -73,6 +128,7 @@ async fn page_load(
     let out = cmd
         .args(flags)
         .args(extra)
+        .args(netlog)
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg("--dump-dom")
         .arg(url)
@@ -244,7 +300,15 @@ async fn main() {
         format!("--proxy-server={proxy}"),
         "--proxy-bypass-list=<-loopback>".to_owned(),
     ];
-    let (mut through, mut direct) = (vec![], vec![]);
+    let squid_dir = tempfile::tempdir().unwrap();
+    let squid = squid(squid_dir.path()).await;
+    let via_squid = squid.as_ref().map(|(_, url)| {
+        [
+            format!("--proxy-server={url}"),
+            "--proxy-bypass-list=<-loopback>".to_owned(),
+        ]
+    });
+    let (mut through, mut direct, mut squided) = (vec![], vec![], vec![]);
     // One unmeasured load each to warm caches of the OS.
     page_load(&ns_prefix, chromium, &flags, &via, &page.url()).await;
     page_load(&[], chromium, &flags, &[], &page.url()).await;
@@ -254,6 +318,11 @@ async fn main() {
         }
         if let Some(t) = page_load(&[], chromium, &flags, &[], &page.url()).await {
             direct.push(t);
+        }
+        if let Some(v) = &via_squid
+            && let Some(t) = page_load(&[], chromium, &flags, v, &page.url()).await
+        {
+            squided.push(t);
         }
     }
     if through.is_empty() || direct.is_empty() {
@@ -267,4 +336,13 @@ async fn main() {
         t / dm
     );
     println!("  through {through:.0?}\n  direct {direct:.0?}");
+    if !squided.is_empty() {
+        let sq = median(squided.clone());
+        println!(
+            "  through squid CONNECT (root namespace): {sq:.0} ms, x{:.2} direct; the bridge is x{:.2} squid",
+            sq / dm,
+            t / sq
+        );
+        println!("  squid {squided:.0?}");
+    }
 }

@@ -30,12 +30,23 @@ pub struct TestLease {
     forwarder: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Forwards every connection accepted on `listen` to `to`.
+/// Forwards every connection accepted on `listen` to `to`, with
+/// `TCP_NODELAY` on both sockets (as on every socket of the real path: a
+/// small WebSocket message must not wait out Nagle and a delayed ACK) and
+/// 64 KiB copy buffers.
 async fn forward(listen: tokio::net::TcpListener, to: SocketAddr) {
     while let Ok((mut inbound, _)) = listen.accept().await {
         tokio::spawn(async move {
             if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional_with_sizes(
+                    &mut inbound,
+                    &mut outbound,
+                    64 << 10,
+                    64 << 10,
+                )
+                .await;
             }
         });
     }

@@ -1,6 +1,5 @@
 //! WebSocket plumbing under both protocol versions: the socket's write half ([`Wire`]) shared by the writer task and the yamux driver, and [`MuxIo`], the byte pipe yamux runs on (binary messages in and out).
 
-use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -129,16 +128,7 @@ struct Out {
     /// (held until the flush completes) and the message if the sink has not
     /// taken it yet.
     direct: Option<(OwnedMutexGuard<BoxSink>, Option<Message>)>,
-    /// The buffers of bulk messages sent, oldest first (at most
-    /// [`WRITE_QUEUE`] + 1). Once the writer has copied one into the socket's
-    /// buffer it is ours alone and becomes the next message's buffer: a fresh
-    /// 256 KiB buffer per message cost page faults (glibc hands the pages
-    /// back to the kernel and faults them in again), 70 per MiB sent.
-    sent: VecDeque<Bytes>,
 }
-
-/// A message at least this large is bulk: its buffer is kept for reuse.
-const REUSE_MIN: usize = 64 * 1024;
 
 fn ws_err(e: WsError) -> io::Error {
     io::Error::other(e.to_string())
@@ -167,47 +157,9 @@ impl Out {
         Poll::Ready(Ok(()))
     }
 
-    /// The buffered bytes as a message; a bulk one's buffer is remembered for reuse.
+    /// The buffered bytes as a message (the buffer keeps its spare room for the next one).
     fn take_message(&mut self) -> Message {
-        let bytes = std::mem::take(&mut self.wbuf).freeze();
-        if bytes.len() >= REUSE_MIN && self.sent.len() <= WRITE_QUEUE {
-            self.sent.push_back(bytes.clone());
-        }
-        Message::Binary(bytes)
-    }
-
-    /// Gives the empty write buffer room for `want` bytes: a sent bulk
-    /// buffer the writer is done with when there is one, else a new one.
-    fn fresh(&mut self, want: usize) {
-        debug_assert!(self.wbuf.is_empty());
-        if want >= REUSE_MIN {
-            while let Some(oldest) = self.sent.pop_front() {
-                match oldest.try_into_mut() {
-                    Ok(mut buf) => {
-                        buf.clear();
-                        if buf.capacity() >= want {
-                            self.wbuf = buf;
-                            return;
-                        }
-                    }
-                    // Still queued or being written; so are the later ones.
-                    Err(oldest) => {
-                        self.sent.push_front(oldest);
-                        break;
-                    }
-                }
-            }
-        }
-        self.wbuf.reserve(want);
-    }
-
-    /// Frees the sent buffers the writer is done with, keeping one for the
-    /// next bulk message (the driver calls this when it goes idle, so an idle
-    /// bridge holds at most one spare).
-    fn trim(&mut self) {
-        while self.sent.len() > 1 && self.sent.front().is_some_and(Bytes::is_unique) {
-            self.sent.pop_front();
-        }
+        Message::Binary(self.wbuf.split().freeze())
     }
 
     /// Drives a direct write to the end of its flush, then releases the sink.
@@ -235,9 +187,7 @@ pub(crate) struct MuxFlush {
 impl MuxFlush {
     /// Sends the buffered bytes as one message (pending while the write queue is full).
     pub(crate) fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut out = self.out.lock().unwrap();
-        out.trim();
-        out.poll_send(cx)
+        self.out.lock().unwrap().poll_send(cx)
     }
 }
 
@@ -253,7 +203,6 @@ impl MuxIo {
             wire,
             wbuf: BytesMut::new(),
             direct: None,
-            sent: VecDeque::new(),
         }));
         let io = MuxIo {
             rx,
@@ -297,22 +246,18 @@ impl futures::io::AsyncWrite for MuxIo {
         }
         let room = MAX_BINARY_MESSAGE - out.wbuf.len();
         let n = buf.len().min(room);
-        if out.wbuf.is_empty() {
+        if out.wbuf.capacity() - out.wbuf.len() < n {
             // Bulk (a large first write) gets room for a whole message at
-            // once; a small exchange only what it needs.
-            let want = if n >= 16 * 1024 {
-                MAX_BINARY_MESSAGE
-            } else {
+            // once; a small exchange only what it needs. A message that
+            // outgrows a small start (yamux writes a frame's 12-byte header
+            // before its body) moves to a whole message's room in one step,
+            // not through a chain of doubling reallocations.
+            let want = if out.wbuf.is_empty() && n < 16 * 1024 {
                 n.max(4096)
+            } else {
+                MAX_BINARY_MESSAGE - out.wbuf.len()
             };
-            out.fresh(want);
-        } else if out.wbuf.capacity() - out.wbuf.len() < n {
-            // A message that outgrows a small start (yamux writes a frame's
-            // 12-byte header before its body) moves to a whole message's
-            // room at once, not through a chain of doubling reallocations.
-            let start = std::mem::take(&mut out.wbuf);
-            out.fresh(MAX_BINARY_MESSAGE);
-            out.wbuf.extend_from_slice(&start);
+            out.wbuf.reserve(want);
         }
         out.wbuf.extend_from_slice(&buf[..n]);
         Poll::Ready(Ok(n))
@@ -420,41 +365,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_bulk_buffer_the_writer_is_done_with_carries_the_next_message() {
-        let (mut io, f, _wire, _socket, mut queue) = pipe();
-        let big = vec![3u8; MAX_BINARY_MESSAGE];
-        io.write_all(&big).await.unwrap();
-        flush(&f).await;
-        let Some(Message::Binary(first)) = queue.try_recv().ok() else {
-            panic!("bulk goes through the queue")
-        };
-        let first_at = first.as_ptr();
-        // The writer has written it and let go.
-        drop(first);
-        // Were its buffer freed, this would likely be handed that memory.
-        let blocker = vec![1u8; MAX_BINARY_MESSAGE];
-        io.write_all(&big).await.unwrap();
-        flush(&f).await;
-        let Some(Message::Binary(second)) = queue.try_recv().ok() else {
-            panic!("bulk goes through the queue")
-        };
-        assert_eq!(second.as_ptr(), first_at, "the spent buffer is reused");
-        assert_eq!(&second[..], &big[..]);
-        drop(blocker);
-    }
-
-    #[tokio::test]
-    async fn an_idle_bridge_keeps_at_most_one_spare_buffer() {
-        let (mut io, f, _wire, _socket, mut queue) = pipe();
-        let big = vec![5u8; MAX_BINARY_MESSAGE];
-        // Four messages in flight at once, then all written.
-        for _ in 0..4 {
-            io.write_all(&big).await.unwrap();
-        }
-        flush(&f).await;
-        assert_eq!(f.out.lock().unwrap().sent.len(), 4);
-        while queue.try_recv().is_ok() {}
-        flush(&f).await;
-        assert_eq!(f.out.lock().unwrap().sent.len(), 1);
+    async fn a_message_that_outgrows_a_small_start_gets_a_whole_message_of_room_at_once() {
+        let (mut io, f, _wire, _socket, _queue) = pipe();
+        // As yamux writes a data frame: the 12-byte header, then the body.
+        io.write_all(&[0u8; 12]).await.unwrap();
+        assert!(f.out.lock().unwrap().wbuf.capacity() < 16 * 1024);
+        io.write_all(&[1u8; 32 * 1024]).await.unwrap();
+        assert!(f.out.lock().unwrap().wbuf.capacity() >= MAX_BINARY_MESSAGE);
     }
 }

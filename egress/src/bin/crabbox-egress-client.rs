@@ -96,7 +96,8 @@ impl fmt::Debug for Ticket {
 fn main() -> ExitCode {
     let args = Args::parse();
     {
-        use tracing_subscriber::filter::{LevelFilter, Targets};
+        use tracing_subscriber::Layer as _;
+        use tracing_subscriber::filter::{FilterExt as _, LevelFilter, Targets};
         use tracing_subscriber::layer::SubscriberExt;
         use tracing_subscriber::util::SubscriberInitExt;
         // Whatever CRABBOX_LOG says, the WebSocket/HTTP/TLS libraries stay at
@@ -117,15 +118,19 @@ fn main() -> ExitCode {
             Targets::new().with_default(LevelFilter::TRACE),
             |t, target| t.with_target(target, LevelFilter::INFO),
         );
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_env("CRABBOX_LOG")
-                    .unwrap_or_else(|_| "info".into()),
+        let env = tracing_subscriber::EnvFilter::try_from_env("CRABBOX_LOG")
+            .unwrap_or_else(|_| "info".into());
+        // One filter, both rules: its level hint is the lower of the two
+        // (info by default), so disabled `trace!`/`debug!` call sites — yamux
+        // has them on every frame — are skipped at once instead of asking the
+        // filter each time (a separate clamp layer made the hint trace).
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(false)
+                    .with_filter(env.and(clamp)),
             )
-            .with_writer(std::io::stderr)
-            .with_ansi(false)
-            .finish()
-            .with(clamp)
             .init();
     }
     let listen = match proxy::validate_listen(&args.listen) {

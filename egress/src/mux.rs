@@ -158,8 +158,9 @@ impl Future for MuxDriver {
                 // queued, or tokio's cooperative budget ran out (the task is
                 // woken again at once). Either way, the coalesced bytes go
                 // out now as one message.
-                // Pending here means the write queue is full; the channel
-                // wakes this task when it has room.
+                // Pending here means the write queue is full (the channel
+                // wakes this task when it has room) or a small message the
+                // driver writes itself waits for the socket (the socket wakes it).
                 if let Poll::Ready(Err(e)) = this.flush.poll_flush(cx) {
                     return Poll::Ready(Err(e.to_string()));
                 }

@@ -38,7 +38,7 @@ const _: () = assert!(WRITE_QUEUE_BYTES <= 4 * 1024 * 1024);
 /// in parallel with the driver reading it.
 pub(crate) const DIRECT_MAX: usize = 16 * 1024;
 
-/// The socket's write half of one bridge.
+/// The boxed WebSocket sink both writers share.
 type BoxSink = Pin<Box<dyn Sink<Message, Error = WsError> + Send>>;
 
 /// The socket's write half, shared by the writer task (everything queued)
@@ -130,8 +130,13 @@ struct Out {
     direct: Option<(OwnedMutexGuard<BoxSink>, Option<Message>)>,
 }
 
+/// A socket error met by a direct write, with the kind the writer task's would have.
 fn ws_err(e: WsError) -> io::Error {
-    io::Error::other(e.to_string())
+    match e {
+        WsError::Io(e) => e,
+        WsError::ConnectionClosed | WsError::AlreadyClosed => io::ErrorKind::BrokenPipe.into(),
+        other => io::Error::other(other.to_string()),
+    }
 }
 
 impl Out {
@@ -140,7 +145,15 @@ impl Out {
         if self.wbuf.is_empty() {
             return Poll::Ready(Ok(()));
         }
+        // Nothing queued at all (so a queued text message, e.g. a `hello`
+        // reply, is not overtaken, short of one the writer has just taken
+        // and not yet fed), and none of our own binary still unfed.
+        let queue_empty = self
+            .tx
+            .get_ref()
+            .is_some_and(|tx| tx.capacity() == tx.max_capacity());
         if self.wbuf.len() <= DIRECT_MAX
+            && queue_empty
             && self.wire.binary_queued.load(Ordering::Acquire) == 0
             && let Ok(sink) = self.wire.sink.clone().try_lock_owned()
         {
@@ -163,19 +176,26 @@ impl Out {
     }
 
     /// Drives a direct write to the end of its flush, then releases the sink.
+    /// On an error the sink is released too (the writer task then meets the
+    /// same broken socket), never kept locked by a write that cannot finish.
     fn poll_direct(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let Some((sink, msg)) = &mut self.direct else {
             return Poll::Ready(Ok(()));
         };
-        if msg.is_some() {
-            ready!(sink.as_mut().poll_ready(cx)).map_err(ws_err)?;
-            sink.as_mut()
-                .start_send(msg.take().unwrap())
-                .map_err(ws_err)?;
+        let res = (|| {
+            if msg.is_some() {
+                ready!(sink.as_mut().poll_ready(cx))?;
+                sink.as_mut().start_send(msg.take().unwrap())?;
+            }
+            sink.as_mut().poll_flush(cx)
+        })();
+        match res {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(res) => {
+                self.direct = None;
+                Poll::Ready(res.map_err(ws_err))
+            }
         }
-        ready!(sink.as_mut().poll_flush(cx)).map_err(ws_err)?;
-        self.direct = None;
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -362,5 +382,65 @@ mod tests {
         assert_eq!(socket.try_recv().ok(), Some(binary(&big)));
         assert_eq!(socket.try_recv().ok(), Some(binary(b"small")));
         assert_eq!(wire.binary_queued.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_small_message_does_not_overtake_a_queued_text_message() {
+        let (sock_tx, mut socket) = futures::channel::mpsc::unbounded();
+        let wire = Wire::new(sock_tx.sink_map_err(|_| WsError::ConnectionClosed));
+        let (_in_tx, in_rx) = mpsc::channel(1);
+        let (q_tx, mut queue) = mpsc::channel(WRITE_QUEUE);
+        let (mut io, f) = MuxIo::new(in_rx, q_tx.clone(), wire);
+        q_tx.send(Message::text("hello reply")).await.unwrap();
+        io.write_all(b"syn").await.unwrap();
+        flush(&f).await;
+        assert!(socket.try_recv().is_err(), "nothing written directly");
+        assert_eq!(queue.try_recv().ok(), Some(Message::text("hello reply")));
+        assert_eq!(queue.try_recv().ok(), Some(binary(b"syn")));
+    }
+
+    /// The real writer task and the driver's direct writes racing on two
+    /// threads, with text messages queued in between: the binary bytes reach
+    /// the socket whole and in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn yamux_bytes_reach_the_socket_in_order_while_both_paths_race() {
+        let (sock_tx, mut socket) = futures::channel::mpsc::unbounded();
+        let wire = Wire::new(sock_tx.sink_map_err(|_| WsError::ConnectionClosed));
+        let (_in_tx, in_rx) = mpsc::channel(1);
+        let (q_tx, queue) = mpsc::channel(WRITE_QUEUE);
+        let writer = tokio::spawn(write_loop(wire.clone(), queue));
+        let (mut io, f) = MuxIo::new(in_rx, q_tx.clone(), wire);
+        let mut sent = Vec::new();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for i in 0..3000u32 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            // 1 byte to 40 KiB: both sides of DIRECT_MAX.
+            let len = 1 + (seed % (40 * 1024)) as usize;
+            let chunk: Vec<u8> = (0..len).map(|j| (i as usize + j) as u8).collect();
+            io.write_all(&chunk).await.unwrap();
+            sent.extend_from_slice(&chunk);
+            if seed.is_multiple_of(3) {
+                flush(&f).await;
+            }
+            if seed.is_multiple_of(7) {
+                q_tx.send(Message::text("stats")).await.unwrap();
+            }
+            if seed.is_multiple_of(5) {
+                tokio::task::yield_now().await;
+            }
+        }
+        flush(&f).await;
+        drop((io, f, q_tx));
+        writer.await.unwrap().unwrap();
+        let mut got = Vec::new();
+        while let Ok(msg) = socket.try_recv() {
+            if let Message::Binary(b) = msg {
+                got.extend_from_slice(&b);
+            }
+        }
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "binary bytes reordered");
     }
 }

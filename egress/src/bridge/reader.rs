@@ -237,7 +237,8 @@ impl Reader {
         self.peer_spoke = true;
         if !hello.reply {
             // Our own hello may have been dropped while the peer was absent;
-            // answer before any binary so the peer switches too. A repeated
+            // answer (queued before any binary; see docs/protocol.md for the
+            // race in which binary overtakes it) so the peer switches too. A repeated
             // hello after we switched means our reply was lost: answer again.
             self.send_hello(true).await;
         }

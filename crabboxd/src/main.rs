@@ -8,12 +8,6 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
-
-/// mimalloc, as in the lease-side helper: tungstenite reads each bridge
-/// message into a fresh message-sized buffer, and glibc's malloc hands
-/// those pages back to the kernel and faults them in again.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use crabboxd::{
     config::{Config, Overrides},
     platform::socket::{ApiListener, BindError},

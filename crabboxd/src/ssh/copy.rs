@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::{
     SshError,
-    conn::{ChannelGuard, Conn, Stats},
+    conn::{ChannelGuard, CloseOnDrop, Conn, Stats},
     exec::{open_session, sh_quote},
 };
 use crate::supervisor::Supervisor;
@@ -181,6 +181,7 @@ if [ -d "$dst" ]; then final="${dst%/}/$name"; else final=$dst; fi
 parent=$(dirname -- "$final")
 tmp=$(mktemp -d "$parent/.crabbox-cp.XXXXXX")
 trap 'rm -rf -- "$tmp"' EXIT
+trap 'exit 1' HUP INT TERM PIPE
 tar -xpf - -C "$tmp"
 mv -fT -- "$tmp/$name" "$final"
 printf '%s\n' "$final""#;
@@ -203,6 +204,7 @@ printf '%s\n' "$final""#;
         .await
         .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
     let (mut rd, wr) = channel.split();
+    let wr = CloseOnDrop::new(supervisor, wr, &conn.target.lease, "an upload");
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let is_dir = meta.is_dir();
     let packer = supervisor.spawn_blocking(move || -> io::Result<()> {
@@ -220,8 +222,9 @@ printf '%s\n' "$final""#;
         let mut w = b.into_inner()?;
         w.flush()
     });
-    let send = send_chunks(wr, rx, Arc::clone(&conn.stats), out, total);
+    let send = send_chunks(&wr, rx, Arc::clone(&conn.stats), out, total);
     let (sent_result, remote_result) = upload_both(send, collect(&mut rd, &conn)).await;
+    wr.ended();
     let packed = packer
         .await
         .map_err(|e| copy_err(format!("the local tar failed: {e}")))?;
@@ -252,6 +255,7 @@ if [ -d "$dst" ]; then final="${dst%/}/$name"; else final=$dst; fi
 parent=$(dirname -- "$final")
 tmp=$(mktemp "$parent/.crabbox-cp.XXXXXX")
 trap 'rm -f -- "$tmp"' EXIT
+trap 'exit 1' HUP INT TERM PIPE
 cat > "$tmp"
 n=$(wc -c < "$tmp" | tr -d ' ')
 [ "$n" = "$5" ] || { echo "received $n of $5 bytes" >&2; exit 1; }
@@ -280,6 +284,7 @@ printf '%s\n' "$final""#;
         .await
         .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
     let (mut rd, wr) = channel.split();
+    let wr = CloseOnDrop::new(supervisor, wr, &conn.target.lease, "an upload");
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let reader = supervisor.spawn_blocking(move || -> io::Result<()> {
         // The size announced to the far side, at most: a file that shrinks
@@ -308,8 +313,9 @@ printf '%s\n' "$final""#;
             }
         }
     });
-    let send = send_chunks(wr, rx, Arc::clone(&conn.stats), out, total);
+    let send = send_chunks(&wr, rx, Arc::clone(&conn.stats), out, total);
     let (sent_result, remote_result) = upload_both(send, collect(&mut rd, &conn)).await;
+    wr.ended();
     let read = reader
         .await
         .map_err(|e| copy_err(format!("reading the local file failed: {e}")))?;
@@ -350,7 +356,7 @@ async fn report_uploaded(
 /// Sends an upload's chunks into its channel (counted, with a progress
 /// report every MiB), then end-of-file; the number of bytes sent.
 async fn send_chunks(
-    wr: russh::ChannelWriteHalf<russh::client::Msg>,
+    wr: &russh::ChannelWriteHalf<russh::client::Msg>,
     mut rx: mpsc::Receiver<Bytes>,
     stats: Arc<Stats>,
     out: &mpsc::Sender<Result<Progress, SshError>>,
@@ -483,13 +489,15 @@ async fn download(
         .acquire_owned()
         .await
         .map_err(|_| SshError::Lost("the connection closed".into()))?;
-    let mut channel = open_session(&conn).await?;
+    let channel = open_session(&conn).await?;
     let _guard = ChannelGuard::new(&conn.stats);
     channel
         .exec(true, cmd)
         .await
         .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
     let _ = channel.eof().await;
+    let (mut rd, wr) = channel.split();
+    let wr = CloseOnDrop::new(supervisor, wr, &conn.target.lease, "a download");
     let (tx, rx) = mpsc::channel::<Bytes>(32);
     let dest = tmp.clone();
     let unpacker = supervisor.spawn_blocking(move || -> io::Result<()> {
@@ -511,7 +519,7 @@ async fn download(
     let mut stderr = Vec::new();
     let mut status = None;
     let mut tx = Some(tx);
-    while let Some(msg) = channel.wait().await {
+    while let Some(msg) = rd.wait().await {
         match msg {
             ChannelMsg::Data { data } => {
                 got += data.len() as u64;
@@ -541,6 +549,7 @@ async fn download(
             _ => {}
         }
     }
+    wr.ended();
     drop(tx);
     let unpacked = unpacker
         .await

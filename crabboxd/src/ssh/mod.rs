@@ -431,7 +431,7 @@ impl SshManager {
                     return;
                 }
             };
-            shell::run(conn, spec, input, tx).await;
+            shell::run(this.supervisor.clone(), conn, spec, input, tx).await;
         };
         self.detached("ssh-shell", fut, rx)
     }

@@ -177,6 +177,13 @@ async fn interrupted_copies_leave_no_temp_files_and_free_their_sessions() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // What is staged on the far side is the user's alone while it is
+    // written (the local file's mode is set only once it is complete).
+    for (p, _) in staged(remote.path()) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", p.display());
+    }
     for c in &children {
         sigkill(c);
     }

@@ -178,18 +178,20 @@ async fn upload(
     let script = r#"set -e
 dst=$1; name=$2
 if [ -d "$dst" ]; then final="${dst%/}/$name"; else final=$dst; fi
-parent=$(dirname -- "$final")
-tmp=$(mktemp -d "$parent/.crabbox-cp.XXXXXX")
+case $final in */*) parent=${final%/*}; parent=${parent:-/} ;; *) parent=. ;; esac
+tmp="$parent/.crabbox-cp.$3"
+mkdir -m 700 -- "$tmp"
 trap 'rm -rf -- "$tmp"' EXIT
 trap 'exit 1' HUP INT TERM PIPE
 tar -xpf - -C "$tmp"
 mv -fT -- "$tmp/$name" "$final"
 printf '%s\n' "$final""#;
     let cmd = format!(
-        "sh -c {} sh {} {}",
+        "sh -c {} sh {} {} {}",
         sh_quote(script),
         sh_quote(&remote),
-        sh_quote(&name)
+        sh_quote(&name),
+        random_suffix()
     );
     let _permit = conn
         .sessions
@@ -250,26 +252,29 @@ async fn upload_file(
     let mode = format!("{:o}", meta.mode() & 0o7777);
     let mtime = meta.mtime().to_string();
     let script = r#"set -e
+umask 077
 dst=$1; name=$2
 if [ -d "$dst" ]; then final="${dst%/}/$name"; else final=$dst; fi
-parent=$(dirname -- "$final")
-tmp=$(mktemp "$parent/.crabbox-cp.XXXXXX")
+case $final in */*) parent=${final%/*}; parent=${parent:-/} ;; *) parent=. ;; esac
+tmp="$parent/.crabbox-cp.$6"
+set -C; : > "$tmp"; set +C
 trap 'rm -f -- "$tmp"' EXIT
 trap 'exit 1' HUP INT TERM PIPE
 cat > "$tmp"
-n=$(wc -c < "$tmp" | tr -d ' ')
-[ "$n" = "$5" ] || { echo "received $n of $5 bytes" >&2; exit 1; }
+n=$(wc -c < "$tmp")
+[ "$n" -eq "$5" ] || { echo "received $n of $5 bytes" >&2; exit 1; }
 chmod "$3" "$tmp"
 touch -m -d "@$4" "$tmp" 2>/dev/null || true
 mv -fT -- "$tmp" "$final"
 printf '%s\n' "$final""#;
     let cmd = format!(
-        "sh -c {} sh {} {} {} {} {total}",
+        "sh -c {} sh {} {} {} {} {total} {}",
         sh_quote(script),
         sh_quote(&remote),
         sh_quote(&name),
         sh_quote(&mode),
-        sh_quote(&mtime)
+        sh_quote(&mtime),
+        random_suffix()
     );
     let _permit = conn
         .sessions
@@ -291,20 +296,12 @@ printf '%s\n' "$final""#;
         // fails there; one that grows is cut to its size at the start.
         let mut f = std::fs::File::open(&local)?.take(total);
         loop {
-            let mut buf = vec![0u8; CHUNK];
-            let mut got = 0;
-            while got < CHUNK {
-                match f.read(&mut buf[got..]) {
-                    Ok(0) => break,
-                    Ok(n) => got += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            // Read into spare capacity: no zeroing of each chunk first.
+            let mut buf = Vec::with_capacity(CHUNK);
+            let got = (&mut f).take(CHUNK as u64).read_to_end(&mut buf)?;
             if got == 0 {
                 return Ok(());
             }
-            buf.truncate(got);
             if tx.blocking_send(Bytes::from(buf)).is_err() {
                 return Err(io::Error::new(
                     io::ErrorKind::BrokenPipe,

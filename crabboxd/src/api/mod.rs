@@ -35,6 +35,9 @@ use crate::daemon::DaemonState;
 const STREAM_WINDOW: u32 = 2 << 20;
 /// See [`STREAM_WINDOW`]: the whole connection, all its streams together.
 const CONNECTION_WINDOW: u32 = 8 << 20;
+/// The largest HTTP/2 frame a client may send: h2's 16 KiB default cut a
+/// streamed upload into a write (and a read here) per 16 KiB.
+const MAX_FRAME: u32 = 256 << 10;
 
 /// Serves the API on `listener` until `stop` is cancelled, then ends open
 /// watch and attach streams, finishes in-flight calls and returns.
@@ -54,6 +57,7 @@ pub async fn serve(
     Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .layer(tower::util::MapResponseLayer::new(stamp_version))
         .add_service(DaemonServer::new(daemon::DaemonService::new(
             state.clone(),

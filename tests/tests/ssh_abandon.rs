@@ -348,3 +348,155 @@ async fn killed_shell_clients_leave_no_process_on_the_far_side() {
     }
     eprintln!("remote shells gone {:?} after the kill", killed.elapsed());
 }
+
+/// The number of entries under `p`, recursively.
+fn entries_under(p: &Path) -> usize {
+    std::fs::read_dir(p)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            1 + if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                entries_under(&e.path())
+            } else {
+                0
+            }
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_upload_cut_off_between_entries_is_never_installed() {
+    require_sshd!();
+    let sshd = TestSshd::start().await;
+    let d = daemon(&sshd).await;
+    let local = tempfile::tempdir().unwrap();
+    let remote = tempfile::tempdir().unwrap();
+    // Many small files: a cut often falls on an entry boundary, where
+    // `tar -x` sees a complete archive and exits 0.
+    let tree = local.path().join("tree");
+    let t = tree.clone();
+    tokio::task::spawn_blocking(move || {
+        for i in 0..40 {
+            let dir = t.join(format!("d{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for j in 0..500 {
+                std::fs::write(dir.join(format!("f{j}")), [b'x'; 1000]).unwrap();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let dst = format!("box:{}/", remote.path().display());
+    for round in 0..3 {
+        let mut child = d
+            .ctl_command(&["cp", tree.to_str().unwrap(), &dst])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n: usize = staged(remote.path())
+                .iter()
+                .map(|(p, _)| entries_under(p))
+                .sum();
+            if n >= 500 * (round + 1) {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the upload ended before it was cut off ({status}); make the tree larger");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the upload never got going\n{}",
+                d.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        sigkill(&child);
+        let _ = child.wait().await;
+        let deadline = Instant::now() + CLEANUP;
+        while !staged(remote.path()).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the cut-off upload's staging directory stayed\n{}",
+                d.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !remote.path().join("tree").exists(),
+            "round {round}: a cut-off tree upload was installed at the destination ({} entries)",
+            entries_under(&remote.path().join("tree"))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_exec_client_never_gives_the_command_a_clean_end_of_input() {
+    require_sshd!();
+    let sshd = TestSshd::start().await;
+    let d = daemon(&sshd).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("took-it-for-complete");
+    // A command that acts once its input ends: a cut-off input must not
+    // look complete to it.
+    let script = format!("cat >/dev/null; touch {}", mark.display());
+    let mut child = d
+        .ctl_command(&["exec", "--id", "box", "--", "sh", "-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    {
+        use tokio::io::AsyncWriteExt as _;
+        stdin.write_all(b"some of the input\n").await.unwrap();
+        stdin.flush().await.unwrap();
+    }
+    let needle = format!("touch {}", mark.display());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pgrep(&regex_escape(&needle)) {
+        assert!(
+            Instant::now() < deadline,
+            "the command never started\n{}",
+            d.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The test keeps its end of the pipe open: only the kill ends the
+    // client.
+    sigkill(&child);
+    let _ = child.wait().await;
+    let deadline = Instant::now() + CLEANUP;
+    while pgrep(&regex_escape(&needle)) {
+        assert!(
+            Instant::now() < deadline,
+            "the command still runs after its client died\n{}",
+            d.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !mark.exists(),
+        "the command saw a clean end of its input after its client was killed"
+    );
+    drop(stdin);
+}
+
+/// `s` with the characters `pgrep -f` would read as a pattern escaped.
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '/' || c == ' ' || c == '-' || c == '_' {
+                c.to_string()
+            } else {
+                format!("\\{c}")
+            }
+        })
+        .collect()
+}

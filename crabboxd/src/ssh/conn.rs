@@ -109,10 +109,12 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Holds a channel's write half and closes the channel if the work using it
 /// is dropped before the channel ended (its client went away): a dropped
-/// russh channel is never closed by itself, so the far side would wait for
-/// more input for good (an upload's `cat`, a download's `tar` blocked on a
-/// full window, a shell), holding one of the server's `MaxSessions`. The
-/// close is a short, bounded clean-up through the supervisor.
+/// russh channel is never closed by itself, so the far side would go on for
+/// good — an upload's `cat` waiting for more input, a shell, a download's
+/// `tar` streaming the whole tree into a receiver that is gone (russh drops
+/// its data), hogging the lease's connection — each holding one of the
+/// server's `MaxSessions`. The close is a short, bounded clean-up through
+/// the supervisor.
 pub struct CloseOnDrop {
     wr: Option<russh::ChannelWriteHalf<Msg>>,
     ended: std::sync::atomic::AtomicBool,

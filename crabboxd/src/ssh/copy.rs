@@ -184,14 +184,15 @@ mkdir -m 700 -- "$tmp"
 trap 'rm -rf -- "$tmp"' EXIT
 trap 'exit 1' HUP INT TERM PIPE
 tar -xpf - -C "$tmp"
+[ -e "$tmp/.crabbox-cp-end.$3" ] || { echo "the upload was cut off" >&2; exit 1; }
 mv -fT -- "$tmp/$name" "$final"
 printf '%s\n' "$final""#;
+    let suffix = random_suffix();
     let cmd = format!(
-        "sh -c {} sh {} {} {}",
+        "sh -c {} sh {} {} {suffix}",
         sh_quote(script),
         sh_quote(&remote),
         sh_quote(&name),
-        random_suffix()
     );
     let _permit = conn
         .sessions
@@ -221,6 +222,14 @@ printf '%s\n' "$final""#;
         } else {
             b.append_path_with_name(&local, &name)?;
         }
+        // The last entry, an empty file the far side checks for: GNU tar
+        // takes a stream cut at an entry boundary for a complete archive,
+        // so only this says the whole tree arrived.
+        let mut end = tar::Header::new_gnu();
+        end.set_size(0);
+        end.set_mode(0o600);
+        end.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut end, format!(".crabbox-cp-end.{suffix}"), io::empty())?;
         let mut w = b.into_inner()?;
         w.flush()
     });
@@ -234,6 +243,26 @@ printf '%s\n' "$final""#;
     packed.map_err(|e| copy_err(format!("cannot read the local files: {e}")))?;
     report_uploaded(sent_result, &stdout, total, out).await
 }
+
+/// The far side of a file upload: `$1` destination, `$2` name, `$3` mode,
+/// `$4` mtime, `$5` size, `$6` the temp name's random suffix.
+const FILE_SCRIPT: &str = r#"set -e
+umask 077
+dst=$1; name=$2
+if [ -d "$dst" ]; then final="${dst%/}/$name"; else final=$dst; fi
+case $final in */*) parent=${final%/*}; parent=${parent:-/} ;; *) parent=. ;; esac
+tmp="$parent/.crabbox-cp.$6"
+set -C; : > "$tmp"; set +C
+[ -f "$tmp" ] && [ ! -L "$tmp" ] || { echo "$tmp is not the file just created" >&2; exit 1; }
+trap 'rm -f -- "$tmp"' EXIT
+trap 'exit 1' HUP INT TERM PIPE
+cat > "$tmp"
+n=$(wc -c < "$tmp")
+[ "$n" -eq "$5" ] || { echo "received $n of $5 bytes" >&2; exit 1; }
+chmod "$3" "$tmp"
+touch -m -d "@$4" "$tmp" 2>/dev/null || true
+mv -fT -- "$tmp" "$final"
+printf '%s\n' "$final""#;
 
 /// Uploads one regular file as its raw bytes: written to a temporary name
 /// next to the destination, given the local mode and mtime, then renamed
@@ -251,22 +280,7 @@ async fn upload_file(
     let total = meta.len();
     let mode = format!("{:o}", meta.mode() & 0o7777);
     let mtime = meta.mtime().to_string();
-    let script = r#"set -e
-umask 077
-dst=$1; name=$2
-if [ -d "$dst" ]; then final="${dst%/}/$name"; else final=$dst; fi
-case $final in */*) parent=${final%/*}; parent=${parent:-/} ;; *) parent=. ;; esac
-tmp="$parent/.crabbox-cp.$6"
-set -C; : > "$tmp"; set +C
-trap 'rm -f -- "$tmp"' EXIT
-trap 'exit 1' HUP INT TERM PIPE
-cat > "$tmp"
-n=$(wc -c < "$tmp")
-[ "$n" -eq "$5" ] || { echo "received $n of $5 bytes" >&2; exit 1; }
-chmod "$3" "$tmp"
-touch -m -d "@$4" "$tmp" 2>/dev/null || true
-mv -fT -- "$tmp" "$final"
-printf '%s\n' "$final""#;
+    let script = FILE_SCRIPT;
     let cmd = format!(
         "sh -c {} sh {} {} {} {} {total} {}",
         sh_quote(script),
@@ -592,5 +606,46 @@ struct TmpDir(PathBuf);
 impl Drop for TmpDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name planted at the temp path (a symlink to another user's FIFO)
+    /// is refused, not written through.
+    #[test]
+    fn a_planted_temp_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("theirs");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+        std::os::unix::fs::symlink(&fifo, dir.path().join(".crabbox-cp.planted")).unwrap();
+        // The other user's reader.
+        let reader = std::process::Command::new("cat")
+            .arg(&fifo)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(FILE_SCRIPT)
+            .arg("sh")
+            .arg(dir.path().join("dest"))
+            .args(["dest", "644", "0", "6", "planted"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write as _;
+                let _ = c.stdin.take().unwrap().write_all(b"secret");
+                c.wait_with_output()
+            })
+            .unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        let got = reader.wait_with_output().unwrap().stdout;
+        assert_eq!(got, b"", "the upload went to the planted FIFO");
+        assert!(!dir.path().join("dest").exists());
     }
 }

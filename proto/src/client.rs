@@ -118,7 +118,13 @@ impl Client {
         let path = Arc::new(socket.clone());
         // The URI is never dialled; the connector below ignores it and opens
         // the Unix socket instead. HTTP/2 still needs an authority.
-        let endpoint = Endpoint::from_static("http://crabboxd.sock");
+        // Flow-control windows beyond h2's 64 KiB default, so a streamed
+        // command's output (64 KiB messages and more) does not wait for a
+        // window update after each message; frames up to 256 KiB, not 16.
+        let endpoint = Endpoint::from_static("http://crabboxd.sock")
+            .initial_stream_window_size(2 << 20)
+            .initial_connection_window_size(8 << 20)
+            .max_frame_size(256 << 10);
         let channel = endpoint
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let path = Arc::clone(&path);

@@ -79,7 +79,7 @@ pub async fn stream(ctx: &Ctx, start: ExecStart, forward_stdin: bool) -> anyhow:
     let stdin = async move {
         if forward_stdin {
             let mut input = tokio::io::stdin();
-            let mut buf = vec![0u8; 64 * 1024];
+            let mut buf = vec![0u8; 256 * 1024];
             loop {
                 match input.read(&mut buf).await {
                     Ok(0) | Err(_) => break,

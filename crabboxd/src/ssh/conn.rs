@@ -25,6 +25,7 @@ use super::{
     hostkey::{HostKeyError, HostKeys},
     target::{LeaseFiles, Target},
 };
+use crate::supervisor::Supervisor;
 
 /// Deadline of one TCP connect.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,6 +101,76 @@ impl Drop for ChannelGuard {
         if self.stats.channels.fetch_sub(1, Ordering::SeqCst) == 1 {
             *self.stats.idle_since.lock().unwrap() = Some(Instant::now());
         }
+    }
+}
+
+/// How long closing an abandoned channel may take.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Holds a channel's write half and closes the channel if the work using it
+/// is dropped before the channel ended (its client went away): a dropped
+/// russh channel is never closed by itself, so the far side would go on for
+/// good — an upload's `cat` waiting for more input, a shell, a download's
+/// `tar` streaming the whole tree into a receiver that is gone (russh drops
+/// its data), hogging the lease's connection — each holding one of the
+/// server's `MaxSessions`. The close is a short, bounded clean-up through
+/// the supervisor.
+pub struct CloseOnDrop {
+    wr: Option<russh::ChannelWriteHalf<Msg>>,
+    ended: std::sync::atomic::AtomicBool,
+    supervisor: Supervisor,
+    lease: String,
+    what: &'static str,
+}
+
+impl CloseOnDrop {
+    /// Guards `wr`, the write half of a channel to `lease` doing `what`.
+    pub fn new(
+        supervisor: &Supervisor,
+        wr: russh::ChannelWriteHalf<Msg>,
+        lease: &str,
+        what: &'static str,
+    ) -> Self {
+        CloseOnDrop {
+            wr: Some(wr),
+            ended: std::sync::atomic::AtomicBool::new(false),
+            supervisor: supervisor.clone(),
+            lease: lease.to_owned(),
+            what,
+        }
+    }
+
+    /// The channel has ended (the far side closed it): nothing to close.
+    pub fn ended(&self) {
+        self.ended.store(true, Ordering::Relaxed);
+    }
+}
+
+impl std::ops::Deref for CloseOnDrop {
+    type Target = russh::ChannelWriteHalf<Msg>;
+
+    fn deref(&self) -> &Self::Target {
+        self.wr.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let Some(wr) = self.wr.take() else {
+            return;
+        };
+        if self.ended.load(Ordering::Relaxed) {
+            return;
+        }
+        tracing::info!(lease = %self.lease, channel = self.what, "the client went away; closing its channel");
+        self.supervisor
+            .spawn_cleanup("close-abandoned-channel", async move {
+                let _ = tokio::time::timeout(CLOSE_WAIT, async {
+                    let _ = wr.eof().await;
+                    let _ = wr.close().await;
+                })
+                .await;
+            });
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::{
     SshError,
-    conn::{ChannelGuard, Conn, Stats},
+    conn::{ChannelGuard, CloseOnDrop, Conn, Stats},
     exec::{open_session, sh_quote},
 };
 use crate::supervisor::Supervisor;
@@ -178,17 +178,21 @@ async fn upload(
     let script = r#"set -e
 dst=$1; name=$2
 if [ -d "$dst" ]; then final="${dst%/}/$name"; else final=$dst; fi
-parent=$(dirname -- "$final")
-tmp=$(mktemp -d "$parent/.crabbox-cp.XXXXXX")
+case $final in */*) parent=${final%/*}; parent=${parent:-/} ;; *) parent=. ;; esac
+tmp="$parent/.crabbox-cp.$3"
+mkdir -m 700 -- "$tmp"
 trap 'rm -rf -- "$tmp"' EXIT
+trap 'exit 1' HUP INT TERM PIPE
 tar -xpf - -C "$tmp"
+[ -e "$tmp/.crabbox-cp-end.$3" ] || { echo "the upload was cut off" >&2; exit 1; }
 mv -fT -- "$tmp/$name" "$final"
 printf '%s\n' "$final""#;
+    let suffix = random_suffix();
     let cmd = format!(
-        "sh -c {} sh {} {}",
+        "sh -c {} sh {} {} {suffix}",
         sh_quote(script),
         sh_quote(&remote),
-        sh_quote(&name)
+        sh_quote(&name),
     );
     let _permit = conn
         .sessions
@@ -203,6 +207,7 @@ printf '%s\n' "$final""#;
         .await
         .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
     let (mut rd, wr) = channel.split();
+    let wr = CloseOnDrop::new(supervisor, wr, &conn.target.lease, "an upload");
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let is_dir = meta.is_dir();
     let packer = supervisor.spawn_blocking(move || -> io::Result<()> {
@@ -217,11 +222,20 @@ printf '%s\n' "$final""#;
         } else {
             b.append_path_with_name(&local, &name)?;
         }
+        // The last entry, an empty file the far side checks for: GNU tar
+        // takes a stream cut at an entry boundary for a complete archive,
+        // so only this says the whole tree arrived.
+        let mut end = tar::Header::new_gnu();
+        end.set_size(0);
+        end.set_mode(0o600);
+        end.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut end, format!(".crabbox-cp-end.{suffix}"), io::empty())?;
         let mut w = b.into_inner()?;
         w.flush()
     });
-    let send = send_chunks(wr, rx, Arc::clone(&conn.stats), out, total);
+    let send = send_chunks(&wr, rx, Arc::clone(&conn.stats), out, total);
     let (sent_result, remote_result) = upload_both(send, collect(&mut rd, &conn)).await;
+    wr.ended();
     let packed = packer
         .await
         .map_err(|e| copy_err(format!("the local tar failed: {e}")))?;
@@ -229,6 +243,26 @@ printf '%s\n' "$final""#;
     packed.map_err(|e| copy_err(format!("cannot read the local files: {e}")))?;
     report_uploaded(sent_result, &stdout, total, out).await
 }
+
+/// The far side of a file upload: `$1` destination, `$2` name, `$3` mode,
+/// `$4` mtime, `$5` size, `$6` the temp name's random suffix.
+const FILE_SCRIPT: &str = r#"set -e
+umask 077
+dst=$1; name=$2
+if [ -d "$dst" ]; then final="${dst%/}/$name"; else final=$dst; fi
+case $final in */*) parent=${final%/*}; parent=${parent:-/} ;; *) parent=. ;; esac
+tmp="$parent/.crabbox-cp.$6"
+set -C; : > "$tmp"; set +C
+[ -f "$tmp" ] && [ ! -L "$tmp" ] || { echo "$tmp is not the file just created" >&2; exit 1; }
+trap 'rm -f -- "$tmp"' EXIT
+trap 'exit 1' HUP INT TERM PIPE
+cat > "$tmp"
+n=$(wc -c < "$tmp")
+[ "$n" -eq "$5" ] || { echo "received $n of $5 bytes" >&2; exit 1; }
+chmod "$3" "$tmp"
+touch -m -d "@$4" "$tmp" 2>/dev/null || true
+mv -fT -- "$tmp" "$final"
+printf '%s\n' "$final""#;
 
 /// Uploads one regular file as its raw bytes: written to a temporary name
 /// next to the destination, given the local mode and mtime, then renamed
@@ -246,26 +280,15 @@ async fn upload_file(
     let total = meta.len();
     let mode = format!("{:o}", meta.mode() & 0o7777);
     let mtime = meta.mtime().to_string();
-    let script = r#"set -e
-dst=$1; name=$2
-if [ -d "$dst" ]; then final="${dst%/}/$name"; else final=$dst; fi
-parent=$(dirname -- "$final")
-tmp=$(mktemp "$parent/.crabbox-cp.XXXXXX")
-trap 'rm -f -- "$tmp"' EXIT
-cat > "$tmp"
-n=$(wc -c < "$tmp" | tr -d ' ')
-[ "$n" = "$5" ] || { echo "received $n of $5 bytes" >&2; exit 1; }
-chmod "$3" "$tmp"
-touch -m -d "@$4" "$tmp" 2>/dev/null || true
-mv -fT -- "$tmp" "$final"
-printf '%s\n' "$final""#;
+    let script = FILE_SCRIPT;
     let cmd = format!(
-        "sh -c {} sh {} {} {} {} {total}",
+        "sh -c {} sh {} {} {} {} {total} {}",
         sh_quote(script),
         sh_quote(&remote),
         sh_quote(&name),
         sh_quote(&mode),
-        sh_quote(&mtime)
+        sh_quote(&mtime),
+        random_suffix()
     );
     let _permit = conn
         .sessions
@@ -280,26 +303,19 @@ printf '%s\n' "$final""#;
         .await
         .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
     let (mut rd, wr) = channel.split();
+    let wr = CloseOnDrop::new(supervisor, wr, &conn.target.lease, "an upload");
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let reader = supervisor.spawn_blocking(move || -> io::Result<()> {
         // The size announced to the far side, at most: a file that shrinks
         // fails there; one that grows is cut to its size at the start.
         let mut f = std::fs::File::open(&local)?.take(total);
         loop {
-            let mut buf = vec![0u8; CHUNK];
-            let mut got = 0;
-            while got < CHUNK {
-                match f.read(&mut buf[got..]) {
-                    Ok(0) => break,
-                    Ok(n) => got += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            // Read into spare capacity: no zeroing of each chunk first.
+            let mut buf = Vec::with_capacity(CHUNK);
+            let got = (&mut f).take(CHUNK as u64).read_to_end(&mut buf)?;
             if got == 0 {
                 return Ok(());
             }
-            buf.truncate(got);
             if tx.blocking_send(Bytes::from(buf)).is_err() {
                 return Err(io::Error::new(
                     io::ErrorKind::BrokenPipe,
@@ -308,8 +324,9 @@ printf '%s\n' "$final""#;
             }
         }
     });
-    let send = send_chunks(wr, rx, Arc::clone(&conn.stats), out, total);
+    let send = send_chunks(&wr, rx, Arc::clone(&conn.stats), out, total);
     let (sent_result, remote_result) = upload_both(send, collect(&mut rd, &conn)).await;
+    wr.ended();
     let read = reader
         .await
         .map_err(|e| copy_err(format!("reading the local file failed: {e}")))?;
@@ -350,7 +367,7 @@ async fn report_uploaded(
 /// Sends an upload's chunks into its channel (counted, with a progress
 /// report every MiB), then end-of-file; the number of bytes sent.
 async fn send_chunks(
-    wr: russh::ChannelWriteHalf<russh::client::Msg>,
+    wr: &russh::ChannelWriteHalf<russh::client::Msg>,
     mut rx: mpsc::Receiver<Bytes>,
     stats: Arc<Stats>,
     out: &mpsc::Sender<Result<Progress, SshError>>,
@@ -483,13 +500,15 @@ async fn download(
         .acquire_owned()
         .await
         .map_err(|_| SshError::Lost("the connection closed".into()))?;
-    let mut channel = open_session(&conn).await?;
+    let channel = open_session(&conn).await?;
     let _guard = ChannelGuard::new(&conn.stats);
     channel
         .exec(true, cmd)
         .await
         .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
     let _ = channel.eof().await;
+    let (mut rd, wr) = channel.split();
+    let wr = CloseOnDrop::new(supervisor, wr, &conn.target.lease, "a download");
     let (tx, rx) = mpsc::channel::<Bytes>(32);
     let dest = tmp.clone();
     let unpacker = supervisor.spawn_blocking(move || -> io::Result<()> {
@@ -511,7 +530,7 @@ async fn download(
     let mut stderr = Vec::new();
     let mut status = None;
     let mut tx = Some(tx);
-    while let Some(msg) = channel.wait().await {
+    while let Some(msg) = rd.wait().await {
         match msg {
             ChannelMsg::Data { data } => {
                 got += data.len() as u64;
@@ -541,6 +560,7 @@ async fn download(
             _ => {}
         }
     }
+    wr.ended();
     drop(tx);
     let unpacked = unpacker
         .await
@@ -586,5 +606,46 @@ struct TmpDir(PathBuf);
 impl Drop for TmpDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name planted at the temp path (a symlink to another user's FIFO)
+    /// is refused, not written through.
+    #[test]
+    fn a_planted_temp_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("theirs");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+        std::os::unix::fs::symlink(&fifo, dir.path().join(".crabbox-cp.planted")).unwrap();
+        // The other user's reader.
+        let reader = std::process::Command::new("cat")
+            .arg(&fifo)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(FILE_SCRIPT)
+            .arg("sh")
+            .arg(dir.path().join("dest"))
+            .args(["dest", "644", "0", "6", "planted"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write as _;
+                let _ = c.stdin.take().unwrap().write_all(b"secret");
+                c.wait_with_output()
+            })
+            .unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        let got = reader.wait_with_output().unwrap().stdout;
+        assert_eq!(got, b"", "the upload went to the planted FIFO");
+        assert!(!dir.path().join("dest").exists());
     }
 }

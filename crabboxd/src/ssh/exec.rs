@@ -275,28 +275,73 @@ pub async fn kill_group(conn: &Conn, pgid: u32, sig: Signal) -> Result<(), SshEr
 }
 
 /// Kills the group if the command is dropped before it ended (the client
-/// went away): a short, bounded clean-up, not a long-lived task.
+/// went away): a short, bounded clean-up, not a long-lived task. It holds
+/// the channel's read half, so a command dropped before its process-group
+/// line arrived is still found: the clean-up reads that line first.
 struct Orphan {
     supervisor: Supervisor,
     conn: Arc<Conn>,
     pgid: Option<u32>,
     done: bool,
+    rd: Option<russh::ChannelReadHalf>,
+    /// The process-group line so far; `None` once it was read.
+    first_line: Option<Vec<u8>>,
+}
+
+impl Orphan {
+    fn rd(&mut self) -> &mut russh::ChannelReadHalf {
+        self.rd.as_mut().expect("held until dropped")
+    }
+}
+
+/// Reads the rest of the wrapper's process-group line from `rd`.
+async fn read_pgid(rd: &mut russh::ChannelReadHalf, mut line: Vec<u8>) -> Option<u32> {
+    while !line.contains(&b'\n') {
+        match rd.wait().await? {
+            ChannelMsg::Data { data } => line.extend_from_slice(&data),
+            ChannelMsg::Close | ChannelMsg::Eof => return None,
+            _ => {}
+        }
+        if line.len() > PGID_LINE_MAX {
+            return None;
+        }
+    }
+    let end = line.iter().position(|b| *b == b'\n')?;
+    String::from_utf8_lossy(&line[..end]).trim().parse().ok()
 }
 
 impl Drop for Orphan {
     fn drop(&mut self) {
-        if let (false, Some(pgid)) = (self.done, self.pgid) {
-            let conn = Arc::clone(&self.conn);
-            tracing::info!(pgid, "client went away; ending the remote command");
-            self.supervisor
-                .spawn_cleanup("kill-orphaned-command", async move {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(15),
-                        kill_group(&conn, pgid, Signal::Term),
-                    )
-                    .await;
-                });
+        if self.done {
+            return;
         }
+        let conn = Arc::clone(&self.conn);
+        let known = self.pgid;
+        let rd = self.rd.take();
+        let line = self.first_line.take();
+        if known.is_none() && (rd.is_none() || line.is_none()) {
+            return;
+        }
+        tracing::info!(pgid = ?known, "client went away; ending the remote command");
+        self.supervisor
+            .spawn_cleanup("kill-orphaned-command", async move {
+                let _ = tokio::time::timeout(Duration::from_secs(15), async move {
+                    let pgid = match (known, rd, line) {
+                        (Some(p), _, _) => Some(p),
+                        (None, Some(mut rd), Some(line)) => {
+                            tokio::time::timeout(Duration::from_secs(5), read_pgid(&mut rd, line))
+                                .await
+                                .ok()
+                                .flatten()
+                        }
+                        _ => None,
+                    };
+                    if let Some(pgid) = pgid {
+                        let _ = kill_group(&conn, pgid, Signal::Term).await;
+                    }
+                })
+                .await;
+            });
     }
 }
 
@@ -343,12 +388,14 @@ async fn run_inner(
         .await
         .map_err(|e| SshError::Lost(format!("cannot start the command: {e}")))?;
     let stats = Arc::clone(&conn.stats);
-    let (mut rd, wr) = channel.split();
+    let (rd, wr) = channel.split();
     let mut orphan = Orphan {
         supervisor,
         conn: Arc::clone(&conn),
         pgid: None,
         done: false,
+        rd: Some(rd),
+        first_line: Some(Vec::new()),
     };
     let (cancel_tx, mut cancel_rx) = mpsc::channel::<Signal>(4);
     // Stdin is written concurrently with reading output, so a command that
@@ -382,7 +429,6 @@ async fn run_inner(
         std::future::pending::<()>().await;
     };
     tokio::pin!(writer);
-    let mut first_line: Option<Vec<u8>> = Some(Vec::new());
     let mut exit: Option<Exit> = None;
     let mut started = false;
     let mut cancelled = false;
@@ -390,7 +436,7 @@ async fn run_inner(
     loop {
         let msg = tokio::select! {
             biased;
-            msg = rd.wait() => Some(msg),
+            msg = orphan.rd().wait() => Some(msg),
             Some(sig) = cancel_rx.recv(), if !cancelled => {
                 // Before the group id is known the command may still be
                 // starting: the kill waits for it.
@@ -400,16 +446,7 @@ async fn run_inner(
             _ = &mut writer => unreachable!("the writer never ends"),
         };
         if let Some(msg) = msg
-            && !handle(
-                msg,
-                &mut first_line,
-                &mut exit,
-                &mut started,
-                &mut orphan,
-                &conn,
-                out,
-            )
-            .await?
+            && !handle(msg, &mut exit, &mut started, &mut orphan, &conn, out).await?
         {
             orphan.done = true;
             return finish(exit, &conn, out).await;
@@ -425,19 +462,18 @@ async fn run_inner(
         let kill = kill_group(&conn, pgid, sig);
         tokio::pin!(kill);
         loop {
-            tokio::select! {
+            let msg = tokio::select! {
                 r = &mut kill => {
                     if let Err(e) = r {
                         tracing::warn!(error = %e, "kill failed");
                     }
                     break;
                 }
-                msg = rd.wait() => {
-                    if !handle(msg, &mut first_line, &mut exit, &mut started, &mut orphan, &conn, out).await? {
-                        orphan.done = true;
-                        return finish(exit, &conn, out).await;
-                    }
-                }
+                msg = orphan.rd().wait() => msg,
+            };
+            if !handle(msg, &mut exit, &mut started, &mut orphan, &conn, out).await? {
+                orphan.done = true;
+                return finish(exit, &conn, out).await;
             }
         }
     }
@@ -446,7 +482,6 @@ async fn run_inner(
 /// Handles one channel message; `false` when the channel is over.
 async fn handle(
     msg: Option<ChannelMsg>,
-    first_line: &mut Option<Vec<u8>>,
     exit: &mut Option<Exit>,
     started: &mut bool,
     orphan: &mut Orphan,
@@ -467,7 +502,7 @@ async fn handle(
                 .bytes_in
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
             let mut data: Bytes = data;
-            if let Some(buf) = first_line {
+            if let Some(buf) = &mut orphan.first_line {
                 let nl = data.iter().position(|b| *b == b'\n');
                 let take = nl.map_or(data.len(), |i| i + 1);
                 buf.extend_from_slice(&data[..take]);
@@ -487,7 +522,7 @@ async fn handle(
                 })?;
                 orphan.pgid = Some(pgid);
                 tracing::trace!(pgid, "exec: started");
-                *first_line = None;
+                orphan.first_line = None;
                 *started = true;
                 send(Output::Started {
                     port: conn.port,

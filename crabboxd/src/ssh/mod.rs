@@ -431,7 +431,7 @@ impl SshManager {
                     return;
                 }
             };
-            shell::run(conn, spec, input, tx).await;
+            shell::run(this.supervisor.clone(), conn, spec, input, tx).await;
         };
         self.detached("ssh-shell", fut, rx)
     }
@@ -521,22 +521,24 @@ impl SshManager {
 }
 
 /// Adapts a fallible input stream: an error (the client went away) is a
-/// cancel with SIGTERM, after which the stream ends.
+/// cancel with SIGTERM, after which the stream stays pending — never an
+/// end, which would be an EOF on the command's stdin and let it take cut-off
+/// input for complete before the kill lands. Only a clean end of the stream
+/// ends it.
 pub fn input_until_error<S, E>(s: S) -> impl Stream<Item = Input> + Send + Unpin + 'static
 where
     S: Stream<Item = Result<Input, E>> + Send + Unpin + 'static,
     E: 'static,
 {
-    s.scan(false, |failed, item| {
-        let out = match (*failed, item) {
-            (true, _) => None,
-            (false, Ok(i)) => Some(i),
-            (false, Err(_)) => {
-                *failed = true;
-                Some(Input::Cancel(Signal::Term))
-            }
-        };
-        futures::future::ready(out)
+    futures::stream::unfold((s, false), |(mut s, failed)| async move {
+        if failed {
+            return std::future::pending().await;
+        }
+        match s.next().await {
+            Some(Ok(i)) => Some((i, (s, false))),
+            Some(Err(_)) => Some((Input::Cancel(Signal::Term), (s, true))),
+            None => None,
+        }
     })
     .boxed()
 }

@@ -13,9 +13,10 @@ use tokio::sync::mpsc;
 
 use super::{
     SshError,
-    conn::{ChannelGuard, Conn},
+    conn::{ChannelGuard, CloseOnDrop, Conn},
     exec::{Exit, open_session, send_within, sig_name, signal_code},
 };
+use crate::supervisor::Supervisor;
 
 /// The longest TERM accepted from a client.
 const TERM_MAX: usize = 64;
@@ -91,18 +92,20 @@ fn side(n: u32, default: u32) -> u32 {
 /// Runs one shell on `conn`, reading `input` and sending what happens to
 /// `out`.
 pub async fn run(
+    supervisor: Supervisor,
     conn: Arc<Conn>,
     spec: ShellSpec,
     input: impl Stream<Item = ShellInput> + Send + Unpin,
     out: mpsc::Sender<Result<ShellOutput, SshError>>,
 ) {
     let stall = conn.stall;
-    if let Err(e) = run_inner(conn, spec, input, &out).await {
+    if let Err(e) = run_inner(&supervisor, conn, spec, input, &out).await {
         let _ = out.send_timeout(Err(e), stall).await;
     }
 }
 
 async fn run_inner(
+    supervisor: &Supervisor,
     conn: Arc<Conn>,
     spec: ShellSpec,
     mut input: impl Stream<Item = ShellInput> + Send + Unpin,
@@ -135,6 +138,10 @@ async fn run_inner(
     }
     .map_err(|e| lost("start the shell", e))?;
     let (mut rd, wr) = channel.split();
+    // Dropped before the channel ended (the client went away and the
+    // request was aborted): the channel is closed, which hangs the
+    // terminal up.
+    let wr = CloseOnDrop::new(supervisor, wr, &conn.target.lease, "a shell");
     let stats = Arc::clone(&conn.stats);
     let send = |o: ShellOutput| send_within(out, o, &conn, "a shell");
     // Keystrokes and resizes are written concurrently with reading output,
@@ -201,6 +208,7 @@ async fn run_inner(
             () = &mut writer => {}
         }
     }
+    wr.ended();
     match exit {
         Some(e) => {
             let _ = out.send_timeout(Ok(ShellOutput::Exit(e)), conn.stall).await;

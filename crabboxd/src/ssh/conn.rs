@@ -117,6 +117,10 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// the supervisor.
 pub struct CloseOnDrop {
     wr: Option<russh::ChannelWriteHalf<Msg>>,
+    /// The channel's session permit and its count in the mux's stats, given
+    /// back only once an abandoned channel's close was sent (or timed out),
+    /// so the daemon never counts a session free that sshd still holds.
+    held: Option<(tokio::sync::OwnedSemaphorePermit, ChannelGuard)>,
     ended: std::sync::atomic::AtomicBool,
     supervisor: Supervisor,
     lease: String,
@@ -133,11 +137,22 @@ impl CloseOnDrop {
     ) -> Self {
         CloseOnDrop {
             wr: Some(wr),
+            held: None,
             ended: std::sync::atomic::AtomicBool::new(false),
             supervisor: supervisor.clone(),
             lease: lease.to_owned(),
             what,
         }
+    }
+
+    /// Also holds the channel's session permit and count until it is closed.
+    pub fn holding(
+        mut self,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        guard: ChannelGuard,
+    ) -> Self {
+        self.held = Some((permit, guard));
+        self
     }
 
     /// The channel has ended (the far side closed it): nothing to close.
@@ -163,6 +178,7 @@ impl Drop for CloseOnDrop {
             return;
         }
         tracing::info!(lease = %self.lease, channel = self.what, "the client went away; closing its channel");
+        let held = self.held.take();
         self.supervisor
             .spawn_cleanup("close-abandoned-channel", async move {
                 let _ = tokio::time::timeout(CLOSE_WAIT, async {
@@ -170,6 +186,7 @@ impl Drop for CloseOnDrop {
                     let _ = wr.close().await;
                 })
                 .await;
+                drop(held);
             });
     }
 }

@@ -18,8 +18,8 @@ use tokio::sync::mpsc;
 
 use super::{
     SshError,
-    conn::{ChannelGuard, CloseOnDrop, Conn, Stats},
-    exec::{open_session, sh_quote},
+    conn::{CloseOnDrop, Conn, Stats},
+    exec::{Session, sh_quote},
 };
 use crate::supervisor::Supervisor;
 
@@ -194,20 +194,7 @@ printf '%s\n' "$final""#;
         sh_quote(&remote),
         sh_quote(&name),
     );
-    let _permit = conn
-        .sessions
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| SshError::Lost("the connection closed".into()))?;
-    let channel = open_session(&conn).await?;
-    let _guard = ChannelGuard::new(&conn.stats);
-    channel
-        .exec(true, cmd)
-        .await
-        .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
-    let (mut rd, wr) = channel.split();
-    let wr = CloseOnDrop::new(supervisor, wr, &conn.target.lease, "an upload");
+    let (mut rd, wr) = start(supervisor, &conn, cmd, "an upload").await?;
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let is_dir = meta.is_dir();
     let packer = supervisor.spawn_blocking(move || -> io::Result<()> {
@@ -242,6 +229,23 @@ printf '%s\n' "$final""#;
     let (stdout, _) = remote_result?;
     packed.map_err(|e| copy_err(format!("cannot read the local files: {e}")))?;
     report_uploaded(sent_result, &stdout, total, out).await
+}
+
+/// Starts a copy's far-side command on a session of its own; the write half
+/// closes the channel (then frees the session) if the copy is dropped.
+async fn start(
+    supervisor: &Supervisor,
+    conn: &Conn,
+    cmd: String,
+    what: &'static str,
+) -> Result<(russh::ChannelReadHalf, CloseOnDrop), SshError> {
+    let session = Session::open(conn).await?;
+    session
+        .channel
+        .exec(true, cmd)
+        .await
+        .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
+    Ok(session.split_closing(supervisor, &conn.target.lease, what))
 }
 
 /// The far side of a file upload: `$1` destination, `$2` name, `$3` mode,
@@ -290,20 +294,7 @@ async fn upload_file(
         sh_quote(&mtime),
         random_suffix()
     );
-    let _permit = conn
-        .sessions
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| SshError::Lost("the connection closed".into()))?;
-    let channel = open_session(&conn).await?;
-    let _guard = ChannelGuard::new(&conn.stats);
-    channel
-        .exec(true, cmd)
-        .await
-        .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
-    let (mut rd, wr) = channel.split();
-    let wr = CloseOnDrop::new(supervisor, wr, &conn.target.lease, "an upload");
+    let (mut rd, wr) = start(supervisor, &conn, cmd, "an upload").await?;
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let reader = supervisor.spawn_blocking(move || -> io::Result<()> {
         // The size announced to the far side, at most: a file that shrinks
@@ -494,21 +485,8 @@ async fn download(
         sh_quote(&remote),
         sh_quote(&name)
     );
-    let _permit = conn
-        .sessions
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| SshError::Lost("the connection closed".into()))?;
-    let channel = open_session(&conn).await?;
-    let _guard = ChannelGuard::new(&conn.stats);
-    channel
-        .exec(true, cmd)
-        .await
-        .map_err(|e| SshError::Lost(format!("cannot start the copy: {e}")))?;
-    let _ = channel.eof().await;
-    let (mut rd, wr) = channel.split();
-    let wr = CloseOnDrop::new(supervisor, wr, &conn.target.lease, "a download");
+    let (mut rd, wr) = start(supervisor, &conn, cmd, "a download").await?;
+    let _ = wr.eof().await;
     let (tx, rx) = mpsc::channel::<Bytes>(32);
     let dest = tmp.clone();
     let unpacker = supervisor.spawn_blocking(move || -> io::Result<()> {

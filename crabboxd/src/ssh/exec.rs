@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use super::{
     SshError,
-    conn::{ChannelGuard, Conn},
+    conn::{ChannelGuard, CloseOnDrop, Conn},
 };
 use crate::supervisor::Supervisor;
 
@@ -180,6 +180,48 @@ pub(crate) fn sig_name(s: &russh::Sig) -> String {
     match d.strip_prefix("Custom(\"") {
         Some(rest) => rest.trim_end_matches("\")").to_owned(),
         None => d,
+    }
+}
+
+/// A channel for one command: one of the daemon's command sessions (the
+/// permit that keeps it under sshd's `MaxSessions`), the channel, counted in
+/// the mux's stats while it lives.
+pub(crate) struct Session {
+    /// The open channel.
+    pub channel: russh::Channel<russh::client::Msg>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    guard: ChannelGuard,
+}
+
+impl Session {
+    /// Waits for a session permit, then opens the channel.
+    pub(crate) async fn open(conn: &Conn) -> Result<Session, SshError> {
+        let permit = conn
+            .sessions
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| SshError::Lost("the connection closed".into()))?;
+        let channel = open_session(conn).await?;
+        Ok(Session {
+            channel,
+            permit,
+            guard: ChannelGuard::new(&conn.stats),
+        })
+    }
+
+    /// Splits the started channel; the write half closes the channel if it
+    /// is dropped before [`CloseOnDrop::ended`] (the client went away), and
+    /// gives the permit and the count back only after that close.
+    pub(crate) fn split_closing(
+        self,
+        supervisor: &Supervisor,
+        lease: &str,
+        what: &'static str,
+    ) -> (russh::ChannelReadHalf, CloseOnDrop) {
+        let (rd, wr) = self.channel.split();
+        let wr = CloseOnDrop::new(supervisor, wr, lease, what).holding(self.permit, self.guard);
+        (rd, wr)
     }
 }
 
@@ -372,16 +414,11 @@ async fn run_inner(
     mut input: impl Stream<Item = Input> + Send + Unpin,
     out: &mpsc::Sender<Result<Output, SshError>>,
 ) -> Result<(), SshError> {
-    let _permit = conn
-        .sessions
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| SshError::Lost("the connection closed".into()))?;
-    tracing::trace!("exec: permit");
-    let channel = open_session(&conn).await?;
+    // The permit and the channel's count live in `session` until this
+    // returns; the channel itself moves into the halves below.
+    let session = Session::open(&conn).await?;
     tracing::trace!("exec: channel open");
-    let _guard = ChannelGuard::new(&conn.stats);
+    let channel = session.channel;
     let line = wrap(&command, cwd.as_deref());
     channel
         .exec(true, line)

@@ -13,8 +13,8 @@ use tokio::sync::mpsc;
 
 use super::{
     SshError,
-    conn::{ChannelGuard, CloseOnDrop, Conn},
-    exec::{Exit, open_session, send_within, sig_name, signal_code},
+    conn::Conn,
+    exec::{Exit, Session, send_within, sig_name, signal_code},
 };
 use crate::supervisor::Supervisor;
 
@@ -111,14 +111,8 @@ async fn run_inner(
     mut input: impl Stream<Item = ShellInput> + Send + Unpin,
     out: &mpsc::Sender<Result<ShellOutput, SshError>>,
 ) -> Result<(), SshError> {
-    let _permit = conn
-        .sessions
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| SshError::Lost("the connection closed".into()))?;
-    let channel = open_session(&conn).await?;
-    let _guard = ChannelGuard::new(&conn.stats);
+    let session = Session::open(&conn).await?;
+    let channel = &session.channel;
     let lost = |what: &str, e: russh::Error| SshError::Lost(format!("cannot {what}: {e}"));
     channel
         .request_pty(
@@ -137,11 +131,10 @@ async fn run_inner(
         None => channel.request_shell(true).await,
     }
     .map_err(|e| lost("start the shell", e))?;
-    let (mut rd, wr) = channel.split();
     // Dropped before the channel ended (the client went away and the
     // request was aborted): the channel is closed, which hangs the
     // terminal up.
-    let wr = CloseOnDrop::new(supervisor, wr, &conn.target.lease, "a shell");
+    let (mut rd, wr) = session.split_closing(supervisor, &conn.target.lease, "a shell");
     let stats = Arc::clone(&conn.stats);
     let send = |o: ShellOutput| send_within(out, o, &conn, "a shell");
     // Keystrokes and resizes are written concurrently with reading output,

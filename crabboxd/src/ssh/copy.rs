@@ -489,19 +489,26 @@ async fn download(
     let _ = wr.eof().await;
     let (tx, rx) = mpsc::channel::<Bytes>(32);
     let dest = tmp.clone();
-    let unpacker = supervisor.spawn_blocking(move || -> io::Result<()> {
-        let mut a = tar::Archive::new(ChanReader {
-            rx,
-            cur: Bytes::new(),
-        });
-        a.set_preserve_permissions(true);
-        a.set_preserve_mtime(true);
-        a.set_overwrite(false);
-        a.unpack(&dest)?;
-        // Drain anything after the archive's end so the sender never blocks.
-        let mut rest = a.into_inner();
-        io::copy(&mut rest, &mut io::sink())?;
-        Ok(())
+    // The unpacker owns the temp directory's removal while it runs: if this
+    // copy is dropped mid-way, the directory goes once the unpacker has
+    // stopped writing into it, not while it still may.
+    let unpacker = supervisor.spawn_blocking(move || -> (TmpDir, io::Result<()>) {
+        let unpack = || -> io::Result<()> {
+            let mut a = tar::Archive::new(ChanReader {
+                rx,
+                cur: Bytes::new(),
+            });
+            a.set_preserve_permissions(true);
+            a.set_preserve_mtime(true);
+            a.set_overwrite(false);
+            a.unpack(&dest)?;
+            // Drain anything after the archive's end so the sender never blocks.
+            let mut rest = a.into_inner();
+            io::copy(&mut rest, &mut io::sink())?;
+            Ok(())
+        };
+        let result = unpack();
+        (cleanup, result)
     });
     let mut got: u64 = 0;
     let mut last_report = 0u64;
@@ -540,7 +547,7 @@ async fn download(
     }
     wr.ended();
     drop(tx);
-    let unpacked = unpacker
+    let (cleanup, unpacked) = unpacker
         .await
         .map_err(|e| copy_err(format!("the local tar failed: {e}")))?;
     match status {

@@ -28,6 +28,18 @@ use crate::{
 /// every generated service client of the API runs over one of these.
 pub type ApiChannel = InterceptedService<Channel, VersionInterceptor>;
 
+/// HTTP/2 flow-control window of one API stream, both ends (daemon and
+/// client). h2's default of 64 KiB made a stream of 64 KiB messages (`exec`
+/// stdin, a command's output) wait for a window update after each message;
+/// this lets a few megabytes be in flight, still a bound on what one client
+/// can have queued in the daemon.
+pub const STREAM_WINDOW: u32 = 2 << 20;
+/// See [`STREAM_WINDOW`]: the whole connection, all its streams together.
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
+/// The largest HTTP/2 frame either end accepts: h2's 16 KiB default cut a
+/// streamed upload into a write and a read per 16 KiB.
+pub const MAX_FRAME: u32 = 256 << 10;
+
 /// A connected client of the local API: one HTTP/2 connection, shared by a
 /// generated client per service (`daemon()`, `leases()`, `egress()`,
 /// `runs()`, `ssh()`). Each accessor is cheap: it clones the channel handle.
@@ -118,13 +130,11 @@ impl Client {
         let path = Arc::new(socket.clone());
         // The URI is never dialled; the connector below ignores it and opens
         // the Unix socket instead. HTTP/2 still needs an authority.
-        // Flow-control windows beyond h2's 64 KiB default, so a streamed
-        // command's output (64 KiB messages and more) does not wait for a
-        // window update after each message; frames up to 256 KiB, not 16.
+        // The API's HTTP/2 windows and frame size, as the daemon serves them.
         let endpoint = Endpoint::from_static("http://crabboxd.sock")
-            .initial_stream_window_size(2 << 20)
-            .initial_connection_window_size(8 << 20)
-            .max_frame_size(256 << 10);
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME);
         let channel = endpoint
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let path = Arc::clone(&path);

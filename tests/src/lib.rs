@@ -21,3 +21,14 @@ pub mod sshd;
 
 pub use daemon::{TestDaemon, TestDaemonBuilder};
 pub use sshd::TestSshd;
+
+/// Whether a process whose command line matches `pattern` (an extended
+/// regular expression, as `pgrep -f` takes) runs on this machine: the
+/// "far side" of a loopback sshd is this machine too.
+pub fn pgrep(pattern: &str) -> bool {
+    std::process::Command::new("pgrep")
+        .args(["-f", pattern])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}

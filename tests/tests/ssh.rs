@@ -396,15 +396,6 @@ async fn a_hundred_concurrent_execs_against_max_sessions_10_all_succeed() {
     let _ = &mut client;
 }
 
-/// Whether a process whose whole command line matches `pattern` runs.
-fn pgrep(pattern: &str) -> bool {
-    std::process::Command::new("pgrep")
-        .args(["-f", pattern])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_ends_the_remote_process_group() {
     require_sshd!();
@@ -422,7 +413,7 @@ async fn ctrl_c_ends_the_remote_process_group() {
         .unwrap();
     let needle = format!("^sleep {marker}$");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !pgrep(&needle) {
+    while !crabbox_tests::pgrep(&needle) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the sleep never started\n{}",
@@ -441,7 +432,7 @@ async fn ctrl_c_ends_the_remote_process_group() {
         .unwrap();
     assert_eq!(status.code(), Some(130), "{}", d.stderr());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while pgrep(&needle) {
+    while crabbox_tests::pgrep(&needle) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "a sleep was left on the far side"

@@ -60,15 +60,6 @@ fn staged(dir: &Path) -> Vec<(PathBuf, u64)> {
         .collect()
 }
 
-/// Whether a process whose whole command line matches `pattern` runs.
-fn pgrep(pattern: &str) -> bool {
-    std::process::Command::new("pgrep")
-        .args(["-f", pattern])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
 /// Ten commands at once on the lease (the daemon runs eight at a time) all
 /// succeed within `within`: the sessions abandoned requests held are free
 /// again.
@@ -267,7 +258,7 @@ async fn a_killed_exec_client_leaves_no_process_on_the_far_side() {
         .unwrap();
     let needle = format!("^sleep {marker}$");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !pgrep(&needle) {
+    while !crabbox_tests::pgrep(&needle) {
         assert!(
             Instant::now() < deadline,
             "the sleep never started\n{}",
@@ -281,7 +272,7 @@ async fn a_killed_exec_client_leaves_no_process_on_the_far_side() {
     let _ = child.wait().await;
     let killed = Instant::now();
     let deadline = killed + CLEANUP;
-    while pgrep(&needle) {
+    while crabbox_tests::pgrep(&needle) {
         assert!(
             Instant::now() < deadline,
             "{CLEANUP:?} after the client died its sleep still runs on the far side\n{}",
@@ -322,7 +313,7 @@ async fn killed_shell_clients_leave_no_process_on_the_far_side() {
         .collect();
     let needles: Vec<String> = markers.iter().map(|m| format!("^sleep {m}$")).collect();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !needles.iter().all(|n| pgrep(n)) {
+    while !needles.iter().all(|n| crabbox_tests::pgrep(n)) {
         assert!(
             Instant::now() < deadline,
             "the sleeps never started\n{}",
@@ -339,7 +330,7 @@ async fn killed_shell_clients_leave_no_process_on_the_far_side() {
     let killed = Instant::now();
     let deadline = killed + CLEANUP;
     loop {
-        let left: Vec<_> = needles.iter().filter(|n| pgrep(n)).collect();
+        let left: Vec<_> = needles.iter().filter(|n| crabbox_tests::pgrep(n)).collect();
         if left.is_empty() {
             break;
         }
@@ -464,7 +455,7 @@ async fn a_killed_exec_client_never_gives_the_command_a_clean_end_of_input() {
     }
     let needle = format!("touch {}", mark.display());
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !pgrep(&regex_escape(&needle)) {
+    while !crabbox_tests::pgrep(&regex_escape(&needle)) {
         assert!(
             Instant::now() < deadline,
             "the command never started\n{}",
@@ -478,7 +469,7 @@ async fn a_killed_exec_client_never_gives_the_command_a_clean_end_of_input() {
     sigkill(&child);
     let _ = child.wait().await;
     let deadline = Instant::now() + CLEANUP;
-    while pgrep(&regex_escape(&needle)) {
+    while crabbox_tests::pgrep(&regex_escape(&needle)) {
         assert!(
             Instant::now() < deadline,
             "the command still runs after its client died\n{}",

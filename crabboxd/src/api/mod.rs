@@ -28,16 +28,8 @@ use tonic::{body::Body, transport::Server};
 
 use crate::daemon::DaemonState;
 
-/// HTTP/2 flow-control windows of an API connection. h2's default of 64 KiB
-/// made a client stream of 64 KiB messages (`exec` stdin) wait for a window
-/// update after every message; these let a few megabytes be in flight,
-/// still a bound on what one client can have queued in the daemon.
-const STREAM_WINDOW: u32 = 2 << 20;
-/// See [`STREAM_WINDOW`]: the whole connection, all its streams together.
-const CONNECTION_WINDOW: u32 = 8 << 20;
-/// The largest HTTP/2 frame a client may send: h2's 16 KiB default cut a
-/// streamed upload into a write (and a read here) per 16 KiB.
-const MAX_FRAME: u32 = 256 << 10;
+// The API's HTTP/2 windows and frame size, the same on the client's end.
+use crabbox_api::client::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 
 /// Serves the API on `listener` until `stop` is cancelled, then ends open
 /// watch and attach streams, finishes in-flight calls and returns.

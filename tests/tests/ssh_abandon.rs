@@ -35,6 +35,17 @@ fn sigkill(child: &tokio::process::Child) {
     .unwrap();
 }
 
+/// SIGKILLs every client, reaps them, and returns when they were all dead.
+async fn sigkill_all(children: &mut [tokio::process::Child]) -> Instant {
+    for c in children.iter() {
+        sigkill(c);
+    }
+    for c in children.iter_mut() {
+        let _ = c.wait().await;
+    }
+    Instant::now()
+}
+
 /// The bytes of the files under `p` (a file or a directory).
 fn bytes_under(p: &Path) -> u64 {
     match std::fs::symlink_metadata(p) {
@@ -181,13 +192,7 @@ async fn interrupted_copies_leave_no_temp_files_and_free_their_sessions() {
         let mode = std::fs::metadata(&p).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", p.display());
     }
-    for c in &children {
-        sigkill(c);
-    }
-    for c in &mut children {
-        let _ = c.wait().await;
-    }
-    let killed = Instant::now();
+    let killed = sigkill_all(&mut children).await;
 
     // The far side sees each channel close: its `cat` or `tar` ends and
     // the temp files go, on both sides.
@@ -321,13 +326,7 @@ async fn killed_shell_clients_leave_no_process_on_the_far_side() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for c in &children {
-        sigkill(c);
-    }
-    for c in &mut children {
-        let _ = c.wait().await;
-    }
-    let killed = Instant::now();
+    let killed = sigkill_all(&mut children).await;
     let deadline = killed + CLEANUP;
     loop {
         let left: Vec<_> = needles.iter().filter(|n| crabbox_tests::pgrep(n)).collect();

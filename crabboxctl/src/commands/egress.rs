@@ -265,14 +265,7 @@ fn host_lines(h: &EgressHost) -> String {
         j.bytes_in,
         j.bytes_out
     );
-    if !j.recent_hosts.is_empty() {
-        let hosts: Vec<String> = j
-            .recent_hosts
-            .iter()
-            .map(|(h, n)| format!("{h}×{n}"))
-            .collect();
-        s.push_str(&format!("\n  recent hosts {}", hosts.join(" ")));
-    }
+    push_recent_hosts(&mut s, &j.recent_hosts);
     if !j.last_error.is_empty() {
         s.push_str(&format!("\n  last error {}", j.last_error));
     }
@@ -289,6 +282,15 @@ fn host_lines(h: &EgressHost) -> String {
         ));
     }
     s
+}
+
+/// Appends the `recent hosts h×n …` line, when there are any.
+fn push_recent_hosts(s: &mut String, hosts: &[(String, u64)]) {
+    if hosts.is_empty() {
+        return;
+    }
+    let hosts: Vec<String> = hosts.iter().map(|(h, n)| format!("{h}×{n}")).collect();
+    s.push_str(&format!("\n  recent hosts {}", hosts.join(" ")));
 }
 
 /// `egress status` / `egress list` for the SSH transport.
@@ -319,14 +321,7 @@ fn ssh_lines(h: &EgressHost, j: &HostJson) -> String {
         j.bytes_in,
         j.bytes_out
     );
-    if !j.recent_hosts.is_empty() {
-        let hosts: Vec<String> = j
-            .recent_hosts
-            .iter()
-            .map(|(h, n)| format!("{h}×{n}"))
-            .collect();
-        s.push_str(&format!("\n  recent hosts {}", hosts.join(" ")));
-    }
+    push_recent_hosts(&mut s, &j.recent_hosts);
     if !t.last_error.is_empty() {
         s.push_str(&format!("\n  last error {}", t.last_error));
     }

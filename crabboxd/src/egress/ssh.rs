@@ -358,15 +358,7 @@ impl EgressManager {
         listen: String,
         progress: &mpsc::Sender<Step>,
     ) -> Result<Started, EgressError> {
-        let step = |number, name, detail: String| async move {
-            let _ = progress
-                .send(Step {
-                    number,
-                    name,
-                    detail,
-                })
-                .await;
-        };
+        let step = |number, name, detail| Step::send(progress, number, name, detail);
         let (host, port) = remote::split_listen(&listen)?;
         if host != remote_forward::LOOPBACK {
             return Err(EgressError::Invalid(format!(

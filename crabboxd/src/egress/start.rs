@@ -57,6 +57,25 @@ pub struct Step {
     pub detail: String,
 }
 
+impl Step {
+    /// Reports a completed step to the start's client (a client that went
+    /// away is not an error: the start goes on).
+    pub async fn send(
+        progress: &mpsc::Sender<Step>,
+        number: u32,
+        name: &'static str,
+        detail: String,
+    ) {
+        let _ = progress
+            .send(Step {
+                number,
+                name,
+                detail,
+            })
+            .await;
+    }
+}
+
 /// What `egress start` started.
 #[derive(Debug, Clone)]
 pub struct Started {
@@ -305,15 +324,7 @@ impl EgressManager {
         req: StartRequest,
         progress: &mpsc::Sender<Step>,
     ) -> Result<Started, EgressError> {
-        let step = |number, name, detail: String| async move {
-            let _ = progress
-                .send(Step {
-                    number,
-                    name,
-                    detail,
-                })
-                .await;
-        };
+        let step = |number, name, detail| Step::send(progress, number, name, detail);
         // 1. Refuse what is wrong before touching anything.
         let listen = if req.listen.trim().is_empty() {
             DEFAULT_LISTEN.to_owned()

@@ -13,14 +13,11 @@ use crabbox_tests::{
     TestDaemon,
     lease::TestLease,
     page::{PageOrigin, chromium, chromium_flags, loaded_marker, wait_for_dom},
+    text,
 };
 
 const BOX: &str = "box";
 const PROXY: &str = "http://127.0.0.1:3128";
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn show(o: &std::process::Output) -> String {
     format!(

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crabbox_coordinator::testing::TestCoordinator;
-use crabbox_tests::{TestDaemon, egress::Origin, lease::TestLease};
+use crabbox_tests::{TestDaemon, egress::Origin, lease::TestLease, text};
 
 const LEASE: &str = "cbx_00000000e511";
 
@@ -17,10 +17,6 @@ struct World {
     lease: TestLease,
     daemon: TestDaemon,
     origin: Origin,
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 async fn register(coord: &TestCoordinator, lease: &TestLease, id: &str) {

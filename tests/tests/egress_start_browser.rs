@@ -12,13 +12,10 @@ use crabbox_tests::{
     TestDaemon,
     lease::TestLease,
     page::{PageOrigin, chromium, chromium_flags, loaded_marker, wait_for_dom},
+    text,
 };
 
 const LEASE: &str = "cbx_00000000e512";
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn desktop_launch_loads_a_many_resource_https_page_through_the_helper() {

@@ -12,14 +12,10 @@ use std::{
 };
 
 use crabbox_coordinator::testing::TestCoordinator;
-use crabbox_tests::{TestDaemon, TestSshd, bins::bin, proxy::FaultProxy, require_sshd};
+use crabbox_tests::{TestDaemon, TestSshd, bins::bin, proxy::FaultProxy, require_sshd, text};
 use tokio::{io::AsyncReadExt as _, time::Instant};
 
 const LEASE: &str = "cbx_00000000c0de";
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn show(o: &Output) -> String {
     format!(

@@ -3,22 +3,9 @@
 //! namespace. Tests that need root skip with a reason when not root, except
 //! in CI (`CI=true`), where they must run.
 
-use std::{process::Output, time::Duration};
+use std::time::Duration;
 
-use crabbox_tests::{TestDaemon, TestSshd, require_sshd};
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    )
-}
+use crabbox_tests::{TestDaemon, TestSshd, require_sshd, show, text};
 
 async fn daemon_for(toml: &str) -> TestDaemon {
     TestDaemon::builder()

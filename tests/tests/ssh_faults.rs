@@ -3,23 +3,12 @@
 //! black-holed connection (FaultProxy between the daemon and a real sshd)
 //! that keepalives must declare dead.
 
-use std::{process::Output, time::Duration};
+use std::time::Duration;
 
-use crabbox_tests::{TestDaemon, TestSshd, fakessh::HostileSshd, proxy::FaultProxy, require_sshd};
+use crabbox_tests::{
+    TestDaemon, TestSshd, fakessh::HostileSshd, proxy::FaultProxy, require_sshd, show, text,
+};
 use tokio::io::AsyncBufReadExt as _;
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_the_server_opens_are_all_refused_and_logged() {

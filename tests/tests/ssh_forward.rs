@@ -7,20 +7,7 @@
 
 use std::{net::SocketAddr, process::Output, time::Duration};
 
-use crabbox_tests::{TestDaemon, TestSshd, netns::TestNetns, require_sshd};
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    )
-}
+use crabbox_tests::{TestDaemon, TestSshd, netns::TestNetns, require_sshd, show, text};
 
 /// A lease: sshd (in a namespace when possible) and an HTTP server on the
 /// lease's own loopback serving one file.

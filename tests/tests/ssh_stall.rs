@@ -6,13 +6,9 @@
 //! (`[ssh] stall_timeout`, short here) with a warning naming it. And an
 //! upload whose far side fails early ends with an error, never a hang.
 
-use std::{
-    net::SocketAddr,
-    process::{Output, Stdio},
-    time::Duration,
-};
+use std::{net::SocketAddr, process::Stdio, time::Duration};
 
-use crabbox_tests::{TestDaemon, TestSshd, require_sshd};
+use crabbox_tests::{TestDaemon, TestSshd, require_sshd, show, text};
 use tokio::time::Instant;
 
 /// The stall deadline the tests configure.
@@ -21,19 +17,6 @@ const STALL: &str = "2s";
 /// stalled: the deadline plus a generous margin for a loaded machine; the
 /// old code never answered.
 const PROMPT: Duration = Duration::from_secs(20);
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    )
-}
 
 async fn daemon(sshd: &TestSshd) -> TestDaemon {
     TestDaemon::builder()

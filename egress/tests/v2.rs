@@ -1,4 +1,4 @@
-//! v2 between our two ends through the in-memory relay: negotiation in both join orders, flow control on both sides, reasoned 502s, half-close, stats frames, healing and fatal close classification.
+//! v2 between our two ends through the in-memory relay: negotiation in both join orders, flow control on both sides, reasoned 502s, early answers to warm destinations, half-close, stats frames, healing and fatal close classification.
 
 mod support;
 
@@ -82,11 +82,83 @@ async fn banner_follows_the_200_on_v2() {
     let p = pair(true, true, false).await;
     assert_v2(&p).await;
     let origin = banner_origin(b"SSH-2.0-origin\r\n").await;
-    let (mut s, head) = connect_via(p.proxy_addr, origin).await;
-    assert_eq!(head.as_bytes(), crabbox_egress::proxy::CONNECT_OK);
-    let mut banner = [0u8; 16];
-    s.read_exact(&mut banner).await.unwrap();
-    assert_eq!(&banner, b"SSH-2.0-origin\r\n");
+    // The second connection finds the destination warm and is answered
+    // before the host's reply: the banner still comes after the 200.
+    for _ in 0..2 {
+        let (mut s, head) = connect_via(p.proxy_addr, origin).await;
+        assert_eq!(head.as_bytes(), crabbox_egress::proxy::CONNECT_OK);
+        let mut banner = [0u8; 16];
+        s.read_exact(&mut banner).await.unwrap();
+        assert_eq!(&banner, b"SSH-2.0-origin\r\n");
+    }
+}
+
+/// A destination that opened recently is answered `200` at once, and the
+/// browser's first bytes travel behind the open request. If the open fails
+/// after all, the connection closes without a byte, the failure counts as a
+/// refusal, and the destination is cold again: the next attempt waits for
+/// the host and gets the exact `502`. With early answers off, the second
+/// attempt already gets the `502`.
+#[tokio::test]
+async fn a_warm_destination_is_answered_at_once_and_a_late_failure_closes_and_cools_it() {
+    for early in [true, false] {
+        let relay = crabbox_egress::memory::MemoryRelay::new();
+        let mut bridge = fast_bridge(BridgeConfig::client(), true);
+        bridge.early_connect = early;
+        let (proxy, proxy_addr) = start_proxy(ClientConfig {
+            bridge,
+            ..ClientConfig::default()
+        })
+        .await;
+        let host_stats = Arc::new(SessionStats::new());
+        let _host = spawn_host(&relay, true, loopback_policy(), host_stats).await;
+        let _client = attach(&proxy, relay.connect(Role::Client).await);
+        wait_until(|| proxy.is_bridged() && proxy.stats().protocol_version() == 2).await;
+
+        // An origin that serves one connection, then closes its port.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut c, _) = listener.accept().await.unwrap();
+            drop(listener);
+            let (mut r, mut w) = c.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+        let (mut s, head) = connect_via(proxy_addr, origin).await;
+        assert_eq!(head.as_bytes(), crabbox_egress::proxy::CONNECT_OK);
+        echo_roundtrip(&mut s, b"first, exact").await;
+        drop(s);
+        assert_eq!(proxy.stats().snapshot().rejected_streams, 0);
+
+        let mut s = TcpStream::connect(proxy_addr).await.unwrap();
+        // The request and the first bytes in one write, as a client that
+        // does not wait for the answer would send them.
+        s.write_all(format!("CONNECT {origin} HTTP/1.1\r\n\r\nhello").as_bytes())
+            .await
+            .unwrap();
+        let resp = read_to_end(&mut s).await;
+        if early {
+            assert_eq!(
+                resp,
+                crabbox_egress::proxy::CONNECT_OK,
+                "answered at once, then closed without a byte"
+            );
+        } else {
+            let resp = String::from_utf8_lossy(&resp);
+            assert!(resp.starts_with("HTTP/1.1 502 "), "{resp}");
+        }
+        wait_until(|| proxy.stats().snapshot().rejected_streams == 1).await;
+
+        let mut s = TcpStream::connect(proxy_addr).await.unwrap();
+        s.write_all(format!("CONNECT {origin} HTTP/1.1\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let resp = String::from_utf8(read_to_end(&mut s).await).unwrap();
+        assert!(
+            resp.starts_with("HTTP/1.1 502 ") && resp.contains("connect failed"),
+            "a failed destination is cold again (early={early}): {resp}"
+        );
+    }
 }
 
 /// Bulk leaves the host in large WebSocket messages: the yamux frames it

@@ -81,6 +81,12 @@ struct Args {
     /// v1 only: bytes (KiB) one stream may queue towards a slow browser before the bridge waits for it.
     #[arg(long, default_value_t = 1024)]
     v1_queue_kib: usize,
+    /// Always wait for the host before answering a CONNECT. By default a
+    /// destination that opened in the last 2 minutes is answered at once
+    /// (a round trip sooner); if its open then fails, the connection is
+    /// closed rather than answered 502.
+    #[arg(long)]
+    no_early_connect: bool,
 }
 
 /// A bridge ticket; its Debug/Display never show the value.
@@ -284,6 +290,7 @@ async fn run(
     let mut bridge = BridgeConfig::client();
     bridge.enable_v2 = !args.v1_only;
     bridge.v1_queue_cap = args.v1_queue_kib.max(1) * 1024;
+    bridge.early_connect = !args.no_early_connect;
     let cfg = ClientConfig {
         bridge,
         max_connections: args.max_connections,

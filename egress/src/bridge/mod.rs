@@ -11,20 +11,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Sink, Stream, StreamExt};
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::BridgeError;
 use crate::frame_v1::TextFrame;
-use crate::frame_v2::{OpenCode, OpenReply, OpenRequest};
+use crate::frame_v2::{OpenCode, OpenRequest};
 use crate::mux::{MuxDriver, MuxHandle, MuxStream};
 use crate::stats::SessionStats;
 use crate::stream_v1::{V1Registry, V1Stream};
 use crate::ws_io::{self, WRITE_QUEUE};
 
+mod early;
 mod reader;
+pub(crate) use early::V2Stream;
+use early::Warm;
 use reader::Reader;
 
 /// Largest v2 binary message accepted (our sender's limit is `ws_io::MAX_BINARY_MESSAGE`, 256 KiB).
@@ -88,6 +90,10 @@ pub struct BridgeConfig {
     pub max_streams: usize,
     /// Host: opens being resolved/dialled at once on this bridge; more are refused at once.
     pub max_pending_opens: usize,
+    /// Client, v2: answer a `CONNECT` to a destination that opened on this
+    /// bridge in the last two minutes at once, before the host's reply (a
+    /// failure then closes the browser's connection instead of a `502`).
+    pub early_connect: bool,
 }
 
 impl BridgeConfig {
@@ -107,6 +113,7 @@ impl BridgeConfig {
             v1_stall_timeout: Duration::from_secs(5),
             max_streams: 1024,
             max_pending_opens: 64,
+            early_connect: true,
         }
     }
 
@@ -146,7 +153,7 @@ pub(crate) type IncomingFn = Arc<dyn Fn(Incoming) + Send + Sync>;
 /// A stream the client end opened.
 pub(crate) enum Opened {
     V1(V1Stream),
-    V2(MuxStream),
+    V2(V2Stream),
 }
 
 /// Why [`Bridge::open`] failed.
@@ -185,6 +192,8 @@ struct Inner {
     /// Cancelled when the bridge ends, so tunnels of a dead bridge end too
     /// (a v2 stream would otherwise wait on an idle browser forever).
     ended: CancellationToken,
+    /// Client: v2 destinations that opened recently (see [`Bridge::open_early`]).
+    warm: Arc<Mutex<Warm>>,
 }
 
 impl Bridge {
@@ -247,43 +256,57 @@ impl Bridge {
         }
     }
 
+    /// Opens a v2 stream to a warm destination without waiting for the
+    /// host's reply: the stream's first reads read it (see [`early`]).
+    /// `None` when the destination is not warm, early answers are off, the
+    /// bridge speaks v1, or the stream cannot be started: then use
+    /// [`Bridge::open`], which answers exactly.
+    pub(crate) async fn open_early(&self, host: &str, port: u16) -> Option<V2Stream> {
+        if !self.inner.cfg.early_connect {
+            return None;
+        }
+        let mux = self.inner.mux.lock().unwrap().clone()?;
+        if !self
+            .inner
+            .warm
+            .lock()
+            .unwrap()
+            .is_warm(host, port, tokio::time::Instant::now())
+        {
+            return None;
+        }
+        self.start_v2(&mux, host, port).await.ok()
+    }
+
     async fn open_v2(&self, mux: MuxHandle, host: &str, port: u16) -> Result<Opened, OpenFailure> {
+        let mut stream = self.start_v2(&mux, host, port).await?;
+        std::future::poll_fn(|cx| stream.poll_reply(cx)).await?;
+        Ok(Opened::V2(stream))
+    }
+
+    /// Starts a v2 stream: the open request travels with the stream's SYN
+    /// (see `MuxHandle::open`); the reply is still to be read.
+    async fn start_v2(
+        &self,
+        mux: &MuxHandle,
+        host: &str,
+        port: u16,
+    ) -> Result<V2Stream, OpenFailure> {
         let req = OpenRequest {
             host: host.to_owned(),
             port,
         };
-        // The open request travels with the stream's SYN (see `MuxHandle::open`).
-        let mut stream = mux
+        let stream = mux
             .open(req.encode())
             .await
             .map_err(|_| OpenFailure::BridgeDown)?;
-        let exchange = async {
-            // Read exactly the reply: bytes after it are the destination's and
-            // must stay queued until the proxy has answered the browser.
-            let mut head = [0u8; 2];
-            stream.read_exact(&mut head).await?;
-            let mut msg = vec![0u8; head[1] as usize];
-            stream.read_exact(&mut msg).await?;
-            let mut whole = head.to_vec();
-            whole.extend_from_slice(&msg);
-            Ok::<_, std::io::Error>(whole)
-        };
-        let whole = match tokio::time::timeout(self.inner.cfg.open_timeout, exchange).await {
-            Err(_) => return Err(OpenFailure::TimedOut),
-            Ok(Err(_)) => return Err(OpenFailure::BridgeDown),
-            Ok(Ok(whole)) => whole,
-        };
-        match OpenReply::decode(&whole) {
-            Ok(Some((reply, _))) if reply.code == OpenCode::Ok => Ok(Opened::V2(stream)),
-            Ok(Some((reply, _))) => Err(OpenFailure::Rejected {
-                code: Some(reply.code),
-                message: reply.message,
-            }),
-            _ => Err(OpenFailure::Rejected {
-                code: None,
-                message: "malformed open reply".into(),
-            }),
-        }
+        Ok(V2Stream::pending(
+            stream,
+            self.inner.cfg.open_timeout,
+            self.inner.warm.clone(),
+            host,
+            port,
+        ))
     }
 
     async fn open_v1(&self, host: &str, port: u16) -> Result<Opened, OpenFailure> {
@@ -351,6 +374,7 @@ where
         peer_seen: AtomicBool::new(false),
         peer_bye: Mutex::new(None),
         ended: CancellationToken::new(),
+        warm: Arc::default(),
     });
     let bridge = Bridge {
         inner: inner.clone(),

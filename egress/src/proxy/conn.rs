@@ -9,13 +9,13 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::request::{self, Action, BodyFraming, ChunkedScanner, RequestHead};
 use super::{BAD_GATEWAY, BAD_REQUEST, CONNECT_OK, HEAD_TOO_LARGE, REQUEST_TIMEOUT, text_response};
-use crate::bridge::{Bridge, OpenFailure, Opened};
+use crate::bridge::{Bridge, OpenFailure, Opened, V2Stream};
 use crate::frame_v2::OpenCode;
-use crate::mux::MuxStream;
 use crate::relay::{RelayOpts, relay};
 use crate::stats::SessionStats;
 use crate::stream_v1::V1Stream;
@@ -63,6 +63,17 @@ pub(crate) trait Upstream {
         host: &str,
         port: u16,
     ) -> impl Future<Output = Result<Link<Self::Stream>, Vec<u8>>> + Send;
+
+    /// For a `CONNECT`: a stream that may be answered `200` before the
+    /// destination is known to be open, or `None` to [`Upstream::open`] it
+    /// and answer exactly. A failure found later ends the stream's reads.
+    fn open_early(
+        &self,
+        _host: &str,
+        _port: u16,
+    ) -> impl Future<Output = Option<Link<Self::Stream>>> + Send {
+        std::future::ready(None)
+    }
 }
 
 /// The coordinator path: whichever bridge is attached right now.
@@ -73,7 +84,24 @@ pub(crate) struct ViaBridge {
 }
 
 impl Upstream for ViaBridge {
-    type Stream = Either<V1Stream, MuxStream>;
+    type Stream = Either<V1Stream, V2Stream>;
+
+    async fn open_early(&self, host: &str, port: u16) -> Option<Link<Self::Stream>> {
+        let bridge = self.slot.borrow().clone()?;
+        let mut stream = bridge.open_early(host, port).await?;
+        let stats = bridge.stats().clone();
+        // A failure ends the whole connection: with half-close, the browser's
+        // direction would otherwise wait for it.
+        let refused = CancellationToken::new();
+        let (host, counted, cancel) = (host.to_owned(), stats.clone(), refused.clone());
+        stream.on_failure(Box::new(move |failure| {
+            counted.rejected();
+            info!(host = %host, port = port, reason = %failure_phrase(failure),
+                "open failed after an early answer; closing the connection");
+            cancel.cancel();
+        }));
+        Some(v2_link(bridge, stream, stats, refused))
+    }
 
     async fn open(&self, host: &str, port: u16) -> Result<Link<Self::Stream>, Vec<u8>> {
         let bridge = self.slot.borrow().clone();
@@ -113,17 +141,32 @@ impl Upstream for ViaBridge {
                     guard: None,
                 }
             }
-            Opened::V2(s) => Link {
-                stream: Either::Right(s),
-                stats,
-                half_close: true,
-                ended: Some(Box::pin(async move {
-                    let _bridge = bridge;
-                    ended.cancelled().await;
-                })),
-                guard: None,
-            },
+            Opened::V2(s) => v2_link(bridge, s, stats, CancellationToken::new()),
         })
+    }
+}
+
+/// A v2 stream's link: it ends early with its bridge, or when `refused`
+/// (an early-answered open that failed).
+fn v2_link(
+    bridge: Bridge,
+    stream: V2Stream,
+    stats: Arc<SessionStats>,
+    refused: CancellationToken,
+) -> Link<Either<V1Stream, V2Stream>> {
+    let ended = bridge.ended();
+    Link {
+        stream: Either::Right(stream),
+        stats,
+        half_close: true,
+        ended: Some(Box::pin(async move {
+            let _bridge = bridge;
+            tokio::select! {
+                () = ended.cancelled() => {}
+                () = refused.cancelled() => {}
+            }
+        })),
+        guard: None,
     }
 }
 
@@ -189,9 +232,12 @@ pub(crate) async fn serve_connection<S, U>(
         half_close,
         ended,
         guard: _guard,
-    } = match upstream.open(&dest.host, dest.port).await {
-        Ok(link) => link,
-        Err(refusal) => return answer(&mut sock, &refusal).await,
+    } = match early_link(upstream, &action, &dest).await {
+        Some(link) => link,
+        None => match upstream.open(&dest.host, dest.port).await {
+            Ok(link) => link,
+            Err(refusal) => return answer(&mut sock, &refusal).await,
+        },
     };
     let _active = stats.stream_opened(&dest.host);
     let opts = RelayOpts {
@@ -207,6 +253,19 @@ pub(crate) async fn serve_connection<S, U>(
         None => work.await,
     };
     info!(host = %dest.host, port = dest.port, bytes_out = up, bytes_in = down, "stream closed");
+}
+
+/// Only a `CONNECT` has an answer of ours to give early (the `200`); a
+/// forwarded request's answer comes from the destination.
+async fn early_link<U: Upstream>(
+    upstream: &U,
+    action: &Action,
+    dest: &request::Destination,
+) -> Option<Link<U::Stream>> {
+    match action {
+        Action::Tunnel(_) => upstream.open_early(&dest.host, dest.port).await,
+        Action::Forward { .. } => None,
+    }
 }
 
 fn failure_phrase(failure: &OpenFailure) -> String {

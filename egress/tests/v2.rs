@@ -93,6 +93,32 @@ async fn banner_follows_the_200_on_v2() {
     }
 }
 
+/// On a warm destination the browser's first bytes, sent with the `CONNECT`
+/// before any answer, reach it ahead of the host's reply and come back.
+#[tokio::test]
+async fn bytes_sent_with_a_warm_connect_reach_the_destination() {
+    let p = pair(true, true, false).await;
+    assert_v2(&p).await;
+    let origin = echo_origin().await;
+    for round in 0..3 {
+        let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+        s.write_all(format!("CONNECT {origin} HTTP/1.1\r\n\r\nping {round}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            read_head(&mut s).await.as_bytes(),
+            crabbox_egress::proxy::CONNECT_OK
+        );
+        let mut got = [0u8; 6];
+        tokio::time::timeout(WAIT, s.read_exact(&mut got))
+            .await
+            .expect("echo timed out")
+            .unwrap();
+        assert_eq!(&got, format!("ping {round}").as_bytes());
+        echo_roundtrip(&mut s, b"and after").await;
+    }
+}
+
 /// A destination that opened recently is answered `200` at once, and the
 /// browser's first bytes travel behind the open request. If the open fails
 /// after all, the connection closes without a byte, the failure counts as a

@@ -84,7 +84,7 @@ struct Args {
     /// Always wait for the host before answering a CONNECT. By default a
     /// destination that opened in the last 2 minutes is answered at once
     /// (a round trip sooner); if its open then fails, the connection is
-    /// closed rather than answered 502.
+    /// closed rather than answered 403/502.
     #[arg(long)]
     no_early_connect: bool,
 }

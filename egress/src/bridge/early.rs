@@ -36,44 +36,76 @@ pub(crate) const WARM_FOR: Duration = Duration::from_secs(120);
 /// Warm destinations remembered per bridge; the oldest makes room.
 pub(crate) const WARM_MAX: usize = 256;
 
-/// Destinations (`host`, `port`) that opened on this bridge recently.
+/// Destinations (`host`, `port`) that opened on this bridge recently, and
+/// those that failed since (so a success of an older stream, read after the
+/// failure, does not warm them again).
 #[derive(Default)]
 pub(crate) struct Warm {
-    opened: HashMap<(String, u16), Instant>,
+    seen: HashMap<(String, u16), Seen>,
+}
+
+#[derive(Clone, Copy)]
+enum Seen {
+    Opened(Instant),
+    Failed(Instant),
+}
+
+impl Seen {
+    fn at(self) -> Instant {
+        match self {
+            Seen::Opened(at) | Seen::Failed(at) => at,
+        }
+    }
 }
 
 impl Warm {
     pub(crate) fn is_warm(&self, host: &str, port: u16, now: Instant) -> bool {
-        self.opened
-            .get(&(host.to_owned(), port))
-            .is_some_and(|at| now.saturating_duration_since(*at) < WARM_FOR)
+        matches!(
+            self.seen.get(&(host.to_owned(), port)),
+            Some(Seen::Opened(at)) if now.saturating_duration_since(*at) < WARM_FOR
+        )
     }
 
-    pub(crate) fn opened(&mut self, host: &str, port: u16, now: Instant) {
+    /// A stream started at `started` opened at `now`.
+    pub(crate) fn opened(&mut self, host: &str, port: u16, started: Instant, now: Instant) {
         let key = (host.to_owned(), port);
-        if !self.opened.contains_key(&key) && self.opened.len() >= WARM_MAX {
-            self.opened
-                .retain(|_, at| now.saturating_duration_since(*at) < WARM_FOR);
-            if self.opened.len() >= WARM_MAX
+        if let Some(Seen::Failed(at)) = self.seen.get(&key)
+            && started <= *at
+        {
+            return;
+        }
+        self.record(key, Seen::Opened(now), now);
+    }
+
+    pub(crate) fn failed(&mut self, host: &str, port: u16, now: Instant) {
+        self.record((host.to_owned(), port), Seen::Failed(now), now);
+    }
+
+    /// Every destination is cold again (a new host joined the bridge).
+    pub(crate) fn clear(&mut self) {
+        self.seen.clear();
+    }
+
+    fn record(&mut self, key: (String, u16), seen: Seen, now: Instant) {
+        if !self.seen.contains_key(&key) && self.seen.len() >= WARM_MAX {
+            self.seen
+                .retain(|_, s| now.saturating_duration_since(s.at()) < WARM_FOR);
+            if self.seen.len() >= WARM_MAX
                 && let Some(oldest) = self
-                    .opened
+                    .seen
                     .iter()
-                    .min_by_key(|(_, at)| **at)
+                    .min_by_key(|(_, s)| s.at())
                     .map(|(k, _)| k.clone())
             {
-                self.opened.remove(&oldest);
+                self.seen.remove(&oldest);
             }
         }
-        self.opened.insert(key, now);
-    }
-
-    pub(crate) fn failed(&mut self, host: &str, port: u16) {
-        self.opened.remove(&(host.to_owned(), port));
+        self.seen.insert(key, seen);
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.opened.len()
+        self.seen.len()
     }
 }
 
@@ -84,7 +116,9 @@ pub(crate) type OnFailure = Box<dyn FnOnce(&OpenFailure) + Send>;
 struct Pending {
     reply: Vec<u8>,
     deadline: Pin<Box<Sleep>>,
-    warm: Arc<Mutex<Warm>>,
+    started: Instant,
+    /// The warm set to tell (`None` while early answers are off).
+    warm: Option<Arc<Mutex<Warm>>>,
     host: String,
     port: u16,
     on_failure: Option<OnFailure>,
@@ -97,7 +131,10 @@ enum State {
 }
 
 /// A v2 stream: its open reply is read first (by [`V2Stream::poll_reply`],
-/// or by the first reads), then bytes pass straight through.
+/// or by the first reads), then bytes pass straight through. A stream dropped
+/// before its reply was read (the browser left, the bridge ended) records
+/// nothing: the destination stays as warm or cold as it was, and the host,
+/// told by the stream's reset, closes its side.
 pub(crate) struct V2Stream {
     stream: MuxStream,
     state: State,
@@ -108,7 +145,7 @@ impl V2Stream {
     pub(crate) fn pending(
         stream: MuxStream,
         wait: Duration,
-        warm: Arc<Mutex<Warm>>,
+        warm: Option<Arc<Mutex<Warm>>>,
         host: &str,
         port: u16,
     ) -> V2Stream {
@@ -117,6 +154,7 @@ impl V2Stream {
             state: State::Pending(Box::new(Pending {
                 reply: Vec::with_capacity(2),
                 deadline: Box::pin(tokio::time::sleep(wait)),
+                started: Instant::now(),
                 warm,
                 host: host.to_owned(),
                 port,
@@ -152,15 +190,20 @@ impl V2Stream {
             if p.reply.len() >= 2 && p.reply.len() == want {
                 break decode(&p.reply);
             }
-            if p.deadline.as_mut().poll(cx).is_ready() {
-                break Err(OpenFailure::TimedOut);
-            }
             let mut tmp = [0u8; 2 + u8::MAX as usize];
             let mut rb = ReadBuf::new(&mut tmp[..want - p.reply.len()]);
-            match ready!(Pin::new(&mut self.stream).poll_read(cx, &mut rb)) {
-                Ok(()) if rb.filled().is_empty() => break Err(OpenFailure::BridgeDown),
-                Ok(()) => p.reply.extend_from_slice(rb.filled()),
-                Err(_) => break Err(OpenFailure::BridgeDown),
+            // The read first, as `tokio::time::timeout` does: a reply already
+            // there wins over a deadline passed meanwhile.
+            match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    break Err(OpenFailure::BridgeDown);
+                }
+                Poll::Ready(Ok(())) => p.reply.extend_from_slice(rb.filled()),
+                Poll::Ready(Err(_)) => break Err(OpenFailure::BridgeDown),
+                Poll::Pending => {
+                    ready!(p.deadline.as_mut().poll(cx));
+                    break Err(OpenFailure::TimedOut);
+                }
             }
         };
         let State::Pending(p) = std::mem::replace(
@@ -173,12 +216,17 @@ impl V2Stream {
         ) else {
             unreachable!("checked above")
         };
-        let mut warm = p.warm.lock().unwrap();
+        let now = Instant::now();
         match &res {
-            Ok(()) => warm.opened(&p.host, p.port, Instant::now()),
+            Ok(()) => {
+                if let Some(warm) = &p.warm {
+                    warm.lock().unwrap().opened(&p.host, p.port, p.started, now);
+                }
+            }
             Err(failure) => {
-                warm.failed(&p.host, p.port);
-                drop(warm);
+                if let Some(warm) = &p.warm {
+                    warm.lock().unwrap().failed(&p.host, p.port, now);
+                }
                 if let Some(f) = p.on_failure {
                     f(failure);
                 }
@@ -255,16 +303,32 @@ mod tests {
     fn destinations_are_warm_until_they_fail_or_age_out() {
         let mut w = Warm::default();
         let t = Instant::now();
+        let s = Duration::from_secs(1);
         assert!(!w.is_warm("a.test", 443, t), "nothing is warm at first");
-        w.opened("a.test", 443, t);
-        assert!(w.is_warm("a.test", 443, t + Duration::from_secs(1)));
+        w.opened("a.test", 443, t, t);
+        assert!(w.is_warm("a.test", 443, t + s));
         assert!(!w.is_warm("a.test", 80, t), "the port is part of it");
         assert!(
             !w.is_warm("a.test", 443, t + WARM_FOR),
             "warm for WARM_FOR only"
         );
-        w.failed("a.test", 443);
-        assert!(!w.is_warm("a.test", 443, t), "a failure cools it at once");
+        w.failed("a.test", 443, t + s);
+        assert!(
+            !w.is_warm("a.test", 443, t + s),
+            "a failure cools it at once"
+        );
+        w.opened("a.test", 443, t, t + 2 * s);
+        assert!(
+            !w.is_warm("a.test", 443, t + 2 * s),
+            "a stream started before the failure does not warm it again"
+        );
+        w.opened("a.test", 443, t + 2 * s, t + 3 * s);
+        assert!(
+            w.is_warm("a.test", 443, t + 3 * s),
+            "one started after it does"
+        );
+        w.clear();
+        assert!(!w.is_warm("a.test", 443, t + 3 * s));
     }
 
     #[test]
@@ -272,11 +336,8 @@ mod tests {
         let mut w = Warm::default();
         let t = Instant::now();
         for i in 0..WARM_MAX + 50 {
-            w.opened(
-                &format!("h{i}.test"),
-                443,
-                t + Duration::from_millis(i as u64),
-            );
+            let at = t + Duration::from_millis(i as u64);
+            w.opened(&format!("h{i}.test"), 443, at, at);
         }
         assert_eq!(w.len(), WARM_MAX);
         assert!(!w.is_warm("h0.test", 443, t + Duration::from_secs(1)));

@@ -300,10 +300,15 @@ impl Bridge {
             .open(req.encode())
             .await
             .map_err(|_| OpenFailure::BridgeDown)?;
+        let warm = self
+            .inner
+            .cfg
+            .early_connect
+            .then(|| self.inner.warm.clone());
         Ok(V2Stream::pending(
             stream,
             self.inner.cfg.open_timeout,
-            self.inner.warm.clone(),
+            warm,
             host,
             port,
         ))

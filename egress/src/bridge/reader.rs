@@ -235,6 +235,12 @@ impl Reader {
             return;
         }
         self.peer_spoke = true;
+        if !hello.reply && self.mux_in.is_some() {
+            // A hello after the switch: our reply was lost, or a new host
+            // joined the session. Either way no destination is warm any more
+            // (a new host may allow less), so the next CONNECTs wait for it.
+            self.inner.warm.lock().unwrap().clear();
+        }
         if !hello.reply {
             // Our own hello may have been dropped while the peer was absent;
             // answer (queued before any binary; see docs/protocol.md for the

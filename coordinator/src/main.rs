@@ -86,18 +86,24 @@ fn clamp_secret_dumpers() -> tracing_subscriber::filter::Targets {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::filter::FilterExt as _;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CRABBOX_LOG")
-                .unwrap_or_else(|_| "info".into()),
+    let env = tracing_subscriber::EnvFilter::try_from_env("CRABBOX_LOG")
+        .unwrap_or_else(|_| "info".into());
+    // One filter, both rules: its level hint is the lower of the two (info
+    // by default), so disabled `debug!`/`trace!` call sites on the relay's
+    // per-message path are skipped at once instead of asking the filter on
+    // every call (a separate clamp layer made the hint `trace`).
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colour only on a terminal: journald and log files get plain text.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter(env.and(clamp_secret_dumpers())),
         )
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: journald and log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .finish()
-        .with(clamp_secret_dumpers())
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,9 +9,9 @@
 use std::sync::{Mutex, OnceLock};
 
 use tracing_subscriber::{
-    EnvFilter, Registry,
+    EnvFilter, Layer, Registry,
     filter::{LevelFilter, Targets},
-    layer::SubscriberExt,
+    layer::{Context, SubscriberExt},
     reload,
     util::SubscriberInitExt,
 };
@@ -46,6 +46,37 @@ pub fn clamp() -> Targets {
         Targets::new().with_default(LevelFilter::TRACE),
         |t, target| t.with_target(*target, LevelFilter::INFO),
     )
+}
+
+/// [`clamp`] as it sits in the subscriber: it filters as [`clamp`] does, and
+/// gives as its level hint the live filter's. tracing takes the more verbose
+/// of two filtering layers' hints, and [`clamp`]'s own (`trace`, its default)
+/// would make every disabled `debug!`/`trace!` call site (yamux has them on
+/// every frame) ask both filters on every call; an event passes only if both
+/// let it through, so the live filter's hint is the stack's.
+struct Clamp {
+    targets: Targets,
+    live: reload::Handle<EnvFilter, Registry>,
+}
+
+impl<S: tracing::Subscriber> Layer<S> for Clamp {
+    fn register_callsite(
+        &self,
+        metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        Layer::<S>::register_callsite(&self.targets, metadata)
+    }
+
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, ctx: Context<'_, S>) -> bool {
+        Layer::<S>::enabled(&self.targets, metadata, ctx)
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        self.live
+            .with_current(Layer::<Registry>::max_level_hint)
+            .ok()
+            .flatten()
+    }
 }
 
 /// The live filter and the handle that swaps it.
@@ -100,7 +131,10 @@ pub fn init(filter: &str) -> anyhow::Result<()> {
     });
     tracing_subscriber::registry()
         .with(filter_layer)
-        .with(clamp())
+        .with(Clamp {
+            targets: clamp(),
+            live: reload.clone(),
+        })
         .with(journald)
         .with(stderr)
         .try_init()?;

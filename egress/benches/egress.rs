@@ -98,7 +98,10 @@ async fn run(opts: Opts) {
             paths.push(("squid CONNECT".into(), Via::Connect(addr)));
             children.push(child);
         }
-        None => skipped.push("| squid CONNECT | skipped (squid not installed) | | | | | |"),
+        None if wanted(&opts, "squid CONNECT") => {
+            skipped.push("| squid CONNECT | skipped (squid not installed) | | | | | |")
+        }
+        None => {}
     }
     let ssh = if wanted(&opts, "ssh -D (OpenSSH, loopback)") {
         start_ssh(dir.path()).await
@@ -110,7 +113,10 @@ async fn run(opts: Opts) {
             paths.push(("ssh -D (OpenSSH, loopback)".into(), Via::Socks5(addr)));
             children.extend(c);
         }
-        None => skipped.push("| ssh -D | skipped (openssh-server not installed) | | | | | |"),
+        None if wanted(&opts, "ssh -D (OpenSSH, loopback)") => {
+            skipped.push("| ssh -D | skipped (openssh-server not installed) | | | | | |")
+        }
+        None => {}
     }
     // The physical shape of the path without its protocol: processes that
     // only copy bytes (tokio's `copy_bidirectional`), the first answering
@@ -171,7 +177,7 @@ async fn run(opts: Opts) {
         for (i, (name, via)) in paths.iter().enumerate() {
             let row = measure(*via, origin, &opts).await;
             if opts.rounds > 1 {
-                eprintln!("round {}: {}", round + 1, row.render(name));
+                eprintln!("round {}: {}", round + 1, row.render(name, &opts));
             }
             rows[i].push(row);
         }
@@ -183,7 +189,7 @@ async fn run(opts: Opts) {
     );
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for ((name, _), rows) in paths.iter().zip(&rows) {
-        println!("{}", Row::median(rows).render(name));
+        println!("{}", Row::median(rows).render(name, &opts));
     }
     for line in skipped {
         println!("{line}");
@@ -230,23 +236,32 @@ impl Row {
         }
     }
 
-    fn render(&self, name: &str) -> String {
+    /// A column that was not run (`--small 0`, `--concurrent 0`, `--no-fairness`) shows `—`.
+    fn render(&self, name: &str, opts: &Opts) -> String {
         let note = if self.small_errors > 0 {
             format!(" ({} small-fetch errors)", self.small_errors)
         } else {
             String::new()
         };
         format!(
-            "| {name}{note} | {} | {:.3} | {:.3} | {} | {:.2} | {} |",
+            "| {name}{note} | {} | {} | {} | {} | {} | {} |",
             self.bulk.map_or("error".into(), |m| format!("{m:.0}")),
-            self.p50,
-            self.p99,
-            self.errors,
-            self.secs,
-            self.fair
-                .map_or("error".into(), |f| format!("{:.1} %", f * 100.0)),
+            cell_if(opts.small_runs > 0, format!("{:.3}", self.p50)),
+            cell_if(opts.small_runs > 0, format!("{:.3}", self.p99)),
+            cell_if(opts.concurrent > 0, self.errors.to_string()),
+            cell_if(opts.concurrent > 0, format!("{:.2}", self.secs)),
+            cell_if(
+                opts.fairness,
+                self.fair
+                    .map_or("error".into(), |f| format!("{:.1} %", f * 100.0))
+            ),
         )
     }
+}
+
+/// `cell`, or `—` for a column that was not run.
+fn cell_if(ran: bool, cell: String) -> String {
+    if ran { cell } else { "—".into() }
 }
 
 fn kill(mut child: Child) {

@@ -364,7 +364,8 @@ impl Drop for Orphan {
         if known.is_none() && (rd.is_none() || line.is_none()) {
             return;
         }
-        tracing::info!(pgid = ?known, "client went away; ending the remote command");
+        // Dropped unfinished: its client went away, or its stream failed.
+        tracing::info!(pgid = ?known, "command dropped before it ended; ending the remote command");
         self.supervisor
             .spawn_cleanup("kill-orphaned-command", async move {
                 let _ = tokio::time::timeout(Duration::from_secs(15), async move {

@@ -2,7 +2,8 @@
 //! first attempt uses the ticket minted at start), opens the host bridge
 //! and serves it with `crabbox_egress::run_host` until the bridge drops,
 //! the lease ends, or it is cancelled; when the lease side merely left, it
-//! rejoins at once within the same attempt.
+//! rejoins at once within the same attempt. The bridge is dialled and
+//! served on the bridges' own runtime ([`BRIDGES`]).
 
 use std::sync::{
     Arc, Mutex,
@@ -19,8 +20,12 @@ use super::EgressManager;
 use crate::{
     coordinator::{self, CoordinatorError, Role, Ticket, TicketRequest},
     daemon::{LeaseEnds, LeaseOver},
-    supervisor::{TaskCtx, TaskError},
+    supervisor::{Dedicated, TaskCtx, TaskError},
 };
+
+/// Every host bridge's runtime: one thread for the dial and the serving of
+/// all of them, so a bridge's per-message hand-offs never cross threads.
+static BRIDGES: Dedicated = Dedicated::new("crabboxd-egress");
 
 /// One host bridge's inputs; cloned into each attempt.
 #[derive(Clone)]
@@ -69,7 +74,12 @@ impl Host {
                 ..HostConfig::default()
             };
             let up_since = Instant::now();
-            let serve = crabbox_egress::run_host(ws, Arc::clone(&self.policy), config);
+            // On the bridges' own thread, like the socket it was dialled on.
+            let serve = BRIDGES.run(crabbox_egress::run_host(
+                ws,
+                Arc::clone(&self.policy),
+                config,
+            ));
             tokio::pin!(serve);
             let served = tokio::select! {
                 r = &mut serve => r,
@@ -132,8 +142,15 @@ impl Host {
                     .await?
             }
         };
-        self.client
-            .connect_bridge(&self.lease, Role::Host, &ticket.ticket)
+        // The socket is dialled on the bridges' runtime, so its I/O is
+        // driven there; the ticket was minted on the daemon's.
+        let (client, lease) = (self.client.clone(), self.lease.clone());
+        BRIDGES
+            .run(async move {
+                client
+                    .connect_bridge(&lease, Role::Host, &ticket.ticket)
+                    .await
+            })
             .await
     }
 

@@ -7,7 +7,8 @@
 //! and restores them and mints tickets for the lease side.
 //!
 //! The data plane (policy, dialling, the bridge protocol) is the
-//! `crabbox-egress` crate; this module only supervises it.
+//! `crabbox-egress` crate; this module only supervises it, and runs the
+//! host bridges on a one-thread runtime of their own (`host::BRIDGES`).
 
 pub mod client;
 mod host;

@@ -18,6 +18,8 @@
     reason = "supervisor/ is the one module that spawns tasks"
 )]
 
+mod dedicated;
+pub use dedicated::Dedicated;
 mod kind;
 mod policy;
 mod registry;

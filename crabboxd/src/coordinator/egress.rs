@@ -130,23 +130,50 @@ impl Client {
         self.send("GET", &path, None::<&()>).await
     }
 
-    /// Opens a bridge WebSocket for `role`, authorised by `ticket` in the
-    /// `X-Crabbox-Bridge-Ticket` header (with the coordinator token as
-    /// bearer, as the reference CLI sends it). On a 401/403 handshake it
-    /// retries once with the ticket as the bearer, for older coordinators.
-    pub async fn connect_bridge(
+    /// Prepares the dial of a bridge WebSocket for `role`, authorised by
+    /// `ticket` in the `X-Crabbox-Bridge-Ticket` header (with the
+    /// coordinator token as bearer, as the reference CLI sends it): the URL
+    /// and the bearer (which may run the token command) here, the socket in
+    /// [`BridgeDial::dial`], on whichever runtime is to drive it.
+    pub async fn bridge_dial(
         &self,
         lease: &str,
         role: Role,
         ticket: &Secret,
-    ) -> Result<Bridge, CoordinatorError> {
+    ) -> Result<BridgeDial, CoordinatorError> {
         let path = format!("/v1/leases/{}/egress/{}", encode(lease), role.as_str());
         let mut url = self.base().clone();
         let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
         url.set_scheme(scheme)
             .expect("ws and wss are valid schemes");
         let url = format!("{}{}", url.as_str().trim_end_matches('/'), path);
-        let bearer = self.bearer().await?;
+        Ok(BridgeDial {
+            url,
+            path,
+            ticket: ticket.clone(),
+            bearer: self.bearer().await?,
+        })
+    }
+}
+
+/// A bridge WebSocket ready to be dialled ([`Client::bridge_dial`]).
+pub struct BridgeDial {
+    url: String,
+    path: String,
+    ticket: Secret,
+    bearer: Option<Secret>,
+}
+
+impl BridgeDial {
+    /// Opens the socket. On a 401/403 handshake it retries once with the
+    /// ticket as the bearer, for older coordinators.
+    pub async fn dial(self) -> Result<Bridge, CoordinatorError> {
+        let BridgeDial {
+            url,
+            path,
+            ticket,
+            bearer,
+        } = self;
         // The one dialler both bridge ends share (crabbox-egress); only the
         // mapping into this module's error shape lives here.
         crabbox_egress::connect_bridge(&url, ticket.expose(), bearer.as_ref().map(|b| b.expose()))

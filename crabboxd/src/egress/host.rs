@@ -80,6 +80,11 @@ impl Host {
                 Arc::clone(&self.policy),
                 config,
             ));
+            let serve = async move {
+                serve
+                    .await
+                    .unwrap_or_else(|gone| Err(BridgeError::Transport(gone.to_string())))
+            };
             tokio::pin!(serve);
             let served = tokio::select! {
                 r = &mut serve => r,
@@ -142,16 +147,18 @@ impl Host {
                     .await?
             }
         };
-        // The socket is dialled on the bridges' runtime, so its I/O is
-        // driven there; the ticket was minted on the daemon's.
-        let (client, lease) = (self.client.clone(), self.lease.clone());
-        BRIDGES
-            .run(async move {
-                client
-                    .connect_bridge(&lease, Role::Host, &ticket.ticket)
-                    .await
+        // The token command runs here; the socket is dialled on the
+        // bridges' runtime, so its I/O (and its TLS handshake) is driven there.
+        let dial = self
+            .client
+            .bridge_dial(&self.lease, Role::Host, &ticket.ticket)
+            .await?;
+        BRIDGES.run(dial.dial()).await.unwrap_or_else(|gone| {
+            Err(CoordinatorError::Bridge {
+                path: format!("egress host bridge of {}", self.lease),
+                message: gone.to_string(),
             })
-            .await
+        })
     }
 
     /// Coordinator refusals: a gone lease ends the task (stopped when it

@@ -554,6 +554,9 @@ impl EgressManager {
 
             // Its listener accepts (probed through the mux) and its bridge is up.
             let deadline = tokio::time::Instant::now() + READY_WAIT;
+            // A warm helper is up within a few tens of milliseconds: look
+            // again soon at first, then every 100 ms.
+            let mut pause = Duration::from_millis(10);
             loop {
                 let listening = remote.listening(&listen).await.map_err(lease_err)?;
                 let bridged =
@@ -572,7 +575,8 @@ impl EgressManager {
                         paths.dir
                     ))));
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
             }
             step(5, "listen", format!("{listen} accepts; bridge up")).await;
 

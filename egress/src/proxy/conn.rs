@@ -100,7 +100,7 @@ impl Upstream for ViaBridge {
                 "open failed after an early answer; closing the connection");
             cancel.cancel();
         }));
-        Some(v2_link(bridge, stream, stats, refused))
+        Some(link(bridge, Either::Right(stream), stats, true, refused))
     }
 
     async fn open(&self, host: &str, port: u16) -> Result<Link<Self::Stream>, Vec<u8>> {
@@ -122,48 +122,43 @@ impl Upstream for ViaBridge {
                 return Err(bad_gateway(bridge.version(), &failure));
             }
         };
-        let ended = bridge.ended();
         Ok(match opened {
+            // The bridge closes a v1 stream whose browser stopped reading.
             Opened::V1(s) => {
-                // The bridge closes a v1 stream whose browser stopped reading.
                 let killed = s.killed();
-                Link {
-                    stream: Either::Left(s),
-                    stats,
-                    half_close: false,
-                    ended: Some(Box::pin(async move {
-                        let _bridge = bridge;
-                        tokio::select! {
-                            () = killed.cancelled() => {}
-                            () = ended.cancelled() => {}
-                        }
-                    })),
-                    guard: None,
-                }
+                link(bridge, Either::Left(s), stats, false, killed)
             }
-            Opened::V2(s) => v2_link(bridge, s, stats, CancellationToken::new()),
+            Opened::V2(s) => link(
+                bridge,
+                Either::Right(s),
+                stats,
+                true,
+                CancellationToken::new(),
+            ),
         })
     }
 }
 
-/// A v2 stream's link: it ends early with its bridge, or when `refused`
-/// (an early-answered open that failed).
-fn v2_link(
+/// A bridge stream's link: it ends early with its bridge, or when `also` is
+/// cancelled (a v1 stream the bridge killed, an early-answered v2 open that
+/// failed). v2 streams half-close; v1 streams end whole.
+fn link(
     bridge: Bridge,
-    stream: V2Stream,
+    stream: Either<V1Stream, V2Stream>,
     stats: Arc<SessionStats>,
-    refused: CancellationToken,
+    half_close: bool,
+    also: CancellationToken,
 ) -> Link<Either<V1Stream, V2Stream>> {
     let ended = bridge.ended();
     Link {
-        stream: Either::Right(stream),
+        stream,
         stats,
-        half_close: true,
+        half_close,
         ended: Some(Box::pin(async move {
             let _bridge = bridge;
             tokio::select! {
                 () = ended.cancelled() => {}
-                () = refused.cancelled() => {}
+                () = also.cancelled() => {}
             }
         })),
         guard: None,

@@ -216,13 +216,9 @@ async fn bridges_heals_and_never_exposes_the_ticket() {
     let _ = host.await;
     wait_until_async(|| async { control(&ctl, "status").await.contains("\"bridged\":false") })
         .await;
-    let mut s = TcpStream::connect(listen).await.unwrap();
-    s.write_all(format!("CONNECT {origin} HTTP/1.1\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
     assert!(
-        String::from_utf8(read_to_end(&mut s).await)
-            .unwrap()
+        exchange_text(listen, &format!("CONNECT {origin} HTTP/1.1\r\n\r\n"))
+            .await
             .starts_with("HTTP/1.1 503")
     );
 

@@ -54,11 +54,11 @@ async fn rejected_open_gets_a_502_with_a_reason() {
     assert_v2(&p).await;
     let origin = echo_origin().await;
     let not_listed = format!("127.0.0.2:{}", origin.port());
-    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
-    s.write_all(format!("CONNECT {not_listed} HTTP/1.1\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let resp = String::from_utf8(read_to_end(&mut s).await).unwrap();
+    let resp = exchange_text(
+        p.proxy_addr,
+        &format!("CONNECT {not_listed} HTTP/1.1\r\n\r\n"),
+    )
+    .await;
     assert!(resp.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{resp}");
     assert!(
         resp.contains("127.0.0.2 is not on") && resp.contains("--allow 127.0.0.2"),
@@ -69,11 +69,7 @@ async fn rejected_open_gets_a_502_with_a_reason() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
-    s.write_all(format!("CONNECT {closed} HTTP/1.1\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let resp = String::from_utf8(read_to_end(&mut s).await).unwrap();
+    let resp = exchange_text(p.proxy_addr, &format!("CONNECT {closed} HTTP/1.1\r\n\r\n")).await;
     assert!(resp.contains("connect failed"), "{resp}");
 }
 
@@ -156,13 +152,13 @@ async fn a_warm_destination_is_answered_at_once_and_a_late_failure_closes_and_co
         drop(s);
         assert_eq!(proxy.stats().snapshot().rejected_streams, 0);
 
-        let mut s = TcpStream::connect(proxy_addr).await.unwrap();
         // The request and the first bytes in one write, as a client that
         // does not wait for the answer would send them.
-        s.write_all(format!("CONNECT {origin} HTTP/1.1\r\n\r\nhello").as_bytes())
-            .await
-            .unwrap();
-        let resp = read_to_end(&mut s).await;
+        let resp = exchange(
+            proxy_addr,
+            &format!("CONNECT {origin} HTTP/1.1\r\n\r\nhello"),
+        )
+        .await;
         if early {
             assert_eq!(
                 resp,
@@ -175,11 +171,7 @@ async fn a_warm_destination_is_answered_at_once_and_a_late_failure_closes_and_co
         }
         wait_until(|| proxy.stats().snapshot().rejected_streams == 1).await;
 
-        let mut s = TcpStream::connect(proxy_addr).await.unwrap();
-        s.write_all(format!("CONNECT {origin} HTTP/1.1\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let resp = String::from_utf8(read_to_end(&mut s).await).unwrap();
+        let resp = exchange_text(proxy_addr, &format!("CONNECT {origin} HTTP/1.1\r\n\r\n")).await;
         assert!(
             resp.starts_with("HTTP/1.1 502 ") && resp.contains("connect failed"),
             "a failed destination is cold again (early={early}): {resp}"
@@ -313,11 +305,7 @@ async fn proxy_heals_across_bridge_reconnects() {
     let origin = echo_origin().await;
     // No bridge yet: a fast 503 with a reason, not a long hang.
     let started = tokio::time::Instant::now();
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("CONNECT {origin} HTTP/1.1\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let resp = String::from_utf8(read_to_end(&mut s).await).unwrap();
+    let resp = exchange_text(addr, &format!("CONNECT {origin} HTTP/1.1\r\n\r\n")).await;
     assert!(
         resp.starts_with("HTTP/1.1 503") && resp.contains("not connected"),
         "{resp}"

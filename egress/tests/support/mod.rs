@@ -262,6 +262,19 @@ pub async fn read_head(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
+/// Connects to the proxy, sends `request` (a head and any bytes after it)
+/// in one write and reads everything until the proxy closes.
+pub async fn exchange(proxy: SocketAddr, request: &str) -> Vec<u8> {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    read_to_end(&mut s).await
+}
+
+/// [`exchange`] for an answer that is text.
+pub async fn exchange_text(proxy: SocketAddr, request: &str) -> String {
+    String::from_utf8(exchange(proxy, request).await).unwrap()
+}
+
 pub async fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut out))

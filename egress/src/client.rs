@@ -176,7 +176,17 @@ async fn accept_loop(
     cfg: Arc<ClientConfig>,
     down: Arc<Mutex<String>>,
 ) {
-    let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    // Each admitted connection holds at most one stream, and yamux ends the
+    // whole bridge (not one open) when a side goes over its stream limit, so
+    // the bridge's limit caps the connections too.
+    let max_connections = cfg.max_connections.min(cfg.bridge.max_streams);
+    if max_connections < cfg.max_connections {
+        warn!(
+            requested = cfg.max_connections,
+            max_connections, "max connections capped to the bridge's stream limit"
+        );
+    }
+    let limit = Arc::new(Semaphore::new(max_connections));
     let heads = Arc::new(Semaphore::new(cfg.max_pending_heads.max(1)));
     let limits = ConnLimits {
         first_byte_timeout: cfg.first_byte_timeout,
@@ -195,7 +205,8 @@ async fn accept_loop(
             }
         };
         // Every accepted socket holds a descriptor, so even connections that
-        // have not sent a head yet are bounded (each for `head_timeout` at most).
+        // have not sent a head yet are bounded (each for `first_byte_timeout`
+        // plus `head_timeout` at most).
         let Ok(permit) = heads.clone().try_acquire_owned() else {
             tokio::spawn(async move {
                 let _ = sock

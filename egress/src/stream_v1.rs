@@ -36,7 +36,18 @@ pub(crate) struct V1Registry {
     total: Arc<AtomicUsize>,
     /// Notified whenever a stream drains or goes away.
     space: Arc<Notify>,
+    /// Control frames waiting in tasks for room in the write queue.
+    control_backlog: Arc<AtomicUsize>,
 }
+
+/// Control frames (`close`, `error`) that may wait for room in a full write
+/// queue at once. A burst of refused opens (thousands over the stream limit)
+/// fits; a peer that stops reading while it keeps sending opens would
+/// otherwise grow one waiting task per frame. Each waits as a small task with
+/// a frame of at most a few hundred bytes (ids are bounded), so this is
+/// about 2 MiB at most; beyond it the frame is dropped (the peer's stream
+/// then ends by its own timeout).
+const MAX_CONTROL_BACKLOG: usize = 4096;
 
 struct Entry {
     tx: mpsc::UnboundedSender<Bytes>,
@@ -71,6 +82,7 @@ impl V1Registry {
             budget,
             total: Arc::new(AtomicUsize::new(0)),
             space: Arc::new(Notify::new()),
+            control_backlog: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -234,17 +246,35 @@ impl V1Registry {
     }
 
     /// Sends a control frame without ever waiting in the caller (the shared
-    /// read loop must not block on the write queue): falls back to a task.
+    /// read loop must not block on the write queue): falls back to a task,
+    /// at most [`MAX_CONTROL_BACKLOG`] of them at once.
     pub(crate) fn send_control(&self, frame: TextFrame) {
         let msg = Message::text(frame_v1::encode(&frame));
-        if let Err(mpsc::error::TrySendError::Full(msg)) = self.out.try_send(msg) {
-            let out = self.out.clone();
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        let Err(mpsc::error::TrySendError::Full(msg)) = self.out.try_send(msg) else {
+            return;
+        };
+        if self.control_backlog.fetch_add(1, Ordering::AcqRel) >= MAX_CONTROL_BACKLOG {
+            self.control_backlog.fetch_sub(1, Ordering::AcqRel);
+            return tracing::debug!("write queue full: dropping a v1 control frame");
+        }
+        let (out, backlog) = (self.out.clone(), self.control_backlog.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
                 handle.spawn(async move {
                     let _ = out.send(msg).await;
+                    backlog.fetch_sub(1, Ordering::AcqRel);
                 });
             }
+            Err(_) => {
+                backlog.fetch_sub(1, Ordering::AcqRel);
+            }
         }
+    }
+
+    /// Control frames waiting for room in the write queue (tests).
+    #[cfg(test)]
+    pub(crate) fn control_backlog(&self) -> usize {
+        self.control_backlog.load(Ordering::Acquire)
     }
 
     /// Sends a frame, waiting for queue space (never call from the read loop).
@@ -379,5 +409,35 @@ impl Drop for V1Stream {
         if left > 0 {
             self.release(left);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that stops reading while it keeps the host refusing opens:
+    /// the refusals waiting for the full write queue stay bounded.
+    #[tokio::test]
+    async fn control_frames_waiting_for_a_full_queue_are_bounded() {
+        let (out, mut rx) = mpsc::channel(1);
+        let reg = V1Registry::new(out, 1024, 1 << 20);
+        for i in 0..MAX_CONTROL_BACKLOG + 500 {
+            reg.send_control(TextFrame::Error {
+                id: format!("conn_{i}"),
+                error: "too many streams".into(),
+            });
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(reg.control_backlog(), MAX_CONTROL_BACKLOG);
+        // The queue's frame and every waiting one arrive; the rest were dropped.
+        let mut got = 0;
+        while let Ok(Some(_)) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), rx.recv()).await
+        {
+            got += 1;
+        }
+        assert_eq!(got, 1 + MAX_CONTROL_BACKLOG);
+        assert_eq!(reg.control_backlog(), 0);
     }
 }

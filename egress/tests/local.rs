@@ -220,6 +220,39 @@ async fn silent_and_idle_connections_are_closed() {
     support::wait_until(|| stats.snapshot().active_streams == 0).await;
 }
 
+/// A forwarded (plain `http://`) request whose destination accepts and never
+/// answers is closed after the idle timeout, and its socket is given back.
+#[tokio::test]
+async fn a_forwarded_request_to_a_silent_destination_ends_after_the_idle_timeout() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((sock, _)) = silent.accept().await {
+            kept.push(sock);
+        }
+    });
+    let stats = Arc::new(SessionStats::new());
+    let proxy = proxy_with(loopback_policy(), |c| {
+        c.idle_timeout = Duration::from_millis(500);
+        c.stats = stats.clone();
+    });
+    let mut browser = duplex_conn(&proxy);
+    browser
+        .write_all(format!("GET http://{addr}/ HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let asked = Instant::now();
+    assert_eq!(read_all(&mut browser).await, "");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        asked.elapsed()
+    );
+    support::wait_until(|| stats.snapshot().active_streams == 0).await;
+    held.abort();
+}
+
 #[tokio::test]
 async fn streams_beyond_the_cap_get_503_and_heads_hold_no_slot() {
     let echo = echo_origin().await;

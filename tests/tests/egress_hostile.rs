@@ -302,6 +302,74 @@ async fn peer_supplied_hosts_never_forge_log_lines() {
     assert!(log.contains("open refused"), "{log}");
 }
 
+/// Stream ids and malformed frames are peer text too: a megabyte id is
+/// neither kept, echoed nor logged, a long port is refused before it is
+/// held, and a malformed frame's value never reaches the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_supplied_ids_and_malformed_frames_stay_out_of_replies_and_logs() {
+    let (coord, d) = world(TestDaemon::builder()).await;
+    start_host(&d).await;
+    let (mut sink, inbox) = hostile_peer(&coord, &d).await;
+    let huge = "i".repeat(1 << 20);
+    sink.send(open_frame(&huge, "example.com", 443))
+        .await
+        .unwrap();
+    let long_port = serde_json::json!({"type": "open", "id": "p1", "host": "example.com", "port": "4".repeat(4096)});
+    sink.send(Message::text(long_port.to_string()))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let bad = format!(r#"{{"type":"hello","version":"{}"}}"#, "v".repeat(1 << 20));
+        sink.send(Message::text(bad)).await.unwrap();
+    }
+    // The bridge still answers: a refused destination after all of that.
+    sink.send(open_frame("after", "not-allowed.example", 443))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let errors = loop {
+        let errors: Vec<(String, String)> = inbox
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["type"] == "error")
+            .map(|v| {
+                (
+                    v["id"].as_str().unwrap_or("").to_owned(),
+                    v["error"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        if errors.iter().any(|(id, _)| id == "after") {
+            break errors;
+        }
+        assert!(Instant::now() < deadline, "no refusal: {errors:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        errors.contains(&("p1".into(), "invalid destination port".into())),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().all(|(id, _)| id.len() < 64),
+        "an id was echoed: {} bytes",
+        errors.iter().map(|(id, _)| id.len()).max().unwrap_or(0)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = d.stderr();
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 4096, "a log line of {longest} bytes");
+    assert!(
+        !log.contains("vvvvvvvv") && !log.contains("iiiiiiii"),
+        "peer text in the log"
+    );
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("malformed bridge text frame"))
+        .count();
+    assert_eq!(warned, 1, "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_allowlist_is_refused_promptly_while_the_api_stays_fast() {
     let (_coord, d) = world(TestDaemon::builder()).await;

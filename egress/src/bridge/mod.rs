@@ -88,7 +88,8 @@ pub struct BridgeConfig {
     pub v1_stall_timeout: Duration,
     /// Concurrent streams on this bridge (yamux limit and v1 open limit).
     pub max_streams: usize,
-    /// Host: opens being resolved/dialled at once on this bridge; more are refused at once.
+    /// Host: opens being resolved/dialled at once on this bridge; more wait
+    /// up to 5 s for a slot, then are refused.
     pub max_pending_opens: usize,
     /// Client, v2: answer a `CONNECT` to a destination that opened on this
     /// bridge in the last two minutes at once, before the host's reply (a
@@ -393,6 +394,7 @@ where
             mux_slot: Some(mux_slot),
             hellos_sent: 0,
             peer_spoke: false,
+            malformed: 0,
         };
         // The writer runs in a task of its own, so it is scheduled (and
         // flushes the socket) independently of the read loop and the yamux

@@ -33,6 +33,20 @@ pub(super) struct Reader {
     pub(super) hellos_sent: u32,
     /// A v1 frame or our peer's `hello` arrived: stop repeating `hello`.
     pub(super) peer_spoke: bool,
+    /// Text frames that were not JSON of the expected shape (the first is a
+    /// warning, the rest debug lines, so a peer cannot fill the log).
+    pub(super) malformed: u64,
+}
+
+/// Longest v1 stream id accepted. The reference's are `conn_` and the wall
+/// clock in base 36 (about 18 bytes); ids become map keys, are copied into
+/// every frame of their stream and appear in log lines, so a peer's id is
+/// bounded and printable before any of that.
+pub(crate) const MAX_V1_ID: usize = 128;
+
+/// Whether a peer's v1 stream id may be registered, echoed or logged.
+pub(crate) fn valid_v1_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_V1_ID && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 impl Reader {
@@ -127,7 +141,13 @@ impl Reader {
             // The reference tears the bridge down on a non-JSON message; we drop
             // it instead, so one bad frame cannot cost every other stream.
             Err(DecodeError::Json(e)) => {
-                return warn!(error = %e, "ignoring a malformed bridge text frame");
+                self.malformed += 1;
+                if self.malformed == 1 {
+                    warn!(error = %e, "ignoring a malformed bridge text frame (further ones are logged at debug)");
+                } else {
+                    debug!(error = %e, count = self.malformed, "ignoring a malformed bridge text frame");
+                }
+                return;
             }
             Err(DecodeError::BadBody { .. }) => {
                 return debug!("dropping a data frame with an invalid base64 body");
@@ -150,8 +170,9 @@ impl Reader {
         match frame {
             TextFrame::Open { id, host, port } => self.on_open(id, host, port),
             TextFrame::OpenOk { id } if self.inner.role == Role::Client => {
-                if !v1.on_open_ok(&id) {
-                    // Abandoned (timed out / cancelled) open: release the host's connection.
+                if !v1.on_open_ok(&id) && valid_v1_id(&id) {
+                    // Abandoned (timed out / cancelled) open: release the host's
+                    // connection. (An id we could never have sent is not echoed.)
                     v1.send_control(TextFrame::Close { id });
                 }
             }
@@ -212,7 +233,33 @@ impl Reader {
             return;
         };
         let v1 = &self.inner.v1;
-        if id.is_empty() || v1.contains(&id) {
+        if !valid_v1_id(&id) {
+            // Not answerable: an error frame would echo the id.
+            return debug!(
+                id_len = id.len(),
+                "dropping a v1 open with an invalid stream id"
+            );
+        }
+        if v1.contains(&id) {
+            return;
+        }
+        // Held until the open is served (up to the pending-open wait): refuse
+        // what no destination can be before keeping it. The host's own checks
+        // (`validate_destination`, the port's parse) give the exact answer
+        // for anything shorter.
+        let bad = if host.len() > 255 {
+            Some("invalid destination host")
+        } else if port.len() > 5 {
+            Some("invalid destination port")
+        } else {
+            None
+        };
+        if let Some(error) = bad {
+            self.inner.stats.rejected();
+            v1.send_control(TextFrame::Error {
+                id,
+                error: error.into(),
+            });
             return;
         }
         if v1.len() >= self.inner.cfg.max_streams {

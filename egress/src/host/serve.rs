@@ -132,8 +132,13 @@ where
         tokio::select! {
             res = &mut run => return res,
             () = config.stop.cancelled() => {
-                bridge.say_goodbye("egress stopped").await;
-                let _ = tokio::time::timeout(Duration::from_secs(2), &mut run).await;
+                // One deadline for the goodbye and the bridge's end, polled
+                // together (the bridge writes what the goodbye queues): a
+                // relay that stopped reading cannot hold the stop.
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    tokio::join!(bridge.say_goodbye("egress stopped"), &mut run)
+                })
+                .await;
                 return Ok(());
             }
             Some(incoming) = rx.recv() => {

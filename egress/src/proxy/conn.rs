@@ -2,12 +2,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -325,17 +327,27 @@ async fn read_head<S: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     cap: usize,
 ) -> Result<(RequestHead, usize), HeadError> {
+    // A head ends with a newline: parse again only after one arrived, so a
+    // peer sending a byte at a time costs a scan of what it sent, not of the
+    // whole buffer per byte.
+    let mut newline = true;
     loop {
-        match request::parse_head(buf) {
-            Ok(Some(parsed)) => return Ok(parsed),
-            Ok(None) if buf.len() >= cap => return Err(HeadError::TooLarge),
-            Ok(None) => {}
-            Err(_) => return Err(HeadError::Malformed),
+        if newline {
+            match request::parse_head(buf) {
+                Ok(Some(parsed)) => return Ok(parsed),
+                Ok(None) => {}
+                Err(_) => return Err(HeadError::Malformed),
+            }
+        }
+        if buf.len() >= cap {
+            return Err(HeadError::TooLarge);
         }
         let want = (cap - buf.len()).min(8192);
         buf.reserve(want);
+        let before = buf.len();
+        // The limit is what is left of the cap, so the buffer never exceeds it.
         let n = sock
-            .read_buf(&mut (&mut *buf).limit(cap))
+            .read_buf(&mut (&mut *buf).limit(cap - before))
             .await
             .map_err(|_| HeadError::Closed)?;
         if n == 0 {
@@ -345,6 +357,7 @@ async fn read_head<S: AsyncRead + Unpin>(
                 HeadError::Malformed
             });
         }
+        newline = buf[before..].contains(&b'\n');
     }
 }
 
@@ -383,19 +396,50 @@ where
             path, host_header, ..
         } => {
             let rewritten = head.rewrite_origin_form(&path, &host_header);
-            forward_one(sock, stream, rewritten, framing, leftover, stats).await
+            let idle = opts.idle_timeout;
+            forward_one(sock, stream, rewritten, framing, leftover, idle, stats).await
         }
+    }
+}
+
+/// When either direction of a forwarded exchange last moved a byte.
+struct Activity {
+    start: Instant,
+    /// Milliseconds after `start`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the exchange is idle for `idle` unless something moves before.
+    fn deadline(&self, idle: Duration) -> Instant {
+        self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle
     }
 }
 
 /// Sends one request (head + exactly its body) and relays the response until
 /// the destination closes (we asked for `Connection: close`), then closes.
+/// Both directions silent for `idle` ends it, as for a tunnel: a destination
+/// that accepts and never answers, or a browser that stops reading, holds
+/// its socket no longer than that.
 async fn forward_one<L, S>(
     sock: L,
     stream: S,
     head: Vec<u8>,
     framing: BodyFraming,
     leftover: BytesMut,
+    idle: Duration,
     stats: &SessionStats,
 ) -> (u64, u64)
 where
@@ -404,28 +448,37 @@ where
 {
     let (mut sr, mut sw) = tokio::io::split(stream);
     let (mut lr, mut lw) = tokio::io::split(sock);
+    let activity = Activity::new();
     let upload = async {
         let mut sent = head.len() as u64;
         sw.write_all(&head).await?;
-        sent += forward_body(&mut lr, &mut sw, framing, leftover).await?;
+        activity.touch();
+        sent += forward_body(&mut lr, &mut sw, framing, leftover, &activity).await?;
         sw.flush().await?;
         stats.add_out(sent as usize);
         Ok::<u64, std::io::Error>(sent)
     };
     let download = async {
-        let n = copy_response(&mut sr, &mut lw, stats).await;
+        let n = copy_response(&mut sr, &mut lw, stats, &activity).await;
         let _ = lw.shutdown().await;
         n
     };
     tokio::pin!(upload, download);
     let mut up = 0;
     let down = loop {
+        let deadline = activity.deadline(idle);
         tokio::select! {
             res = &mut upload, if up == 0 => match res {
                 Ok(n) => up = n.max(1),
                 Err(_) => break 0,
             },
             n = &mut download => break n,
+            _ = tokio::time::sleep_until(deadline) => {
+                if activity.deadline(idle) <= Instant::now() {
+                    debug!(idle = ?idle, "forwarded request idle; closing");
+                    break 0;
+                }
+            }
         }
     };
     (up, down)
@@ -436,6 +489,7 @@ async fn forward_body<R, W>(
     sw: &mut W,
     framing: BodyFraming,
     mut pending: BytesMut,
+    activity: &Activity,
 ) -> std::io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -456,6 +510,7 @@ where
                 }
                 let take = (left as usize).min(pending.len());
                 sw.write_all(&pending[..take]).await?;
+                activity.touch();
                 pending.advance(take);
                 left -= take as u64;
                 sent += take as u64;
@@ -475,6 +530,7 @@ where
                 let end = scanner.feed(&pending).map_err(std::io::Error::other)?;
                 let take = end.unwrap_or(pending.len());
                 sw.write_all(&pending[..take]).await?;
+                activity.touch();
                 sent += take as u64;
                 pending.advance(take);
                 if end.is_some() {
@@ -487,7 +543,12 @@ where
 
 /// Copies the response, rewriting its head to say `Connection: close`
 /// (the browser must not send a second request down this connection).
-async fn copy_response<R, W>(sr: &mut R, lw: &mut W, stats: &SessionStats) -> u64
+async fn copy_response<R, W>(
+    sr: &mut R,
+    lw: &mut W,
+    stats: &SessionStats,
+    activity: &Activity,
+) -> u64
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -495,14 +556,18 @@ where
     const HEAD_CAP: usize = 64 * 1024;
     let mut buf = BytesMut::with_capacity(8192);
     let mut total = 0u64;
-    // Gather the response head.
+    // Gather the response head, scanning each byte once (plus the three
+    // before it, where an end split across reads starts).
+    let mut scanned = 0usize;
     loop {
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() >= HEAD_CAP {
+        let from = scanned.saturating_sub(3);
+        if buf[from..].windows(4).any(|w| w == b"\r\n\r\n") || buf.len() >= HEAD_CAP {
             break;
         }
+        scanned = buf.len();
         match sr.read_buf(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(_) => {}
+            Ok(_) => activity.touch(),
         }
     }
     stats.add_in(buf.len());
@@ -520,6 +585,7 @@ where
         if lw.write_all(&chunk[..n]).await.is_err() {
             break;
         }
+        activity.touch();
         stats.add_in(n);
         total += n as u64;
     }

@@ -23,10 +23,13 @@
 //! * [`coordinator`] — the coordinator HTTP client; the only module that
 //!   knows the coordinator's wire shapes.
 //! * [`attach`] — run attach feeds shared by any number of subscribers.
-//! * [`control`] — the shared `/v1/control` socket (heartbeats, later run events).
+//! * [`control`] — the shared `/v1/control` socket (heartbeats, run events).
 //! * [`lease`] — kept leases: the `LeaseKeeper` task and its manager.
-//! * [`egress`] — egress host bridges: the `EgressHost` task and its manager.
+//! * [`egress`] — egress: the `EgressHost` bridge task and its manager, and
+//!   the lease side over SSH (`egress start`, the helper's keeper, the SSH transport).
 //! * [`ssh`] — SSH multiplexers: the `SshMux` task per lease, commands and copies over it.
+//! * [`run`](mod@run) — runs the daemon owns: the `Run` task per `crabboxctl run`,
+//!   its environment forwarding and its output events.
 //! * [`statefile`] — persisted desired state, restored on start.
 //! * [`diagnostics`] — the checks behind `crabboxctl doctor`.
 //! * [`drive`] — streaming replies whose work runs inside the stream.

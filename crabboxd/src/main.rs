@@ -1,7 +1,8 @@
 //! The `crabboxd` binary: parses flags, initialises logging, loads
 //! configuration, binds the socket (or takes it from systemd), and calls
 //! [`crabboxd::run`]. Exit codes: 0 after a clean shutdown, 1 on a runtime
-//! error (including "already running"), 64 on a usage or configuration error.
+//! error (including "already running"), 2 on an unknown flag (clap's), 64 on
+//! a bad flag value or configuration error.
 
 #![forbid(unsafe_code)]
 
@@ -46,7 +47,8 @@ struct Flags {
     print_man_page: bool,
 }
 
-/// Exit code for usage and configuration errors (BSD `EX_USAGE`).
+/// Exit code for bad flag values and configuration errors (BSD `EX_USAGE`);
+/// clap itself exits 2 on a flag it does not know.
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {

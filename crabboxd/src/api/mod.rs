@@ -1,6 +1,7 @@
 //! The local API: tonic services on the Unix socket, one per domain and one
 //! file each — `daemon.rs` (`Daemon`), `leases.rs` (`Leases`), `egress.rs`
-//! (`Egress`), `runs.rs` (`Runs`), `ssh.rs` (`Ssh`). This module is the only one that knows
+//! (`Egress`), `runs.rs` (`Runs`), `ssh.rs` (`Ssh`), `desktop.rs`
+//! (`Desktop`). This module is the only one that knows
 //! the proto types (`crabbox_api::v1`); it converts to and from domain types
 //! in `convert`, maps domain errors to `tonic::Status` in `error`, checks
 //! the peer uid of every connection (`peer`), and stamps every reply with

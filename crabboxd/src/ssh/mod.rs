@@ -11,8 +11,9 @@
 //!   reconnect with the supervisor's backoff, lease end.
 //! * [`exec`] — one command per channel, run at most once, in its own
 //!   process group that cancelling kills.
-//! * [`copy`] — files and directories both ways as tar streams over exec
-//!   channels, atomic on the far side.
+//! * [`copy`] — files and directories both ways over exec channels (an
+//!   uploaded regular file as raw bytes into `cat`, trees and downloads as
+//!   tar streams), atomic on the far side.
 //! * [`forward`] — local forwards: a loopback listener per
 //!   `SshForward{lease:local}` task, each connection a tunnel.
 //! * [`remote_forward`] — remote forwards (`tcpip-forward`) on 127.0.0.1

@@ -71,6 +71,21 @@ async fn one_heartbeat_prints_the_reference_fields() {
         1200
     );
 
+    // An idle timeout the daemon cannot keep (under three of its fastest
+    // beats) is refused with the minimum, before anything reaches the coordinator.
+    for short in ["0s", "5s"] {
+        let out = d
+            .ctl(&["lease", "keep", "--id", LEASE, "--idle-timeout", short])
+            .await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains("at least 15s"), "{stderr}");
+    }
+    assert_eq!(
+        lease_at_coordinator(&coord).await["idleTimeoutSeconds"],
+        1200
+    );
+
     // An unknown lease is an error the user can read, with a failing exit.
     let out = d.ctl(&["heartbeat", "--id", "cbx_00000000dead"]).await;
     assert!(!out.status.success());

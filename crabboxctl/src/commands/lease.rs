@@ -26,7 +26,7 @@ enum Command {
         /// The lease id or slug.
         #[arg(long)]
         id: String,
-        /// Override the lease's idle timeout, e.g. `45m` or `2h`.
+        /// Override the lease's idle timeout, e.g. `45m` or `2h` (at least 15s).
         #[arg(long, value_parser = humantime::parse_duration)]
         idle_timeout: Option<std::time::Duration>,
         /// Print JSON (unstable format).

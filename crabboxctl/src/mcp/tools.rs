@@ -89,7 +89,7 @@ pub struct PageArgs {
 pub struct KeepArgs {
     /// The lease id (`cbx_…`) or slug.
     pub lease_id: String,
-    /// Override the lease's idle timeout, in seconds (at least 1).
+    /// Override the lease's idle timeout, in seconds (at least 15: three heartbeats at the fastest cadence).
     pub idle_timeout_seconds: Option<u64>,
 }
 
@@ -624,10 +624,10 @@ impl Crabbox {
     }
 
     #[tool(
-        description = "Start mediated egress for a lease over its SSH connection: installs the egress helper on the lease, starts the host bridge here and the helper there, and returns once the helper listens (its loopback endpoint on the lease) and is bridged. Programs on the lease then reach only the allowed hosts, exiting from this machine; run_start with egress=true points a run's HTTP(S)_PROXY at it. Needs profiles or allow. Replaces a running egress of the lease.",
+        description = "Start mediated egress for a lease over its SSH connection: installs the egress helper on the lease, starts the host bridge here and the helper there, and returns once the helper listens (its loopback endpoint on the lease) and is bridged. Programs on the lease then reach only the allowed hosts, exiting from this machine; run_start with egress=true points a run's HTTP(S)_PROXY at it. Needs profiles or allow. Replaces a running egress of the lease (its open connections are cut).",
         annotations(
             read_only_hint = false,
-            destructive_hint = false,
+            destructive_hint = true,
             idempotent_hint = false,
             open_world_hint = true
         )
@@ -1271,7 +1271,16 @@ mod tests {
         ] {
             assert_eq!(by(ro).read_only_hint, Some(true), "{ro}");
         }
-        for d in ["lease_release", "egress_stop", "run_stop"] {
+        for d in [
+            "lease_release",
+            "egress_start",
+            "egress_stop",
+            "run_stop",
+            "exec",
+            "copy_to_lease",
+            "copy_from_lease",
+            "run_start",
+        ] {
             assert_eq!(by(d).destructive_hint, Some(true), "{d}");
             assert_eq!(by(d).read_only_hint, Some(false), "{d}");
         }

@@ -6,6 +6,7 @@ use std::{
 };
 
 use crabbox_api::{prost_types, v1};
+use tonic::Status;
 
 use crate::{
     config::SourceKind,
@@ -35,16 +36,30 @@ pub fn duration(d: Duration) -> prost_types::Duration {
     })
 }
 
+/// The shortest idle timeout the daemon can keep: three heartbeats per idle
+/// period at its fastest cadence (`lease::keeper::MIN_INTERVAL`).
+pub const MIN_IDLE_TIMEOUT: Duration =
+    Duration::from_secs(3 * crate::lease::MIN_INTERVAL.as_secs());
+
 /// A requested idle timeout: absent or non-positive means none; anything
-/// else is whole seconds, at least one (the coordinator takes seconds).
-pub fn idle_timeout(d: Option<prost_types::Duration>) -> Option<Duration> {
-    let d = d?;
+/// else is whole seconds (the coordinator takes seconds), at least
+/// [`MIN_IDLE_TIMEOUT`]: a shorter one would let the lease idle out between
+/// two beats, and a managed machine be cleaned up.
+pub fn idle_timeout(d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
+    let Some(d) = d else { return Ok(None) };
     if d.seconds < 0 || (d.seconds == 0 && d.nanos <= 0) {
-        return None;
+        return Ok(None);
     }
-    Some(Duration::from_secs(
-        u64::try_from(d.seconds).unwrap_or(0).max(1),
-    ))
+    let d = Duration::from_secs(u64::try_from(d.seconds).unwrap_or(0).max(1));
+    if d < MIN_IDLE_TIMEOUT {
+        return Err(Status::invalid_argument(format!(
+            "an idle timeout of {}s is too short to keep: at least {}s (the daemon beats at most every {}s, three times per idle period)",
+            d.as_secs(),
+            MIN_IDLE_TIMEOUT.as_secs(),
+            crate::lease::MIN_INTERVAL.as_secs()
+        )));
+    }
+    Ok(Some(d))
 }
 
 // === tasks and the daemon ===
@@ -317,11 +332,22 @@ mod tests {
     #[test]
     fn idle_timeouts_are_whole_seconds_or_none() {
         let d = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
-        assert_eq!(idle_timeout(None), None);
-        assert_eq!(idle_timeout(d(0, 0)), None);
-        assert_eq!(idle_timeout(d(-5, 0)), None);
-        assert_eq!(idle_timeout(d(0, 1)), Some(Duration::from_secs(1)));
-        assert_eq!(idle_timeout(d(2700, 0)), Some(Duration::from_secs(2700)));
+        assert_eq!(idle_timeout(None).unwrap(), None);
+        assert_eq!(idle_timeout(d(0, 0)).unwrap(), None);
+        assert_eq!(idle_timeout(d(-5, 0)).unwrap(), None);
+        for short in [d(0, 1), d(1, 0), d(14, 999)] {
+            let err = idle_timeout(short).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().contains("at least 15s"), "{}", err.message());
+        }
+        assert_eq!(
+            idle_timeout(d(15, 0)).unwrap(),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(
+            idle_timeout(d(2700, 0)).unwrap(),
+            Some(Duration::from_secs(2700))
+        );
     }
 
     #[test]

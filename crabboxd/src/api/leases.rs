@@ -33,11 +33,12 @@ impl v1::leases_server::Leases for LeasesService {
     ) -> Result<Response<v1::KeepLeaseResponse>, Status> {
         let req = req.into_inner();
         let id = lease_id(&req.lease_id)?;
+        let idle = convert::idle_timeout(req.idle_timeout)?;
         let url = error::coordinator_url(&self.state);
         let status = error::within_deadline(&url, async {
             self.state
                 .leases()
-                .keep(id, convert::idle_timeout(req.idle_timeout))
+                .keep(id, idle)
                 .await
                 .map_err(|e| error::lease(e, &url))
         })
@@ -105,11 +106,12 @@ impl v1::leases_server::Leases for LeasesService {
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let req = req.into_inner();
         let id = lease_id(&req.lease_id)?;
+        let idle = convert::idle_timeout(req.idle_timeout)?;
         let url = error::coordinator_url(&self.state);
         let lease = error::within_deadline(&url, async {
             self.state
                 .leases()
-                .heartbeat_once(id, convert::idle_timeout(req.idle_timeout))
+                .heartbeat_once(id, idle)
                 .await
                 .map_err(|e| error::lease(e, &url))
         })

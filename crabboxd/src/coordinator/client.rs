@@ -128,6 +128,33 @@ pub enum ErrorKind {
     Other,
 }
 
+/// A failure reading a response body: JSON of the wrong shape is a
+/// [`CoordinatorError::Decode`]; the connection failing or timing out while
+/// the body arrives is a network failure, retried like one. (reqwest calls
+/// both a decode error; only the first has serde's error as its cause.)
+fn body_error(method: &'static str, path: &str, source: reqwest::Error) -> CoordinatorError {
+    let path = path.to_owned();
+    let mut cause = std::error::Error::source(&source);
+    let mut json = false;
+    while let Some(e) = cause {
+        json |= e.is::<serde_json::Error>();
+        cause = e.source();
+    }
+    if json {
+        CoordinatorError::Decode {
+            method,
+            path,
+            source,
+        }
+    } else {
+        CoordinatorError::Network {
+            method,
+            path,
+            source,
+        }
+    }
+}
+
 impl CoordinatorError {
     /// Classifies the failure (see [`ErrorKind`]).
     pub fn kind(&self) -> ErrorKind {
@@ -268,11 +295,7 @@ impl Client {
         let resp = check_status(resp, "GET", PATH).await?;
         resp.json()
             .await
-            .map_err(|source| CoordinatorError::Decode {
-                method: "GET",
-                path: PATH.into(),
-                source,
-            })
+            .map_err(|source| body_error("GET", PATH, source))
     }
 
     /// `GET /v1/leases/{id}`.
@@ -371,11 +394,7 @@ impl Client {
         let resp = check_status(resp, method, path).await?;
         resp.json()
             .await
-            .map_err(|source| CoordinatorError::Decode {
-                method,
-                path: path.to_owned(),
-                source,
-            })
+            .map_err(|source| body_error(method, path, source))
     }
 
     /// `X-Crabbox-Owner` / `X-Crabbox-Org`, when configured.
@@ -457,4 +476,54 @@ impl std::fmt::Display for LeaseEnd {
 pub fn install_crypto_provider() {
     // An error means a provider is already installed, which is what we want.
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Answers the first connection on `listener` with `reply`, then closes it.
+    async fn answer_once(listener: tokio::net::TcpListener, reply: &'static [u8]) {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = sock.read(&mut buf).await;
+        let _ = sock.write_all(reply).await;
+    }
+
+    /// One `GET /v1/leases/…` against a server whose whole answer is `reply`.
+    async fn lease_with_reply(reply: &'static [u8]) -> CoordinatorError {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let c = client(url.parse().unwrap());
+        let (res, ()) = tokio::join!(c.lease("cbx_000000000001"), answer_once(listener, reply));
+        res.unwrap_err()
+    }
+
+    fn client(url: url::Url) -> Client {
+        Client::new(&CoordinatorConfig {
+            url,
+            token: None,
+            owner: None,
+            org: None,
+            heartbeat_transport: Default::default(),
+            control_ping_interval: Duration::from_secs(15),
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_off_is_a_network_failure_and_wrong_json_is_not() {
+        let err = lease_with_reply(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"lease\":",
+        )
+        .await;
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+        let err = lease_with_reply(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n[]",
+        )
+        .await;
+        assert!(matches!(err, CoordinatorError::Decode { .. }), "{err}");
+        assert_eq!(err.kind(), ErrorKind::Other, "{err}");
+    }
 }

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-pub use keeper::heartbeat_interval;
+pub use keeper::{MIN_INTERVAL, heartbeat_interval};
 
 use crate::{
     control::ControlChannel,

@@ -112,10 +112,15 @@ impl TaskCtx {
     }
 
     /// Reports that the task is up and doing its work. Time spent running
-    /// counts towards the policy's `reset_after`; the error of an earlier
+    /// since the attempt's first report counts towards the policy's
+    /// `reset_after` (tasks report again after each unit of work, e.g. a
+    /// heartbeat, which must not restart the count); the error of an earlier
     /// attempt is cleared (it recovered).
     pub fn running(&self) {
-        *self.healthy_since.lock().unwrap() = Some(Instant::now());
+        self.healthy_since
+            .lock()
+            .unwrap()
+            .get_or_insert_with(Instant::now);
         self.registry.upsert(&self.id, |r| {
             r.state = TaskState::Running;
             r.last_error = None;

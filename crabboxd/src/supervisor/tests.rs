@@ -125,6 +125,44 @@ async fn backoff_resets_after_a_healthy_period() {
     assert_eq!(after_healthy, Duration::from_secs(61 + 1), "{starts:?}");
 }
 
+/// A task that reports `running` after every unit of work (a keeper after
+/// each beat) is healthy since its first report, not its last.
+#[tokio::test(start_paused = true)]
+async fn backoff_resets_for_a_task_that_reports_running_often() {
+    let s = sup();
+    let calls = Arc::new(AtomicU32::new(0));
+    let starts = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let (c, st) = (Arc::clone(&calls), Arc::clone(&starts));
+    let _h = s
+        .start(
+            id("c2"),
+            BTreeMap::new(),
+            RestartPolicy::OnFailure(EXACT),
+            move |ctx| {
+                let n = c.fetch_add(1, Ordering::SeqCst);
+                st.lock().unwrap().push(Instant::now());
+                async move {
+                    // Attempts 0..3 fail at once; attempt 3 beats every 10 s
+                    // for 70 s (past reset_after), then fails.
+                    if n == 3 {
+                        for _ in 0..7 {
+                            ctx.running();
+                            tokio::time::sleep(Duration::from_secs(10)).await;
+                        }
+                    }
+                    Err(TaskError::retryable(anyhow::anyhow!("blip")))
+                }
+            },
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(90)).await;
+    let starts = starts.lock().unwrap().clone();
+    // 0 → 1s → 2s → 4s (healthy 70 s) → reset: next delay is 1 s, not 8 s.
+    let after_healthy = starts[4].duration_since(starts[3]);
+    assert_eq!(after_healthy, Duration::from_secs(70 + 1), "{starts:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn clean_exit_stops_on_failure_policy_but_restarts_always_policy() {
     let s = sup();

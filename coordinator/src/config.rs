@@ -78,8 +78,9 @@ pub struct Limits {
     /// Interval of server pings on every WebSocket; a socket that sends nothing
     /// (not even a pong) for a whole interval is dropped at the next one.
     pub ping_every: Duration,
-    /// How long one write to a WebSocket (a batch of frames, or a relayed
-    /// burst) may make no progress before the peer counts as dead.
+    /// How long one step of a write to a WebSocket (a frame taken, or a
+    /// flush of at most 256 KiB plus a frame, of a batch or a relayed burst)
+    /// may make no progress before the peer counts as dead.
     pub write_timeout: Duration,
     /// Bytes queued toward one control socket before the socket is closed
     /// `1011 "control send failed"` (replies wait for room up to `write_timeout`).

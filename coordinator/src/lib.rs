@@ -80,7 +80,8 @@ pub use config::{Config, Limits, Secret};
 /// Serve the coordinator on `listener` until `shutdown` completes.
 ///
 /// On shutdown every WebSocket is closed `1012 "coordinator shutting down"`,
-/// in-flight HTTP requests finish, and the expiry sweeper stops. The
+/// the portal's live streams end, in-flight HTTP requests finish, and the
+/// expiry sweeper stops. The
 /// database stays on disk: calling `serve` again with the same
 /// [`Config::db_path`] resumes with the same leases, runs and egress sessions.
 pub async fn serve(
@@ -105,6 +106,7 @@ pub async fn serve(
             shutdown.await;
             closing.hub.close_all(1012, "coordinator shutting down");
             closing.egress.close_all(1012, "coordinator shutting down");
+            closing.portal.stopping.send_replace(true);
         })
         .await;
     let _ = stop_tx.send(true);

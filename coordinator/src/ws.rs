@@ -212,7 +212,8 @@ async fn writer(
         }
         let mut held = Vec::new();
         let msgs: Vec<Message> = tokio::select! {
-            // Close first: a close must not wait behind a full data queue.
+            // Close first: a close must not wait behind a full data queue;
+            // then a due ping, which a queue that never empties would starve.
             biased;
             changed = close.changed() => {
                 if changed.is_err() {
@@ -220,6 +221,7 @@ async fn writer(
                 }
                 continue;
             }
+            _ = ping.tick() => vec![Message::Ping(Default::default())],
             item = rx.recv() => {
                 let Some(first) = item else { return };
                 // Feed a batch of already-queued frames, then flush once: one
@@ -239,21 +241,13 @@ async fn writer(
                 }
                 msgs
             }
-            _ = ping.tick() => vec![Message::Ping(Default::default())],
         };
-        // The write has a deadline and yields to a close: a peer that stops
-        // reading can neither pin this task nor delay its own close.
-        let sink_ref = &mut sink;
-        let write = async move {
-            for m in msgs {
-                sink_ref.feed(m).await?;
-            }
-            sink_ref.flush().await
-        };
+        // The write has a progress deadline and yields to a close: a peer
+        // that stops reading can neither pin this task nor delay its own close.
         let outcome = tokio::select! {
             biased;
             _ = close.wait_for(|s| *s != CloseState::Open) => None,
-            r = tokio::time::timeout(write_timeout, write) => Some(r),
+            r = write_batch(&mut sink, msgs, write_timeout, || {}) => Some(r),
         };
         // The frames are written (or abandoned): their bytes leave the budget.
         drop(held);
@@ -273,6 +267,47 @@ async fn writer(
 /// After a server-initiated close, keep reading (and discarding) for a short
 /// grace so the peer's close reply is consumed and the close frame is not
 /// lost to a TCP reset.
+/// Bytes of a batch written (flushed) as one step of a write deadline. The
+/// library buffers what it is fed and writes it on the flush, so a step is a
+/// flush of at most this much plus one frame.
+pub(crate) const FLUSH_BYTES: usize = 256 * 1024;
+
+/// Feeds `msgs` into `sink`, flushing every [`FLUSH_BYTES`] and at the end,
+/// each step under its own `limit` and followed by `progressed()`: the
+/// deadline is for progress, not for the batch, so a peer that reads slowly
+/// but steadily is not taken for one that stopped reading. `Err` means a step
+/// made no progress in time. (The kernel reports a full socket writable again
+/// only once a good part of its send buffer drained, so on a fast link a
+/// step can still wait for that much to be read.)
+pub(crate) async fn write_batch<S>(
+    sink: &mut S,
+    msgs: impl IntoIterator<Item = Message>,
+    limit: Duration,
+    mut progressed: impl FnMut(),
+) -> Result<Result<(), S::Error>, tokio::time::error::Elapsed>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    let mut unflushed = 0;
+    for m in msgs {
+        if unflushed >= FLUSH_BYTES {
+            if let Err(e) = tokio::time::timeout(limit, sink.flush()).await? {
+                return Ok(Err(e));
+            }
+            progressed();
+            unflushed = 0;
+        }
+        unflushed += frame_len(&m);
+        if let Err(e) = tokio::time::timeout(limit, sink.feed(m)).await? {
+            return Ok(Err(e));
+        }
+        progressed();
+    }
+    let flushed = tokio::time::timeout(limit, sink.flush()).await?;
+    progressed();
+    Ok(flushed)
+}
+
 pub(crate) async fn drain(stream: &mut futures_util::stream::SplitStream<WebSocket>) {
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(Ok(_)) = stream.next().await {}
@@ -295,6 +330,9 @@ pub(crate) type SharedSink = std::sync::Arc<tokio::sync::Mutex<SplitSink<WebSock
 pub(crate) struct DirectHandle {
     /// The socket's sending half.
     pub sink: SharedSink,
+    /// Steps (a frame taken, a flush done) of relayed writes into this
+    /// socket: a peer that only reads is alive while this moves.
+    pub written: std::sync::Arc<std::sync::atomic::AtomicU64>,
     closer: std::sync::Arc<watch::Sender<CloseState>>,
 }
 
@@ -305,6 +343,7 @@ impl DirectHandle {
         let (closer, _) = watch::channel(CloseState::Open);
         let handle = Self {
             sink: std::sync::Arc::new(tokio::sync::Mutex::new(sink)),
+            written: Default::default(),
             closer: std::sync::Arc::new(closer),
         };
         (handle, stream)
@@ -338,5 +377,85 @@ impl DirectHandle {
     /// A receiver that observes the close signal.
     pub fn watch(&self) -> watch::Receiver<CloseState> {
         self.closer.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that takes `per_frame` to accept each frame, or never when `None`.
+    fn slow_sink(
+        per_frame: Option<Duration>,
+    ) -> impl futures_util::Sink<Message, Error = std::convert::Infallible> + Unpin {
+        Box::pin(futures_util::sink::unfold(
+            (),
+            move |(), _m: Message| async move {
+                match per_frame {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+                Ok(())
+            },
+        ))
+    }
+
+    fn frame(len: usize) -> Message {
+        Message::Binary(vec![0u8; len].into())
+    }
+
+    /// A peer that takes every frame, slowly: the batch takes longer than the
+    /// limit in all, and still completes, because each step made progress.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_slower_than_the_limit_in_all_completes_while_each_step_moves() {
+        let mut sink = slow_sink(Some(Duration::from_millis(200)));
+        let mut steps = 0;
+        let started = tokio::time::Instant::now();
+        let res = write_batch(
+            &mut sink,
+            (0..10).map(|_| frame(1024)),
+            Duration::from_millis(500),
+            || steps += 1,
+        )
+        .await;
+        assert!(matches!(res, Ok(Ok(()))));
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(steps, 11, "ten frames and the flush");
+    }
+
+    /// A peer that stops taking frames: the step times out.
+    #[tokio::test(start_paused = true)]
+    async fn a_step_without_progress_times_out() {
+        let mut sink = slow_sink(None);
+        let res = write_batch(
+            &mut sink,
+            (0..3).map(|_| frame(1024)),
+            Duration::from_millis(500),
+            || {},
+        )
+        .await;
+        assert!(res.is_err());
+    }
+
+    /// Big batches are flushed every FLUSH_BYTES, so no step holds more.
+    #[tokio::test(start_paused = true)]
+    async fn big_batches_are_flushed_in_steps() {
+        let mut sink = slow_sink(Some(Duration::ZERO));
+        let mut steps = 0;
+        let n = 3 * FLUSH_BYTES / (64 * 1024);
+        let res = write_batch(
+            &mut sink,
+            (0..n).map(|_| frame(64 * 1024)),
+            Duration::from_millis(500),
+            || steps += 1,
+        )
+        .await;
+        assert!(matches!(res, Ok(Ok(()))));
+        // n frames, a flush after each FLUSH_BYTES but the last, and the final flush.
+        assert_eq!(steps, n + 2 + 1, "{steps}");
     }
 }

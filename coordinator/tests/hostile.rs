@@ -674,3 +674,42 @@ async fn write_deadline_drops_a_peer_that_stopped_reading() {
     flood.abort();
     drop(client);
 }
+
+/// A client that reads a download steadily and sends nothing back (a v1
+/// reference client) stays paired under a flood: the host's writes into it
+/// moving is its liveness while they keep the lock pings would need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_only_reads_a_flood_stays_paired() {
+    let coord = TestCoordinator::start_with(|c| {
+        c.limits.ping_every = Duration::from_secs(1);
+        c.limits.write_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let lease = "cbx_00000000f103";
+    let (host, mut client, _http, _t) = pair(&coord, lease).await;
+    let (mut htx, mut hrx) = host.split();
+    let flood = tokio::spawn(async move {
+        let frame = vec![1u8; 64 * 1024];
+        while htx
+            .send(Message::Binary(frame.clone().into()))
+            .await
+            .is_ok()
+        {}
+    });
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let r = read.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(m)) = client.next().await {
+            if let Message::Binary(_) = m {
+                r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    let close = host_close(&mut hrx, Duration::from_secs(6)).await;
+    let frames = read.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(close, None, "dropped after the client read {frames} frames");
+    assert!(frames > 100, "{frames}");
+    flood.abort();
+    reader.abort();
+}

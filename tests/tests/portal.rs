@@ -650,3 +650,36 @@ async fn signing_out_ends_open_live_streams() {
         .unwrap();
     assert_eq!(login.status().as_u16(), 200, "a redirect loop");
 }
+
+/// A live page open at shutdown ends with it: the graceful shutdown waits
+/// for in-flight requests, and a live stream would otherwise last an hour.
+#[tokio::test]
+async fn an_open_live_page_does_not_hold_the_shutdown() {
+    let coord = TestCoordinator::start().await;
+    let http = http();
+    let alice = coord.user_token("alice@example.com", "acme", "alice");
+    let s = sign_in(&http, &coord, &alice).await;
+    let mut live = http
+        .get(format!("{}/portal/live", coord.base_url))
+        .header("cookie", &s.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status().as_u16(), 200);
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), coord.stop())
+        .await
+        .expect("the coordinator stopped with a live page open")
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // The stream ended rather than being cut mid-event.
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = live.chunk().await {}
+    })
+    .await;
+    assert!(end.is_ok(), "the live stream did not end");
+}

@@ -502,17 +502,22 @@ pub(crate) async fn upgrade(
                     "egress session was replaced by a newer session",
                 )));
             }
+            // Read again in the transaction that activates the session: a
+            // release committed since the read above must not get a fresh
+            // session for a lease that is over.
+            let active = store::get_lease(&tx, &lid)?
+                .is_some_and(|l| l.state == "active" && l.expires_ms() > now);
+            if !active {
+                return Ok(Err(ApiError::conflict(
+                    "egress_unavailable",
+                    "lease is not active",
+                )));
+            }
             let replaced = activate(&tx, &lid, &sid, None, Vec::new(), at)?;
             tx.commit()?;
             Ok(Ok(replaced))
         })
         .await??;
-    if lease.state != "active" || lease.expires_ms() <= now {
-        return Err(ApiError::conflict(
-            "egress_unavailable",
-            "lease is not active",
-        ));
-    }
     if let Some(old) = replaced {
         st.egress
             .close_session(&lease.id, &old, 1012, REPLACED_SESSION);

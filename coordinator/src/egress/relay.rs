@@ -8,7 +8,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 
 use super::{Key, MAX_FRAME, Peer, Role};
 use crate::app::Shared;
-use crate::ws::{CLOSE_GRACE, DirectHandle, closed, drain, frame_len, is_too_big};
+use crate::ws::{CLOSE_GRACE, DirectHandle, closed, drain, frame_len, is_too_big, write_batch};
 
 /// Frames coalesced into one flush when a burst is already buffered.
 const BATCH: usize = 64;
@@ -69,6 +69,7 @@ pub(super) async fn relay(
     let mut too_big = false;
     let mut unread = false;
     let mut alive = true;
+    let mut written_at_tick = handle.written.load(Ordering::Acquire);
     loop {
         let item = match pending.take() {
             Some(item) => item,
@@ -85,15 +86,22 @@ pub(super) async fn relay(
                     if !alive {
                         break;
                     }
-                    alive = false;
-                    // Never wait for the lock: a relay writing into this
-                    // sink is traffic enough, and its write has a deadline.
+                    // Never wait for the lock. While the other end's relay
+                    // holds it, a peer that only reads a download (a v1
+                    // client sends nothing else) is alive as long as those
+                    // writes move; one that stopped reading is dropped at the
+                    // next tick, without waiting for the write deadline.
+                    let written = handle.written.load(Ordering::Acquire);
                     if let Ok(mut sink) = handle.sink.try_lock() {
+                        alive = false;
                         tokio::select! {
                             _ = tokio::time::timeout(write_timeout, sink.send(Message::Ping(Default::default()))) => {}
                             _ = closed(&mut close_rx) => {}
                         }
+                    } else {
+                        alive = written != written_at_tick;
                     }
+                    written_at_tick = written;
                     continue;
                 }
             },
@@ -127,10 +135,13 @@ pub(super) async fn relay(
                 // pair or hold the lock its own close and pings need.
                 let stream = &mut stream;
                 let pending = &mut pending;
+                // Each step (the lock, a frame, a flush) has the write
+                // timeout: the deadline is for progress, so a peer reading
+                // slowly but steadily is not closed as one that stopped.
                 let write = async move {
-                    let mut sink = peer.sink.lock().await;
+                    let mut sink = tokio::time::timeout(write_timeout, peer.sink.lock()).await?;
                     let mut bytes = frame_len(&m);
-                    let _ = sink.feed(m).await;
+                    let mut batch = vec![m];
                     for _ in 0..BATCH {
                         if bytes >= BATCH_BYTES {
                             break;
@@ -140,7 +151,7 @@ pub(super) async fn relay(
                                 if frame_len(&m) <= MAX_FRAME =>
                             {
                                 bytes += frame_len(&m);
-                                let _ = sink.feed(m).await;
+                                batch.push(m);
                             }
                             Some(other) => {
                                 *pending = Some(other);
@@ -149,13 +160,18 @@ pub(super) async fn relay(
                             None => break,
                         }
                     }
-                    let _ = sink.flush().await;
+                    // A write error surfaces on the socket's own reader.
+                    write_batch(&mut *sink, batch, write_timeout, || {
+                        peer.written.fetch_add(1, Ordering::Release);
+                    })
+                    .await
+                    .map(drop)
                 };
                 let outcome = tokio::select! {
                     biased;
                     _ = closed(&mut close_rx) => Write::SelfClosed,
                     _ = closed(&mut peer_close) => Write::PeerClosed,
-                    r = tokio::time::timeout(write_timeout, write) => {
+                    r = write => {
                         if r.is_ok() { Write::Done } else { Write::TimedOut }
                     }
                 };

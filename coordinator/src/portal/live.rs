@@ -50,6 +50,7 @@ struct Feed {
     /// The session's nonce: a stream ends at the first wake after sign-out.
     nonce: String,
     rx: Receiver<Change>,
+    stopping: tokio::sync::watch::Receiver<bool>,
     deadline: Instant,
     tick: tokio::time::Interval,
     _permit: OwnedSemaphorePermit,
@@ -72,6 +73,7 @@ impl Feed {
             st: st.clone(),
             nonce: v.claims.n.clone(),
             rx: st.changes.subscribe(),
+            stopping: st.portal.stopping.subscribe(),
             deadline: Instant::now() + life,
             tick: tokio::time::interval_at(Instant::now() + TICK, TICK),
             _permit: permit,
@@ -99,12 +101,17 @@ impl Feed {
         limit: Option<Duration>,
     ) -> Wake {
         let limit = limit.map_or(self.deadline, |l| (Instant::now() + l).min(self.deadline));
+        if *self.stopping.borrow() {
+            return Wake::End;
+        }
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(limit) => {
                     return if limit >= self.deadline { Wake::End } else { Wake::Render };
                 }
                 _ = self.tick.tick() => return Wake::Render,
+                // Only ever set to true: any change is the shutdown.
+                _ = self.stopping.changed() => return Wake::End,
                 r = self.rx.recv() => match r {
                     Ok(c) if wanted(&c) => {
                         tokio::time::sleep(COALESCE).await;

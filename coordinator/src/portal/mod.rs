@@ -50,6 +50,9 @@ pub(crate) struct PortalState {
     pub(crate) key: Key,
     /// Bounds the live streams open at once.
     pub(crate) streams: Arc<Semaphore>,
+    /// Set when the coordinator shuts down: live streams end, so the
+    /// graceful shutdown does not wait for them (they last up to an hour).
+    pub(crate) stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl PortalState {
@@ -57,6 +60,7 @@ impl PortalState {
         Self {
             key: Key::derive(cfg),
             streams: Arc::new(Semaphore::new(LIVE_STREAMS)),
+            stopping: tokio::sync::watch::Sender::new(false),
         }
     }
 }

@@ -47,6 +47,55 @@ pub fn config_dir() -> anyhow::Result<PathBuf> {
     Ok(base()?.config_dir().to_path_buf())
 }
 
+/// Directories that hold crabbox's credentials, keys and state, and the
+/// user's SSH keys: the MCP copy tools neither read from nor write into them
+/// (an agent asked to copy a file must not hand the lease a token or a key,
+/// nor plant a `token_command` in the daemon's configuration).
+pub fn private_roots() -> anyhow::Result<Vec<PathBuf>> {
+    let base = base()?;
+    let mut roots = vec![
+        base.config_dir().join("crabbox"),
+        base.home_dir().join(".ssh"),
+        base.data_local_dir().join("crabbox"),
+    ];
+    roots.extend(base.state_dir().map(|d| d.join("crabbox")));
+    roots.extend(base.runtime_dir().map(|d| d.join("crabbox")));
+    if cfg!(target_os = "macos") {
+        roots.push(base.home_dir().join("Library/Logs/crabbox"));
+    }
+    if let Some(p) = env::var_os("CRABBOX_CONFIG").filter(|p| !p.is_empty()) {
+        roots.push(PathBuf::from(p));
+    }
+    Ok(roots)
+}
+
+/// `p` with its longest existing ancestor's symlinks resolved and the rest
+/// folded on top (`..` removing a component), so a path through a link or
+/// a `..` is compared where it really points.
+pub fn resolved(p: &Path) -> PathBuf {
+    let mut existing = p.to_path_buf();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    loop {
+        if let Ok(mut out) = existing.canonicalize() {
+            for part in rest.iter().rev() {
+                if part == ".." {
+                    out.pop();
+                } else if part != "." {
+                    out.push(part);
+                }
+            }
+            return out;
+        }
+        let Some(last) = existing.components().next_back() else {
+            return p.to_path_buf();
+        };
+        rest.push(last.as_os_str().to_os_string());
+        if !existing.pop() {
+            return p.to_path_buf();
+        }
+    }
+}
+
 /// The user's home directory.
 pub fn home_dir() -> anyhow::Result<PathBuf> {
     Ok(base()?.home_dir().to_path_buf())

@@ -420,3 +420,64 @@ async fn a_feed_caps_its_memory_and_a_late_subscriber_pages_older_events_over_ht
     read_seqs_until(&mut lines, &mut got, EVENTS + 3).await;
     assert_eq!(got, all);
 }
+
+/// A first subscriber whose cursor is past the run's last event (a caller
+/// skipping ahead) does not break the run's shared feed: a later attach from
+/// the start gets every event and the end, and both exit with the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_cursor_past_the_end_does_not_break_the_shared_feed() {
+    let (coord, run) = coordinator_with_run("make").await;
+    for n in 0..3 {
+        append(&coord, &run, n).await;
+    }
+    let d = TestDaemon::builder()
+        .coordinator(&coord.base_url, &coord.shared_token)
+        .start()
+        .await;
+    let mut ahead = tokio::process::Command::new(bin("crabboxctl"));
+    ahead
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["attach", &run, "--after", "1000000", "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let ahead = ahead.spawn().unwrap();
+    // Let the first subscriber start the feed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let from_start = attach_cmd(&d, &run, true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in 3..6 {
+        append(&coord, &run, n).await;
+    }
+    post(
+        &coord,
+        &format!("/v1/runs/{run}/finish"),
+        serde_json::json!({"exitCode": 0}),
+    )
+    .await;
+    let out = tokio::time::timeout(Duration::from_secs(30), from_start.wait_with_output())
+        .await
+        .expect("the attach from the start ended")
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // run.started is 1, the outputs 2..=7, command.finished 8.
+    assert_eq!(seqs(&out.stdout), (1..=8).collect::<Vec<_>>());
+    let out = tokio::time::timeout(Duration::from_secs(30), ahead.wait_with_output())
+        .await
+        .expect("the attach ahead ended")
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(seqs(&out.stdout).is_empty());
+}

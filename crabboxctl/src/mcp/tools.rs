@@ -258,6 +258,31 @@ fn reply(result: anyhow::Result<Value>) -> CallToolResult {
 }
 
 /// A failure for arguments the schema cannot catch.
+/// Refuses a local path inside crabbox's own directories or `~/.ssh`
+/// ([`crate::dirs::private_roots`]), through links and `..` too.
+fn refuse_private(local: &std::path::Path) -> anyhow::Result<()> {
+    refuse_inside(local, &crate::dirs::private_roots()?)
+}
+
+fn refuse_inside(local: &std::path::Path, roots: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    let target = crate::dirs::resolved(local);
+    for root in roots {
+        if target.starts_with(crate::dirs::resolved(root)) {
+            return Err(Failure {
+                code: exit::Code::Usage,
+                message: format!(
+                    "local_path {} is inside {}, which holds crabbox's credentials and state or SSH keys: the copy tools do not read or write there",
+                    local.display(),
+                    root.display()
+                ),
+                hints: vec!["copy a file from or into the project's directory instead".into()],
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
 fn bad_args(message: impl Into<String>) -> anyhow::Error {
     Failure {
         code: exit::Code::Usage,
@@ -891,6 +916,7 @@ impl Crabbox {
             return Err(bad_args("local_path and remote_path must both be set"));
         }
         let local = cp::absolute(&args.local_path)?;
+        refuse_private(&local)?;
         let limit = seconds(args.timeout_seconds, COPY_DEFAULT_SECS, COPY_MAX_SECS);
         let req = CopyRequest {
             lease_id: lease_id.clone(),
@@ -1218,6 +1244,39 @@ impl ServerHandler for Crabbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_paths_inside_private_roots_are_refused_through_links_and_dots() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("config/crabbox");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("crabboxd.toml"), "").unwrap();
+        let project = tmp.path().join("project");
+        std::fs::create_dir_all(&project).unwrap();
+        std::os::unix::fs::symlink(&root, project.join("link")).unwrap();
+        let roots = vec![root.clone()];
+        for bad in [
+            root.join("crabboxd.toml"),
+            root.join("new-file"),
+            project.join("link/crabboxd.toml"),
+            project.join("../config/crabbox/crabboxd.toml"),
+            project.join("missing/../../config/crabbox"),
+        ] {
+            let err = refuse_inside(&bad, &roots).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("copy tools do not read or write there"),
+                "{bad:?}: {err}"
+            );
+        }
+        for ok in [
+            project.join("out.tar"),
+            project.join("sub/new"),
+            tmp.path().join("config/other"),
+        ] {
+            refuse_inside(&ok, &roots).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+    }
 
     #[test]
     fn a_result_over_the_limit_is_a_tool_error_not_a_long_answer() {

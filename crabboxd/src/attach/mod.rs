@@ -418,26 +418,34 @@ impl AttachManager {
         let feed = match self.join(run) {
             Some(feed) => feed,
             None => {
+                // One read first, so an unknown run or an unreachable
+                // coordinator is the caller's error now, not a feed that ends
+                // in "unknown" seconds later. It is made before the creation
+                // lock, which is shared by every run: one slow lookup must
+                // not hold up attaches to other runs.
+                let record = client
+                    .run(run)
+                    .await
+                    .map_err(|source| AttachError::Coordinator {
+                        run: run.to_owned(),
+                        source,
+                    })?;
+                // The shared feed starts no later than the run's last event:
+                // a first subscriber's cursor past it (a caller skipping
+                // ahead) would otherwise make the feed refuse every event to
+                // come, for every subscriber. Each subscriber still skips to
+                // its own cursor.
+                let start = record.event_count.map_or(after, |n| after.min(n));
                 // One creation at a time, so two first subscribers of a run
                 // never start two tasks that replace each other.
                 let _creating = self.creating.lock().await;
                 match self.join(run) {
                     Some(feed) => feed,
                     None => {
-                        // One read first, so an unknown run or an unreachable
-                        // coordinator is the caller's error now, not a feed
-                        // that ends in "unknown" seconds later.
-                        client
-                            .run(run)
-                            .await
-                            .map_err(|source| AttachError::Coordinator {
-                                run: run.to_owned(),
-                                source,
-                            })?;
                         if let Some(control) = &self.control {
                             control.ensure_started().await;
                         }
-                        let feed = Arc::new(Feed::new(after, self.max_bytes));
+                        let feed = Arc::new(Feed::new(start, self.max_bytes));
                         let worker = feed::Worker {
                             client: client.clone(),
                             control: self.control.clone(),

@@ -91,6 +91,8 @@ pub struct Run {
     pub state: String,
     /// The command's exit code, once finished.
     pub exit_code: Option<i64>,
+    /// Events recorded so far (the last `seq`), when the coordinator says.
+    pub event_count: Option<u64>,
 }
 
 impl Run {

@@ -89,6 +89,8 @@ impl std::fmt::Debug for ControlChannel {
 const RUN_QUEUE: usize = 256;
 /// How long a frame may wait for room in the socket's send queue.
 const SEND_WAIT: Duration = Duration::from_secs(5);
+/// The control socket's dial, TLS and upgrade together.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The control socket reconnects forever with network backoff while it is
 /// wanted; a clean close by the coordinator (a restart) reconnects too.
@@ -227,12 +229,18 @@ impl ControlChannel {
     ) -> Result<mpsc::Receiver<Vec<RunEvent>>, ControlError> {
         let (tx, rx) = mpsc::channel(RUN_QUEUE);
         self.inner.runs.lock().unwrap().insert(run.to_owned(), tx);
-        self.send(ClientFrame::Subscribe {
-            run: run.to_owned(),
-            after,
-            limit,
-        })
-        .await?;
+        let sent = self
+            .send(ClientFrame::Subscribe {
+                run: run.to_owned(),
+                after,
+                limit,
+            })
+            .await;
+        if let Err(e) = sent {
+            // Not subscribed: the entry would route nothing but stay.
+            self.inner.runs.lock().unwrap().remove(run);
+            return Err(e);
+        }
         Ok(rx)
     }
 
@@ -285,8 +293,17 @@ impl ControlChannel {
 
     /// One connection: dial, then route frames until it drops.
     async fn run(self, ctx: TaskCtx) -> Result<(), TaskError> {
+        // A coordinator that accepts the connection and never answers the
+        // upgrade must not leave the socket starting for good.
         let dial = tokio::select! {
-            ws = self.inner.client.connect_control() => ws,
+            ws = tokio::time::timeout(DIAL_TIMEOUT, self.inner.client.connect_control()) => match ws {
+                Ok(ws) => ws,
+                Err(_) => {
+                    return Err(TaskError::retryable(anyhow::anyhow!(
+                        "control socket: no upgrade within {DIAL_TIMEOUT:?}"
+                    )));
+                }
+            },
             _ = ctx.cancelled() => return Ok(()),
         };
         // Even a refused control socket (an older coordinator, a proxy

@@ -63,9 +63,12 @@ impl Keeper {
         let pause = {
             let s = self.status.lock().unwrap();
             match (s.last_heartbeat, s.interval) {
+                // At most one interval: the wall clock stepping back must not
+                // stretch the pause (a lease idles out in three).
                 (Some(last), Some(interval)) => (last + interval)
                     .duration_since(SystemTime::now())
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    .min(interval),
                 _ => Duration::ZERO,
             }
         };
@@ -103,16 +106,17 @@ impl Keeper {
                             reason = &mut ended => return self.over(reason).await,
                         }
                     }
+                    // `not_found` is not an end: the reference answers it to
+                    // a manage-share user, whose HTTP heartbeat works (the
+                    // HTTP beat below, in the same tick, says whether the
+                    // lease is really gone).
                     Ok(ControlBeat::Refused { code })
-                        if matches!(
-                            code.as_str(),
-                            "lease_ended" | "lease_expired" | "not_found"
-                        ) =>
+                        if matches!(code.as_str(), "lease_ended" | "lease_expired") =>
                     {
-                        let reason = match code.as_str() {
-                            "lease_ended" => "lease ended",
-                            "lease_expired" => "lease expired",
-                            _ => "lease not found",
+                        let reason = if code == "lease_ended" {
+                            "lease ended"
+                        } else {
+                            "lease expired"
                         };
                         let over = self.ends.learned(&self.id, reason);
                         return self.over(over).await;

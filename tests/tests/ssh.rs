@@ -259,14 +259,22 @@ async fn coordinator_lease_with_pinned_key_and_per_lease_key_file() {
     assert!(line.starts_with("ssh -i "), "{line}");
     assert!(line.contains("StrictHostKeyChecking=yes"), "{line}");
     assert!(line.contains(&format!("-p {}", sshd.addr.port())), "{line}");
-    // The printed command line works with OpenSSH itself.
+    // The destination comes last, after `--`.
+    assert!(
+        line.trim_end()
+            .ends_with(&format!(" -- {}@127.0.0.1", sshd.user)),
+        "{line}"
+    );
+    // The printed command line works with OpenSSH itself (options go
+    // before the `--`, a command after the destination).
     let printed: Vec<String> = line
         .split_whitespace()
         .map(|w| w.trim_matches('\'').to_owned())
         .collect();
     let out = tokio::process::Command::new(&printed[0])
+        .args(["-o", "BatchMode=yes"])
         .args(&printed[1..])
-        .args(["-o", "BatchMode=yes", "echo", "openssh"])
+        .args(["echo", "openssh"])
         .output()
         .await
         .unwrap();

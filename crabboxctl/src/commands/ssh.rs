@@ -151,7 +151,11 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
         argv.push(o);
     }
     argv.extend(["-p".into(), port.to_string()]);
-    argv.push(format!("{}@{}", t.user, t.host));
+    // The daemon checks a lease's user and host, but this line is pasted
+    // into a shell: quoted like the paths, and after `--` so it can never
+    // be read as an option.
+    argv.push("--".into());
+    argv.push(shell_quote(Path::new(&format!("{}@{}", t.user, t.host))));
     if args.json {
         output::print_json(&serde_json::json!({
             "lease": t.lease_id,

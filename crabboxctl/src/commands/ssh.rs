@@ -20,7 +20,14 @@ use nix::sys::termios;
 use tokio::{io::AsyncReadExt as _, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{Ctx, commands::exec::SSH_FAILED, connect, dirs::shell_quote, exit::Code, output};
+use crate::{
+    Ctx,
+    commands::exec::SSH_FAILED,
+    connect,
+    dirs::shell_quote,
+    exit::{Code, remote_status},
+    output,
+};
 
 /// An interactive shell on a lease, or print how to reach it with OpenSSH.
 ///
@@ -237,7 +244,7 @@ async fn shell(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
                 Some(Event::Started(_)) | None => {}
                 Some(Event::Exit(e)) => {
                     drop(stdout);
-                    raw.exit(e.code.clamp(0, 255));
+                    raw.exit(i32::from(remote_status(e.code)));
                 }
             },
             Ok(None) => {

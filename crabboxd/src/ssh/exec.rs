@@ -155,6 +155,20 @@ if [ \"$pg\" = \"$$\" ]; then {direct}; elif command -v setsid >/dev/null 2>&1; 
     )
 }
 
+/// The exit code of an SSH `exit-status`. The protocol carries a u32, but a
+/// POSIX status is 0–255: anything above cannot be one, and is reported as
+/// 1 so it never reads as success (a plain cast turned 2^31 and above
+/// negative, which clients then clamped to 0).
+pub(crate) fn status_code(status: u32) -> i32 {
+    match u8::try_from(status) {
+        Ok(code) => i32::from(code),
+        Err(_) => {
+            tracing::debug!(status, "exit status above 255; reported as 1");
+            1
+        }
+    }
+}
+
 /// The exit code of a signal name, as a shell reports it (128+n).
 pub(crate) fn signal_code(name: &str) -> i32 {
     128 + match name {
@@ -585,7 +599,7 @@ async fn handle(
         Some(ChannelMsg::ExitStatus { exit_status }) => {
             tracing::trace!(exit_status, "exec: exit");
             *exit = Some(Exit {
-                code: exit_status as i32,
+                code: status_code(exit_status),
                 signal: None,
             });
         }
@@ -692,5 +706,15 @@ mod tests {
             "the command runs in the shell's own process"
         );
         assert_eq!(out.status.code(), Some(4));
+    }
+
+    #[test]
+    fn an_exit_status_outside_0_255_is_a_failure() {
+        assert_eq!(status_code(0), 0);
+        assert_eq!(status_code(7), 7);
+        assert_eq!(status_code(255), 255);
+        for s in [256, 1 << 31, u32::MAX, (1 << 31) + 1, 0xC000_0005] {
+            assert_eq!(status_code(s), 1, "{s}");
+        }
     }
 }

@@ -129,7 +129,9 @@ pub fn wrap(command: &Command, cwd: Option<&str>) -> String {
     let mut body = String::from("printf '%s\\n' \"$$\"; ");
     let mut args: Vec<String> = Vec::new();
     if let Some(dir) = cwd {
-        body.push_str("cd -- \"$1\" || exit 1; shift; ");
+        // CDPATH emptied here too: a relative directory found through the
+        // remote CDPATH makes `cd` print it, ahead of the command's output.
+        body.push_str("CDPATH= cd -- \"$1\" || exit 1; shift; ");
         args.push(sh_quote(dir));
     }
     match command {
@@ -706,6 +708,42 @@ mod tests {
             "the command runs in the shell's own process"
         );
         assert_eq!(out.status.code(), Some(4));
+    }
+
+    #[test]
+    fn a_relative_cwd_never_prints_through_cdpath() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base");
+        std::fs::create_dir_all(base.join("sub")).unwrap();
+        // The login directory has a `sub` too: that is the one meant.
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("sub")).unwrap();
+        let line = wrap(&Command::Argv(vec!["pwd".into()]), Some("sub"));
+        let want = elsewhere.join("sub").canonicalize().unwrap();
+        // Both paths: the general one (the shell does not lead its group)
+        // and the direct one (it does, under `setsid`).
+        for setsid in [false, true] {
+            let mut cmd = if setsid {
+                let mut c = std::process::Command::new("setsid");
+                c.arg("sh");
+                c
+            } else {
+                std::process::Command::new("sh")
+            };
+            let out = cmd
+                .arg("-c")
+                .arg(&line)
+                .current_dir(&elsewhere)
+                .env("CDPATH", &base)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), 2, "setsid {setsid}: {text}");
+            assert!(lines[0].parse::<u32>().is_ok(), "{text}");
+            assert_eq!(lines[1], want.to_str().unwrap(), "{text}");
+        }
     }
 
     #[test]

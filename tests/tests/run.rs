@@ -496,6 +496,57 @@ async fn ctrl_c_leaves_nothing_of_the_command_behind() {
     assert_eq!(run["finished"]["exitCode"], 130, "{run}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_stop_ends_the_commands_it_was_running() {
+    require_sshd!();
+    let (mut s, _) = setup(false).await;
+    let marker = format!("{}", 5000 + std::process::id() % 1000);
+    // A run and plain execs, each a command that would outlive them: sshd
+    // signals nothing when a connection without a terminal drops. One
+    // ignores SIGTERM, so only the SIGKILL two seconds later ends it.
+    let mut clients = Vec::new();
+    for (verb, script) in [
+        ("run", format!("sleep {marker}1")),
+        ("exec", format!("sleep {marker}2")),
+        ("exec", format!("trap '' TERM; sleep {marker}3")),
+    ] {
+        clients.push(
+            s.d.ctl_command(&[verb, "--id", LEASE, "--", "sh", "-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let sleeps = || cmdlines_where(|l| l.starts_with(&format!("sleep {marker}")));
+    let started = Instant::now();
+    while sleeps().len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}",
+            s.d.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // `daemon stop` is a SIGTERM to the daemon.
+    s.d.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = s.d.wait_exit().await;
+    assert!(status.success(), "{status:?}\n{}", s.d.stderr());
+    let left = sleeps();
+    // Not left running for the next test when this one fails.
+    for l in &left {
+        if let Some(pid) = l.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    assert!(left.is_empty(), "left behind: {left:?}\n{}", s.d.stderr());
+    drop(clients);
+}
+
 /// Peak resident memory of a process, from /proc/<pid>/status.
 fn vm_hwm_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -6,7 +6,8 @@
 //! Every command runs in its own process group (the session sshd already
 //! made for it, else `setsid`), whose id the wrapper prints as the first line
 //! of stdout before it `exec`s the command. Cancelling kills that group over
-//! a second channel, since sshd does not pass signals on.
+//! a second channel, since sshd does not pass signals on; so does a daemon
+//! stop, while the mux waits for the channels before it disconnects.
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -382,8 +383,13 @@ impl Drop for Orphan {
         }
         // Dropped unfinished: its client went away, or its stream failed.
         tracing::info!(pgid = ?known, "command dropped before it ended; ending the remote command");
+        // Counted as an open channel until the kill is done, so a stopping
+        // mux waits for it before it disconnects (taken here, before the
+        // command's own channel is given back).
+        let guard = ChannelGuard::new(&conn.stats);
         self.supervisor
             .spawn_cleanup("kill-orphaned-command", async move {
+                let _guard = guard;
                 let _ = tokio::time::timeout(Duration::from_secs(15), async move {
                     let pgid = match (known, rd, line) {
                         (Some(p), _, _) => Some(p),
@@ -443,6 +449,7 @@ async fn run_inner(
         .map_err(|e| SshError::Lost(format!("cannot start the command: {e}")))?;
     let stats = Arc::clone(&conn.stats);
     let (rd, wr) = channel.split();
+    let stopping = supervisor.root().clone();
     let mut orphan = Orphan {
         supervisor,
         conn: Arc::clone(&conn),
@@ -495,6 +502,15 @@ async fn run_inner(
                 // Before the group id is known the command may still be
                 // starting: the kill waits for it.
                 pending.get_or_insert(sig);
+                None
+            }
+            () = stopping.cancelled(), if pending.is_none() => {
+                // The daemon is stopping while a client still follows the
+                // command: end it as a cancel would, while the mux waits
+                // for this channel (sshd would leave it running once the
+                // connection drops).
+                tracing::info!("the daemon is stopping; ending the remote command");
+                pending = Some(Signal::Term);
                 None
             }
             _ = &mut writer => unreachable!("the writer never ends"),

@@ -47,6 +47,14 @@ above 255 becomes 1), which overlaps 1-5: with --json its last line
 --json output is for scripts, but its format is not yet stable and may change
 in any release until it is promised in the changelog.";
 
+/// The process exit status for a remote command's exit code: 0–255
+/// unchanged (128+n for signal n among them), anything else 1, so a code
+/// that cannot be an exit status never reads as success (a clamp turned a
+/// negative code into 0) nor as 255, which means the SSH layer failed.
+pub fn remote_status(code: impl Into<i64>) -> u8 {
+    u8::try_from(code.into()).unwrap_or(1)
+}
+
 /// A failure with its exit code and what the user can do about it.
 ///
 /// Commands return it inside `anyhow::Error`; `main` finds it by downcasting
@@ -107,6 +115,19 @@ pub fn report(err: &anyhow::Error) -> (String, Code) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_codes_outside_0_255_are_failures() {
+        assert_eq!(remote_status(0), 0);
+        assert_eq!(remote_status(143), 143);
+        assert_eq!(remote_status(255), 255);
+        for c in [-1, i32::MIN, 256, i32::MAX] {
+            assert_eq!(remote_status(c), 1, "{c}");
+        }
+        // Run ends carry an i64.
+        assert_eq!(remote_status(7_i64), 7);
+        assert_eq!(remote_status(1_i64 << 32), 1);
+    }
 
     #[test]
     fn plain_errors_exit_1() {

@@ -91,6 +91,8 @@ pub struct TestSshd {
     netns: Option<String>,
     max_sessions: u32,
     extra_config: String,
+    /// The host key file under `dir`, `host_ed25519` unless replaced.
+    host_key_file: String,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -149,6 +151,7 @@ impl TestSshd {
             netns: netns.map(|(n, _)| n.name.clone()),
             max_sessions,
             extra_config: extra_config.to_owned(),
+            host_key_file: "host_ed25519".to_owned(),
             child: None,
             log: PathBuf::new(),
         };
@@ -177,11 +180,12 @@ impl TestSshd {
     fn config(&self) -> String {
         let d = self.dir.display();
         format!(
-            "ListenAddress {addr}\nHostKey {d}/host_ed25519\nAuthorizedKeysFile {d}/authorized_keys\n\
+            "ListenAddress {addr}\nHostKey {d}/{hk}\nAuthorizedKeysFile {d}/authorized_keys\n\
              PidFile none\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
              KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n\
              MaxSessions {ms}\nMaxStartups 100:30:200\nLogLevel VERBOSE\nAcceptEnv none\n{extra}",
             addr = self.addr,
+            hk = self.host_key_file,
             ms = self.max_sessions,
             extra = self.extra_config
         )
@@ -244,6 +248,33 @@ impl TestSshd {
     /// Appends `sshd_config` lines, in effect from the next [`TestSshd::restart`].
     pub fn add_config(&mut self, lines: &str) {
         self.extra_config.push_str(lines);
+    }
+
+    /// Replaces the host key with a new ECDSA (nistp256) one, the only key
+    /// sshd offers from the next [`TestSshd::restart`]; `host_key` follows.
+    pub fn use_ecdsa_host_key(&mut self) {
+        let path = self.dir.join("host_ecdsa");
+        let out = StdCommand::new("ssh-keygen")
+            .args([
+                "-q",
+                "-t",
+                "ecdsa",
+                "-b",
+                "256",
+                "-N",
+                "",
+                "-C",
+                "crabbox-test",
+                "-f",
+            ])
+            .arg(&path)
+            .output()
+            .expect("run ssh-keygen");
+        assert!(out.status.success(), "ssh-keygen: {out:?}");
+        let public = std::fs::read_to_string(path.with_extension("pub")).unwrap();
+        let mut words = public.split_whitespace();
+        self.host_key = format!("{} {}", words.next().unwrap(), words.next().unwrap());
+        self.host_key_file = "host_ecdsa".to_owned();
     }
 
     /// Starts sshd again on the same address with the same keys.

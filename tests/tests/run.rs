@@ -388,6 +388,72 @@ async fn forwarded_values_arrive_without_a_command_line_and_reserved_names_hold(
     assert!(text(&o.stderr).contains("bare `*`"), "{}", show(&o));
 }
 
+/// The `crabbox-env.*` files in the lease's (this machine's) temp directory.
+fn env_files() -> Vec<std::ffi::OsString> {
+    std::fs::read_dir("/tmp")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("crabbox-env."))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_keeps_the_login_umask_and_cannot_steer_the_wrapper() {
+    require_sshd!();
+    // A login umask other than 077, for sshd (started by this test
+    // process, alone in it) to pass on to its sessions.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let (s, _) = setup(false).await;
+    let d = &s.d;
+    // The login's umask, from a command that has no run wrapper.
+    let o = d
+        .ctl(&["exec", "--id", LEASE, "--", "sh", "-c", "umask"])
+        .await;
+    assert!(o.status.success(), "{}\n{}", show(&o), d.stderr());
+    let login = text(&o.stdout);
+    assert_eq!(login, "0022\n");
+
+    // `f` named the wrapper's temp file once: forwarding it pointed the
+    // clean-up at another file. And the wrapper's own variable is never
+    // taken from the client.
+    let victim_dir = tempfile::tempdir().unwrap();
+    let victim = victim_dir.path().join("victim");
+    std::fs::write(&victim, "keep").unwrap();
+    let before = env_files();
+    let o = d
+        .ctl_command(&[
+            "run",
+            "--id",
+            LEASE,
+            "--allow-env",
+            "f",
+            "--allow-env",
+            "crabbox_env_text",
+            "--",
+            "sh",
+            "-c",
+            "umask; printf '%s|%s' \"$f\" \"${crabbox_env_text-unset}\"",
+        ])
+        .env("f", &victim)
+        .env("crabbox_env_text", "forged")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}\n{}", show(&o), d.stderr());
+    assert_eq!(
+        text(&o.stdout),
+        format!("{login}{}|unset", victim.display()),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    let after = env_files();
+    let new: Vec<_> = after.iter().filter(|n| !before.contains(n)).collect();
+    assert!(new.is_empty(), "left behind: {new:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_leaves_nothing_of_the_command_behind() {
     require_sshd!();
@@ -428,6 +494,57 @@ async fn ctrl_c_leaves_nothing_of_the_command_behind() {
     assert!(left.is_empty(), "left behind: {left:?}");
     let run = newest_run(d).await.unwrap();
     assert_eq!(run["finished"]["exitCode"], 130, "{run}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_stop_ends_the_commands_it_was_running() {
+    require_sshd!();
+    let (mut s, _) = setup(false).await;
+    let marker = format!("{}", 5000 + std::process::id() % 1000);
+    // A run and plain execs, each a command that would outlive them: sshd
+    // signals nothing when a connection without a terminal drops. One
+    // ignores SIGTERM, so only the SIGKILL two seconds later ends it.
+    let mut clients = Vec::new();
+    for (verb, script) in [
+        ("run", format!("sleep {marker}1")),
+        ("exec", format!("sleep {marker}2")),
+        ("exec", format!("trap '' TERM; sleep {marker}3")),
+    ] {
+        clients.push(
+            s.d.ctl_command(&[verb, "--id", LEASE, "--", "sh", "-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let sleeps = || cmdlines_where(|l| l.starts_with(&format!("sleep {marker}")));
+    let started = Instant::now();
+    while sleeps().len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}",
+            s.d.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // `daemon stop` is a SIGTERM to the daemon.
+    s.d.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = s.d.wait_exit().await;
+    assert!(status.success(), "{status:?}\n{}", s.d.stderr());
+    let left = sleeps();
+    // Not left running for the next test when this one fails.
+    for l in &left {
+        if let Some(pid) = l.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    assert!(left.is_empty(), "left behind: {left:?}\n{}", s.d.stderr());
+    drop(clients);
 }
 
 /// Peak resident memory of a process, from /proc/<pid>/status.

@@ -168,6 +168,60 @@ async fn host_keys_pinned_exactly_or_trusted_on_first_use() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_key_of_another_algorithm_is_refused_as_a_changed_key() {
+    require_sshd!();
+    let mut sshd = TestSshd::start().await;
+    let home_dir = tempfile::tempdir().unwrap();
+    let home = home_dir.path().to_path_buf();
+    let toml = sshd.target_toml("tofu");
+    let d = TestDaemon::builder().home(&home).toml(&toml).start().await;
+    // The first connection records the sshd's ed25519 key.
+    let o = d.ctl(&["exec", "--id", "tofu", "--", "true"]).await;
+    assert!(o.status.success(), "{}\n{}", show(&o), d.stderr());
+    let file = known_hosts(&d, "tofu");
+    let entries = std::fs::read_to_string(&file).unwrap();
+    assert!(entries.contains(" ssh-ed25519 "), "{entries}");
+    drop(d);
+
+    // The same address now offers only an ECDSA key (as an interceptor
+    // without the ed25519 key would): refused like a changed key, not
+    // trusted as a first sight of an ECDSA key.
+    sshd.use_ecdsa_host_key();
+    sshd.restart().await;
+    let marker = sshd.dir().join("should-not-run");
+    let d2 = TestDaemon::builder().home(&home).toml(&toml).start().await;
+    let o = d2
+        .ctl(&[
+            "exec",
+            "--id",
+            "tofu",
+            "--",
+            "touch",
+            marker.to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(o.status.code(), Some(255), "{}\n{}", show(&o), d2.stderr());
+    let err = text(&o.stderr);
+    assert!(err.contains("host key of tofu changed"), "{err}");
+    assert!(err.contains("ssh-keygen -f"), "says how to reset: {err}");
+    // The key refused is the ECDSA one the server offered.
+    let fp = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(sshd.dir().join("host_ecdsa.pub"))
+        .output()
+        .unwrap();
+    let fp = text(&fp.stdout);
+    let fp = fp.split_whitespace().nth(1).unwrap();
+    assert!(fp.starts_with("SHA256:") && err.contains(fp), "{fp}: {err}");
+    assert!(!marker.exists());
+    // Nothing was recorded, so the next try is refused too.
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), entries);
+    let o = d2.ctl(&["exec", "--id", "tofu", "--", "true"]).await;
+    assert_eq!(o.status.code(), Some(255), "{}", show(&o));
+    assert!(text(&o.stderr).contains("changed"), "{}", show(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_lease_with_pinned_key_and_per_lease_key_file() {
     use crabbox_coordinator::testing::TestCoordinator;
     require_sshd!();
@@ -205,14 +259,22 @@ async fn coordinator_lease_with_pinned_key_and_per_lease_key_file() {
     assert!(line.starts_with("ssh -i "), "{line}");
     assert!(line.contains("StrictHostKeyChecking=yes"), "{line}");
     assert!(line.contains(&format!("-p {}", sshd.addr.port())), "{line}");
-    // The printed command line works with OpenSSH itself.
+    // The destination comes last, after `--`.
+    assert!(
+        line.trim_end()
+            .ends_with(&format!(" -- {}@127.0.0.1", sshd.user)),
+        "{line}"
+    );
+    // The printed command line works with OpenSSH itself (options go
+    // before the `--`, a command after the destination).
     let printed: Vec<String> = line
         .split_whitespace()
         .map(|w| w.trim_matches('\'').to_owned())
         .collect();
     let out = tokio::process::Command::new(&printed[0])
+        .args(["-o", "BatchMode=yes"])
         .args(&printed[1..])
-        .args(["-o", "BatchMode=yes", "echo", "openssh"])
+        .args(["echo", "openssh"])
         .output()
         .await
         .unwrap();

@@ -8,7 +8,11 @@ use crabbox_api::v1::{
     AttachRequest, OutputStream, RunEnd, RunEvent, RunOutcome, attach_event::Event,
 };
 
-use crate::{Ctx, connect, exit::Code, output};
+use crate::{
+    Ctx, connect,
+    exit::{Code, remote_status},
+    output,
+};
 
 /// Follow a run: its output on stdout/stderr, other events as lines on
 /// stderr, then exit with the run's exit code (1 if it failed without one,
@@ -48,7 +52,7 @@ pub fn event_line(e: &RunEvent) -> String {
 /// else 1.
 pub fn run_exit_status(end: &RunEnd) -> u8 {
     match end.exit_code {
-        Some(code) => u8::try_from(code).unwrap_or(1),
+        Some(code) => remote_status(code),
         None if end.outcome() == RunOutcome::Succeeded => 0,
         None => 1,
     }

@@ -12,7 +12,10 @@ use crabbox_api::v1::{
 use tokio::{io::AsyncReadExt as _, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{Ctx, connect, exit::Code};
+use crate::{
+    Ctx, connect,
+    exit::{Code, remote_status},
+};
 
 /// Run a command on a lease (no TTY) and exit with its exit code.
 #[derive(Debug, clap::Args)]
@@ -143,7 +146,7 @@ pub async fn stream(ctx: &Ctx, start: ExecStart, forward_stdin: bool) -> anyhow:
                     stdout.flush()?;
                     // The remote command's exit code, not one of crabboxctl's:
                     // leave directly, everything is flushed.
-                    std::process::exit(e.code.clamp(0, 255));
+                    std::process::exit(i32::from(remote_status(e.code)));
                 }
                 None => {}
             },

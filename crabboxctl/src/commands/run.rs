@@ -18,7 +18,11 @@ use crabbox_api::v1::{
     start_run_response::Event,
 };
 
-use crate::{Ctx, connect, exit::Code, output};
+use crate::{
+    Ctx, connect,
+    exit::{Code, remote_status},
+    output,
+};
 
 /// Run a command on a lease as a daemon-owned run recorded at the coordinator.
 #[derive(Debug, clap::Args)]
@@ -287,7 +291,7 @@ async fn start(ctx: &Ctx, args: &StartArgs) -> anyhow::Result<Code> {
                                 if !f.detail.is_empty() {
                                     writeln!(stderr, "crabboxctl: run {run_id}: {}", f.detail)?;
                                 }
-                                let code = f.exit_code.map_or(NO_EXIT_CODE, |c| c.clamp(0, 255));
+                                let code = f.exit_code.map_or(NO_EXIT_CODE, |c| i32::from(remote_status(c)));
                                 // The command's exit code, not one of
                                 // crabboxctl's: leave directly, all is flushed.
                                 std::process::exit(code);

@@ -20,7 +20,14 @@ use nix::sys::termios;
 use tokio::{io::AsyncReadExt as _, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{Ctx, commands::exec::SSH_FAILED, connect, dirs::shell_quote, exit::Code, output};
+use crate::{
+    Ctx,
+    commands::exec::SSH_FAILED,
+    connect,
+    dirs::shell_quote,
+    exit::{Code, remote_status},
+    output,
+};
 
 /// An interactive shell on a lease, or print how to reach it with OpenSSH.
 ///
@@ -151,7 +158,11 @@ pub async fn run(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
         argv.push(o);
     }
     argv.extend(["-p".into(), port.to_string()]);
-    argv.push(format!("{}@{}", t.user, t.host));
+    // The daemon checks a lease's user and host, but this line is pasted
+    // into a shell: quoted like the paths, and after `--` so it can never
+    // be read as an option.
+    argv.push("--".into());
+    argv.push(shell_quote(Path::new(&format!("{}@{}", t.user, t.host))));
     if args.json {
         output::print_json(&serde_json::json!({
             "lease": t.lease_id,
@@ -233,7 +244,7 @@ async fn shell(ctx: &Ctx, args: &Args) -> anyhow::Result<Code> {
                 Some(Event::Started(_)) | None => {}
                 Some(Event::Exit(e)) => {
                     drop(stdout);
-                    raw.exit(e.code.clamp(0, 255));
+                    raw.exit(i32::from(remote_status(e.code)));
                 }
             },
             Ok(None) => {

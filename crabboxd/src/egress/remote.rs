@@ -110,6 +110,31 @@ pub fn normalize_arch(raw: &str) -> String {
     }
 }
 
+/// The lease's CPU after [`normalize_arch`], if it can name a directory
+/// here (`helpers/<arch>/`) and go into messages: `[a-z0-9_]{1,32}`.
+pub fn check_arch(raw: &str) -> Result<String, String> {
+    let arch = normalize_arch(raw);
+    if (1..=32).contains(&arch.len())
+        && arch
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        Ok(arch)
+    } else {
+        Err(format!(
+            "`uname -m` printed {}, which is not a CPU name (want [a-z0-9_], at most 32 characters)",
+            preview(raw.trim())
+        ))
+    }
+}
+
+/// At most 32 characters of text from the lease, escaped and quoted.
+pub fn preview(s: &str) -> String {
+    let cut: String = s.chars().take(32).collect();
+    let more = if cut.len() < s.len() { "…" } else { "" };
+    format!("{cut:?}{more}")
+}
+
 /// A helper binary on this machine for one architecture.
 #[derive(Debug, Clone)]
 pub struct LocalHelper {
@@ -324,9 +349,19 @@ impl Remote {
                 out.first_err_line()
             )));
         }
+        let arch = check_arch(lines[1]).map_err(|e| {
+            RemoteError::Lease(format!("cannot tell the CPU of lease {}: {e}", self.lease))
+        })?;
+        // The OS is only compared and shown: anything but a plain name is
+        // kept as its escaped preview, so it cannot carry terminal controls.
+        let os = lines[0];
+        let plain = (1..=32).contains(&os.len())
+            && os
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
         Ok(Probe {
-            os: lines[0].to_owned(),
-            arch: normalize_arch(lines[1]),
+            os: if plain { os.to_owned() } else { preview(os) },
+            arch,
             home: lines[2].to_owned(),
         })
     }
@@ -660,6 +695,31 @@ mod tests {
         assert_eq!(normalize_arch("x86_64\n"), "x86_64");
         assert_eq!(normalize_arch("arm64"), "aarch64");
         assert_eq!(normalize_arch("riscv64"), "riscv64");
+    }
+
+    #[test]
+    fn an_arch_must_be_a_plain_name() {
+        assert_eq!(check_arch("x86_64\n").unwrap(), "x86_64");
+        assert_eq!(check_arch("arm64").unwrap(), "aarch64");
+        assert_eq!(check_arch("riscv64").unwrap(), "riscv64");
+        assert_eq!(check_arch("i686").unwrap(), "i686");
+        let long = "a".repeat(33);
+        for bad in [
+            "",
+            "../../etc",
+            "x86 64",
+            "X86_64",
+            "a/b",
+            "\u{1b}[31mred",
+            long.as_str(),
+        ] {
+            assert!(check_arch(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_arch(&"a".repeat(32)).is_ok());
+        // The message quotes a short, escaped preview.
+        let e = check_arch(&format!("\u{1b}[2J{}", "z".repeat(500))).unwrap_err();
+        assert!(!e.contains('\u{1b}') && e.contains("\\u{1b}"), "{e}");
+        assert!(e.len() < 160, "{e}");
     }
 
     #[test]

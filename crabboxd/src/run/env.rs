@@ -3,7 +3,8 @@
 //! replaces it again; each `--allow-env` appends; `PREFIX*` matches a
 //! prefix; a bare `*` is refused), evaluated against the calling client's
 //! environment, the one-line summary (names only, secret-shaped ones
-//! marked), and the 0600 file the remote wrapper sources and removes.
+//! marked), and the env file the remote wrapper reads from stdin into a
+//! shell variable and evaluates (nothing of it is written on the lease).
 
 use crate::ssh::exec::sh_quote;
 
@@ -76,11 +77,11 @@ fn matches(pattern: &str, name: &str) -> bool {
 }
 
 /// The client's variables the allowlist lets through, sorted by name:
-/// valid names only, never a reserved one.
+/// valid names only, never a reserved one or the wrapper's own.
 pub fn select(allow: &[String], client_env: &[(String, String)]) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = client_env
         .iter()
-        .filter(|(n, _)| valid_name(n) && !RESERVED.contains(&n.as_str()))
+        .filter(|(n, _)| valid_name(n) && !RESERVED.contains(&n.as_str()) && n != WRAPPER_VAR)
         .filter(|(n, _)| allow.iter().any(|p| matches(p, n)))
         .cloned()
         .collect();
@@ -176,11 +177,19 @@ pub fn env_file(selected: &[(String, String)], reserved: &[(&str, &str)]) -> Str
     out
 }
 
+/// The wrapper's own variable: it holds the env file while the wrapper
+/// evaluates it, so a forwarded variable of that name is never taken from
+/// the client (it would be unset before the command runs).
+pub const WRAPPER_VAR: &str = "crabbox_env_text";
+
 /// The remote wrapper around the command: the env file arrives on stdin
-/// into a private temp file, is sourced, removed, then the command runs with
-/// stdin from /dev/null. Values are never in a command line.
-pub const WRAPPER: &str = "umask 077; f=$(mktemp \"${TMPDIR:-/tmp}/crabbox-env.XXXXXXXX\") || exit 125; \
-if ! cat > \"$f\"; then rm -f \"$f\"; exit 125; fi; . \"$f\"; rm -f \"$f\"; unset f; exec \"$@\" </dev/null";
+/// into a shell variable (never a file on the lease, so nothing is left
+/// behind and the login umask is untouched), is evaluated, the variable is
+/// unset, then the command runs with stdin from /dev/null. Values are never
+/// in a command line, and the file cannot overwrite anything the wrapper
+/// still uses: the text was expanded before the first `export` runs.
+pub const WRAPPER: &str = "crabbox_env_text=$(cat) || exit 125; eval \"$crabbox_env_text\" || exit 125; \
+unset crabbox_env_text; exec \"$@\" </dev/null";
 
 #[cfg(test)]
 mod tests {
@@ -209,7 +218,12 @@ mod tests {
 
     #[test]
     fn selection_matches_names_and_prefixes_never_reserved_names() {
-        let allow = allowlist(None, None, &["NPM_*".into(), "CRABBOX_*".into()]).unwrap();
+        let allow = allowlist(
+            None,
+            None,
+            &["NPM_*".into(), "CRABBOX_*".into(), "crabbox_*".into()],
+        )
+        .unwrap();
         let got = select(
             &allow,
             &env(&[
@@ -220,6 +234,7 @@ mod tests {
                 ("CRABBOX_RUN_ID", "fake"),
                 ("CRABBOX_OTHER", "ok"),
                 ("bad-name", "x"),
+                (WRAPPER_VAR, "x"),
             ]),
         );
         let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
@@ -247,5 +262,67 @@ mod tests {
             String::from_utf8_lossy(&out.stdout),
             "it's $HOME\nline2|run_1"
         );
+    }
+
+    /// Runs the wrapper under `sh` with umask 022, `TMPDIR` at `tmp`, the
+    /// env file on stdin and `script` as the command.
+    fn run_wrapper(tmp: &std::path::Path, file: &str, script: &str) -> std::process::Output {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "umask 022; exec sh -c {} sh sh -c {}",
+                sh_quote(WRAPPER),
+                sh_quote(script)
+            ))
+            .env("TMPDIR", tmp)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(file.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    #[test]
+    fn the_wrapper_keeps_the_login_umask_and_names_of_its_own_are_safe() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let v = victim.to_str().unwrap();
+        // `f` (the name an earlier wrapper used for its temp file) and
+        // names the wrapper uses as a shell (`IFS`) change nothing of it.
+        let file = env_file(
+            &env(&[("A", "a"), ("IFS", "x"), ("f", v)]),
+            &[("CRABBOX_RUN_ID", "run_1")],
+        );
+        let out = run_wrapper(
+            tmp.path(),
+            &file,
+            "umask; printf '%s|%s|%s|%s' \"$A\" \"$f\" \"$CRABBOX_RUN_ID\" \"${crabbox_env_text-unset}\"; if read -r x; then echo stdin; fi",
+        );
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("0022\na|{v}|run_1|unset")
+        );
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != "victim")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+
+        // An env file that does not parse runs nothing.
+        let out = run_wrapper(tmp.path(), "export A='unterminated\n", "echo ran");
+        assert!(!out.status.success());
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("ran"));
     }
 }

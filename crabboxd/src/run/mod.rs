@@ -1,8 +1,9 @@
 //! Runs the daemon owns: one `Run{run}` task per `crabboxctl run`. It
 //! creates the run at the coordinator, posts `command.started`, runs the
 //! command over the lease's mux (the environment the allowlist lets through
-//! goes over the channel's stdin into a 0600 file the remote wrapper sources
-//! and removes), sends stdout and stderr to the starting client and, as run
+//! goes over the channel's stdin into a variable of the remote wrapper,
+//! which evaluates and unsets it; nothing is written on the lease), sends
+//! stdout and stderr to the starting client and, as run
 //! events, to the coordinator (a bounded queue that never slows the command;
 //! what it drops is counted and reported), keeps the lease alive with a
 //! `LeaseHold` (counted, never persisted: a user's `lease keep` is left

@@ -6,7 +6,8 @@
 //! Every command runs in its own process group (the session sshd already
 //! made for it, else `setsid`), whose id the wrapper prints as the first line
 //! of stdout before it `exec`s the command. Cancelling kills that group over
-//! a second channel, since sshd does not pass signals on.
+//! a second channel, since sshd does not pass signals on; so does a daemon
+//! stop, while the mux waits for the channels before it disconnects.
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -129,7 +130,9 @@ pub fn wrap(command: &Command, cwd: Option<&str>) -> String {
     let mut body = String::from("printf '%s\\n' \"$$\"; ");
     let mut args: Vec<String> = Vec::new();
     if let Some(dir) = cwd {
-        body.push_str("cd -- \"$1\" || exit 1; shift; ");
+        // CDPATH emptied here too: a relative directory found through the
+        // remote CDPATH makes `cd` print it, ahead of the command's output.
+        body.push_str("CDPATH= cd -- \"$1\" || exit 1; shift; ");
         args.push(sh_quote(dir));
     }
     match command {
@@ -153,6 +156,20 @@ pub fn wrap(command: &Command, cwd: Option<&str>) -> String {
         "pg=; {{ read -r _ _ _ _ pg _ < /proc/$$/stat; }} 2>/dev/null || pg=$(ps -o pgid= -p $$ 2>/dev/null | tr -d ' '); \
 if [ \"$pg\" = \"$$\" ]; then {direct}; elif command -v setsid >/dev/null 2>&1; then exec setsid sh -c {inner}; else exec sh -c {inner}; fi"
     )
+}
+
+/// The exit code of an SSH `exit-status`. The protocol carries a u32, but a
+/// POSIX status is 0–255: anything above cannot be one, and is reported as
+/// 1 so it never reads as success (a plain cast turned 2^31 and above
+/// negative, which clients then clamped to 0).
+pub(crate) fn status_code(status: u32) -> i32 {
+    match u8::try_from(status) {
+        Ok(code) => i32::from(code),
+        Err(_) => {
+            tracing::debug!(status, "exit status above 255; reported as 1");
+            1
+        }
+    }
 }
 
 /// The exit code of a signal name, as a shell reports it (128+n).
@@ -366,8 +383,13 @@ impl Drop for Orphan {
         }
         // Dropped unfinished: its client went away, or its stream failed.
         tracing::info!(pgid = ?known, "command dropped before it ended; ending the remote command");
+        // Counted as an open channel until the kill is done, so a stopping
+        // mux waits for it before it disconnects (taken here, before the
+        // command's own channel is given back).
+        let guard = ChannelGuard::new(&conn.stats);
         self.supervisor
             .spawn_cleanup("kill-orphaned-command", async move {
+                let _guard = guard;
                 let _ = tokio::time::timeout(Duration::from_secs(15), async move {
                     let pgid = match (known, rd, line) {
                         (Some(p), _, _) => Some(p),
@@ -427,6 +449,7 @@ async fn run_inner(
         .map_err(|e| SshError::Lost(format!("cannot start the command: {e}")))?;
     let stats = Arc::clone(&conn.stats);
     let (rd, wr) = channel.split();
+    let stopping = supervisor.root().clone();
     let mut orphan = Orphan {
         supervisor,
         conn: Arc::clone(&conn),
@@ -479,6 +502,15 @@ async fn run_inner(
                 // Before the group id is known the command may still be
                 // starting: the kill waits for it.
                 pending.get_or_insert(sig);
+                None
+            }
+            () = stopping.cancelled(), if pending.is_none() => {
+                // The daemon is stopping while a client still follows the
+                // command: end it as a cancel would, while the mux waits
+                // for this channel (sshd would leave it running once the
+                // connection drops).
+                tracing::info!("the daemon is stopping; ending the remote command");
+                pending = Some(Signal::Term);
                 None
             }
             _ = &mut writer => unreachable!("the writer never ends"),
@@ -585,7 +617,7 @@ async fn handle(
         Some(ChannelMsg::ExitStatus { exit_status }) => {
             tracing::trace!(exit_status, "exec: exit");
             *exit = Some(Exit {
-                code: exit_status as i32,
+                code: status_code(exit_status),
                 signal: None,
             });
         }
@@ -692,5 +724,51 @@ mod tests {
             "the command runs in the shell's own process"
         );
         assert_eq!(out.status.code(), Some(4));
+    }
+
+    #[test]
+    fn a_relative_cwd_never_prints_through_cdpath() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base");
+        std::fs::create_dir_all(base.join("sub")).unwrap();
+        // The login directory has a `sub` too: that is the one meant.
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("sub")).unwrap();
+        let line = wrap(&Command::Argv(vec!["pwd".into()]), Some("sub"));
+        let want = elsewhere.join("sub").canonicalize().unwrap();
+        // Both paths: the general one (the shell does not lead its group)
+        // and the direct one (it does, under `setsid`).
+        for setsid in [false, true] {
+            let mut cmd = if setsid {
+                let mut c = std::process::Command::new("setsid");
+                c.arg("sh");
+                c
+            } else {
+                std::process::Command::new("sh")
+            };
+            let out = cmd
+                .arg("-c")
+                .arg(&line)
+                .current_dir(&elsewhere)
+                .env("CDPATH", &base)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), 2, "setsid {setsid}: {text}");
+            assert!(lines[0].parse::<u32>().is_ok(), "{text}");
+            assert_eq!(lines[1], want.to_str().unwrap(), "{text}");
+        }
+    }
+
+    #[test]
+    fn an_exit_status_outside_0_255_is_a_failure() {
+        assert_eq!(status_code(0), 0);
+        assert_eq!(status_code(7), 7);
+        assert_eq!(status_code(255), 255);
+        for s in [256, 1 << 31, u32::MAX, (1 << 31) + 1, 0xC000_0005] {
+            assert_eq!(status_code(s), 1, "{s}");
+        }
     }
 }

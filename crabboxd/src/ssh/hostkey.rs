@@ -1,7 +1,8 @@
 //! Host-key policy: a key pinned by the coordinator (or a static target's
 //! `host_key`) is enforced exactly; otherwise the first key seen is trusted
 //! and recorded in the per-lease `known_hosts` (atomic, 0600), and any other
-//! key later is refused. Nothing is ever accepted blindly.
+//! key later is refused, of the same algorithm or not: only a host with no
+//! entry at all is trusted on first use. Nothing is ever accepted blindly.
 //!
 //! Entries are recorded under the lease's host-key alias, so one entry
 //! covers every port and address of the lease, and OpenSSH reads the same
@@ -153,31 +154,40 @@ impl HostKeys {
             });
         }
         let file = &self.files.known_hosts;
-        match russh::keys::check_known_hosts_path(&self.files.alias, 22, offered, file) {
-            Ok(true) => Ok(Accepted::Known),
-            Ok(false) => {
-                let mut text = match std::fs::read_to_string(file) {
-                    Ok(t) => t,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-                    Err(e) => return Err(self.file_error(e.to_string())),
-                };
-                if !text.is_empty() && !text.ends_with('\n') {
-                    text.push('\n');
-                }
-                text.push_str(&self.entry(offered)?);
-                self.write(text.as_bytes())?;
-                tracing::info!(lease = %self.lease, fingerprint = %fingerprint(offered), file = %file.display(), "trusting the host key on first use");
-                Ok(Accepted::Learned)
-            }
-            Err(russh::keys::Error::KeyChanged { line }) => Err(HostKeyError::Changed {
+        // Every entry recorded under the alias, whatever its algorithm:
+        // russh's own check only compares entries of the offered key's
+        // algorithm, so a server switching from ed25519 to ecdsa would look
+        // unknown and be trusted again. Only a host with no entry at all is
+        // trusted on first use.
+        let known = russh::keys::known_hosts::known_host_keys_path(&self.files.alias, 22, file)
+            .map_err(|e| self.file_error(e.to_string()))?;
+        if known
+            .iter()
+            .any(|(_, k)| k.key_data() == offered.key_data())
+        {
+            return Ok(Accepted::Known);
+        }
+        if let Some((line, _)) = known.first() {
+            return Err(HostKeyError::Changed {
                 lease: self.lease.clone(),
                 offered: fingerprint(offered),
                 file: file.clone(),
-                line,
+                line: *line,
                 alias: self.files.alias.clone(),
-            }),
-            Err(e) => Err(self.file_error(e.to_string())),
+            });
         }
+        let mut text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(self.file_error(e.to_string())),
+        };
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&self.entry(offered)?);
+        self.write(text.as_bytes())?;
+        tracing::info!(lease = %self.lease, fingerprint = %fingerprint(offered), file = %file.display(), "trusting the host key on first use");
+        Ok(Accepted::Learned)
     }
 
     /// What the per-lease known_hosts holds, for `doctor`: entries that
@@ -252,6 +262,8 @@ mod tests {
     const B: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIE7flXTMZHql076Mfwr9+Q2mBPkyvQdHqVvP97qegTc";
 
+    const ECDSA: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBD30qtHtKpLzPsmSIkd9tzCfsBIaXRdzJcELjC3FzKmRDCOgRl1aX/+/J8V5gIEMWrY+siaFGkCXFgjuPo/SYNk=";
+
     fn files(dir: &std::path::Path) -> LeaseFiles {
         LeaseFiles::new(dir, "lab")
     }
@@ -270,6 +282,39 @@ mod tests {
         assert!(err.contains("changed"), "{err}");
         assert!(err.contains(&f.display().to_string()), "{err}");
         assert!(err.contains("ssh-keygen -f"), "{err}");
+    }
+
+    #[test]
+    fn a_key_of_another_algorithm_is_a_changed_key_not_a_new_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = files(tmp.path());
+        // An ed25519 entry under the alias (with an unrelated host before
+        // it), as a first connection records it.
+        let recorded = format!("other-host {B}\n{} {A}\n", f.alias);
+        std::fs::create_dir_all(&f.dir).unwrap();
+        std::fs::write(&f.known_hosts, &recorded).unwrap();
+        let hk = HostKeys::new("lab", f.clone(), None).unwrap();
+        let ecdsa = PublicKey::from_openssh(ECDSA).unwrap();
+        let err = hk.check(&ecdsa).unwrap_err();
+        assert!(
+            matches!(&err, HostKeyError::Changed { line: 2, .. }),
+            "{err:?}"
+        );
+        let err = err.to_string();
+        assert!(err.contains("changed"), "{err}");
+        assert!(err.contains("ssh-keygen -f"), "{err}");
+        // Nothing was recorded, and the recorded key still works.
+        assert_eq!(std::fs::read_to_string(&f.known_hosts).unwrap(), recorded);
+        let a = PublicKey::from_openssh(A).unwrap();
+        assert_eq!(hk.check(&a).unwrap(), Accepted::Known);
+        // Another host's entry does not count as one for this alias.
+        std::fs::write(&f.known_hosts, format!("other-host {A}\n")).unwrap();
+        assert_eq!(hk.check(&ecdsa).unwrap(), Accepted::Learned);
+        assert_eq!(hk.check(&ecdsa).unwrap(), Accepted::Known);
+        assert!(matches!(
+            hk.check(&a).unwrap_err(),
+            HostKeyError::Changed { line: 2, .. }
+        ));
     }
 
     #[test]

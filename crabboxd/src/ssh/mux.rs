@@ -4,7 +4,8 @@
 //! table's labels current, and ends when the connection is lost (retryable:
 //! the supervisor's backoff applies before the next connect), after ten
 //! idle minutes (clean: the next attempt waits for work again), at lease end
-//! (fatal) or when cancelled.
+//! (fatal) or when cancelled — then only after its open channels ended (at
+//! most three seconds), so commands being killed over it are gone first.
 
 use std::{
     path::PathBuf,
@@ -32,6 +33,13 @@ use crate::{
 /// A connection with no channel and no forward for this long is closed
 /// (OpenSSH `ControlPersist=10m`).
 pub const IDLE_CLOSE: Duration = Duration::from_secs(600);
+/// How long a stopping daemon waits for a connection's channels to end
+/// (its commands being killed over it, copies and shells being closed)
+/// before it disconnects: sshd signals nothing to a command without a
+/// terminal when the connection drops, so disconnecting first would leave
+/// the command running on the lease. Three seconds cover the kill's own
+/// two seconds between SIGTERM and SIGKILL.
+const STOP_DRAIN: Duration = Duration::from_secs(3);
 /// How often labels and liveness are refreshed.
 const TICK: Duration = Duration::from_secs(2);
 /// How often the round-trip time is measured.
@@ -258,6 +266,7 @@ impl MuxTask {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = ctx.cancelled() => {
+                    self.drain(&conn).await;
                     self.close(&conn, "the daemon is stopping").await;
                     self.labels(&ctx, &conn);
                     ctx.set_label("state", "closed");
@@ -342,6 +351,28 @@ impl MuxTask {
                 }
                 last[i] = v;
             }
+        }
+    }
+
+    /// Waits, at most [`STOP_DRAIN`], until no channel of `conn` is open.
+    async fn drain(&self, conn: &Conn) {
+        let deadline = Instant::now() + STOP_DRAIN;
+        let open = || conn.stats.channels.load(Ordering::SeqCst);
+        if open() == 0 {
+            return;
+        }
+        tracing::info!(
+            channels = open(),
+            "waiting for the connection's channels to end before closing it"
+        );
+        while open() > 0 && !conn.handle.is_closed() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if open() > 0 {
+            tracing::info!(
+                channels = open(),
+                "closing the connection with channels still open"
+            );
         }
     }
 

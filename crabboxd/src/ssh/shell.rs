@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use super::{
     SshError,
     conn::Conn,
-    exec::{Exit, Session, send_within, sig_name, signal_code},
+    exec::{Exit, Session, send_within, sig_name, signal_code, status_code},
 };
 use crate::supervisor::Supervisor;
 
@@ -190,7 +190,7 @@ async fn run_inner(
                     }
                 }
                 Some(ChannelMsg::ExitStatus { exit_status }) => {
-                    exit = Some(Exit { code: exit_status as i32, signal: None });
+                    exit = Some(Exit { code: status_code(exit_status), signal: None });
                 }
                 Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
                     let name = sig_name(&signal_name);

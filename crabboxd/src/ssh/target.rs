@@ -75,6 +75,39 @@ pub fn check_lease_id(id: &str) -> Result<(), BadLeaseId> {
     }
 }
 
+/// Whether `host` is an IP literal or a host name: letters, digits, '-',
+/// '.' and '_', at most 253 bytes, not starting with '-' (which OpenSSH
+/// would read as an option).
+pub fn valid_host(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && !host.starts_with('-')
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
+/// Whether `user` is a plain login name: `[A-Za-z0-9._-]`, at most 64
+/// bytes, not starting with '-'.
+pub fn valid_user(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= 64
+        && !user.starts_with('-')
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
+/// At most 40 characters of untrusted text, escaped and quoted.
+fn preview(s: &str) -> String {
+    let cut: String = s.chars().take(40).collect();
+    let more = if cut.len() < s.len() { "…" } else { "" };
+    format!("{:?}{more}", cut)
+}
+
 /// Candidates: `[port] + fallbacks`, de-duplicated, in order.
 fn candidates(port: u16, fallbacks: impl IntoIterator<Item = u16>) -> Vec<u16> {
     let mut out = vec![port];
@@ -108,9 +141,26 @@ impl Target {
             "" => DEFAULT_USER.to_owned(),
             u => u.to_owned(),
         };
+        let host = lease.host.trim();
+        // Both end up in command lines (`ssh --print`, OpenSSH's own
+        // parsing of `user@host`) and in messages: only plain names.
+        if !valid_host(host) {
+            return Err(format!(
+                "lease {} has an invalid host {} in its record: want an IP address or a host name of letters, digits, '-', '.' and '_' (at most 253 bytes, not starting with '-')",
+                lease.id,
+                preview(host)
+            ));
+        }
+        if !valid_user(&user) {
+            return Err(format!(
+                "lease {} has an invalid sshUser {} in its record: want letters, digits, '.', '_' and '-' (at most 64 bytes, not starting with '-')",
+                lease.id,
+                preview(&user)
+            ));
+        }
         Ok(Target {
             lease: lease.id.clone(),
-            host: lease.host.trim().to_owned(),
+            host: host.to_owned(),
             user,
             ports: candidates(port, fallbacks),
             configured_key,
@@ -201,6 +251,64 @@ mod tests {
         assert_eq!(Target::from_lease(&l, None).unwrap().ports, vec![2200, 22]);
         l.host.clear();
         assert!(Target::from_lease(&l, None).is_err());
+    }
+
+    #[test]
+    fn a_lease_host_and_user_must_be_plain_names() {
+        for good in [
+            "10.0.0.1",
+            "::1",
+            "fe80::1",
+            "box-1.example.com",
+            "under_score.internal",
+            "localhost",
+        ] {
+            assert!(valid_host(good), "{good}");
+        }
+        let long = "a".repeat(254);
+        for bad in [
+            "",
+            "-oProxyCommand=x",
+            "a b",
+            "a;b",
+            "user@host",
+            "$(id)",
+            "h\n",
+            "[::1]",
+            "host:22",
+            long.as_str(),
+        ] {
+            assert!(!valid_host(bad), "{bad:?}");
+        }
+        assert!(valid_host(&"a".repeat(253)));
+        for good in ["crabbox", "ci.user", "a_b-c", "0"] {
+            assert!(valid_user(good), "{good}");
+        }
+        let long = "u".repeat(65);
+        for bad in ["", "-l", "a b", "a@b", "a'b", "ü", long.as_str()] {
+            assert!(!valid_user(bad), "{bad:?}");
+        }
+        assert!(valid_user(&"u".repeat(64)));
+
+        let mut l = Lease {
+            id: "cbx_000000000001".into(),
+            host: "-oProxyCommand=touch\u{1b}[2J /tmp/x".into(),
+            ..Default::default()
+        };
+        let e = Target::from_lease(&l, None).unwrap_err();
+        assert!(
+            e.contains("invalid host") && e.contains("cbx_000000000001"),
+            "{e}"
+        );
+        assert!(!e.contains('\u{1b}'), "escaped: {e}");
+        l.host = " 10.0.0.1 ".into();
+        assert_eq!(Target::from_lease(&l, None).unwrap().host, "10.0.0.1");
+        l.ssh_user = "root@evil".into();
+        let e = Target::from_lease(&l, None).unwrap_err();
+        assert!(e.contains("invalid sshUser"), "{e}");
+        l.ssh_user = "x".repeat(1000);
+        let e = Target::from_lease(&l, None).unwrap_err();
+        assert!(e.len() < 300, "a short preview: {e}");
     }
 
     #[test]

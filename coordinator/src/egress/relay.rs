@@ -8,7 +8,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 
 use super::{Key, MAX_FRAME, Peer, Role};
 use crate::app::Shared;
-use crate::ws::{CLOSE_GRACE, DirectHandle, closed, drain, frame_len, is_too_big, write_batch};
+use crate::ws::{CLOSE_GRACE, DirectHandle, FLUSH_BYTES, closed, drain, frame_len, is_too_big};
 
 /// Frames coalesced into one flush when a burst is already buffered.
 const BATCH: usize = 64;
@@ -138,10 +138,17 @@ pub(super) async fn relay(
                 // Each step (the lock, a frame, a flush) has the write
                 // timeout: the deadline is for progress, so a peer reading
                 // slowly but steadily is not closed as one that stopped.
+                // Frames are fed as they are taken from the socket, each
+                // dropped once the library has copied it: holding a burst
+                // would keep the reader's buffer from being reused.
                 let write = async move {
-                    let mut sink = tokio::time::timeout(write_timeout, peer.sink.lock()).await?;
+                    let limit = write_timeout;
+                    let mut sink = tokio::time::timeout(limit, peer.sink.lock()).await?;
+                    let progressed = || peer.written.fetch_add(1, Ordering::Release);
                     let mut bytes = frame_len(&m);
-                    let mut batch = vec![m];
+                    let mut unflushed = bytes;
+                    let _ = tokio::time::timeout(limit, sink.feed(m)).await?;
+                    progressed();
                     for _ in 0..BATCH {
                         if bytes >= BATCH_BYTES {
                             break;
@@ -150,8 +157,17 @@ pub(super) async fn relay(
                             Some(Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))))
                                 if frame_len(&m) <= MAX_FRAME =>
                             {
+                                // The library writes what it was fed on the
+                                // flush: flush in steps the deadline can time.
+                                if unflushed >= FLUSH_BYTES {
+                                    let _ = tokio::time::timeout(limit, sink.flush()).await?;
+                                    progressed();
+                                    unflushed = 0;
+                                }
                                 bytes += frame_len(&m);
-                                batch.push(m);
+                                unflushed += frame_len(&m);
+                                let _ = tokio::time::timeout(limit, sink.feed(m)).await?;
+                                progressed();
                             }
                             Some(other) => {
                                 *pending = Some(other);
@@ -161,11 +177,9 @@ pub(super) async fn relay(
                         }
                     }
                     // A write error surfaces on the socket's own reader.
-                    write_batch(&mut *sink, batch, write_timeout, || {
-                        peer.written.fetch_add(1, Ordering::Release);
-                    })
-                    .await
-                    .map(drop)
+                    let _ = tokio::time::timeout(limit, sink.flush()).await?;
+                    progressed();
+                    Ok::<(), tokio::time::error::Elapsed>(())
                 };
                 let outcome = tokio::select! {
                     biased;

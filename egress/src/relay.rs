@@ -1,6 +1,5 @@
 //! Copies bytes both ways between a local socket and a bridge stream, counting them, with an idle timeout and either v2 half-close or v1 whole-close semantics.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -41,6 +40,41 @@ pub(crate) struct RelayOpts {
     pub idle_timeout: Duration,
 }
 
+/// When either direction of an exchange last moved a byte; [`Activity::idle`]
+/// resolves once neither has for a given time.
+pub(crate) struct Activity {
+    start: Instant,
+    /// Milliseconds after `start`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Records that bytes moved now.
+    pub(crate) fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing moved for `idle`.
+    pub(crate) async fn idle(&self, idle: Duration) {
+        loop {
+            let seen = Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let deadline = self.start + seen + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
 /// Relays until both directions end (or one, without half-close), the idle
 /// timeout passes, or an I/O error occurs. `local` is the TCP socket;
 /// `bridge` is the stream to the peer (its reads count as bytes in).
@@ -56,10 +90,7 @@ where
 {
     let (mut lr, mut lw) = tokio::io::split(local);
     let (mut br, mut bw) = tokio::io::split(bridge);
-    let start = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
-    let touch =
-        |last: &AtomicU64| last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let activity = Activity::new();
 
     let up = async {
         let mut buf = vec![0u8; FIRST_CHUNK];
@@ -73,7 +104,7 @@ where
             }
             total += n as u64;
             stats.add_out(n);
-            touch(&last);
+            activity.touch();
             grow(&mut buf, n);
         }
         let _ = bw.shutdown().await;
@@ -91,22 +122,13 @@ where
             }
             total += n as u64;
             stats.add_in(n);
-            touch(&last);
+            activity.touch();
             grow(&mut buf, n);
         }
         let _ = lw.shutdown().await;
         total
     };
-    let idle = async {
-        loop {
-            let seen = Duration::from_millis(last.load(Ordering::Relaxed));
-            let deadline = start + seen + opts.idle_timeout;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    };
+    let idle = activity.idle(opts.idle_timeout);
 
     tokio::pin!(up, down, idle);
     let (mut up_total, mut down_total) = (None, None);

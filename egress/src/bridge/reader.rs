@@ -16,6 +16,7 @@ use super::{Incoming, IncomingFn, Inner, MAX_BINARY_IN, Role};
 use crate::error::BridgeError;
 use crate::frame_v1::{self, DecodeError, TextFrame};
 use crate::frame_v2::{Hello, StatsFrame};
+use crate::host::dial::{DialError, MAX_HOST_INPUT, parse_port};
 use crate::mux::{self, MuxDriver, MuxStream};
 use crate::stats::PeerStats;
 use crate::stream_v1::DataOutcome;
@@ -170,7 +171,7 @@ impl Reader {
         match frame {
             TextFrame::Open { id, host, port } => self.on_open(id, host, port),
             TextFrame::OpenOk { id } if self.inner.role == Role::Client => {
-                if !v1.on_open_ok(&id) && valid_v1_id(&id) {
+                if valid_v1_id(&id) && !v1.on_open_ok(&id) {
                     // Abandoned (timed out / cancelled) open: release the host's
                     // connection. (An id we could never have sent is not echoed.)
                     v1.send_control(TextFrame::Close { id });
@@ -244,21 +245,19 @@ impl Reader {
             return;
         }
         // Held until the open is served (up to the pending-open wait): refuse
-        // what no destination can be before keeping it. The host's own checks
-        // (`validate_destination`, the port's parse) give the exact answer
-        // for anything shorter.
-        let bad = if host.len() > 255 {
-            Some("invalid destination host")
-        } else if port.len() > 5 {
-            Some("invalid destination port")
+        // what no destination can be before keeping it, with the answer the
+        // host's serving would give. (A shorter host that is not valid is
+        // refused there, with its log line.)
+        let bad = if host.len() > MAX_HOST_INPUT {
+            Some(DialError::InvalidHost)
         } else {
-            None
+            parse_port(&port).err()
         };
-        if let Some(error) = bad {
+        if let Some(e) = bad {
             self.inner.stats.rejected();
             v1.send_control(TextFrame::Error {
                 id,
-                error: error.into(),
+                error: e.to_string(),
             });
             return;
         }

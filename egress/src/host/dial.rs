@@ -84,11 +84,15 @@ pub fn parse_port(port: &str) -> Result<u16, DialError> {
     }
 }
 
+/// Longest destination host accepted as input (bracketed IPv6 literals and a
+/// trailing dot included), before it is normalised.
+pub const MAX_HOST_INPUT: usize = 255;
+
 /// Validates a peer-supplied destination host before policy and logging:
 /// an IP literal (brackets allowed), or a host name of at most 253 bytes made
 /// of 1–63 byte labels of letters, digits, `-` and `_`. Returns it normalised.
 pub fn validate_destination(host: &str) -> Result<String, DialError> {
-    if host.len() > 255 {
+    if host.len() > MAX_HOST_INPUT {
         // Normalising a megabyte is already too much work for a refusal.
         return Err(DialError::InvalidHost);
     }

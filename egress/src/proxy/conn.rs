@@ -2,14 +2,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio::time::Instant;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -18,7 +16,7 @@ use super::request::{self, Action, BodyFraming, ChunkedScanner, RequestHead};
 use super::{BAD_GATEWAY, BAD_REQUEST, CONNECT_OK, HEAD_TOO_LARGE, REQUEST_TIMEOUT, text_response};
 use crate::bridge::{Bridge, OpenFailure, Opened, V2Stream};
 use crate::frame_v2::OpenCode;
-use crate::relay::{RelayOpts, relay};
+use crate::relay::{Activity, RelayOpts, relay};
 use crate::stats::SessionStats;
 use crate::stream_v1::V1Stream;
 
@@ -402,32 +400,6 @@ where
     }
 }
 
-/// When either direction of a forwarded exchange last moved a byte.
-struct Activity {
-    start: Instant,
-    /// Milliseconds after `start`.
-    last: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Activity {
-            start: Instant::now(),
-            last: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last.store(ms, Ordering::Relaxed);
-    }
-
-    /// When the exchange is idle for `idle` unless something moves before.
-    fn deadline(&self, idle: Duration) -> Instant {
-        self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle
-    }
-}
-
 /// Sends one request (head + exactly its body) and relays the response until
 /// the destination closes (we asked for `Connection: close`), then closes.
 /// Both directions silent for `idle` ends it, as for a tunnel: a destination
@@ -463,21 +435,19 @@ where
         let _ = lw.shutdown().await;
         n
     };
-    tokio::pin!(upload, download);
+    let quiet = activity.idle(idle);
+    tokio::pin!(upload, download, quiet);
     let mut up = 0;
     let down = loop {
-        let deadline = activity.deadline(idle);
         tokio::select! {
             res = &mut upload, if up == 0 => match res {
                 Ok(n) => up = n.max(1),
                 Err(_) => break 0,
             },
             n = &mut download => break n,
-            _ = tokio::time::sleep_until(deadline) => {
-                if activity.deadline(idle) <= Instant::now() {
-                    debug!(idle = ?idle, "forwarded request idle; closing");
-                    break 0;
-                }
+            () = &mut quiet => {
+                debug!(idle = ?idle, "forwarded request idle; closing");
+                break 0;
             }
         }
     };

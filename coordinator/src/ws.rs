@@ -22,9 +22,9 @@ pub(crate) enum CloseState {
     Stop,
 }
 
-/// How many queued frames the writer coalesces into one flush.
+/// How many queued frames the writer takes into one batch.
 const BATCH: usize = 64;
-/// Bytes coalesced into one flush, so one write deadline covers a bounded amount.
+/// Bytes taken into one batch (written in flushes of [`FLUSH_BYTES`]).
 const BATCH_BYTES: usize = 1024 * 1024;
 /// How long a close frame may take to go out before the socket is dropped anyway.
 pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -264,9 +264,6 @@ async fn writer(
     }
 }
 
-/// After a server-initiated close, keep reading (and discarding) for a short
-/// grace so the peer's close reply is consumed and the close frame is not
-/// lost to a TCP reset.
 /// Bytes of a batch written (flushed) as one step of a write deadline. The
 /// library buffers what it is fed and writes it on the flush, so a step is a
 /// flush of at most this much plus one frame.
@@ -308,6 +305,9 @@ where
     Ok(flushed)
 }
 
+/// After a server-initiated close, keep reading (and discarding) for a short
+/// grace so the peer's close reply is consumed and the close frame is not
+/// lost to a TCP reset.
 pub(crate) async fn drain(stream: &mut futures_util::stream::SplitStream<WebSocket>) {
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(Ok(_)) = stream.next().await {}

@@ -8,11 +8,11 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 
 use super::{Key, MAX_FRAME, Peer, Role};
 use crate::app::Shared;
-use crate::ws::{CLOSE_GRACE, DirectHandle, FLUSH_BYTES, closed, drain, frame_len, is_too_big};
+use crate::ws::{CLOSE_GRACE, DirectHandle, closed, drain, frame_len, is_too_big, write_batch};
 
-/// Frames coalesced into one flush when a burst is already buffered.
+/// Frames taken into one write when a burst is already buffered.
 const BATCH: usize = 64;
-/// Bytes coalesced into one flush, so one write deadline covers a bounded amount.
+/// Bytes taken into one write (flushed in steps of `ws::FLUSH_BYTES`).
 const BATCH_BYTES: usize = 1024 * 1024;
 
 /// How one relayed write ended.
@@ -127,59 +127,51 @@ pub(super) async fn relay(
                 let mut peer_close = peer.watch();
                 // The frame is forwarded as the same value (text stays text,
                 // binary stays binary, no re-encoding, no copy). Frames that
-                // are already buffered are fed too and flushed once, so a
-                // burst costs one write syscall. Awaiting the peer's sink is
-                // the backpressure: a slow peer slows its sender, nothing
-                // queues. The write has a deadline and yields to either
-                // side's close, so a peer that stops reading cannot wedge the
-                // pair or hold the lock its own close and pings need.
+                // are already buffered are written too, in flushes of at most
+                // 256 KiB. Awaiting the peer's sink is the backpressure: a
+                // slow peer slows its sender, nothing queues. Each step (the
+                // lock, a frame, a flush) has the write timeout, so a peer
+                // reading slowly but steadily is not taken for one that
+                // stopped, and the write yields to either side's close: a
+                // peer that stops reading cannot wedge the pair or hold the
+                // lock its own close and pings need. Frames are taken as they
+                // are fed, each dropped once the library copied it (holding
+                // a burst would keep the reader's buffer from being reused).
                 let stream = &mut stream;
                 let pending = &mut pending;
-                // Each step (the lock, a frame, a flush) has the write
-                // timeout: the deadline is for progress, so a peer reading
-                // slowly but steadily is not closed as one that stopped.
-                // Frames are fed as they are taken from the socket, each
-                // dropped once the library has copied it: holding a burst
-                // would keep the reader's buffer from being reused.
                 let write = async move {
-                    let limit = write_timeout;
-                    let mut sink = tokio::time::timeout(limit, peer.sink.lock()).await?;
-                    let progressed = || peer.written.fetch_add(1, Ordering::Release);
-                    let mut bytes = frame_len(&m);
-                    let mut unflushed = bytes;
-                    let _ = tokio::time::timeout(limit, sink.feed(m)).await?;
-                    progressed();
-                    for _ in 0..BATCH {
+                    let mut sink = tokio::time::timeout(write_timeout, peer.sink.lock()).await?;
+                    let mut bytes = 0;
+                    let mut first = Some(m);
+                    let frames = std::iter::from_fn(|| {
+                        if let Some(m) = first.take() {
+                            bytes += frame_len(&m);
+                            return Some(m);
+                        }
                         if bytes >= BATCH_BYTES {
-                            break;
+                            return None;
                         }
                         match stream.next().now_or_never() {
                             Some(Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))))
                                 if frame_len(&m) <= MAX_FRAME =>
                             {
-                                // The library writes what it was fed on the
-                                // flush: flush in steps the deadline can time.
-                                if unflushed >= FLUSH_BYTES {
-                                    let _ = tokio::time::timeout(limit, sink.flush()).await?;
-                                    progressed();
-                                    unflushed = 0;
-                                }
                                 bytes += frame_len(&m);
-                                unflushed += frame_len(&m);
-                                let _ = tokio::time::timeout(limit, sink.feed(m)).await?;
-                                progressed();
+                                Some(m)
                             }
                             Some(other) => {
                                 *pending = Some(other);
-                                break;
+                                None
                             }
-                            None => break,
+                            None => None,
                         }
-                    }
+                    })
+                    .take(BATCH + 1);
                     // A write error surfaces on the socket's own reader.
-                    let _ = tokio::time::timeout(limit, sink.flush()).await?;
-                    progressed();
-                    Ok::<(), tokio::time::error::Elapsed>(())
+                    write_batch(&mut *sink, frames, write_timeout, || {
+                        peer.written.fetch_add(1, Ordering::Release);
+                    })
+                    .await
+                    .map(drop)
                 };
                 let outcome = tokio::select! {
                     biased;

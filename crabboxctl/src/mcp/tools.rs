@@ -257,7 +257,6 @@ fn reply(result: anyhow::Result<Value>) -> CallToolResult {
     }
 }
 
-/// A failure for arguments the schema cannot catch.
 /// Refuses a local path inside crabbox's own directories or `~/.ssh`
 /// ([`crate::dirs::private_roots`]), through links and `..` too.
 fn refuse_private(local: &std::path::Path) -> anyhow::Result<()> {
@@ -283,6 +282,7 @@ fn refuse_inside(local: &std::path::Path, roots: &[std::path::PathBuf]) -> anyho
     Ok(())
 }
 
+/// A failure for arguments the schema cannot catch.
 fn bad_args(message: impl Into<String>) -> anyhow::Error {
     Failure {
         code: exit::Code::Usage,

@@ -129,10 +129,8 @@ pub fn check_arch(raw: &str) -> Result<String, String> {
 }
 
 /// At most 32 characters of text from the lease, escaped and quoted.
-pub fn preview(s: &str) -> String {
-    let cut: String = s.chars().take(32).collect();
-    let more = if cut.len() < s.len() { "…" } else { "" };
-    format!("{cut:?}{more}")
+fn preview(s: &str) -> String {
+    crate::ssh::target::preview(s, 32)
 }
 
 /// A helper binary on this machine for one architecture.
@@ -355,10 +353,7 @@ impl Remote {
         // The OS is only compared and shown: anything but a plain name is
         // kept as its escaped preview, so it cannot carry terminal controls.
         let os = lines[0];
-        let plain = (1..=32).contains(&os.len())
-            && os
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        let plain = crate::ssh::target::plain_name(os, 32);
         Ok(Probe {
             os: if plain { os.to_owned() } else { preview(os) },
             arch,

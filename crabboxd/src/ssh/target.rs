@@ -90,22 +90,27 @@ pub fn valid_host(host: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
-/// Whether `user` is a plain login name: `[A-Za-z0-9._-]`, at most 64
-/// bytes, not starting with '-'.
-pub fn valid_user(user: &str) -> bool {
-    !user.is_empty()
-        && user.len() <= 64
-        && !user.starts_with('-')
-        && user
-            .bytes()
+/// Whether `s` is a plain name: 1 to `max` bytes of `[A-Za-z0-9._-]`, not
+/// starting with '-' (so it is never an option either).
+pub fn plain_name(s: &str, max: usize) -> bool {
+    (1..=max).contains(&s.len())
+        && !s.starts_with('-')
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
-/// At most 40 characters of untrusted text, escaped and quoted.
-fn preview(s: &str) -> String {
-    let cut: String = s.chars().take(40).collect();
+/// Whether `user` is a plain login name: `[A-Za-z0-9._-]`, at most 64
+/// bytes, not starting with '-'.
+pub fn valid_user(user: &str) -> bool {
+    plain_name(user, 64)
+}
+
+/// At most `max` characters of untrusted text, escaped and quoted, with an
+/// ellipsis when it was cut.
+pub fn preview(s: &str, max: usize) -> String {
+    let cut: String = s.chars().take(max).collect();
     let more = if cut.len() < s.len() { "…" } else { "" };
-    format!("{:?}{more}", cut)
+    format!("{cut:?}{more}")
 }
 
 /// Candidates: `[port] + fallbacks`, de-duplicated, in order.
@@ -148,14 +153,14 @@ impl Target {
             return Err(format!(
                 "lease {} has an invalid host {} in its record: want an IP address or a host name of letters, digits, '-', '.' and '_' (at most 253 bytes, not starting with '-')",
                 lease.id,
-                preview(host)
+                preview(host, 40)
             ));
         }
         if !valid_user(&user) {
             return Err(format!(
                 "lease {} has an invalid sshUser {} in its record: want letters, digits, '.', '_' and '-' (at most 64 bytes, not starting with '-')",
                 lease.id,
-                preview(&user)
+                preview(&user, 40)
             ));
         }
         Ok(Target {

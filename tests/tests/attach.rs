@@ -56,12 +56,36 @@ fn seqs(stdout: &[u8]) -> Vec<u64> {
         .collect()
 }
 
+/// Finishes the run at the coordinator, exit code 0.
+async fn finish(coord: &TestCoordinator, run: &str) {
+    post(
+        coord,
+        &format!("/v1/runs/{run}/finish"),
+        serde_json::json!({"exitCode": 0}),
+    )
+    .await;
+}
+
+/// The output of an attach that must end within `within`.
+async fn ended(child: tokio::process::Child, within: Duration) -> std::process::Output {
+    tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .expect("attach ended in time")
+        .unwrap()
+}
+
 fn attach_cmd(d: &TestDaemon, run: &str, json: bool) -> tokio::process::Child {
+    attach_cmd_with(d, run, json, &[])
+}
+
+/// `crabboxctl attach RUN [--json] EXTRA…`, its output piped.
+fn attach_cmd_with(d: &TestDaemon, run: &str, json: bool, extra: &[&str]) -> tokio::process::Child {
     let mut cmd = tokio::process::Command::new(bin("crabboxctl"));
     cmd.arg("--socket").arg(&d.socket).arg("attach").arg(run);
     if json {
         cmd.arg("--json");
     }
+    cmd.args(extra);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -152,12 +176,7 @@ async fn attach_after_a_cursor_and_to_a_finished_run() {
     for n in 0..5 {
         append(&coord, &run, n).await;
     }
-    post(
-        &coord,
-        &format!("/v1/runs/{run}/finish"),
-        serde_json::json!({"exitCode": 0}),
-    )
-    .await;
+    finish(&coord, &run).await;
     let d = TestDaemon::builder()
         .coordinator(&coord.base_url, &coord.shared_token)
         .start()
@@ -196,16 +215,8 @@ async fn a_coordinator_restart_mid_attach_loses_nothing() {
     for n in 50..100 {
         append(&coord, &run, n).await;
     }
-    post(
-        &coord,
-        &format!("/v1/runs/{run}/finish"),
-        serde_json::json!({"exitCode": 0}),
-    )
-    .await;
-    let out = tokio::time::timeout(Duration::from_secs(60), client.wait_with_output())
-        .await
-        .expect("attach finished")
-        .unwrap();
+    finish(&coord, &run).await;
+    let out = ended(client, Duration::from_secs(60)).await;
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -274,12 +285,7 @@ async fn a_quiet_feed_on_the_control_socket_does_not_poll_and_ends_on_command_fi
     );
     let before_finish = run_gets.load(std::sync::atomic::Ordering::SeqCst);
     let t0 = tokio::time::Instant::now();
-    post(
-        &coord,
-        &format!("/v1/runs/{run}/finish"),
-        serde_json::json!({"exitCode": 0}),
-    )
-    .await;
+    finish(&coord, &run).await;
     let out = tokio::time::timeout(Duration::from_secs(20), client.wait_with_output())
         .await
         .expect("attach ends well before the backstop poll")
@@ -398,12 +404,7 @@ async fn a_feed_caps_its_memory_and_a_late_subscriber_pages_older_events_over_ht
     let late = attach_cmd(&d, &run, true);
     tokio::time::sleep(Duration::from_secs(2)).await;
     append(&coord, &run, 0).await;
-    post(
-        &coord,
-        &format!("/v1/runs/{run}/finish"),
-        serde_json::json!({"exitCode": 0}),
-    )
-    .await;
+    finish(&coord, &run).await;
     let out = tokio::time::timeout(Duration::from_secs(60), late.wait_with_output())
         .await
         .expect("late attach finished")
@@ -434,16 +435,7 @@ async fn a_first_cursor_past_the_end_does_not_break_the_shared_feed() {
         .coordinator(&coord.base_url, &coord.shared_token)
         .start()
         .await;
-    let mut ahead = tokio::process::Command::new(bin("crabboxctl"));
-    ahead
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(["attach", &run, "--after", "1000000", "--json"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let ahead = ahead.spawn().unwrap();
+    let ahead = attach_cmd_with(&d, &run, true, &["--after", "1000000"]);
     // Let the first subscriber start the feed.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let from_start = attach_cmd(&d, &run, true);
@@ -451,16 +443,8 @@ async fn a_first_cursor_past_the_end_does_not_break_the_shared_feed() {
     for n in 3..6 {
         append(&coord, &run, n).await;
     }
-    post(
-        &coord,
-        &format!("/v1/runs/{run}/finish"),
-        serde_json::json!({"exitCode": 0}),
-    )
-    .await;
-    let out = tokio::time::timeout(Duration::from_secs(30), from_start.wait_with_output())
-        .await
-        .expect("the attach from the start ended")
-        .unwrap();
+    finish(&coord, &run).await;
+    let out = ended(from_start, Duration::from_secs(30)).await;
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -469,10 +453,7 @@ async fn a_first_cursor_past_the_end_does_not_break_the_shared_feed() {
     );
     // run.started is 1, the outputs 2..=7, command.finished 8.
     assert_eq!(seqs(&out.stdout), (1..=8).collect::<Vec<_>>());
-    let out = tokio::time::timeout(Duration::from_secs(30), ahead.wait_with_output())
-        .await
-        .expect("the attach ahead ended")
-        .unwrap();
+    let out = ended(ahead, Duration::from_secs(30)).await;
     assert_eq!(
         out.status.code(),
         Some(0),

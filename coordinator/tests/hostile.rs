@@ -523,6 +523,18 @@ async fn pair(coord: &TestCoordinator, lease: &str) -> (Ws, Ws, reqwest::Client,
     (host, client, http, t)
 }
 
+/// Sends 64 KiB binary frames from the host until its socket fails.
+fn flood(mut htx: futures_util::stream::SplitSink<Ws, Message>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let frame = vec![1u8; 64 * 1024];
+        while htx
+            .send(Message::Binary(frame.clone().into()))
+            .await
+            .is_ok()
+        {}
+    })
+}
+
 /// A pair on `lease` whose host floods 64 KiB frames from its own task (so
 /// its reader stays free) and whose client never reads (nor answers pings).
 async fn flooded_pair(
@@ -536,15 +548,8 @@ async fn flooded_pair(
     String,
 ) {
     let (host, client, http, t) = pair(coord, lease).await;
-    let (mut htx, hrx) = host.split();
-    let flood = tokio::spawn(async move {
-        let frame = vec![1u8; 64 * 1024];
-        while htx
-            .send(Message::Binary(frame.clone().into()))
-            .await
-            .is_ok()
-        {}
-    });
+    let (htx, hrx) = host.split();
+    let flood = flood(htx);
     // Let the flood fill every buffer between the coordinator and the client.
     tokio::time::sleep(Duration::from_secs(2)).await;
     (flood, hrx, client, http, t)
@@ -687,15 +692,8 @@ async fn a_client_that_only_reads_a_flood_stays_paired() {
     .await;
     let lease = "cbx_00000000f103";
     let (host, mut client, _http, _t) = pair(&coord, lease).await;
-    let (mut htx, mut hrx) = host.split();
-    let flood = tokio::spawn(async move {
-        let frame = vec![1u8; 64 * 1024];
-        while htx
-            .send(Message::Binary(frame.clone().into()))
-            .await
-            .is_ok()
-        {}
-    });
+    let (htx, mut hrx) = host.split();
+    let flood = flood(htx);
     let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let r = read.clone();
     let reader = tokio::spawn(async move {

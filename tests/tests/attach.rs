@@ -56,6 +56,14 @@ fn seqs(stdout: &[u8]) -> Vec<u64> {
         .collect()
 }
 
+/// A daemon using `coord` with its shared token.
+async fn daemon_for(coord: &TestCoordinator) -> TestDaemon {
+    TestDaemon::builder()
+        .coordinator(&coord.base_url, &coord.shared_token)
+        .start()
+        .await
+}
+
 /// Finishes the run at the coordinator, exit code 0.
 async fn finish(coord: &TestCoordinator, run: &str) {
     post(
@@ -101,10 +109,7 @@ async fn two_clients_page_a_backlog_while_events_arrive_and_exit_with_the_run() 
     for n in 0..250 {
         append(&coord, &run, n).await;
     }
-    let d = TestDaemon::builder()
-        .coordinator(&coord.base_url, &coord.shared_token)
-        .start()
-        .await;
+    let d = daemon_for(&coord).await;
 
     let text_client = attach_cmd(&d, &run, false);
     let json_client = attach_cmd(&d, &run, true);
@@ -177,10 +182,7 @@ async fn attach_after_a_cursor_and_to_a_finished_run() {
         append(&coord, &run, n).await;
     }
     finish(&coord, &run).await;
-    let d = TestDaemon::builder()
-        .coordinator(&coord.base_url, &coord.shared_token)
-        .start()
-        .await;
+    let d = daemon_for(&coord).await;
     let out = attach_cmd(&d, &run, true).wait_with_output().await.unwrap();
     assert_eq!(out.status.code(), Some(0));
     let out = d.ctl(&["attach", &run, "--after", "3", "--json"]).await;
@@ -193,10 +195,7 @@ async fn attach_after_a_cursor_and_to_a_finished_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_restart_mid_attach_loses_nothing() {
     let (coord, run) = coordinator_with_run("sleep").await;
-    let d = TestDaemon::builder()
-        .coordinator(&coord.base_url, &coord.shared_token)
-        .start()
-        .await;
+    let d = daemon_for(&coord).await;
     let client = attach_cmd(&d, &run, true);
     // Once the shared control socket is up, the feed follows the run by
     // push, not by polling.
@@ -310,10 +309,7 @@ async fn a_feed_without_subscribers_is_reaped_and_the_run_can_be_followed_again(
     for n in 0..3 {
         append(&coord, &run, n).await;
     }
-    let d = TestDaemon::builder()
-        .coordinator(&coord.base_url, &coord.shared_token)
-        .start()
-        .await;
+    let d = daemon_for(&coord).await;
     let mut client = attach_cmd(&d, &run, true);
     let mut lines =
         tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(client.stdout.take().unwrap()));
@@ -431,10 +427,7 @@ async fn a_first_cursor_past_the_end_does_not_break_the_shared_feed() {
     for n in 0..3 {
         append(&coord, &run, n).await;
     }
-    let d = TestDaemon::builder()
-        .coordinator(&coord.base_url, &coord.shared_token)
-        .start()
-        .await;
+    let d = daemon_for(&coord).await;
     let ahead = attach_cmd_with(&d, &run, true, &["--after", "1000000"]);
     // Let the first subscriber start the feed.
     tokio::time::sleep(Duration::from_millis(500)).await;

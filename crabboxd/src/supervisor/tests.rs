@@ -91,26 +91,31 @@ async fn retryable_errors_back_off_exponentially_to_the_cap() {
     assert!(rec.next_attempt.is_some());
 }
 
-#[tokio::test(start_paused = true)]
-async fn backoff_resets_after_a_healthy_period() {
+/// Starts a task whose attempts 0..3 fail at once and whose attempt 3 runs
+/// `healthy` and then fails too; returns when each attempt started, after
+/// `run_for` of (paused) time.
+async fn attempt_starts<F, Fut>(key: &str, healthy: F, run_for: Duration) -> Vec<Instant>
+where
+    F: Fn(TaskCtx) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let s = sup();
     let calls = Arc::new(AtomicU32::new(0));
     let starts = Arc::new(Mutex::new(Vec::<Instant>::new()));
     let (c, st) = (Arc::clone(&calls), Arc::clone(&starts));
+    let healthy = Arc::new(healthy);
     let _h = s
         .start(
-            id("c"),
+            id(key),
             BTreeMap::new(),
             RestartPolicy::OnFailure(EXACT),
             move |ctx| {
                 let n = c.fetch_add(1, Ordering::SeqCst);
                 st.lock().unwrap().push(Instant::now());
+                let healthy = Arc::clone(&healthy);
                 async move {
-                    // Attempts 0..3 fail at once; attempt 3 runs healthy for
-                    // longer than reset_after, then fails.
                     if n == 3 {
-                        ctx.running();
-                        tokio::time::sleep(Duration::from_secs(61)).await;
+                        healthy(ctx).await;
                     }
                     Err(TaskError::retryable(anyhow::anyhow!("blip")))
                 }
@@ -118,8 +123,22 @@ async fn backoff_resets_after_a_healthy_period() {
         )
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(80)).await;
-    let starts = starts.lock().unwrap().clone();
+    tokio::time::sleep(run_for).await;
+    starts.lock().unwrap().clone()
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_resets_after_a_healthy_period() {
+    // Attempt 3 runs healthy for longer than reset_after.
+    let starts = attempt_starts(
+        "c",
+        |ctx| async move {
+            ctx.running();
+            tokio::time::sleep(Duration::from_secs(61)).await;
+        },
+        Duration::from_secs(80),
+    )
+    .await;
     // 0 → 1s → 2s → 4s (healthy 61 s) → reset: next delay is 1 s again.
     let after_healthy = starts[4].duration_since(starts[3]);
     assert_eq!(after_healthy, Duration::from_secs(61 + 1), "{starts:?}");
@@ -129,35 +148,18 @@ async fn backoff_resets_after_a_healthy_period() {
 /// each beat) is healthy since its first report, not its last.
 #[tokio::test(start_paused = true)]
 async fn backoff_resets_for_a_task_that_reports_running_often() {
-    let s = sup();
-    let calls = Arc::new(AtomicU32::new(0));
-    let starts = Arc::new(Mutex::new(Vec::<Instant>::new()));
-    let (c, st) = (Arc::clone(&calls), Arc::clone(&starts));
-    let _h = s
-        .start(
-            id("c2"),
-            BTreeMap::new(),
-            RestartPolicy::OnFailure(EXACT),
-            move |ctx| {
-                let n = c.fetch_add(1, Ordering::SeqCst);
-                st.lock().unwrap().push(Instant::now());
-                async move {
-                    // Attempts 0..3 fail at once; attempt 3 beats every 10 s
-                    // for 70 s (past reset_after), then fails.
-                    if n == 3 {
-                        for _ in 0..7 {
-                            ctx.running();
-                            tokio::time::sleep(Duration::from_secs(10)).await;
-                        }
-                    }
-                    Err(TaskError::retryable(anyhow::anyhow!("blip")))
-                }
-            },
-        )
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(90)).await;
-    let starts = starts.lock().unwrap().clone();
+    // Attempt 3 beats every 10 s for 70 s (past reset_after).
+    let starts = attempt_starts(
+        "c2",
+        |ctx| async move {
+            for _ in 0..7 {
+                ctx.running();
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        },
+        Duration::from_secs(90),
+    )
+    .await;
     // 0 → 1s → 2s → 4s (healthy 70 s) → reset: next delay is 1 s, not 8 s.
     let after_healthy = starts[4].duration_since(starts[3]);
     assert_eq!(after_healthy, Duration::from_secs(70 + 1), "{starts:?}");
